@@ -1,0 +1,1 @@
+"""Sub-commands of the ``collector`` console script (see ``collector.cli``)."""

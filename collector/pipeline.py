@@ -1,0 +1,156 @@
+"""What a pipeline is: the event type, its shard key, its enrichment lookups, its sinks.
+
+A :class:`Pipeline` is a plain description. The supervisor reads ``event_type`` and
+``key`` to shard; each worker builds the running form (caches, clients, sinks) from it
+once at boot. It reaches a worker either pickled once at spawn time (so the client
+object inside must be picklable: no open sockets, no locks, no lambdas) or as a
+``"module:attr"`` import string naming a Pipeline or a function returning one. Event
+data never travels pickled: chunks and acks are msgspec-encoded bytes.
+
+Domain packs (``collector.playback``, ``collector.generic``, ...) are an event Struct
+plus a function that returns a Pipeline built from these generic parts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from .errors import ConfigError
+
+__all__ = ["Lookup", "Pipeline", "import_string", "resolve_pipeline"]
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Enrich ``event.<target>`` with ``client.<method>(event.<key>)``.
+
+    The method may be ``async def`` or a plain blocking function (run on the worker's
+    bounded thread pool). Results are cached per worker by key (``ttl`` seconds,
+    ``max_entries`` entries, oldest evicted first); concurrent misses for one key share
+    one call; each call has ``timeout`` seconds and ``retries`` more tries with
+    exponential backoff from ``backoff`` seconds plus jitter. At most ``concurrency``
+    calls of this lookup run at once per worker. When ``returns_duration`` is true the
+    method returns ``(value, seconds)``, the fetch time as the service reports it.
+
+    An event whose lookup finally fails keeps ``default`` in ``target`` and is counted
+    in the batch statistics; it is still handled.
+    """
+
+    name: str
+    key: str
+    target: str
+    method: str
+    returns_duration: bool = False
+    ttl: float = 60.0
+    max_entries: int = 100_000
+    timeout: float = 10.0
+    retries: int = 2
+    backoff: float = 0.05
+    concurrency: int = 256
+    default: Any = ""
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.ttl < 0 or self.timeout <= 0 or self.retries < 0 or self.concurrency < 1:
+            raise ConfigError(
+                f"lookup {self.name!r}: ttl must be >= 0, timeout > 0, retries >= 0 and "
+                f"concurrency >= 1 (got ttl={self.ttl}, timeout={self.timeout}, "
+                f"retries={self.retries}, concurrency={self.concurrency})"
+            )
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A pipeline description: see the module docstring.
+
+    ``key`` is the field the supervisor shards by: every event with one key value goes
+    to one worker, so per-key state (caches, dedup windows, pairing) lives there.
+    ``id_field`` names the event id used by idempotent sinks and dedup.
+    ``count_by`` lists fields whose value counts appear in each batch's statistics.
+    ``client`` is the object whose methods the lookups call, or a ``"module:factory"``
+    string the worker imports and calls to build it. ``sinks`` are sink configurations
+    (see ``collector.sinks``); none means the events are only counted (and returned
+    when asked).
+    """
+
+    name: str
+    event_type: type[msgspec.Struct]
+    key: str
+    id_field: str | None = "id"
+    lookups: tuple[Lookup, ...] = ()
+    client: Any = None
+    count_by: tuple[str, ...] = ()
+    sinks: tuple[Any, ...] = ()
+    deadletter: Any = None
+    stages: tuple[Any, ...] = ()
+    blocking_threads: int = 64
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        fields = set(self.event_type.__struct_fields__)
+        for name, where in [(self.key, "key")] + [
+            (f, f"count_by[{i}]") for i, f in enumerate(self.count_by)
+        ]:
+            if name not in fields:
+                raise ConfigError(
+                    f"pipeline {self.name!r}: {where} names field {name!r}, which "
+                    f"{self.event_type.__name__} does not have (fields: {sorted(fields)})"
+                )
+        for lk in self.lookups:
+            for f in (lk.key, lk.target):
+                if f not in fields:
+                    raise ConfigError(
+                        f"pipeline {self.name!r}: lookup {lk.name!r} names field {f!r}, "
+                        f"which {self.event_type.__name__} does not have"
+                    )
+
+    def with_sinks(self, *sinks: Any) -> Pipeline:
+        """A copy of this pipeline writing to ``sinks``."""
+        return _replace(self, sinks=tuple(sinks))
+
+
+def _replace(p: Pipeline, **changes: Any) -> Pipeline:
+    import dataclasses
+
+    return dataclasses.replace(p, **changes)
+
+
+def import_string(spec: str, what: str = "object") -> Any:
+    """Import ``"package.module:attr.path"``; the error says which part was not found."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ConfigError(f"{what} import string {spec!r} must look like 'package.module:attr'")
+    mod_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(f"{what} {spec!r}: cannot import module {mod_name!r}: {e}") from e
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            raise ConfigError(f"{what} {spec!r}: module {mod_name!r} has no attribute {attr!r}") from e
+    return obj
+
+
+def resolve_pipeline(spec: Pipeline | str | Callable[[], Pipeline]) -> Pipeline:
+    """A Pipeline from itself, an import string, or a no-argument factory."""
+    obj: Any = spec
+    if isinstance(obj, str):
+        obj = import_string(obj, "pipeline")
+    if callable(obj) and not isinstance(obj, Pipeline):
+        obj = obj()
+    if not isinstance(obj, Pipeline):
+        raise ConfigError(f"{spec!r} is not a collector.Pipeline (got {type(obj).__name__})")
+    return obj
+
+
+def field_getter(names: Sequence[str]) -> Callable[[Any], Any]:
+    """``operator.attrgetter`` for Structs (kept here so stages share one definition)."""
+    from operator import attrgetter
+
+    return attrgetter(*names)

@@ -1,0 +1,384 @@
+"""Lock-free statistics in one shared-memory block.
+
+::
+
+    worker 0 ──writes──► slot 0 ┐
+    worker 1 ──writes──► slot 1 ├─► readers (supervisor, /metrics, stats()) sum slots
+    ...                         │   without locks and without messaging any worker
+    supervisor ─writes─► slot N ┘   (its own counters: received, redelivered, restarts)
+
+Each slot is ``SLOT_BYTES`` long and 64-byte aligned, and has exactly one writer, so
+no two processes ever write the same cache line. Every field is one aligned 8-byte word
+(``q`` or ``d``), which x86-64 and arm64 read and write whole: a reader can see a
+slightly old value, never a torn one. Readers take deltas for rates.
+
+The parent creates the block with :class:`multiprocessing.shared_memory.SharedMemory`
+(which registers it with the resource tracker, so the segment is unlinked even when the
+parent is SIGKILLed) and is its only owner. Workers attach by mapping
+``/dev/shm/<name>`` directly: attaching through ``SharedMemory`` would register the
+segment with the tracker a second time and unlink it when the worker exits
+(CPython gh-82300).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from multiprocessing import shared_memory
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "LATENCY_BOUNDS_MS",
+    "SINK_FIELDS",
+    "MAX_SINKS",
+    "SinkStats",
+    "Stats",
+    "StatsBlock",
+    "Slot",
+    "WorkerStats",
+]
+
+SLOT_BYTES = 1024  # 128 words; a multiple of 64 keeps every slot on its own cache lines
+WORDS = SLOT_BYTES // 8
+
+# word offsets inside a slot; floats are stored through a 'd' view of the same memory
+HEARTBEAT = 0  # d: time.monotonic() of the last stamp (CLOCK_MONOTONIC is system wide)
+PID = 1
+STARTED = 2  # d: monotonic time the worker came up
+EVENTS = 3  # events handled (valid or not) and acknowledged
+FAILED = 4  # events rejected as invalid
+CHUNKS = 5
+LOOKUP_CALLS = 6
+CACHE_HITS = 7
+COALESCED = 8
+LOOKUP_FAILURES = 9
+INFLIGHT = 10  # events received by the worker and not yet acknowledged
+LAT_SUM_US = 11  # sum of chunk latencies (receive → ack), microseconds
+LAT_COUNT = 12
+READY = 13  # 1 once the worker's pipeline is built
+BUSY_NS = 14  # ns spent processing chunks (for utilisation)
+REDELIVERED = 15  # supervisor slot: chunks sent again after a worker died
+RESTARTS = 16  # supervisor slot: workers respawned
+RECEIVED = 17  # supervisor slot: events accepted by handle()
+DROPPED_DUP = 18  # duplicates dropped by the dedup stage
+DEADLETTERED = 19
+# latency histogram of chunk processing: bucket i counts latencies <= LATENCY_BOUNDS_MS[i]
+LAT_BUCKETS = 24
+LATENCY_BOUNDS_MS = (0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, float("inf"))
+# events per whole second, RATE_SLOTS seconds kept: (second stamp, count) pairs
+RATE_BASE = 40
+RATE_SLOTS = 8
+# per-sink metrics: MAX_SINKS × SINK_FIELDS words
+SINK_BASE = 64
+SINK_FIELDS = ("rows", "batches", "errors", "retries", "last_commit_us")
+MAX_SINKS = 8
+assert LAT_BUCKETS + len(LATENCY_BOUNDS_MS) <= RATE_BASE
+assert RATE_BASE + 2 * RATE_SLOTS <= SINK_BASE
+assert SINK_BASE + MAX_SINKS * len(SINK_FIELDS) <= WORDS
+
+RATE_WINDOW = 5.0  # seconds over which processed_per_sec is measured
+
+
+class Slot:
+    """One process's view of one slot: the writer side (workers) and the raw reader side."""
+
+    __slots__ = ("_q", "_d", "index")
+
+    def __init__(self, buf: memoryview, index: int) -> None:
+        view = buf[index * SLOT_BYTES : (index + 1) * SLOT_BYTES]
+        self._q = view.cast("q")
+        self._d = view.cast("d")
+        self.index = index
+
+    def add(self, word: int, n: int = 1) -> None:
+        """Add ``n`` to counter ``word`` (only the slot's one writer may call this)."""
+        self._q[word] += n
+
+    def set(self, word: int, n: int) -> None:
+        """Store integer ``n`` at ``word``."""
+        self._q[word] = n
+
+    def get(self, word: int) -> int:
+        """Read integer ``word``."""
+        return self._q[word]
+
+    def setf(self, word: int, x: float) -> None:
+        """Store float ``x`` at ``word``."""
+        self._d[word] = x
+
+    def getf(self, word: int) -> float:
+        """Read float ``word``."""
+        return self._d[word]
+
+    def reset(self) -> None:
+        """Zero the slot (the supervisor does this before a worker is (re)started)."""
+        for i in range(WORDS):
+            self._q[i] = 0
+
+    def heartbeat(self) -> None:
+        """Stamp the monotonic clock; the supervisor kills a worker whose stamp goes stale."""
+        self._d[HEARTBEAT] = time.monotonic()
+
+    def count_processed(self, events: int, failed: int, latency_s: float) -> None:
+        """Account one acknowledged chunk: counters, latency histogram, per-second rate."""
+        q = self._q
+        q[EVENTS] += events
+        q[FAILED] += failed
+        q[CHUNKS] += 1
+        us = int(latency_s * 1e6)
+        q[LAT_SUM_US] += us
+        q[LAT_COUNT] += 1
+        ms = latency_s * 1000.0
+        for i, bound in enumerate(LATENCY_BOUNDS_MS):
+            if ms <= bound:
+                q[LAT_BUCKETS + i] += 1
+                break
+        sec = int(time.monotonic())
+        at = RATE_BASE + 2 * (sec % RATE_SLOTS)
+        if q[at] != sec:
+            # a new second for this ring position: the stamp is written last, so a
+            # reader that sees the new stamp sees a count of this second (maybe partial)
+            q[at + 1] = 0
+            q[at] = sec
+        q[at + 1] += events
+
+    def sink_add(
+        self,
+        sink: int,
+        rows: int = 0,
+        batches: int = 0,
+        errors: int = 0,
+        retries: int = 0,
+        latency_s: float | None = None,
+    ) -> None:
+        """Account sink ``sink`` (its index in the pipeline, < MAX_SINKS) activity."""
+        if sink >= MAX_SINKS:
+            return
+        base = SINK_BASE + sink * len(SINK_FIELDS)
+        q = self._q
+        q[base] += rows
+        q[base + 1] += batches
+        q[base + 2] += errors
+        q[base + 3] += retries
+        if latency_s is not None:
+            q[base + 4] = int(latency_s * 1e6)
+
+    def recent_events(self, now_sec: int, window: int) -> int:
+        """Events counted in the ``window`` whole seconds before ``now_sec``."""
+        q = self._q
+        total = 0
+        for i in range(RATE_SLOTS):
+            stamp = q[RATE_BASE + 2 * i]
+            if now_sec - window <= stamp < now_sec:
+                total += q[RATE_BASE + 2 * i + 1]
+        return total
+
+    def release(self) -> None:
+        """Drop the memoryviews so the underlying mapping can be closed."""
+        self._q.release()
+        self._d.release()
+
+
+class SinkStats(msgspec.Struct, frozen=True):
+    """Per-sink delivery figures, summed over workers."""
+
+    index: int
+    rows: int
+    batches: int
+    errors: int
+    retries: int
+    last_commit_ms: float
+
+
+class WorkerStats(msgspec.Struct, frozen=True):
+    """One worker's figures as read from its slot."""
+
+    index: int
+    pid: int
+    alive: bool
+    heartbeat_age: float
+    events: int
+    failed: int
+    chunks: int
+    inflight: int
+    processed_per_sec: float
+    lookup_calls: int
+    cache_hits: int
+    coalesced: int
+    lookup_failures: int
+    avg_latency_ms: float
+
+
+class Stats(msgspec.Struct, frozen=True):
+    """Collector statistics, read from shared memory without waiting for any worker.
+
+    ``total_events`` counts every event handled (valid or rejected) since start;
+    ``processed_per_sec`` is the rate over the last ``RATE_WINDOW`` whole seconds and
+    ``avg_per_sec`` the average since start.
+    """
+
+    total_events: int
+    processed_per_sec: float
+    avg_per_sec: float
+    failed_events: int
+    received_events: int
+    inflight_events: int
+    chunks: int
+    redelivered_chunks: int
+    worker_restarts: int
+    duplicates_dropped: int
+    deadlettered: int
+    lookup_calls: int
+    cache_hits: int
+    coalesced_calls: int
+    lookup_failures: int
+    avg_latency_ms: float
+    latency_buckets_ms: list[tuple[float, int]]
+    uptime: float
+    workers: list[WorkerStats]
+    sinks: list[SinkStats]
+
+
+class StatsBlock:
+    """The shared-memory block: ``workers`` worker slots plus one supervisor slot."""
+
+    def __init__(
+        self, workers: int, name: str | None = None, *, create: bool = True
+    ) -> None:
+        self.workers = workers
+        size = SLOT_BYTES * (workers + 1)
+        self._shm: shared_memory.SharedMemory | None = None
+        self._mmap: mmap.mmap | None = None
+        if create:
+            self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+            buf = self._shm.buf
+            self.name = self._shm.name
+        else:
+            assert name is not None
+            fd = os.open(f"/dev/shm/{name.lstrip('/')}", os.O_RDWR)
+            try:
+                self._mmap = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+            buf = memoryview(self._mmap)
+            self.name = name
+        self._buf = buf
+        self.slots = [Slot(buf, i) for i in range(workers + 1)]
+        self.started = time.monotonic()
+        if create:
+            for s in self.slots:
+                s.reset()
+
+    @property
+    def supervisor(self) -> Slot:
+        """The supervisor's own slot (the last one)."""
+        return self.slots[self.workers]
+
+    def read(self, alive: list[bool] | None = None) -> Stats:
+        """Sum the slots into a :class:`Stats`; no lock, no message, a few microseconds."""
+        now = time.monotonic()
+        now_sec = int(now)
+        window = int(RATE_WINDOW)
+        workers = []
+        tot = [0] * WORDS
+        buckets = [0] * len(LATENCY_BOUNDS_MS)
+        recent = 0
+        for i in range(self.workers):
+            s = self.slots[i]
+            q = s._q
+            for w in (EVENTS, FAILED, CHUNKS, LOOKUP_CALLS, CACHE_HITS, COALESCED,
+                      LOOKUP_FAILURES, INFLIGHT, LAT_SUM_US, LAT_COUNT, DROPPED_DUP,
+                      DEADLETTERED):
+                tot[w] += q[w]
+            for b in range(len(LATENCY_BOUNDS_MS)):
+                buckets[b] += q[LAT_BUCKETS + b]
+            for w in range(SINK_BASE, SINK_BASE + MAX_SINKS * len(SINK_FIELDS)):
+                tot[w] += q[w]
+            r = s.recent_events(now_sec, window)
+            recent += r
+            hb = s._d[HEARTBEAT]
+            workers.append(
+                WorkerStats(
+                    index=i,
+                    pid=q[PID],
+                    alive=bool(alive[i]) if alive is not None else q[READY] == 1,
+                    heartbeat_age=(now - hb) if hb else -1.0,
+                    events=q[EVENTS],
+                    failed=q[FAILED],
+                    chunks=q[CHUNKS],
+                    inflight=q[INFLIGHT],
+                    processed_per_sec=r / window,
+                    lookup_calls=q[LOOKUP_CALLS],
+                    cache_hits=q[CACHE_HITS],
+                    coalesced=q[COALESCED],
+                    lookup_failures=q[LOOKUP_FAILURES],
+                    avg_latency_ms=(q[LAT_SUM_US] / q[LAT_COUNT] / 1000.0) if q[LAT_COUNT] else 0.0,
+                )
+            )
+        sup = self.supervisor._q
+        uptime = now - self.started
+        nf = len(SINK_FIELDS)
+        sinks = [
+            SinkStats(
+                index=k,
+                rows=tot[SINK_BASE + k * nf],
+                batches=tot[SINK_BASE + k * nf + 1],
+                errors=tot[SINK_BASE + k * nf + 2],
+                retries=tot[SINK_BASE + k * nf + 3],
+                last_commit_ms=max(
+                    self.slots[i]._q[SINK_BASE + k * nf + 4] for i in range(self.workers)
+                ) / 1000.0 if self.workers else 0.0,
+            )
+            for k in range(MAX_SINKS)
+            if tot[SINK_BASE + k * nf + 1] or tot[SINK_BASE + k * nf + 2]
+        ]
+        # the window is shorter than RATE_WINDOW right after start
+        span = min(float(window), max(uptime - 1.0, 1e-9)) if uptime < window + 1 else float(window)
+        return Stats(
+            total_events=tot[EVENTS],
+            processed_per_sec=recent / span if span >= 1.0 else 0.0,
+            avg_per_sec=tot[EVENTS] / uptime if uptime > 0 else 0.0,
+            failed_events=tot[FAILED],
+            received_events=sup[RECEIVED],
+            inflight_events=max(sup[RECEIVED] - tot[EVENTS], 0),
+            chunks=tot[CHUNKS],
+            redelivered_chunks=sup[REDELIVERED],
+            worker_restarts=sup[RESTARTS],
+            duplicates_dropped=tot[DROPPED_DUP],
+            deadlettered=tot[DEADLETTERED],
+            lookup_calls=tot[LOOKUP_CALLS],
+            cache_hits=tot[CACHE_HITS],
+            coalesced_calls=tot[COALESCED],
+            lookup_failures=tot[LOOKUP_FAILURES],
+            avg_latency_ms=(tot[LAT_SUM_US] / tot[LAT_COUNT] / 1000.0) if tot[LAT_COUNT] else 0.0,
+            latency_buckets_ms=list(zip(LATENCY_BOUNDS_MS, buckets, strict=True)),
+            uptime=uptime,
+            workers=workers,
+            sinks=sinks,
+        )
+
+    def close(self) -> None:
+        """Unmap the block; the creator also unlinks it (it is the one owner)."""
+        for s in self.slots:
+            s.release()
+        self.slots = []
+        self._buf.release()
+        if self._shm is not None:
+            self._shm.close()
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+            self._shm = None
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+
+    def __enter__(self) -> StatsBlock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
