@@ -22,6 +22,7 @@ segment with the tracker a second time and unlink it when the worker exits
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import time
@@ -32,12 +33,12 @@ import msgspec
 
 __all__ = [
     "LATENCY_BOUNDS_MS",
-    "SINK_FIELDS",
     "MAX_SINKS",
+    "SINK_FIELDS",
     "SinkStats",
+    "Slot",
     "Stats",
     "StatsBlock",
-    "Slot",
     "WorkerStats",
 ]
 
@@ -71,7 +72,7 @@ LATENCY_BOUNDS_MS = (0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 
 # events per whole second, RATE_SLOTS seconds kept: (second stamp, count) pairs
 RATE_BASE = 40
 RATE_SLOTS = 8
-# per-sink metrics: MAX_SINKS × SINK_FIELDS words
+# per-sink metrics: MAX_SINKS x SINK_FIELDS words
 SINK_BASE = 64
 SINK_FIELDS = ("rows", "batches", "errors", "retries", "last_commit_us")
 MAX_SINKS = 8
@@ -85,7 +86,7 @@ RATE_WINDOW = 5.0  # seconds over which processed_per_sec is measured
 class Slot:
     """One process's view of one slot: the writer side (workers) and the raw reader side."""
 
-    __slots__ = ("_q", "_d", "index")
+    __slots__ = ("_d", "_q", "index")
 
     def __init__(self, buf: memoryview, index: int) -> None:
         view = buf[index * SLOT_BYTES : (index + 1) * SLOT_BYTES]
@@ -167,12 +168,12 @@ class Slot:
             q[base + 4] = int(latency_s * 1e6)
 
     def recent_events(self, now_sec: int, window: int) -> int:
-        """Events counted in the ``window`` whole seconds before ``now_sec``."""
+        """Events counted in the ``window`` whole seconds before ``now_sec`` and in it."""
         q = self._q
         total = 0
         for i in range(RATE_SLOTS):
             stamp = q[RATE_BASE + 2 * i]
-            if now_sec - window <= stamp < now_sec:
+            if now_sec - window <= stamp <= now_sec:
                 total += q[RATE_BASE + 2 * i + 1]
         return total
 
@@ -255,6 +256,7 @@ class StatsBlock:
         if create:
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
             buf = self._shm.buf
+            assert buf is not None
             self.name = self._shm.name
         else:
             assert name is not None
@@ -265,7 +267,7 @@ class StatsBlock:
                 os.close(fd)
             buf = memoryview(self._mmap)
             self.name = name
-        self._buf = buf
+        self._buf: memoryview = buf
         self.slots = [Slot(buf, i) for i in range(workers + 1)]
         self.started = time.monotonic()
         if create:
@@ -335,11 +337,12 @@ class StatsBlock:
             for k in range(MAX_SINKS)
             if tot[SINK_BASE + k * nf + 1] or tot[SINK_BASE + k * nf + 2]
         ]
-        # the window is shorter than RATE_WINDOW right after start
-        span = min(float(window), max(uptime - 1.0, 1e-9)) if uptime < window + 1 else float(window)
+        # whole seconds [now_sec - window, now_sec) plus the running second; shorter
+        # right after start, so the first seconds are not diluted by time not yet lived
+        span = min(window + (now - now_sec), uptime)
         return Stats(
             total_events=tot[EVENTS],
-            processed_per_sec=recent / span if span >= 1.0 else 0.0,
+            processed_per_sec=recent / span if span > 0.05 else 0.0,
             avg_per_sec=tot[EVENTS] / uptime if uptime > 0 else 0.0,
             failed_events=tot[FAILED],
             received_events=sup[RECEIVED],
@@ -368,10 +371,8 @@ class StatsBlock:
         self._buf.release()
         if self._shm is not None:
             self._shm.close()
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self._shm.unlink()
-            except FileNotFoundError:
-                pass
             self._shm = None
         if self._mmap is not None:
             self._mmap.close()

@@ -1,0 +1,124 @@
+"""The bytes that cross the supervisor ↔ worker channel.
+
+::
+
+    supervisor ──Chunk(id, events as a JSON array)──► worker
+    supervisor ◄──Ready | Ack(id, counts, errors, summary, events?) | BootFailed──── worker
+
+One channel (a socketpair) per worker. Every message is a frame: a 4-byte
+little-endian length, then one msgpack-encoded message of the tagged union below.
+Nothing is pickled. Event payloads stay JSON inside the frame because that is what
+producers send (a ``bytes`` batch goes through untouched) and msgspec's JSON codec is
+as fast as its msgpack codec for these shapes.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+__all__ = [
+    "FRAME_HEADER",
+    "Ack",
+    "BootFailed",
+    "Chunk",
+    "ChunkSummary",
+    "ErrorRecord",
+    "LookupSummary",
+    "Ready",
+    "Stop",
+    "decode_frame",
+    "encode_frame",
+]
+
+FRAME_HEADER = struct.Struct("<I")
+MAX_FRAME = 1 << 31
+
+
+class Chunk(msgspec.Struct, tag=1, array_like=True):
+    """A slice of one operation's events for one worker.
+
+    ``attempt`` is 0 on first delivery and counts redeliveries after worker deaths.
+    """
+
+    id: int
+    payload: bytes  # a JSON array of events
+    want_events: bool = False
+    attempt: int = 0
+
+
+class Stop(msgspec.Struct, tag=2, array_like=True):
+    """Finish what is in flight, close sinks, exit 0."""
+
+
+class Ready(msgspec.Struct, tag=3, array_like=True):
+    """The worker's pipeline is built and it takes chunks."""
+
+    pid: int
+
+
+class BootFailed(msgspec.Struct, tag=4, array_like=True):
+    """The worker could not build its pipeline; it exits with ``BOOT_FAILURE`` next."""
+
+    pid: int
+    message: str
+    traceback: str
+
+
+class ErrorRecord(msgspec.Struct, array_like=True):
+    """One rejected event: its position in the chunk, field path, reason, kind."""
+
+    pos: int
+    path: str
+    reason: str
+    kind: str = "invalid"  # invalid | duplicate | filtered
+
+
+class LookupSummary(msgspec.Struct, array_like=True):
+    """What one lookup did for one chunk (merged across chunks by the supervisor)."""
+
+    calls: int = 0  # calls actually made to the client (retries included)
+    hits: int = 0  # events served from the cache
+    coalesced: int = 0  # events whose key was already being fetched (single-flight)
+    misses: int = 0  # events that needed a fetch
+    failures: int = 0  # events whose lookup finally failed (field left at its default)
+    reported_sum: float = 0.0  # sum of durations the service reported
+    reported_max: float = 0.0
+    latencies: list[float] = []  # measured call latencies, seconds
+
+
+class ChunkSummary(msgspec.Struct, array_like=True):
+    """Per-chunk partial of the batch statistics."""
+
+    counts: dict[str, dict[str, int]] = {}
+    lookups: dict[str, LookupSummary] = {}
+
+
+class Ack(msgspec.Struct, tag=5, array_like=True):
+    """A chunk is done: its sinks committed it. ``events`` when the chunk asked for them."""
+
+    id: int
+    handled: int
+    failed: int
+    errors: list[ErrorRecord]
+    summary: ChunkSummary
+    events: bytes | None = None  # JSON array of the enriched events
+    worker_latency: float = 0.0
+
+
+Message = Chunk | Stop | Ready | BootFailed | Ack
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode_frame(msg: Message) -> bytes:
+    """Length-prefixed msgpack frame of ``msg``."""
+    body = _encoder.encode(msg)
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+def decode_frame(body: bytes | memoryview) -> Message:
+    """Decode one frame body (the bytes after the length prefix)."""
+    return _decoder.decode(body)

@@ -1,0 +1,154 @@
+"""What an operation reports: rejected inputs, per-batch workload statistics, the result.
+
+Workers send a :class:`~collector.protocol.ChunkSummary` with every ack; the
+supervisor merges them into a :class:`BatchAccumulator` and freezes it into
+:class:`BatchStats` when the operation completes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from .protocol import ChunkSummary
+
+__all__ = ["BatchStats", "ErrorItem", "LookupStats", "OperationResult"]
+
+
+class ErrorItem(msgspec.Struct, frozen=True):
+    """One input that was not handled as an event.
+
+    ``index`` is its position in the input batch, ``path`` the field path
+    (``$.start_at``, ``$`` for the whole item), ``reason`` what was wrong, ``kind``
+    one of ``invalid`` (schema or malformed), ``duplicate`` (dedup stage dropped it),
+    ``filtered`` (a filter stage dropped it) or ``lost`` (a chunk that killed its
+    worker on every delivery).
+    """
+
+    index: int
+    path: str
+    reason: str
+    kind: str = "invalid"
+
+
+class LookupStats(msgspec.Struct, frozen=True):
+    """One enrichment lookup's figures for a batch."""
+
+    calls: int
+    cache_hits: int
+    coalesced: int
+    misses: int
+    failures: int
+    reported_sum: float
+    reported_max: float
+    latency_mean: float
+    latency_p50: float
+    latency_p99: float
+
+
+class BatchStats(msgspec.Struct, frozen=True):
+    """Per-batch workload statistics (seed 000): what the batch was and what it cost.
+
+    ``distinct_keys`` counts distinct values of the pipeline's shard key (playback:
+    distinct users); ``counts`` maps each ``count_by`` field (device type, region, ...)
+    to its value counts; ``lookups`` has one entry per enrichment lookup.
+    """
+
+    events: int
+    distinct_keys: int
+    counts: dict[str, dict[str, int]]
+    lookups: dict[str, LookupStats]
+    lookup_failures: int
+    redelivered_chunks: int
+
+    @property
+    def lookup_calls(self) -> dict[str, int]:
+        """Calls made per lookup kind."""
+        return {k: v.calls for k, v in self.lookups.items()}
+
+
+def _pct(sorted_xs: list[float], q: float) -> float:
+    if not sorted_xs:
+        return 0.0
+    i = min(len(sorted_xs) - 1, max(0, round(q * (len(sorted_xs) - 1))))
+    return sorted_xs[i]
+
+
+class BatchAccumulator:
+    """Merges chunk summaries; lives in the supervisor, one per operation."""
+
+    __slots__ = ("counts", "lookups", "redelivered")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = {}
+        self.lookups: dict[str, list[Any]] = {}
+        self.redelivered = 0
+
+    def add(self, s: ChunkSummary) -> None:
+        """Fold one chunk's summary in."""
+        for field, vc in s.counts.items():
+            mine = self.counts.setdefault(field, {})
+            for v, n in vc.items():
+                mine[v] = mine.get(v, 0) + n
+        for name, lk in s.lookups.items():
+            acc = self.lookups.get(name)
+            if acc is None:
+                self.lookups[name] = [lk.calls, lk.hits, lk.coalesced, lk.misses, lk.failures,
+                                      lk.reported_sum, lk.reported_max, list(lk.latencies)]
+            else:
+                acc[0] += lk.calls
+                acc[1] += lk.hits
+                acc[2] += lk.coalesced
+                acc[3] += lk.misses
+                acc[4] += lk.failures
+                acc[5] += lk.reported_sum
+                acc[6] = max(acc[6], lk.reported_max)
+                acc[7].extend(lk.latencies)
+
+    def freeze(self, events: int, distinct_keys: int) -> BatchStats:
+        """The final :class:`BatchStats`."""
+        lookups = {}
+        failures = 0
+        for name, (calls, hits, coal, misses, fails, rsum, rmax, lat) in self.lookups.items():
+            lat.sort()
+            failures += fails
+            lookups[name] = LookupStats(
+                calls=calls,
+                cache_hits=hits,
+                coalesced=coal,
+                misses=misses,
+                failures=fails,
+                reported_sum=rsum,
+                reported_max=rmax,
+                latency_mean=sum(lat) / len(lat) if lat else 0.0,
+                latency_p50=_pct(lat, 0.50),
+                latency_p99=_pct(lat, 0.99),
+            )
+        return BatchStats(
+            events=events,
+            distinct_keys=distinct_keys,
+            counts={k: dict(sorted(v.items(), key=lambda kv: -kv[1])) for k, v in self.counts.items()},
+            lookups=lookups,
+            lookup_failures=failures,
+            redelivered_chunks=self.redelivered,
+        )
+
+
+class OperationResult(msgspec.Struct, frozen=True):
+    """The outcome of one ``handle()`` call.
+
+    ``handled_events + failed_events == len(input)``. ``handled_events`` counts the
+    events that went through the pipeline (including those dropped as duplicates or
+    filtered, which are listed in ``errors`` with their kind but are not failures);
+    ``failed_events`` counts the rejected ones (``kind == "invalid"`` or ``"lost"``).
+    ``events`` (when asked for) is aligned with the input: the enriched event at each
+    index, ``None`` where the input was rejected or dropped.
+    """
+
+    handled_events: int
+    failed_events: int
+    elapsed: float
+    errors: list[ErrorItem]
+    batch: BatchStats
+    events: list[Any] | None = None

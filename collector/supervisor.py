@@ -1,0 +1,1102 @@
+"""The supervisor: the embedding API (:class:`Collector`), sharding, the ledger, workers.
+
+::
+
+    handle(batch) ── normalise ── keys ── shard (crc32(key) % N, C-level map) ──┐
+       │ (caller's thread)                                                        │
+       ▼                                                                          ▼
+    Operation ◄── progress / result ──  ledger: chunk id → (op, worker, positions, payload)
+                                          │ per worker: queue ─► window of W chunks ─► channel i
+    worker i ── Ack(chunk id, counts, errors, summary, events?) ──► ledger ─► Operation
+    worker i dies ─► sentinel ─► name the death ─► respawn in slot i, CPU i ─► redeliver
+    stats() ─► sum of shared-memory slots (no lock, no message)
+
+The supervisor does as little per event as it can: it maps keys to shards and slices
+the batch with C-level iterators (``map``, ``itertools.compress``, ``itemgetter``),
+encodes each chunk once, and never parses what workers send back unless events were
+asked for. Everything else happens in the workers.
+
+The supervisor's own work runs on one asyncio loop: the caller's running loop under
+``async with Collector(...)``, or a dedicated uvloop thread under ``with Collector(...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from operator import attrgetter, eq, itemgetter
+from typing import Any
+
+import msgspec
+
+from . import stats as S
+from .errors import (
+    CollectorClosed,
+    CollectorError,
+    ConfigError,
+    InvalidInput,
+    Overloaded,
+    WorkerBootError,
+    WorkerError,
+)
+from .pipeline import Pipeline, resolve_pipeline
+from .protocol import FRAME_HEADER, Ack, BootFailed, Chunk, Ready, Stop, decode_frame, encode_frame
+from .results import BatchAccumulator, ErrorItem, OperationResult
+from .worker import BOOT_FAILURE, WorkerSpec, worker_main
+
+__all__ = ["Collector", "Operation"]
+
+log = logging.getLogger("collector")
+
+_DEATH_CAUSES = {
+    signal.SIGKILL: "perhaps out of memory (the kernel's OOM killer) or killed by an operator",
+    signal.SIGSEGV: "segmentation fault in native code (a C extension or ctypes call)",
+    signal.SIGABRT: "aborted: a hung worker killed by the supervisor, or a failed C assertion",
+    signal.SIGBUS: "bus error: perhaps a truncated memory-mapped file",
+    signal.SIGFPE: "floating point exception in native code",
+    signal.SIGILL: "illegal instruction in native code",
+    signal.SIGTERM: "terminated by another process",
+    signal.SIGINT: "interrupted",
+}
+
+
+def describe_exit(code: int | None) -> str:
+    """One phrase naming how a worker ended and its likely cause."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            sig = signal.Signals(-code)
+        except ValueError:
+            return f"killed by signal {-code}"
+        return f"killed by {sig.name}: {_DEATH_CAUSES.get(sig, 'no usual cause known')}"
+    if code == BOOT_FAILURE:
+        return f"exit code {code}: could not build its pipeline"
+    if code == 0:
+        return "exit code 0"
+    return f"exit code {code}: os._exit() or sys.exit() in pipeline code, or a fatal error"
+
+
+class _ShardMap(dict[Any, int]):
+    """key → worker index, computed once per key with a stable hash (crc32).
+
+    ``map(shards.__getitem__, keys)`` runs in C for known keys; only a new key costs
+    Python code. Stable across processes and restarts, unlike ``hash()`` of a str.
+    """
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def __missing__(self, k: Any) -> int:
+        b = k.encode() if type(k) is str else repr(k).encode()
+        v = self[k] = zlib.crc32(b) % self.n
+        return v
+
+
+class _KeyOf(msgspec.Struct):
+    """Decodes only the shard key of a JSON object; other fields are skipped unparsed."""
+
+
+def _key_decoder(key: str) -> msgspec.json.Decoder[Any]:
+    T = msgspec.defstruct("_KeyOf_" + key, [(key, Any, None)], bases=(_KeyOf,))
+    return msgspec.json.Decoder(list[T])  # type: ignore[valid-type]
+
+
+class _Entry:
+    """A chunk in the ledger: it stays until its worker acknowledges it."""
+
+    __slots__ = ("attempt", "id", "op", "payload", "positions", "sent_at", "worker")
+
+    def __init__(self, cid: int, op: Operation, worker: int, positions: list[int]) -> None:
+        self.id = cid
+        self.op = op
+        self.worker = worker
+        self.positions = positions
+        self.payload: bytes | None = None
+        self.attempt = 0
+        self.sent_at = 0.0
+
+
+class _Worker:
+    """The supervisor's handle on one worker slot."""
+
+    def __init__(self, index: int, cpu: int | None) -> None:
+        self.index = index
+        self.cpu = cpu
+        self.process: Any = None
+        self.pid = 0
+        self.writer: asyncio.StreamWriter | None = None
+        self.reader_task: asyncio.Task[None] | None = None
+        self.ready = False
+        self.inflight: dict[int, _Entry] = {}
+        self.queue: collections.deque[_Entry] = collections.deque()
+        self.boot_error: BootFailed | None = None
+        self.deaths: collections.deque[float] = collections.deque(maxlen=10)
+        self.acked = 0  # chunks acknowledged since this incarnation started
+        self.killing = 0.0
+        self.spawned_at = 0.0
+        self.exited = False
+
+
+class Operation:
+    """One ``handle()`` call: progress while it runs, an :class:`OperationResult` after.
+
+    ``progress()`` yields integer percentages (sync or ``async for``), ``wait()`` or
+    ``await op`` gives the result, ``done()`` says whether it is complete, ``stats()``
+    reports figures so far. Thread-safe: the supervisor completes it from its loop.
+    """
+
+    def __init__(self, total: int, return_events: bool, distinct_keys: int) -> None:
+        self.total = total
+        self.handled = 0
+        self.failed = 0
+        self.errors: list[ErrorItem] = []
+        self.acc = BatchAccumulator()
+        self.events: list[Any] | None = [None] * total if return_events else None
+        self.chunks_left = 0
+        self.started = time.monotonic()
+        self.finished: float | None = None
+        self.distinct_keys = distinct_keys
+        self._cond = threading.Condition()
+        self._result: OperationResult | None = None
+        self._exc: BaseException | None = None
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._loop_thread: int | None = None
+
+    # -- called by the supervisor ---------------------------------------------------
+    def _account(self, handled: int, failed: int) -> None:
+        with self._cond:
+            self.handled += handled
+            self.failed += failed
+            self._cond.notify_all()
+        self._wake()
+
+    def _finish(self, exc: BaseException | None = None) -> None:
+        with self._cond:
+            if self._result is not None or self._exc is not None:
+                return
+            self.finished = time.monotonic()
+            if exc is not None:
+                self._exc = exc
+            else:
+                self.errors.sort(key=attrgetter("index"))
+                self._result = OperationResult(
+                    handled_events=self.handled,
+                    failed_events=self.failed,
+                    elapsed=self.finished - self.started,
+                    errors=self.errors,
+                    batch=self.acc.freeze(self.total, self.distinct_keys),
+                    events=self.events,
+                )
+            self._cond.notify_all()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._async_waiters = self._async_waiters, []
+        for loop, fut in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_set_done, fut)
+
+    # -- public ---------------------------------------------------------------------
+    def done(self) -> bool:
+        """True once the result (or a fatal error) is in."""
+        return self._result is not None or self._exc is not None
+
+    def percent(self) -> int:
+        """Completion in percent; 100 only once the operation is done."""
+        if self.done():
+            return 100
+        if self.total == 0:
+            return 0
+        return min(99, (self.handled + self.failed) * 100 // self.total)
+
+    def wait(self, timeout: float | None = None) -> OperationResult:
+        """Block until done; the result, or the error that stopped the collector.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds.
+        """
+        if self._loop_thread == threading.get_ident() and not self.done():
+            raise RuntimeError(
+                "Operation.wait() would block the event loop the collector runs on; "
+                "use 'await op' in asyncio code"
+            )
+        with self._cond:
+            if not self._cond.wait_for(self.done, timeout):
+                raise TimeoutError(f"operation not done after {timeout}s ({self.percent()}%)")
+        return self.result()
+
+    def result(self) -> OperationResult:
+        """The result of a finished operation (raises if it is not done or failed)."""
+        if self._exc is not None:
+            raise self._exc
+        if self._result is None:
+            raise RuntimeError("operation not done yet")
+        return self._result
+
+    def __await__(self) -> Generator[Any, None, OperationResult]:
+        while not self.done():
+            yield from self._changed().__await__()
+        return self.result()
+
+    def _changed(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._cond:
+            if self.done():
+                fut.set_result(None)
+            else:
+                self._async_waiters.append((loop, fut))
+        return fut
+
+    def progress(self, interval: float = 0.5) -> _Progress:
+        """Percentages 0..100, non-decreasing, at least one per ``interval`` s, last 100.
+
+        Iterate with ``for`` (blocking) or ``async for`` (asyncio).
+        """
+        return _Progress(self, interval)
+
+    def stats(self) -> dict[str, Any]:
+        """Figures so far: events handled and failed, elapsed seconds, events per second."""
+        end = self.finished or time.monotonic()
+        elapsed = end - self.started
+        n = self.handled + self.failed
+        return {
+            "total": self.total,
+            "handled_events": self.handled,
+            "failed_events": self.failed,
+            "percent": self.percent(),
+            "elapsed": elapsed,
+            "events_per_sec": n / elapsed if elapsed > 0 else 0.0,
+            "done": self.done(),
+        }
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Progress:
+    """Iterator and async iterator over an operation's percentages."""
+
+    def __init__(self, op: Operation, interval: float) -> None:
+        self.op = op
+        self.interval = interval
+
+    def __iter__(self) -> Iterator[int]:
+        op = self.op
+        last = -1
+        while True:
+            pct = op.percent()
+            if pct >= last:
+                yield pct
+                last = pct
+            if pct == 100:
+                return
+            with op._cond:
+                seen = last
+                op._cond.wait_for(lambda: op.percent() > seen, self.interval)  # noqa: B023
+
+    async def __aiter__(self) -> AsyncIterator[int]:
+        op = self.op
+        last = -1
+        while True:
+            pct = op.percent()
+            if pct >= last:
+                yield pct
+                last = pct
+            if pct == 100:
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(op._changed(), self.interval)
+
+
+class Collector:
+    """Shard batches over CPU-pinned worker processes, enrich, count, deliver.
+
+    ``pipeline`` is a :class:`~collector.Pipeline` or a ``"module:attr"`` import string.
+    ``workers`` defaults to one per CPU in the caller's affinity mask; ``cpus`` pins
+    worker *i* to ``cpus[i % len(cpus)]`` (``cpus=[]`` disables pinning).
+    ``max_inflight`` bounds events accepted and not yet done: ``handle()`` blocks,
+    ``ahandle()`` awaits, and either raises :class:`~collector.Overloaded` with
+    ``block=False``. A batch larger than ``max_inflight`` is admitted alone, when
+    nothing else is in flight. ``chunk_size`` events travel per message; each worker
+    has at most ``window`` chunks in flight. A worker whose heartbeat is older than
+    ``heartbeat_timeout`` seconds is killed and replaced.
+
+    Use it as a context manager (``with`` or ``async with``) or call ``start()`` /
+    ``close()`` (``astart()`` / ``aclose()``).
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline | str,
+        *,
+        workers: int | None = None,
+        cpus: list[int] | None = None,
+        max_inflight: int = 1_000_000,
+        chunk_size: int = 2048,
+        window: int = 4,
+        heartbeat_interval: float = 0.5,
+        heartbeat_timeout: float = 10.0,
+        boot_timeout: float = 60.0,
+        shutdown_timeout: float = 30.0,
+        max_attempts: int = 3,
+        start_method: str = "spawn",
+    ) -> None:
+        self.pipeline = resolve_pipeline(pipeline)
+        self._pipeline_arg: Pipeline | str = pipeline if isinstance(pipeline, str) else self.pipeline
+        affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.cpus = list(affinity) if cpus is None else list(cpus)
+        n = workers if workers is not None else max(1, len(self.cpus) or (os.cpu_count() or 1))
+        if n < 1:
+            raise ConfigError(f"workers must be >= 1 (got {n})")
+        if chunk_size < 1 or window < 1 or max_inflight < 1:
+            raise ConfigError("chunk_size, window and max_inflight must be >= 1")
+        if start_method not in ("spawn", "forkserver"):
+            raise ConfigError(
+                f"start_method must be 'spawn' or 'forkserver' (got {start_method!r}); "
+                "fork is unsafe with the supervisor's threads"
+            )
+        self.nworkers = n
+        self.max_inflight = max_inflight
+        self.chunk_size = chunk_size
+        self.window = window
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.boot_timeout = boot_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.max_attempts = max_attempts
+        self._ctx = mp.get_context(start_method)
+        T = self.pipeline.event_type
+        self._event_type = T
+        self._key = self.pipeline.key
+        self._keyget = attrgetter(self._key)
+        self._enc = msgspec.json.Encoder()
+        self._dec_events = msgspec.json.Decoder(list[T])  # type: ignore[valid-type]
+        self._dec_raw = msgspec.json.Decoder(list[msgspec.Raw])
+        self._dec_keys = _key_decoder(self._key)
+        self._shards = _ShardMap(n)
+        self._ids = itertools.count(1)
+        self._workers = [
+            _Worker(i, self.cpus[i % len(self.cpus)] if self.cpus else None) for i in range(n)
+        ]
+        self._block: S.StatsBlock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._loop_thread_id: int | None = None
+        self._own_loop = False
+        self._state = "new"  # new → running → closing → closed
+        self._fatal: BaseException | None = None
+        self._admit = threading.Condition()
+        self._inflight = 0  # events admitted and not done
+        self._ops: set[Operation] = set()
+        self._admit_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._monitor: asyncio.Task[None] | None = None
+        self._stopped = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> Collector:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Collector:
+        await self.astart()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    def start(self) -> None:
+        """Start workers with the supervisor on its own uvloop thread; blocks until ready."""
+        if self._state != "new":
+            raise CollectorError(f"collector already {self._state}")
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+        self._loop = loop
+        self._own_loop = True
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            self._loop_thread_id = threading.get_ident()
+            started.set()
+            try:
+                loop.run_forever()
+            finally:
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="collector-supervisor", daemon=True)
+        self._thread.start()
+        started.wait()
+        fut = asyncio.run_coroutine_threadsafe(self._start(), loop)
+        try:
+            fut.result()
+        except BaseException:
+            self._stop_thread()
+            raise
+
+    async def astart(self) -> None:
+        """Start workers with the supervisor on the running loop; awaits until ready."""
+        if self._state != "new":
+            raise CollectorError(f"collector already {self._state}")
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread_id = threading.get_ident()
+        await self._start()
+
+    async def _start(self) -> None:
+        self._block = S.StatsBlock(self.nworkers)
+        self._state = "running"
+        try:
+            for w in self._workers:
+                self._spawn(w)
+            deadline = time.monotonic() + self.boot_timeout
+            while not all(w.ready for w in self._workers):
+                if self._fatal is not None:
+                    raise self._fatal
+                if time.monotonic() > deadline:
+                    raise WorkerBootError(
+                        f"workers not ready after {self.boot_timeout}s: "
+                        f"{[w.index for w in self._workers if not w.ready]}"
+                    )
+                await asyncio.sleep(0.01)
+        except BaseException:
+            await self._shutdown(drain=False)
+            raise
+        self._monitor = asyncio.get_running_loop().create_task(self._watch())
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drain in-flight work (up to ``timeout``), stop workers, unlink shared memory."""
+        if self._state in ("new", "closed") or self._loop is None:
+            self._state = "closed"
+            return
+        if not self._own_loop:
+            raise RuntimeError("this collector runs on an asyncio loop: use 'await aclose()'")
+        if threading.get_ident() == self._loop_thread_id:
+            raise RuntimeError("close() called from the supervisor loop")
+        if self._state == "running" or self._state == "halted":
+            fut = asyncio.run_coroutine_threadsafe(self._shutdown(True, timeout), self._loop)
+            fut.result()
+        self._stop_thread()
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """``close()`` for collectors started with ``async with`` / ``astart()``."""
+        if self._state in ("new", "closed"):
+            self._state = "closed"
+            return
+        if self._own_loop:
+            await asyncio.get_running_loop().run_in_executor(None, self.close, timeout)
+            return
+        await self._shutdown(True, timeout)
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None and self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._thread = None
+        self._state = "closed"
+
+    async def _shutdown(self, drain: bool, timeout: float | None = None) -> None:
+        if self._state == "closed":
+            return
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        if self._state == "running":
+            self._state = "closing"
+        self._wake_admitters()
+        if drain:
+            while self._ops and time.monotonic() < deadline and self._fatal is None:
+                await asyncio.sleep(0.01)
+        for op in list(self._ops):
+            op._finish(self._fatal or CollectorClosed("the collector closed before this operation finished"))
+        self._ops.clear()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            self._monitor = None
+        for w in self._workers:
+            w.ready = False
+            if w.writer is not None and not w.exited:
+                with contextlib.suppress(Exception):
+                    w.writer.write(encode_frame(Stop()))
+        while any(w.process is not None and w.process.is_alive() for w in self._workers):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        for w in self._workers:
+            self._reap(w, kill=True)
+        self._state = "closed"
+        if self._block is not None:
+            self._block.close()
+            self._block = None
+        self._stopped.set()
+
+    def _reap(self, w: _Worker, kill: bool = False) -> None:
+        p = w.process
+        if p is not None:
+            with contextlib.suppress(Exception):
+                assert self._loop is not None
+                self._loop.remove_reader(p.sentinel)
+            if kill and p.is_alive():
+                log.warning("worker %d (pid %d) did not stop in time: killing it", w.index, p.pid)
+                p.kill()
+            p.join(5)
+            with contextlib.suppress(Exception):
+                p.close()
+            w.process = None
+        if w.reader_task is not None:
+            w.reader_task.cancel()
+            w.reader_task = None
+        if w.writer is not None:
+            with contextlib.suppress(Exception):
+                w.writer.close()
+            w.writer = None
+
+    # ------------------------------------------------------------------ workers
+    def _spawn(self, w: _Worker) -> None:
+        assert self._block is not None and self._loop is not None
+        mine, theirs = socket.socketpair()
+        slot = self._block.slots[w.index]
+        slot.reset()
+        spec = WorkerSpec(
+            index=w.index,
+            cpu=w.cpu,
+            sock=theirs,
+            shm_name=self._block.name,
+            nworkers=self.nworkers,
+            pipeline=self._pipeline_arg,
+            parent_pid=os.getpid(),
+            heartbeat_interval=self.heartbeat_interval,
+            log_level=logging.getLogger("collector").getEffectiveLevel(),
+        )
+        p = self._ctx.Process(  # type: ignore[attr-defined]
+            target=worker_main, args=(spec,), name=f"collector-worker-{w.index}", daemon=True)
+        p.start()
+        theirs.close()
+        w.process = p
+        w.pid = p.pid or 0
+        w.ready = False
+        w.exited = False
+        w.boot_error = None
+        w.acked = 0
+        w.killing = 0.0
+        w.spawned_at = time.monotonic()
+        self._loop.add_reader(p.sentinel, self._on_sentinel, w)
+        w.reader_task = self._loop.create_task(self._read(w, mine))
+
+    async def _read(self, w: _Worker, sock: socket.socket) -> None:
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
+        w.writer = writer
+        hsize = FRAME_HEADER.size
+        unpack = FRAME_HEADER.unpack
+        while True:
+            try:
+                head = await reader.readexactly(hsize)
+                (n,) = unpack(head)
+                body = await reader.readexactly(n)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return  # the worker is gone; its sentinel tells how
+            msg = decode_frame(body)
+            if type(msg) is Ack:
+                self._on_ack(w, msg)
+            elif type(msg) is Ready:
+                w.ready = True
+                self._pump(w)
+            elif type(msg) is BootFailed:
+                w.boot_error = msg
+
+    def _on_sentinel(self, w: _Worker) -> None:
+        assert self._loop is not None
+        p = w.process
+        if p is None:
+            return
+        self._loop.remove_reader(p.sentinel)
+        p.join(1)
+        code = p.exitcode
+        w.exited = True
+        if self._state in ("closing", "closed") and code == 0:
+            return
+        was_ready, w.ready = w.ready, False
+        cause = describe_exit(code)
+        w.deaths.append(time.monotonic())
+        if w.boot_error is not None or code == BOOT_FAILURE or (not was_ready and code and code > 0):
+            be = w.boot_error
+            hint = ""
+            if be is None and code == 1:
+                hint = (
+                    " (with the spawn start method the main module is imported again in "
+                    "each worker: guard the code that starts the collector with "
+                    "`if __name__ == '__main__':`; the worker's stderr has its traceback)"
+                )
+            msg = (
+                f"worker {w.index} (pid {w.pid}) failed at boot: "
+                f"{be.message if be else cause}{hint}; the collector stops instead of "
+                "respawning it"
+            )
+            log.error(msg)
+            self._halt(WorkerBootError(msg, w.index, be.traceback if be else None))
+            return
+        log.error("worker %d (pid %d, cpu %s) died: %s", w.index, w.pid, w.cpu, cause)
+        if self._state != "running":
+            return
+        recent = [t for t in w.deaths if t > time.monotonic() - 30]
+        if len(recent) >= 5 and w.acked == 0:
+            self._halt(WorkerError(f"worker {w.index} keeps dying ({len(recent)} times in 30 s, last: {cause})", w.index))
+            return
+        self._reap(w)
+        # its unacknowledged chunks go first to the replacement, in their order
+        lost = sorted(w.inflight.values(), key=attrgetter("id"))
+        w.inflight.clear()
+        sup = self._block.supervisor if self._block else None
+        for e in reversed(lost):
+            e.attempt += 1
+            if e.attempt >= self.max_attempts:
+                self._fail_entry(e, f"chunk killed its worker {e.attempt} times (last: {cause})")
+                continue
+            if sup is not None:
+                sup.add(S.REDELIVERED, 1)
+            e.op.acc.redelivered += 1
+            w.queue.appendleft(e)
+        if sup is not None:
+            sup.add(S.RESTARTS, 1)
+        self._spawn(w)
+
+    def _halt(self, exc: BaseException) -> None:
+        """A fatal error: fail every operation, refuse new work, stop the workers."""
+        if self._fatal is None:
+            self._fatal = exc
+        self._state = "halted"
+        for op in list(self._ops):
+            op._finish(exc)
+        self._ops.clear()
+        self._wake_admitters()
+        for w in self._workers:
+            if w.process is not None and w.process.is_alive():
+                with contextlib.suppress(Exception):
+                    w.process.kill()
+
+    async def _watch(self) -> None:
+        """Heartbeats: a worker silent past the timeout gets SIGABRT, then SIGKILL."""
+        assert self._block is not None
+        while self._state == "running":
+            now = time.monotonic()
+            for w in self._workers:
+                if not w.ready or w.process is None or self._block is None:
+                    continue
+                age = now - self._block.slots[w.index].getf(S.HEARTBEAT)
+                if w.killing:
+                    if now - w.killing > 2.0 and w.process.is_alive():
+                        w.process.kill()
+                elif age > self.heartbeat_timeout:
+                    log.error(
+                        "worker %d (pid %d) silent for %.1fs (heartbeat timeout %.1fs): killing it",
+                        w.index, w.pid, age, self.heartbeat_timeout,
+                    )
+                    w.killing = now
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(w.pid, signal.SIGABRT)
+            await asyncio.sleep(min(0.25, self.heartbeat_timeout / 4))
+
+    # ------------------------------------------------------------------ chunks
+    def _pump(self, w: _Worker) -> None:
+        """Send queued chunks while the worker's window has room."""
+        if not w.ready or w.writer is None:
+            return
+        q = w.queue
+        inflight = w.inflight
+        while q and len(inflight) < self.window:
+            e = q.popleft()
+            if e.op.done():  # its operation was failed meanwhile
+                continue
+            if e.payload is None:
+                e.payload = e.op._encode(e)  # type: ignore[attr-defined]
+                if e.payload is None:  # nothing left to send: every item failed to encode
+                    self._complete_entry(e)
+                    continue
+            e.sent_at = time.monotonic()
+            inflight[e.id] = e
+            w.writer.write(
+                encode_frame(Chunk(e.id, e.payload, e.op.events is not None, e.attempt))
+            )
+
+    def _on_ack(self, w: _Worker, ack: Ack) -> None:
+        e = w.inflight.pop(ack.id, None)
+        if e is None:
+            return
+        w.acked += 1
+        op = e.op
+        pos = e.positions
+        if ack.errors:
+            op.errors.extend(ErrorItem(pos[r.pos], r.path, r.reason, r.kind) for r in ack.errors)
+        op.acc.add(ack.summary)
+        if ack.events is not None and op.events is not None:
+            evs = self._dec_events.decode(ack.events)
+            if ack.errors:
+                bad = {r.pos for r in ack.errors}
+                kept = [p for i, p in enumerate(pos) if i not in bad]
+            else:
+                kept = pos
+            out = op.events
+            for p, ev in zip(kept, evs, strict=False):
+                out[p] = ev
+        op._account(ack.handled, ack.failed)
+        self._complete_entry(e)
+        self._pump(w)
+
+    def _fail_entry(self, e: _Entry, reason: str) -> None:
+        e.op.errors.extend(ErrorItem(p, "$", reason, "lost") for p in e.positions)
+        e.op._account(0, len(e.positions))
+        self._complete_entry(e)
+
+    def _complete_entry(self, e: _Entry) -> None:
+        e.payload = None
+        op = e.op
+        op.chunks_left -= 1
+        if op.chunks_left == 0:
+            self._op_done(op)
+
+    def _op_done(self, op: Operation) -> None:
+        op._finish()
+        self._ops.discard(op)
+        with self._admit:
+            self._inflight -= op.total
+            self._admit.notify_all()
+        self._wake_admitters()
+
+    def _wake_admitters(self) -> None:
+        with self._admit:
+            waiters, self._admit_waiters = self._admit_waiters, []
+            self._admit.notify_all()
+        for loop, fut in waiters:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_set_done, fut)
+
+    # ------------------------------------------------------------------ handle
+    def handle(
+        self,
+        batch: Any,
+        *,
+        return_events: bool = False,
+        block: bool = True,
+        timeout: float | None = None,
+    ) -> Operation:
+        """Accept a batch and return its :class:`Operation` at once.
+
+        ``batch`` is a list of the pipeline's event Structs, a list of dicts, or bytes
+        holding a JSON array or NDJSON. Blocks while ``max_inflight`` events are in
+        flight (``block=False``: raises :class:`~collector.Overloaded`; ``timeout``:
+        raises it after that many seconds).
+        """
+        prepared = self._prepare(batch, return_events)
+        self._admit_sync(prepared[0].total, block, timeout)
+        return self._submit_prepared(prepared)
+
+    async def ahandle(self, batch: Any, *, return_events: bool = False, block: bool = True) -> Operation:
+        """``handle()`` for asyncio code: awaits for capacity, never blocks the loop."""
+        if (isinstance(batch, (bytes, bytearray, memoryview)) and len(batch) > 1 << 20) or (
+            isinstance(batch, list) and len(batch) > 50_000
+        ):
+            # big inputs are sliced on a thread so the loop keeps serving meanwhile
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                None, self._prepare, batch, return_events
+            )
+        else:
+            prepared = self._prepare(batch, return_events)
+        n = prepared[0].total
+        while True:
+            if self._try_admit(n):
+                break
+            if not block:
+                raise self._overloaded(n)
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            with self._admit:
+                if self._try_admit_locked(n):
+                    break
+                self._admit_waiters.append((loop, fut))
+            await fut
+        return self._submit_prepared(prepared)
+
+    def _overloaded(self, n: int) -> Overloaded:
+        return Overloaded(
+            f"{self._inflight} events in flight, max_inflight={self.max_inflight}: "
+            f"cannot take {n} more now",
+            retry_after=1.0,
+        )
+
+    def _check_open(self) -> None:
+        if self._fatal is not None:
+            raise CollectorClosed(f"the collector stopped after a fatal error: {self._fatal}") from self._fatal
+        if self._state != "running":
+            raise CollectorClosed(f"the collector is {self._state}; it takes no more batches")
+
+    def _try_admit_locked(self, n: int) -> bool:
+        self._check_open()
+        if self._inflight == 0 or self._inflight + n <= self.max_inflight:
+            self._inflight += n
+            return True
+        return False
+
+    def _try_admit(self, n: int) -> bool:
+        with self._admit:
+            return self._try_admit_locked(n)
+
+    def _admit_sync(self, n: int, block: bool, timeout: float | None) -> None:
+        with self._admit:
+            if self._try_admit_locked(n):
+                return
+            if not block:
+                raise self._overloaded(n)
+            if threading.get_ident() == self._loop_thread_id:
+                raise self._overloaded(n)  # waiting here would deadlock the loop
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._try_admit_locked(n):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise self._overloaded(n)
+                self._admit.wait(left)
+
+    def _submit_prepared(self, prepared: tuple[Operation, list[list[_Entry]]]) -> Operation:
+        op, per_worker = prepared
+        op._loop_thread = self._loop_thread_id
+        assert self._block is not None and self._loop is not None
+        self._block.supervisor.add(S.RECEIVED, op.total)
+        if op.chunks_left == 0:
+            op._finish()
+            with self._admit:
+                self._inflight -= op.total
+                self._admit.notify_all()
+            return op
+        if threading.get_ident() == self._loop_thread_id:
+            self._enqueue(op, per_worker)
+        else:
+            self._loop.call_soon_threadsafe(self._enqueue, op, per_worker)
+        return op
+
+    def _enqueue(self, op: Operation, per_worker: list[list[_Entry]]) -> None:
+        if self._state != "running":
+            op._finish(self._fatal or CollectorClosed("the collector closed before this operation started"))
+            return
+        self._ops.add(op)
+        for w, entries in zip(self._workers, per_worker, strict=True):
+            if entries:
+                w.queue.extend(entries)
+                self._pump(w)
+
+    # ------------------------------------------------------------------ preparing input
+    def _prepare(self, batch: Any, return_events: bool) -> tuple[Operation, list[list[_Entry]]]:
+        """Normalise, validate the container, shard by key and cut chunks (no encoding)."""
+        self._check_open()
+        errors: list[ErrorItem] = []
+        if isinstance(batch, (bytes, bytearray, memoryview)):
+            items, keys, kind = self._from_bytes(bytes(batch), errors)
+        elif isinstance(batch, (list, tuple)):
+            items, keys, kind = self._from_list(batch, errors)
+        else:
+            raise InvalidInput(
+                f"handle() takes a list of {self._event_type.__name__} or dicts, or bytes "
+                f"(JSON array or NDJSON); got {type(batch).__name__}"
+            )
+        total = len(items)
+        n = self.nworkers
+        if len(self._shards) > 1_000_000:  # bounded: forget keys, they are recomputed
+            self._shards.clear()
+        valid = [i for i, k in enumerate(keys) if k is not _NO_KEY] if errors else None
+        routed_keys = keys if valid is None else [keys[i] for i in valid]
+        try:
+            shard_of = list(map(self._shards.__getitem__, routed_keys)) if n > 1 else None
+            distinct = len(set(routed_keys))
+        except TypeError:  # an unhashable key (a JSON list or object): use its repr
+            routed_keys = [repr(k) if isinstance(k, (list, dict)) else k for k in routed_keys]
+            shard_of = list(map(self._shards.__getitem__, routed_keys)) if n > 1 else None
+            distinct = len(set(routed_keys))
+        op = Operation(total, return_events, distinct)
+        op.errors.extend(errors)
+        op.failed = len(errors)
+        base = range(total) if valid is None else valid
+        per_worker: list[list[_Entry]] = []
+        cs = self.chunk_size
+        for wi in range(n):
+            if shard_of is None:
+                mine = list(base)
+            else:
+                mine = list(itertools.compress(base, map(eq, shard_of, itertools.repeat(wi))))
+            entries = [
+                _Entry(next(self._ids), op, wi, mine[i : i + cs]) for i in range(0, len(mine), cs)
+            ]
+            per_worker.append(entries)
+            op.chunks_left += len(entries)
+        op._items = items  # type: ignore[attr-defined]
+        op._kind = kind  # type: ignore[attr-defined]
+        op._encode = self._encoder_for(op, items, kind)  # type: ignore[attr-defined]
+        return op, per_worker
+
+    def _encoder_for(self, op: Operation, items: list[Any], kind: str) -> Callable[[_Entry], bytes | None]:
+        enc = self._enc.encode
+
+        def encode(e: _Entry) -> bytes | None:
+            pos = e.positions
+            picked = itemgetter(*pos)(items) if len(pos) > 1 else (items[pos[0]],)
+            if kind == "raw":
+                return b"[" + b",".join(picked) + b"]"
+            try:
+                return enc(picked)
+            except (TypeError, ValueError, msgspec.EncodeError, OverflowError):
+                pass
+            # one item is not JSON-encodable: encode one by one, fail just that one
+            ok_pos, parts = [], []
+            for p, item in zip(pos, picked, strict=True):
+                try:
+                    parts.append(enc(item))
+                    ok_pos.append(p)
+                except (TypeError, ValueError, msgspec.EncodeError, OverflowError) as ex:
+                    op.errors.append(ErrorItem(p, "$", f"cannot encode as JSON: {ex}", "invalid"))
+            if len(ok_pos) != len(pos):
+                op._account(0, len(pos) - len(ok_pos))
+            e.positions = ok_pos
+            if not ok_pos:
+                return None
+            return b"[" + b",".join(parts) + b"]"
+
+        return encode
+
+    def _from_list(self, batch: list[Any] | tuple[Any, ...], errors: list[ErrorItem]) -> tuple[list[Any], list[Any], str]:
+        T = self._event_type
+        items = batch if isinstance(batch, list) else list(batch)
+        types = set(map(type, items))
+        if types <= {T}:
+            return items, list(map(self._keyget, items)), "structs"
+        key = self._key
+        keys: list[Any] = []
+        for i, it in enumerate(items):
+            t = type(it)
+            if t is dict:
+                keys.append(it.get(key))
+            elif isinstance(it, msgspec.Struct):
+                keys.append(getattr(it, key, None))
+            else:
+                errors.append(
+                    ErrorItem(i, "$", f"Expected `object`, got `{t.__name__}`", "invalid")
+                )
+                keys.append(_NO_KEY)
+        return items, keys, "objects"
+
+    def _from_bytes(self, body: bytes, errors: list[ErrorItem]) -> tuple[list[Any], list[Any], str]:
+        stripped = body.lstrip()
+        if not stripped:
+            return [], [], "raw"
+        if stripped[:1] == b"[":
+            try:
+                raws = self._dec_raw.decode(body)
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                raise InvalidInput(
+                    f"the batch is not a valid JSON array: {e}; send NDJSON (one event "
+                    "per line) to have malformed lines reported one by one"
+                ) from e
+            array = body
+        else:
+            lines = body.split(b"\n")
+            if b"" in lines or any(not ln.strip() for ln in lines[-1:]):
+                lines = [ln for ln in lines if ln.strip()]
+            array = b"[" + b",".join(lines) + b"]"
+            try:
+                raws = self._dec_raw.decode(array)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                raws, array = self._ndjson_slow(lines, errors), b""
+        keys = self._keys_of(raws, array, errors)
+        return raws, keys, "raw"
+
+    def _ndjson_slow(self, lines: list[bytes], errors: list[ErrorItem]) -> list[Any]:
+        dec = msgspec.json.Decoder(msgspec.Raw)
+        raws: list[Any] = []
+        for i, ln in enumerate(lines):
+            try:
+                raws.append(dec.decode(ln))
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                errors.append(ErrorItem(i, "$", f"malformed JSON: {e}", "invalid"))
+                raws.append(None)
+        return raws
+
+    def _keys_of(self, raws: list[Any], array: bytes, errors: list[ErrorItem]) -> list[Any]:
+        key = self._key
+        if array and not errors:
+            try:
+                return [getattr(k, key) for k in self._dec_keys.decode(array)]
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                pass
+        one = msgspec.json.Decoder(Any)
+        keys: list[Any] = []
+        for i, raw in enumerate(raws):
+            if raw is None:
+                keys.append(_NO_KEY)
+                continue
+            v = one.decode(raw)
+            if type(v) is dict:
+                keys.append(v.get(key))
+            else:
+                errors.append(ErrorItem(i, "$", f"Expected `object`, got `{_json_type(v)}`", "invalid"))
+                keys.append(_NO_KEY)
+        return keys
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> S.Stats:
+        """Collector statistics from shared memory: no lock, no message, microseconds."""
+        if self._block is None:
+            raise CollectorClosed("the collector is not running")
+        return self._block.read(self.workers_alive())
+
+    def workers_alive(self) -> list[bool]:
+        """Whether each worker slot has a live, ready worker."""
+        return [w.ready and w.process is not None and not w.exited for w in self._workers]
+
+    def heartbeats_fresh(self, max_age: float | None = None) -> bool:
+        """True while every worker is ready and stamped its heartbeat recently."""
+        if self._block is None:
+            return False
+        limit = self.heartbeat_timeout if max_age is None else max_age
+        now = time.monotonic()
+        return all(
+            w.ready and now - self._block.slots[w.index].getf(S.HEARTBEAT) < limit
+            for w in self._workers
+        )
+
+    def worker_pids(self) -> list[int]:
+        """The pid of each worker slot (0 while a slot has no process)."""
+        return [w.pid if w.process is not None else 0 for w in self._workers]
+
+    @property
+    def inflight_events(self) -> int:
+        """Events accepted and not yet done."""
+        return self._inflight
+
+    @property
+    def running(self) -> bool:
+        """True between start and close, unless a fatal error halted the collector."""
+        return self._state == "running"
+
+
+_NO_KEY: Any = object()
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {bool: "bool", int: "int", float: "float", str: "str", list: "array"}.get(type(v), type(v).__name__)
