@@ -155,10 +155,18 @@ class LookupRuntime:
                 return value
         return _FAILED
 
-    async def _shared_fetch(self, k: Any, summ: LookupSummary) -> Any:
-        """Fetch ``k`` as the leader of its single-flight group."""
+    def lead(self, k: Any, summ: LookupSummary) -> Any:
+        """Become the leader of ``k``'s single-flight group; returns the call to await.
+
+        The group is registered before anything awaits, so a chunk processed right
+        after this one joins the call instead of starting its own.
+        """
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.inflight[k] = fut
+        return self._shared_fetch(k, summ, fut)
+
+    async def _shared_fetch(self, k: Any, summ: LookupSummary, fut: asyncio.Future[Any]) -> Any:
+        """Fetch ``k`` and hand the answer to every follower."""
         try:
             v = await self.fetch(k, summ)
         except BaseException:
@@ -211,7 +219,7 @@ class Enricher:
                     summ.coalesced += len(evs)
                     calls.append(fut)
                 else:
-                    calls.append(lk._shared_fetch(k, summ))
+                    calls.append(lk.lead(k, summ))
                 owners.append((lk, summ, k, evs))
         results = await asyncio.gather(*calls, return_exceptions=True)
         for (lk, summ, _k, evs), v in zip(owners, results, strict=True):

@@ -101,6 +101,14 @@ class Pipeline:
                     f"pipeline {self.name!r}: {where} names field {name!r}, which "
                     f"{self.event_type.__name__} does not have (fields: {sorted(fields)})"
                 )
+        if self.client is not None and not isinstance(self.client, str):
+            for lk in self.lookups:
+                if not callable(getattr(self.client, lk.method, None)):
+                    raise ConfigError(
+                        f"pipeline {self.name!r}: lookup {lk.name!r} calls "
+                        f"client.{lk.method}(), but the client "
+                        f"{type(self.client).__name__} has no method {lk.method!r}"
+                    )
         for lk in self.lookups:
             for f in (lk.key, lk.target):
                 if f not in fields:
