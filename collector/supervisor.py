@@ -35,7 +35,7 @@ import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from operator import attrgetter, eq, itemgetter
+from operator import attrgetter, eq, methodcaller
 from typing import Any
 
 import msgspec
@@ -115,18 +115,45 @@ def _key_decoder(key: str) -> msgspec.json.Decoder[Any]:
 
 
 class _Entry:
-    """A chunk in the ledger: it stays until its worker acknowledges it."""
+    """A chunk in the ledger: it stays until its worker acknowledges it.
 
-    __slots__ = ("attempt", "id", "op", "payload", "positions", "sent_at", "worker")
+    ``items`` are the chunk's events (until encoded); where they sit in the input is
+    worked out only when needed (an error to report, events to return): segment
+    ``[lo, hi)`` of the routed inputs, this worker's share of it, from ``offset``.
+    """
 
-    def __init__(self, cid: int, op: Operation, worker: int, positions: list[int]) -> None:
+    __slots__ = ("_positions", "attempt", "hi", "id", "items", "lo", "n", "offset", "op", "payload", "sent_at", "worker")
+
+    def __init__(self, cid: int, op: Operation, worker: int, items: list[Any], lo: int, hi: int, offset: int) -> None:
         self.id = cid
         self.op = op
         self.worker = worker
-        self.positions = positions
+        self.items: list[Any] | None = items
+        self.n = len(items)
+        self.lo = lo
+        self.hi = hi
+        self.offset = offset
+        self._positions: list[int] | None = None
         self.payload: bytes | None = None
         self.attempt = 0
         self.sent_at = 0.0
+
+    @property
+    def positions(self) -> list[int]:
+        """Input index of each of the chunk's events."""
+        if self._positions is None:
+            op = self.op
+            seg = op._base[self.lo : self.hi]
+            if op._shard_of is not None:
+                mask = map(eq, op._shard_of[self.lo : self.hi], itertools.repeat(self.worker))
+                seg = list(itertools.compress(seg, mask))
+            self._positions = list(seg[self.offset : self.offset + self.n])
+        return self._positions
+
+    @positions.setter
+    def positions(self, value: list[int]) -> None:
+        self._positions = value
+        self.n = len(value)
 
 
 class _Worker:
@@ -169,6 +196,10 @@ class Operation:
         self.started = time.monotonic()
         self.finished: float | None = None
         self.distinct_keys = distinct_keys
+        self.sealed = False  # every chunk has been queued: chunks_left == 0 means done
+        self._base: range | list[int] = range(total)
+        self._shard_of: list[int] | None = None
+        self._encode: Callable[[_Entry], bytes | None] = _no_encoder
         self._cond = threading.Condition()
         self._result: OperationResult | None = None
         self._exc: BaseException | None = None
@@ -281,6 +312,10 @@ class Operation:
             "events_per_sec": n / elapsed if elapsed > 0 else 0.0,
             "done": self.done(),
         }
+
+
+def _no_encoder(e: _Entry) -> bytes | None:
+    raise RuntimeError("operation has no encoder")
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:
@@ -727,7 +762,8 @@ class Collector:
             if e.op.done():  # its operation was failed meanwhile
                 continue
             if e.payload is None:
-                e.payload = e.op._encode(e)  # type: ignore[attr-defined]
+                e.payload = e.op._encode(e)
+                e.items = None
                 if e.payload is None:  # nothing left to send: every item failed to encode
                     self._complete_entry(e)
                     continue
@@ -743,12 +779,13 @@ class Collector:
             return
         w.acked += 1
         op = e.op
-        pos = e.positions
         if ack.errors:
+            pos = e.positions
             op.errors.extend(ErrorItem(pos[r.pos], r.path, r.reason, r.kind) for r in ack.errors)
         op.acc.add(ack.summary)
         if ack.events is not None and op.events is not None:
             evs = self._dec_events.decode(ack.events)
+            pos = e.positions
             if ack.errors:
                 bad = {r.pos for r in ack.errors}
                 kept = [p for i, p in enumerate(pos) if i not in bad]
@@ -770,7 +807,7 @@ class Collector:
         e.payload = None
         op = e.op
         op.chunks_left -= 1
-        if op.chunks_left == 0:
+        if op.chunks_left == 0 and op.sealed:
             self._op_done(op)
 
     def _op_done(self, op: Operation) -> None:
@@ -805,35 +842,39 @@ class Collector:
         flight (``block=False``: raises :class:`~collector.Overloaded`; ``timeout``:
         raises it after that many seconds).
         """
-        prepared = self._prepare(batch, return_events)
-        self._admit_sync(prepared[0].total, block, timeout)
-        return self._submit_prepared(prepared)
+        op = self._prepare(batch, return_events)
+        self._admit_sync(op.total, block, timeout)
+        self._feed(op)
+        return op
 
     async def ahandle(self, batch: Any, *, return_events: bool = False, block: bool = True) -> Operation:
         """``handle()`` for asyncio code: awaits for capacity, never blocks the loop."""
-        if (isinstance(batch, (bytes, bytearray, memoryview)) and len(batch) > 1 << 20) or (
+        loop = asyncio.get_running_loop()
+        big = (isinstance(batch, (bytes, bytearray, memoryview)) and len(batch) > 1 << 20) or (
             isinstance(batch, list) and len(batch) > 50_000
-        ):
-            # big inputs are sliced on a thread so the loop keeps serving meanwhile
-            prepared = await asyncio.get_running_loop().run_in_executor(
-                None, self._prepare, batch, return_events
-            )
+        )
+        # big inputs are sliced on a thread so the loop keeps serving meanwhile
+        if big:
+            op = await loop.run_in_executor(None, self._prepare, batch, return_events)
         else:
-            prepared = self._prepare(batch, return_events)
-        n = prepared[0].total
+            op = self._prepare(batch, return_events)
+        n = op.total
         while True:
             if self._try_admit(n):
                 break
             if not block:
                 raise self._overloaded(n)
-            loop = asyncio.get_running_loop()
             fut: asyncio.Future[None] = loop.create_future()
             with self._admit:
                 if self._try_admit_locked(n):
                     break
                 self._admit_waiters.append((loop, fut))
             await fut
-        return self._submit_prepared(prepared)
+        if big:
+            await loop.run_in_executor(None, self._feed, op)
+        else:
+            self._feed(op)
+        return op
 
     def _overloaded(self, n: int) -> Overloaded:
         return Overloaded(
@@ -874,36 +915,80 @@ class Collector:
                     raise self._overloaded(n)
                 self._admit.wait(left)
 
-    def _submit_prepared(self, prepared: tuple[Operation, list[list[_Entry]]]) -> Operation:
-        op, per_worker = prepared
-        op._loop_thread = self._loop_thread_id
+    SEGMENT = 65_536  # events cut per step: workers start on the first while the rest is cut
+
+    def _feed(self, op: Operation) -> None:
+        """Cut an admitted operation into chunks, a segment at a time, and queue them."""
         assert self._block is not None and self._loop is not None
+        op._loop_thread = self._loop_thread_id
         self._block.supervisor.add(S.RECEIVED, op.total)
-        if op.chunks_left == 0:
+        on_loop = threading.get_ident() == self._loop_thread_id
+        loop = self._loop
+
+        def submit(op: Operation, per_worker: list[list[_Entry]] | None) -> None:
+            if on_loop:
+                self._enqueue(op, per_worker)
+            else:
+                loop.call_soon_threadsafe(self._enqueue, op, per_worker)
+
+        routed: list[Any] = op._routed  # type: ignore[attr-defined]
+        if not routed:  # nothing for the workers: done at once, in the caller's thread
+            del op._routed  # type: ignore[attr-defined]
+            op.sealed = True
             op._finish()
             with self._admit:
                 self._inflight -= op.total
                 self._admit.notify_all()
-            return op
-        if threading.get_ident() == self._loop_thread_id:
-            self._enqueue(op, per_worker)
-        else:
-            self._loop.call_soon_threadsafe(self._enqueue, op, per_worker)
-        return op
+            self._wake_admitters()
+            return
+        shard_of = op._shard_of
+        n, cs, seg = self.nworkers, self.chunk_size, self.SEGMENT
+        ids = self._ids
+        for lo in range(0, len(routed), seg):
+            hi = min(lo + seg, len(routed))
+            part = routed[lo:hi]
+            per_worker: list[list[_Entry]] = []
+            for wi in range(n):
+                if shard_of is None:
+                    mine = part
+                else:
+                    mine = list(itertools.compress(part, map(eq, shard_of[lo:hi], itertools.repeat(wi))))
+                per_worker.append(
+                    [_Entry(next(ids), op, wi, mine[i : i + cs], lo, hi, i) for i in range(0, len(mine), cs)]
+                )
+            submit(op, per_worker)
+        submit(op, None)  # seal: from now on, no chunk left means done
+        del op._routed  # type: ignore[attr-defined]
 
-    def _enqueue(self, op: Operation, per_worker: list[list[_Entry]]) -> None:
+    def _enqueue(self, op: Operation, per_worker: list[list[_Entry]] | None) -> None:
+        if op.done():
+            return
         if self._state != "running":
-            op._finish(self._fatal or CollectorClosed("the collector closed before this operation started"))
+            self._finish_early(op, self._fatal or CollectorClosed("the collector closed before this operation started"))
+            return
+        if per_worker is None:
+            op.sealed = True
+            if op.chunks_left == 0:
+                self._op_done(op)
             return
         self._ops.add(op)
         for w, entries in zip(self._workers, per_worker, strict=True):
             if entries:
+                op.chunks_left += len(entries)
                 w.queue.extend(entries)
                 self._pump(w)
 
+    def _finish_early(self, op: Operation, exc: BaseException) -> None:
+        op._finish(exc)
+        self._ops.discard(op)
+        with self._admit:
+            self._inflight -= op.total
+            self._admit.notify_all()
+        self._wake_admitters()
+
     # ------------------------------------------------------------------ preparing input
-    def _prepare(self, batch: Any, return_events: bool) -> tuple[Operation, list[list[_Entry]]]:
-        """Normalise, validate the container, shard by key and cut chunks (no encoding)."""
+    def _prepare(self, batch: Any, return_events: bool) -> Operation:
+        """Normalise the input, find each event's key and worker (no encoding yet)."""
         self._check_open()
         errors: list[ErrorItem] = []
         if isinstance(batch, (bytes, bytearray, memoryview)):
@@ -919,58 +1004,50 @@ class Collector:
         n = self.nworkers
         if len(self._shards) > 1_000_000:  # bounded: forget keys, they are recomputed
             self._shards.clear()
-        valid = [i for i, k in enumerate(keys) if k is not _NO_KEY] if errors else None
-        routed_keys = keys if valid is None else [keys[i] for i in valid]
+        if errors:  # inputs rejected here are not routed
+            base: range | list[int] = [i for i, k in enumerate(keys) if k is not _NO_KEY]
+            routed = [items[i] for i in base]
+            keys = [keys[i] for i in base]
+        else:
+            base, routed = range(total), items
         try:
-            shard_of = list(map(self._shards.__getitem__, routed_keys)) if n > 1 else None
-            distinct = len(set(routed_keys))
+            shard_of = list(map(self._shards.__getitem__, keys)) if n > 1 else None
+            distinct = len(set(keys))
         except TypeError:  # an unhashable key (a JSON list or object): use its repr
-            routed_keys = [repr(k) if isinstance(k, (list, dict)) else k for k in routed_keys]
-            shard_of = list(map(self._shards.__getitem__, routed_keys)) if n > 1 else None
-            distinct = len(set(routed_keys))
+            keys = [repr(k) if isinstance(k, (list, dict)) else k for k in keys]
+            shard_of = list(map(self._shards.__getitem__, keys)) if n > 1 else None
+            distinct = len(set(keys))
         op = Operation(total, return_events, distinct)
         op.errors.extend(errors)
         op.failed = len(errors)
-        base = range(total) if valid is None else valid
-        per_worker: list[list[_Entry]] = []
-        cs = self.chunk_size
-        for wi in range(n):
-            if shard_of is None:
-                mine = list(base)
-            else:
-                mine = list(itertools.compress(base, map(eq, shard_of, itertools.repeat(wi))))
-            entries = [
-                _Entry(next(self._ids), op, wi, mine[i : i + cs]) for i in range(0, len(mine), cs)
-            ]
-            per_worker.append(entries)
-            op.chunks_left += len(entries)
-        op._items = items  # type: ignore[attr-defined]
-        op._kind = kind  # type: ignore[attr-defined]
-        op._encode = self._encoder_for(op, items, kind)  # type: ignore[attr-defined]
-        return op, per_worker
+        op._base = base
+        op._shard_of = shard_of
+        op._routed = routed  # type: ignore[attr-defined]
+        op._encode = self._encoder_for(op, kind)
+        return op
 
-    def _encoder_for(self, op: Operation, items: list[Any], kind: str) -> Callable[[_Entry], bytes | None]:
+    def _encoder_for(self, op: Operation, kind: str) -> Callable[[_Entry], bytes | None]:
         enc = self._enc.encode
 
         def encode(e: _Entry) -> bytes | None:
-            pos = e.positions
-            picked = itemgetter(*pos)(items) if len(pos) > 1 else (items[pos[0]],)
+            items = e.items
+            assert items is not None
             if kind == "raw":
-                return b"[" + b",".join(picked) + b"]"
+                return b"[" + b",".join(items) + b"]"
             try:
-                return enc(picked)
+                return enc(items)
             except (TypeError, ValueError, msgspec.EncodeError, OverflowError):
                 pass
             # one item is not JSON-encodable: encode one by one, fail just that one
             ok_pos, parts = [], []
-            for p, item in zip(pos, picked, strict=True):
+            for p, item in zip(e.positions, items, strict=True):
                 try:
                     parts.append(enc(item))
                     ok_pos.append(p)
                 except (TypeError, ValueError, msgspec.EncodeError, OverflowError) as ex:
                     op.errors.append(ErrorItem(p, "$", f"cannot encode as JSON: {ex}", "invalid"))
-            if len(ok_pos) != len(pos):
-                op._account(0, len(pos) - len(ok_pos))
+            if len(ok_pos) != e.n:
+                op._account(0, e.n - len(ok_pos))
             e.positions = ok_pos
             if not ok_pos:
                 return None
@@ -979,12 +1056,13 @@ class Collector:
         return encode
 
     def _from_list(self, batch: list[Any] | tuple[Any, ...], errors: list[ErrorItem]) -> tuple[list[Any], list[Any], str]:
-        T = self._event_type
         items = batch if isinstance(batch, list) else list(batch)
-        types = set(map(type, items))
-        if types <= {T}:
-            return items, list(map(self._keyget, items)), "structs"
+        # fast paths: all Structs, or all dicts; the workers validate types anyway
+        with contextlib.suppress(AttributeError, TypeError):
+            return items, list(map(self._keyget, items)), "objects"
         key = self._key
+        with contextlib.suppress(AttributeError, TypeError):
+            return items, list(map(methodcaller("get", key), items)), "objects"
         keys: list[Any] = []
         for i, it in enumerate(items):
             t = type(it)
