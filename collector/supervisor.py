@@ -23,6 +23,7 @@ The supervisor's own work runs on one asyncio loop: the caller's running loop un
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextlib
 import itertools
@@ -33,6 +34,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from operator import attrgetter, eq, methodcaller
@@ -447,8 +449,10 @@ class Collector:
         self.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: Any) -> None:
+        # on Ctrl-C the caller wants out: drain briefly instead of for shutdown_timeout
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.close(timeout=2.0 if interrupted else None)
 
     async def __aenter__(self) -> Collector:
         await self.astart()
@@ -517,6 +521,8 @@ class Collector:
             await self._shutdown(drain=False)
             raise
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
+        if self._own_loop:
+            _RUNNING.add(self)
 
     def close(self, timeout: float | None = None) -> None:
         """Drain in-flight work (up to ``timeout``), stop workers, unlink shared memory."""
@@ -543,6 +549,7 @@ class Collector:
         await self._shutdown(True, timeout)
 
     def _stop_thread(self) -> None:
+        _RUNNING.discard(self)
         if self._thread is not None and self._loop is not None:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._loop.stop)
@@ -1172,6 +1179,17 @@ class Collector:
 
 
 _NO_KEY: Any = object()
+
+# collectors with their own supervisor thread that are still open; closed at exit so a
+# forgotten close() still stops the workers and unlinks the shared memory
+_RUNNING: weakref.WeakSet[Collector] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_forgotten() -> None:
+    for c in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            c.close(timeout=5.0)
 
 
 def _json_type(v: Any) -> str:

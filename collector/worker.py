@@ -137,6 +137,7 @@ class _Worker:
         self.tasks: set[asyncio.Task[None]] = set()
         self.sinkset: Any = None
         self.enricher: Enricher | None = None
+        self.counted: dict[int, int] = {}  # chunk id → events it added to INFLIGHT
 
     def build(self) -> None:
         """Build the pipeline's running form (raises: the caller reports a boot failure)."""
@@ -262,6 +263,7 @@ class _Worker:
             raise
         except Exception as e:  # reported in the ack, logged with traceback
             log.exception("chunk %d failed in pipeline code", chunk.id)
+            self.slot.add(S.INFLIGHT, -self.counted.pop(chunk.id, 0))
             try:
                 n = len(self.dec_raw.decode(chunk.payload))
             except (msgspec.ValidationError, msgspec.DecodeError):
@@ -278,6 +280,7 @@ class _Worker:
         events, kept, errors = self.decode(chunk.payload)
         n_total = len(events) + len(errors)
         slot.add(S.INFLIGHT, n_total)
+        self.counted[chunk.id] = n_total
         failed = len(errors)
         invalid = list(errors)
         for stage in self.stages:
@@ -334,6 +337,7 @@ class _Worker:
         assert self.writer is not None
         self.writer.write(encode_frame(ack))
         slot.add(S.INFLIGHT, -n_total)
+        del self.counted[chunk.id]
         slot.count_processed(n_total, failed, latency)
         if self.writer.transport.get_write_buffer_size() > (4 << 20):
             await self.writer.drain()
