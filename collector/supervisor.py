@@ -53,7 +53,7 @@ from .errors import (
     WorkerError,
 )
 from .pipeline import Pipeline, resolve_pipeline
-from .protocol import FRAME_HEADER, Ack, BootFailed, Chunk, Ready, Stop, decode_frame, encode_frame
+from .protocol import FRAME_HEADER, Ack, BootFailed, Chunk, FrameWriter, Ready, Stop, decode_frame
 from .results import BatchAccumulator, ErrorItem, OperationResult
 from .worker import BOOT_FAILURE, WorkerSpec, worker_main
 
@@ -167,6 +167,7 @@ class _Worker:
         self.process: Any = None
         self.pid = 0
         self.writer: asyncio.StreamWriter | None = None
+        self.out: FrameWriter | None = None
         self.reader_task: asyncio.Task[None] | None = None
         self.ready = False
         self.inflight: dict[int, _Entry] = {}
@@ -578,7 +579,8 @@ class Collector:
             w.ready = False
             if w.writer is not None and not w.exited:
                 with contextlib.suppress(Exception):
-                    w.writer.write(encode_frame(Stop()))
+                    assert w.out is not None
+                    w.out.send(Stop())
         while any(w.process is not None and w.process.is_alive() for w in self._workers):
             if time.monotonic() > deadline:
                 break
@@ -611,6 +613,7 @@ class Collector:
             with contextlib.suppress(Exception):
                 w.writer.close()
             w.writer = None
+            w.out = None
 
     # ------------------------------------------------------------------ workers
     def _spawn(self, w: _Worker) -> None:
@@ -647,6 +650,7 @@ class Collector:
     async def _read(self, w: _Worker, sock: socket.socket) -> None:
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
         w.writer = writer
+        w.out = FrameWriter(writer)
         hsize = FRAME_HEADER.size
         unpack = FRAME_HEADER.unpack
         while True:
@@ -760,7 +764,8 @@ class Collector:
     # ------------------------------------------------------------------ chunks
     def _pump(self, w: _Worker) -> None:
         """Send queued chunks while the worker's window has room."""
-        if not w.ready or w.writer is None:
+        out = w.out
+        if not w.ready or out is None:
             return
         q = w.queue
         inflight = w.inflight
@@ -776,9 +781,7 @@ class Collector:
                     continue
             e.sent_at = time.monotonic()
             inflight[e.id] = e
-            w.writer.write(
-                encode_frame(Chunk(e.id, e.payload, e.op.events is not None, e.attempt))
-            )
+            out.send(Chunk(e.id, e.payload, e.op.events is not None, e.attempt))
 
     def _on_ack(self, w: _Worker, ack: Ack) -> None:
         e = w.inflight.pop(ack.id, None)

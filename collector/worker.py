@@ -46,6 +46,7 @@ from .protocol import (
     Chunk,
     ChunkSummary,
     ErrorRecord,
+    FrameWriter,
     Ready,
     Stop,
     decode_frame,
@@ -183,6 +184,7 @@ class _Worker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.drain(), 5)
             return BOOT_FAILURE
+        self.out = FrameWriter(writer)
         hb = loop.create_task(self.heartbeat())
         self.slot.set(S.READY, 1)
         writer.write(encode_frame(Ready(os.getpid())))
@@ -196,6 +198,7 @@ class _Worker:
                 with contextlib.suppress(Exception):
                     await self.sinkset.close()
             with contextlib.suppress(Exception):
+                self.out.flush()
                 await writer.drain()
                 writer.close()
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -270,8 +273,7 @@ class _Worker:
                 n = 0
             reason = f"pipeline error: {type(e).__name__}: {e}"
             errors = [ErrorRecord(i, "$", reason, "error") for i in range(n)]
-            assert self.writer is not None
-            self.writer.write(encode_frame(Ack(chunk.id, 0, n, errors, ChunkSummary(counts={}, lookups={}))))
+            self.out.send(Ack(chunk.id, 0, n, errors, ChunkSummary(counts={}, lookups={})))
             self.slot.count_processed(n, n, 0.0)
 
     async def run_chunk(self, chunk: Chunk) -> None:
@@ -334,10 +336,10 @@ class _Worker:
             errors.sort(key=attrgetter("pos"))
         latency = time.perf_counter() - t0
         ack = Ack(chunk.id, n_total - failed, failed, errors, summary, out, latency)
-        assert self.writer is not None
-        self.writer.write(encode_frame(ack))
+        self.out.send(ack)
         slot.add(S.INFLIGHT, -n_total)
         del self.counted[chunk.id]
         slot.count_processed(n_total, failed, latency)
-        if self.writer.transport.get_write_buffer_size() > (4 << 20):
+        if self.out.pending() > (4 << 20):
+            assert self.writer is not None
             await self.writer.drain()
