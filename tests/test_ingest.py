@@ -1,0 +1,60 @@
+"""The coalescer: many concurrent small submissions, few operations, per-caller results."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+from engine_clients import Immediate, SlowAsync
+
+from collector import Collector, Overloaded
+from collector.ingest import Coalescer
+from collector.playback import PlaybackEvent, playback_pipeline
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+
+def event(i: int) -> dict[str, object]:
+    return msgspec.to_builtins(
+        PlaybackEvent(id=i, user_id=f"u{i % 13}", video_id="v", start_at=0, stop_at=1, bitrate_kbps=1, device_type="tv")
+    )
+
+
+def test_concurrent_submissions_share_operations_and_get_their_own_results() -> None:
+    async def main() -> None:
+        async with Collector(playback_pipeline(Immediate()), workers=2) as c:
+            co = Coalescer(c)
+
+            async def caller(i: int) -> tuple[int, object]:
+                items = [event(i * 3 + j) for j in range(3)]
+                if i % 10 == 0:
+                    items[1] = {**items[1], "bitrate_kbps": "fast"}  # invalid, at index 1
+                return i, await co.submit(items)
+
+            results = await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(500))), 60)
+            await co.aclose()
+            st = c.stats()
+        for i, r in results:
+            if i % 10 == 0:
+                assert (r.handled_events, r.failed_events) == (2, 1)
+                assert [(e.index, e.path) for e in r.errors] == [(1, "$.bitrate_kbps")]
+            else:
+                assert (r.handled_events, r.failed_events, r.errors) == (3, 0, [])
+        assert st.total_events == 1500
+        assert st.chunks < 100, f"{st.chunks} chunks for 500 submissions: nothing was coalesced"
+
+    asyncio.run(main())
+
+
+def test_overload_reaches_every_caller_of_the_batch() -> None:
+    async def main() -> None:
+        async with Collector(playback_pipeline(SlowAsync(0.5)), workers=1, max_inflight=5) as c:
+            co = Coalescer(c)
+            first = asyncio.ensure_future(co.submit([event(i) for i in range(5)]))
+            await asyncio.sleep(0.05)
+            with pytest.raises(Overloaded):
+                await co.submit([event(99)])
+            assert (await asyncio.wait_for(first, 30)).handled_events == 5
+
+    asyncio.run(main())
