@@ -1,0 +1,110 @@
+"""Unit tier: pure functions and per-worker pieces called directly, clocks patched."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import msgspec
+import pytest
+
+from collector import stats as S
+from collector.enrich import LookupRuntime
+from collector.pipeline import Lookup
+from collector.playback import PlaybackEvent
+from collector.stages import Dedup, Filter
+from collector.supervisor import describe_exit
+from collector.worker import _error_path
+
+
+def test_stats_block_sums_slots_and_rates(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.25]
+    monkeypatch.setattr(S.time, "monotonic", lambda: now[0])
+    with S.StatsBlock(2) as block:
+        block.started = 990.0
+        a, b = block.slots[0], block.slots[1]
+        a.count_processed(100, 2, 0.004)  # second 1000
+        now[0] = 1001.5
+        b.count_processed(50, 0, 0.3)  # second 1001
+        a.sink_add(0, rows=98, batches=1, latency_s=0.002)
+        st = block.read([True, True])
+        assert st.total_events == 150 and st.failed_events == 2 and st.chunks == 2
+        # 150 events over [996, 1001.5]: 5 whole seconds plus half of the running one
+        assert st.processed_per_sec == pytest.approx(150 / 5.5)
+        assert [w.events for w in st.workers] == [100, 50]
+        assert dict(st.latency_buckets_ms)[5] == 1 and dict(st.latency_buckets_ms)[500] == 1
+        assert st.sinks[0].rows == 98 and st.sinks[0].last_commit_ms == pytest.approx(2.0)
+        now[0] = 1010.0  # both seconds left the window
+        assert block.read().processed_per_sec == 0.0
+        name = block.name
+    import os
+
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_slots_are_64_byte_aligned_and_single_writer_sized() -> None:
+    assert S.SLOT_BYTES % 64 == 0
+    with S.StatsBlock(3) as block:
+        for s in block.slots:
+            s.add(S.EVENTS, 1)
+        assert [s.get(S.EVENTS) for s in block.slots] == [1, 1, 1, 1]
+
+
+def test_describe_exit_names_the_cause() -> None:
+    assert "SIGKILL" in describe_exit(-signal.SIGKILL) and "out of memory" in describe_exit(-signal.SIGKILL)
+    assert "SIGSEGV" in describe_exit(-signal.SIGSEGV)
+    assert "exit code 7" in describe_exit(7)
+    assert "could not build" in describe_exit(3)
+
+
+def test_error_path_splits_msgspec_messages() -> None:
+    try:
+        msgspec.json.decode(b'{"id": "x"}', type=PlaybackEvent)
+    except msgspec.ValidationError as e:
+        assert _error_path(str(e)) == ("$.id", "Expected `int`, got `str`")
+    assert _error_path("Object missing required field `user_id`") == ("$", "Object missing required field `user_id`")
+
+
+def test_dedup_window_with_per_type_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("collector.stages.time.monotonic", lambda: now[0])
+
+    class E(msgspec.Struct):
+        id: str
+        type: str
+
+    run = Dedup(field="id", ttl=10, type_field="type", ttl_by_type={"click": 1}).build()
+    first = run([E("a", "click"), E("b", "buy"), E("a", "click")])
+    assert [(d.pos, d.path, d.kind) for d in first] == [(2, "$.id", "duplicate")]
+    now[0] = 102.0  # the click's 1 s window is over, the purchase's 10 s is not
+    dropped = run([E("a", "click"), E("b", "buy")])
+    assert [(d.pos, d.kind) for d in dropped] == [(1, "duplicate")]
+
+
+def test_filter_stage() -> None:
+    class E(msgspec.Struct):
+        n: int
+
+    run = Filter(predicate=lambda e: e.n % 2 == 0, reason="odd").build()
+    assert [(d.pos, d.reason, d.kind) for d in run([E(0), E(1), E(2), E(3)])] == [(1, "odd", "filtered"), (3, "odd", "filtered")]
+
+
+def test_lookup_cache_ttl_sweep_and_size_bound() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def fn(k: str) -> str:
+        return k
+
+    with ThreadPoolExecutor(1) as ex:
+        import asyncio
+
+        async def main() -> None:
+            rt = LookupRuntime(Lookup("r", "user_id", "region", "m", ttl=10, max_entries=3), fn, ex)
+            t = time.monotonic()
+            for i, k in enumerate("abcd"):
+                rt.store(k, k.upper(), t + i)
+            assert list(rt.cache) == ["b", "c", "d"]  # the oldest went first
+            rt.sweep(t + 12.5)  # b (t+1) and c (t+2) are older than 10 s
+            assert list(rt.cache) == ["d"]
+
+        asyncio.run(main())
