@@ -701,7 +701,8 @@ class Collector:
             self._halt(WorkerBootError(msg, w.index, be.traceback if be else None))
             return
         log.error("worker %d (pid %d, cpu %s) died: %s", w.index, w.pid, w.cpu, cause)
-        if self._state != "running":
+        # while closing, a replacement still finishes the drain
+        if self._state not in ("running", "closing") or (self._state == "closing" and not self._ops):
             return
         recent = [t for t in w.deaths if t > time.monotonic() - 30]
         if len(recent) >= 5 and w.acked == 0:

@@ -456,3 +456,14 @@ def test_workers_and_shared_memory_go_when_the_caller_is_killed(tmp_path: Path) 
             p.wait(10)
         if p.stdout is not None:
             p.stdout.close()
+
+
+def test_a_worker_dying_while_the_collector_drains_is_replaced(tmp_path: Path) -> None:
+    client = Crasher("sigkill", marker_path(tmp_path, "drain"))
+    c = Collector(playback_pipeline(client), workers=2)
+    c.start()
+    op = c.handle(generate_events(2000, users=100, seed=5), return_events=True)
+    c.close(timeout=30)  # the crash happens during the drain
+    res = op.wait(timeout=1)
+    assert res.handled_events == 2000
+    assert sorted(e.id for e in res.events) == list(range(2000))
