@@ -60,7 +60,7 @@ def _cell(v: Any) -> str:
             return f"{v:,.0f}"
         if abs(v) >= 10:
             return f"{v:.1f}"
-        return f"{v:.3g}"
+        return f"{v:.4g}"
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     return str(v)

@@ -303,7 +303,7 @@ def slow_service(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     n = args.events or (20_000 if quick else 100_000)
     users = args.users if args.users != 2000 or quick else 10_000
-    L = args.latency
+    L = 0.05 if args.latency is None else args.latency
     workers = max(args.workers) if args.workers else _ncpu()
     concs = args.concurrency or ([256] if quick else [256, 32])
     op_size = args.op_size
@@ -406,7 +406,7 @@ def seed_000(args: argparse.Namespace) -> dict[str, Any]:
     from ..playback import PlaybackEvent
     from .clients import FixedLatencyAsync, FixedLatencyBlocking
 
-    L = 5.0 if args.latency == 0.05 else args.latency  # the seed's service takes 5 s per call
+    L = 5.0 if args.latency is None else args.latency  # the seed's service takes 5 s per call
     repeats = args.repeats or (1 if args.quick else 3)
     workers = max(args.workers) if args.workers else _ncpu()
     prog = Progress(repeats * 2, "seed-000", force=args.progress)

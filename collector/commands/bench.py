@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers", default="abcde", help="peers to run beside inmem: letters a-e (default abcde)")
     p.add_argument("--output", choices=("count", "encode", "jsonl"), default="count",
                    help="what peers do after counting (default count: the same job as a collector without a sink)")
-    p.add_argument("--latency", type=float, default=0.05, help="slow-service: seconds per call (default 0.05)")
+    p.add_argument("--latency", type=float, default=None, help="service seconds per call (slow-service 0.05, seed-000 5.0)")
     p.add_argument("--concurrency", type=_ints, default=None, help="calls at once per lookup per worker (slow-service 256,32)")
     p.add_argument("--op-size", type=int, default=2000, help="events per handle() in slow-service and service (2000)")
     p.add_argument("--duration", type=float, default=None, help="service: seconds of load (default 15)")
