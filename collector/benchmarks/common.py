@@ -133,6 +133,7 @@ class ProcSample:
         self.cpu0: dict[int, float] = {}
         self.cpu: dict[int, float] = {}
         self.peak: dict[int, int] = {}
+        self.rss0: dict[int, int] = {}
 
     def _cpu(self, p: psutil.Process) -> float:
         try:
@@ -145,6 +146,7 @@ class ProcSample:
         """Reset peaks and take the CPU baseline."""
         for p in self.procs:
             clear_peak_rss(p.pid)
+            self.rss0[p.pid] = peak_rss(p.pid)  # just reset: the RSS at the start
             self.cpu0[p.pid] = self._cpu(p)
         return self
 

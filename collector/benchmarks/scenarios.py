@@ -92,6 +92,8 @@ def _collector_inmem(inp: Input, warm: Input, workers: int, chunk: int, rnd: int
         "cpu_workers": sum(wcpu),
         "cpu": sample.total_cpu(),
         "rss_supervisor": sample.peak[sup],
+        # the harness process holds the payload and the peers' inputs: growth is the supervisor's own
+        "rss_supervisor_growth": sample.peak[sup] - sample.rss0[sup],
         "rss_workers": [v for pid, v in sample.peak.items() if pid != sup],
         "by_region": res.batch.counts.get("region", {}),
     }
@@ -208,6 +210,7 @@ def inmem(args: argparse.Namespace) -> dict[str, Any]:
             row["cpu_sup_per_m"] = median([r["cpu_supervisor"] for r in rs]) / n * 1e6
             row["cpu_workers_per_m"] = median([r["cpu_workers"] for r in rs]) / n * 1e6
             row["rss_supervisor"] = max(r["rss_supervisor"] for r in rs)
+            row["rss_supervisor_growth"] = max(r["rss_supervisor_growth"] for r in rs)
             row["rss_worker"] = max(max(r["rss_workers"]) for r in rs)
             row["handle_call_s"] = median([r["handle_call_s"] for r in rs])
             row["startup_s"] = median([r["startup_s"] for r in rs])
@@ -221,10 +224,11 @@ def inmem(args: argparse.Namespace) -> dict[str, Any]:
         f"inmem: {n:,} events; medians of {repeats} alternating rounds; ratio = collector "
         f"({ref_w} workers, chunk {ref_cs}) ÷ row",
         ["system", "procs", "chunk", "events/s", "spread", "collector ÷", "CPU s/1M", "sup CPU s/1M",
-         "workers CPU s/1M", "peak RSS main MiB", "peak RSS worker MiB"],
+         "workers CPU s/1M", "peak RSS main MiB", "main growth MiB", "peak RSS worker MiB"],
         [[s["system"], s["procs"], s["chunk"] or "", s["eps"], f"{s['spread'] * 100:.0f}%", f"{s['ratio']:.2f}x",
           s["cpu_per_m"], s.get("cpu_sup_per_m", ""), s.get("cpu_workers_per_m", ""),
-          s["rss_supervisor"] / mib or "-", s["rss_worker"] / mib or "-"] for s in summary],
+          s["rss_supervisor"] / mib or "-", s.get("rss_supervisor_growth", 0) / mib or "-",
+          s["rss_worker"] / mib or "-"] for s in summary],
     )
     coll = [s for s in summary if s["key"] == "collector"]
     if coll:
@@ -534,6 +538,10 @@ def service(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.url:
         raise SystemExit("collector bench service: give the endpoint URL (see --help for its contract)")
+    if args.url == "loopback":
+        # the built-in loopback endpoint: shows the contract and the client's own cost
+        with fake_service(latency=0.005 if args.latency is None else args.latency) as url:
+            return service(argparse.Namespace(**{**vars(args), "url": url}))
     duration = args.duration or (3.0 if args.quick else 15.0)
     workers = max(args.workers) if args.workers else _ncpu()
     conc = (args.concurrency or [64])[0]

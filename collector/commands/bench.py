@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = SERVICE_CONTRACT
     p.add_argument("scenario", choices=sorted(SCENARIOS), help="what to measure")
-    p.add_argument("url", nargs="?", default=None, help="service: the enrichment endpoint URL")
+    p.add_argument("url", nargs="?", default=None,
+                   help="service: the enrichment endpoint URL ('loopback': a built-in 127.0.0.1 endpoint)")
     p.add_argument("--quick", action="store_true", help="a sub-minute smoke version")
     p.add_argument("--events", type=int, default=None, help="events per batch (scenario default)")
     p.add_argument("--users", type=int, default=2000, help="distinct users (default 2000; slow-service 10000)")
