@@ -37,7 +37,7 @@ class Target:
         """One report line."""
         op = ">=" if self.higher_is_better else "<="
         mark = "met   " if self.ok else "MISSED"
-        return f"  [{mark}] {self.name}: {self.value:,.3g}{self.unit} (target {op} {self.bar:,.3g}{self.unit}){'  ' + self.note if self.note else ''}"
+        return f"  [{mark}] {self.name}: {self.value:,.4g}{self.unit} (target {op} {self.bar:,.4g}{self.unit}){'  ' + self.note if self.note else ''}"
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], file: Any = None) -> None:
