@@ -120,12 +120,15 @@ def playback_pipeline(
     concurrency: int = 256,
     sinks: tuple[Any, ...] = (),
     deadletter: Any = None,
+    shard: str = "key",
 ) -> Pipeline:
     """The seed-000 pipeline around ``client`` (an object or ``"module:factory"``).
 
     ``client`` has ``get_region(user_id)`` and ``get_model(device_type)``, each
     ``async def`` or blocking, each returning ``(value, seconds)``. Default: the
-    built-in :class:`SimulatedClient` with no latency.
+    built-in :class:`SimulatedClient` with no latency. ``shard="chunk"`` trades the
+    per-user cache affinity (a user may then be fetched once per worker) for a
+    supervisor that does not parse NDJSON batches at all.
     """
     if client is None:
         client = SimulatedClient()
@@ -151,6 +154,7 @@ def playback_pipeline(
         count_by=("device_type", "region"),
         sinks=tuple(sinks),
         deadletter=deadletter,
+        shard=shard,
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+from typing import Any
 
 import msgspec
 
@@ -46,9 +47,10 @@ class Chunk(msgspec.Struct, tag=1, array_like=True):
     """
 
     id: int
-    payload: bytes  # a JSON array of events
+    payload: bytes  # a JSON array of events, or NDJSON
     want_events: bool = False
     attempt: int = 0
+    ndjson: bool = False  # payload is NDJSON instead of a JSON array
 
 
 class Stop(msgspec.Struct, tag=2, array_like=True):
@@ -96,6 +98,7 @@ class ChunkSummary(msgspec.Struct, array_like=True):
 
     counts: dict[str, dict[str, int]] = {}
     lookups: dict[str, LookupSummary] = {}
+    keys: list[Any] | None = None  # shard="chunk": the chunk's distinct shard keys
 
 
 class Ack(msgspec.Struct, tag=5, array_like=True):

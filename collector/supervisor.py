@@ -111,6 +111,11 @@ class _KeyOf(msgspec.Struct):
     """Decodes only the shard key of a JSON object; other fields are skipped unparsed."""
 
 
+def _key_line_decoder(key: str) -> msgspec.json.Decoder[Any]:
+    T = msgspec.defstruct("_KeyOf_" + key, [(key, Any, None)], bases=(_KeyOf,))
+    return msgspec.json.Decoder(T)
+
+
 def _key_decoder(key: str) -> msgspec.json.Decoder[Any]:
     T = msgspec.defstruct("_KeyOf_" + key, [(key, Any, None)], bases=(_KeyOf,))
     return msgspec.json.Decoder(list[T])  # type: ignore[valid-type]
@@ -126,17 +131,28 @@ class _Entry:
 
     __slots__ = ("_positions", "attempt", "hi", "id", "items", "lo", "n", "offset", "op", "payload", "sent_at", "worker")
 
-    def __init__(self, cid: int, op: Operation, worker: int, items: list[Any], lo: int, hi: int, offset: int) -> None:
+    def __init__(
+        self,
+        cid: int,
+        op: Operation,
+        worker: int,
+        items: list[Any] | None,
+        lo: int,
+        hi: int,
+        offset: int,
+        n: int | None = None,
+        payload: Any = None,
+    ) -> None:
         self.id = cid
         self.op = op
         self.worker = worker
         self.items: list[Any] | None = items
-        self.n = len(items)
+        self.n = len(items) if items is not None else (n or 0)
         self.lo = lo
         self.hi = hi
         self.offset = offset
         self._positions: list[int] | None = None
-        self.payload: bytes | None = None
+        self.payload: Any = payload  # bytes, or a memoryview of the caller's NDJSON batch
         self.attempt = 0
         self.sent_at = 0.0
 
@@ -202,6 +218,8 @@ class Operation:
         self.sealed = False  # every chunk has been queued: chunks_left == 0 means done
         self._base: range | list[int] = range(total)
         self._shard_of: list[int] | None = None
+        self._ndjson = False  # payloads are NDJSON (else a JSON array)
+        self._keys: set[Any] | None = None  # shard="chunk": distinct keys reported by workers
         self._encode: Callable[[_Entry], bytes | None] = _no_encoder
         self._cond = threading.Condition()
         self._result: OperationResult | None = None
@@ -231,7 +249,9 @@ class Operation:
                     failed_events=self.failed,
                     elapsed=self.finished - self.started,
                     errors=self.errors,
-                    batch=self.acc.freeze(self.total, self.distinct_keys),
+                    batch=self.acc.freeze(
+                        self.total, len(self._keys) if self._keys is not None else self.distinct_keys
+                    ),
                     events=self.events,
                 )
             self._cond.notify_all()
@@ -386,7 +406,7 @@ class Collector:
         cpus: list[int] | None = None,
         max_inflight: int = 1_000_000,
         chunk_size: int = 2048,
-        window: int = 4,
+        window: int = 16,
         heartbeat_interval: float = 0.5,
         heartbeat_timeout: float = 10.0,
         boot_timeout: float = 60.0,
@@ -428,6 +448,9 @@ class Collector:
         self._dec_keys = _key_decoder(self._key)
         self._shards = _ShardMap(n)
         self._ids = itertools.count(1)
+        self._chunked = self.pipeline.shard == "chunk"
+        self._shared: collections.deque[_Entry] = collections.deque()  # shard="chunk": any worker
+        self._dec_keys_line = _key_line_decoder(self._key)
         self._workers = [
             _Worker(i, self.cpus[i % len(self.cpus)] if self.cpus else None) for i in range(n)
         ]
@@ -763,15 +786,23 @@ class Collector:
             await asyncio.sleep(min(0.25, self.heartbeat_timeout / 4))
 
     # ------------------------------------------------------------------ chunks
-    def _pump(self, w: _Worker) -> None:
+    def _pump(self, w: _Worker, limit: int = 1 << 30) -> None:
         """Send queued chunks while the worker's window has room."""
         out = w.out
         if not w.ready or out is None:
             return
         q = w.queue
+        shared = self._shared
         inflight = w.inflight
-        while q and len(inflight) < self.window:
-            e = q.popleft()
+        while len(inflight) < self.window and limit > 0:
+            limit -= 1
+            if q:
+                e = q.popleft()
+            elif shared:
+                e = shared.popleft()
+                e.worker = w.index
+            else:
+                break
             if e.op.done():  # its operation was failed meanwhile
                 continue
             if e.payload is None:
@@ -782,7 +813,7 @@ class Collector:
                     continue
             e.sent_at = time.monotonic()
             inflight[e.id] = e
-            out.send(Chunk(e.id, e.payload, e.op.events is not None, e.attempt))
+            out.send(Chunk(e.id, e.payload, e.op.events is not None, e.attempt, e.op._ndjson))
 
     def _on_ack(self, w: _Worker, ack: Ack) -> None:
         e = w.inflight.pop(ack.id, None)
@@ -794,6 +825,8 @@ class Collector:
             pos = e.positions
             op.errors.extend(ErrorItem(pos[r.pos], r.path, r.reason, r.kind) for r in ack.errors)
         op.acc.add(ack.summary)
+        if op._keys is not None and ack.summary.keys:
+            op._keys.update(ack.summary.keys)
         if ack.events is not None and op.events is not None:
             evs = self._dec_events.decode(ack.events)
             pos = e.positions
@@ -853,13 +886,16 @@ class Collector:
         flight (``block=False``: raises :class:`~collector.Overloaded`; ``timeout``:
         raises it after that many seconds).
         """
+        t0 = time.monotonic()
         op = self._prepare(batch, return_events)
+        op.started = t0  # elapsed counts from handle(), parsing included
         self._admit_sync(op.total, block, timeout)
         self._feed(op)
         return op
 
     async def ahandle(self, batch: Any, *, return_events: bool = False, block: bool = True) -> Operation:
         """``handle()`` for asyncio code: awaits for capacity, never blocks the loop."""
+        t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         big = (isinstance(batch, (bytes, bytearray, memoryview)) and len(batch) > 1 << 20) or (
             isinstance(batch, list) and len(batch) > 50_000
@@ -869,6 +905,7 @@ class Collector:
             op = await loop.run_in_executor(None, self._prepare, batch, return_events)
         else:
             op = self._prepare(batch, return_events)
+        op.started = t0
         n = op.total
         while True:
             if self._try_admit(n):
@@ -936,13 +973,23 @@ class Collector:
         on_loop = threading.get_ident() == self._loop_thread_id
         loop = self._loop
 
-        def submit(op: Operation, per_worker: list[list[_Entry]] | None) -> None:
+        def submit(op: Operation, per_worker: list[list[_Entry]] | None, shared: list[_Entry] | None = None) -> None:
             if on_loop:
-                self._enqueue(op, per_worker)
+                self._enqueue(op, per_worker, shared)
             else:
-                loop.call_soon_threadsafe(self._enqueue, op, per_worker)
+                loop.call_soon_threadsafe(self._enqueue, op, per_worker, shared)
 
         routed: list[Any] = op._routed  # type: ignore[attr-defined]
+        slices = getattr(op, "_slices", None)
+        ids = self._ids
+        if slices:  # NDJSON cut at newlines: the payloads are views of the caller's bytes
+            view = memoryview(op._body)  # type: ignore[attr-defined]
+            entries = [_Entry(next(ids), op, -1, None, base, base + n, 0, n, view[s:e]) for s, e, base, n in slices]
+            del op._slices, op._body  # type: ignore[attr-defined]
+            submit(op, None, entries)
+            submit(op, None)
+            del op._routed  # type: ignore[attr-defined]
+            return
         if not routed:  # nothing for the workers: done at once, in the caller's thread
             del op._routed  # type: ignore[attr-defined]
             op.sealed = True
@@ -954,7 +1001,13 @@ class Collector:
             return
         shard_of = op._shard_of
         n, cs, seg = self.nworkers, self.chunk_size, self.SEGMENT
-        ids = self._ids
+        if self._chunked:  # no key affinity: whichever worker has room takes the next chunk
+            for lo in range(0, len(routed), seg):
+                hi = min(lo + seg, len(routed))
+                submit(op, None, [_Entry(next(ids), op, -1, routed[i : min(i + cs, hi)], i, min(i + cs, hi), 0) for i in range(lo, hi, cs)])
+            submit(op, None)
+            del op._routed  # type: ignore[attr-defined]
+            return
         for lo in range(0, len(routed), seg):
             hi = min(lo + seg, len(routed))
             part = routed[lo:hi]
@@ -971,11 +1024,26 @@ class Collector:
         submit(op, None)  # seal: from now on, no chunk left means done
         del op._routed  # type: ignore[attr-defined]
 
-    def _enqueue(self, op: Operation, per_worker: list[list[_Entry]] | None) -> None:
+    def _enqueue(
+        self, op: Operation, per_worker: list[list[_Entry]] | None, shared: list[_Entry] | None = None
+    ) -> None:
         if op.done():
             return
         if self._state != "running":
             self._finish_early(op, self._fatal or CollectorClosed("the collector closed before this operation started"))
+            return
+        if shared:
+            self._ops.add(op)
+            op.chunks_left += len(shared)
+            self._shared.extend(shared)
+            # deal one chunk at a time round the workers, or the first takes a whole window
+            dealt = True
+            while self._shared and dealt:
+                dealt = False
+                for w in self._workers:
+                    if self._shared and w.ready and len(w.inflight) < self.window:
+                        self._pump(w, limit=1)
+                        dealt = True
             return
         if per_worker is None:
             op.sealed = True
@@ -1002,6 +1070,8 @@ class Collector:
         """Normalise the input, find each event's key and worker (no encoding yet)."""
         self._check_open()
         errors: list[ErrorItem] = []
+        if self._chunked:
+            return self._prepare_chunked(batch, return_events)
         if isinstance(batch, (bytes, bytearray, memoryview)):
             items, keys, kind = self._from_bytes(bytes(batch), errors)
         elif isinstance(batch, (list, tuple)):
@@ -1034,7 +1104,74 @@ class Collector:
         op._base = base
         op._shard_of = shard_of
         op._routed = routed  # type: ignore[attr-defined]
+        op._ndjson = kind == "lines"
         op._encode = self._encoder_for(op, kind)
+        return op
+
+    def _prepare_chunked(self, batch: Any, return_events: bool) -> Operation:
+        """``shard="chunk"``: no keys, no routing; NDJSON is cut at newlines unparsed."""
+        if isinstance(batch, (bytes, bytearray, memoryview)):
+            body = bytes(batch)
+            stripped = body.strip()
+            if not stripped:
+                items: list[Any] = []
+                kind = "raw"
+            elif stripped[:1] == b"[":
+                try:
+                    items = self._dec_raw.decode(body)
+                except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                    raise InvalidInput(
+                        f"the batch is not a valid JSON array: {e}; send NDJSON (one event "
+                        "per line) to have malformed lines reported one by one"
+                    ) from e
+                kind = "raw"
+            else:
+                body = body.strip(b"\r\n")
+                if b"\n\n" not in body and b"\n\r\n" not in body:
+                    return self._ndjson_slices(body, return_events)
+                items = [ln for ln in body.split(b"\n") if ln.strip()]
+                kind = "lines"
+        elif isinstance(batch, (list, tuple)):
+            items = batch if isinstance(batch, list) else list(batch)
+            kind = "objects"
+        else:
+            raise InvalidInput(
+                f"handle() takes a list of {self._event_type.__name__} or dicts, or bytes "
+                f"(JSON array or NDJSON); got {type(batch).__name__}"
+            )
+        op = Operation(len(items), return_events, 0)
+        op._keys = set()
+        op._routed = items  # type: ignore[attr-defined]
+        op._ndjson = kind == "lines"
+        op._encode = self._encoder_for(op, kind)
+        return op
+
+    def _ndjson_slices(self, body: bytes, return_events: bool) -> Operation:
+        """Cut clean NDJSON into chunks of about ``chunk_size`` lines with C-level scans.
+
+        Only newlines are looked at: lines are counted with ``bytes.count`` and the cut
+        points found with ``bytes.find`` from an estimate of the line length, so the
+        supervisor's cost is per chunk, not per event. Workers parse and validate.
+        """
+        total = body.count(b"\n") + 1
+        probe = body[: 1 << 16]
+        avg = max(1, len(probe) // (probe.count(b"\n") + 1))
+        step = max(1, avg * self.chunk_size)
+        slices = []
+        start, base, size = 0, 0, len(body)
+        while start < size:
+            cut = body.find(b"\n", min(start + step, size))
+            end = size if cut < 0 else cut
+            n = body.count(b"\n", start, end) + 1
+            slices.append((start, end, base, n))
+            base += n
+            start = end + 1
+        op = Operation(total, return_events, 0)
+        op._keys = set()
+        op._routed = [None] if slices else []  # type: ignore[attr-defined]
+        op._slices = slices  # type: ignore[attr-defined]
+        op._body = body  # type: ignore[attr-defined]
+        op._ndjson = True
         return op
 
     def _encoder_for(self, op: Operation, kind: str) -> Callable[[_Entry], bytes | None]:
@@ -1045,6 +1182,8 @@ class Collector:
             assert items is not None
             if kind == "raw":
                 return b"[" + b",".join(items) + b"]"
+            if kind == "lines":
+                return b"\n".join(items)
             try:
                 return enc(items)
             except (TypeError, ValueError, msgspec.EncodeError, OverflowError):
@@ -1103,13 +1242,16 @@ class Collector:
             array = body
         else:
             lines = body.split(b"\n")
-            if b"" in lines or any(not ln.strip() for ln in lines[-1:]):
+            if b"" in lines or not lines[-1].strip():
                 lines = [ln for ln in lines if ln.strip()]
-            array = b"[" + b",".join(lines) + b"]"
-            try:
-                raws = self._dec_raw.decode(array)
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                raws, array = self._ndjson_slow(lines, errors), b""
+            # one key-only pass: other fields are skipped, not built; lines go on as they are
+            key = self._key
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                found = self._dec_keys_line.decode_lines(b"\n".join(lines))
+                if len(found) == len(lines):
+                    return lines, [getattr(k, key) for k in found], "lines"
+            raws = self._ndjson_slow(lines, errors)
+            return raws, self._keys_of(raws, b"", errors), "lines"
         keys = self._keys_of(raws, array, errors)
         return raws, keys, "raw"
 

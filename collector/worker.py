@@ -147,6 +147,8 @@ class _Worker:
         T = p.event_type
         self.dec = msgspec.json.Decoder(list[T])  # type: ignore[valid-type]
         self.dec_one = msgspec.json.Decoder(T)
+        self.report_keys = p.shard == "chunk"
+        self.keyget = attrgetter(p.key)
         self.dec_raw = msgspec.json.Decoder(list[msgspec.Raw])
         self.enc = msgspec.json.Encoder()
         self.executor = ThreadPoolExecutor(p.blocking_threads, thread_name_prefix="collector-blocking")
@@ -233,29 +235,43 @@ class _Worker:
             elif type(msg) is Stop:
                 return
 
-    def decode(self, payload: bytes) -> tuple[list[Any], list[int] | None, list[ErrorRecord]]:
+    def items(self, payload: bytes, ndjson: bool) -> list[Any]:
+        """The raw JSON text of each item of a chunk."""
+        if ndjson:
+            return payload.split(b"\n")
+        return self.dec_raw.decode(payload)
+
+    def decode(self, payload: bytes, ndjson: bool = False) -> tuple[list[Any], list[int] | None, list[ErrorRecord]]:
         """Events of a chunk; ``kept`` maps event index → chunk position when some failed."""
         try:
-            return self.dec.decode(payload), None, []
+            if ndjson:
+                events = self.dec_one.decode_lines(payload)
+                # a blank line is skipped by decode_lines but counts as an item here
+                if len(events) == payload.count(b"\n") + 1:
+                    return events, None, []
+            else:
+                return self.dec.decode(payload), None, []
         except (msgspec.ValidationError, msgspec.DecodeError):
             pass
         # slow path, only for chunks that hold an invalid event: item by item
         errors: list[ErrorRecord] = []
         try:
-            raws = self.dec_raw.decode(payload)
+            raws = self.items(payload, ndjson)
         except (msgspec.ValidationError, msgspec.DecodeError) as e:
             # the supervisor validated the JSON structure; this is a bug, not input
             raise RuntimeError(f"chunk payload is not a JSON array: {e}") from e
-        events: list[Any] = []
+        events = []
         kept: list[int] = []
         dec_one = self.dec_one
         for i, raw in enumerate(raws):
             try:
                 events.append(dec_one.decode(raw))
                 kept.append(i)
-            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            except msgspec.ValidationError as e:
                 path, reason = _error_path(str(e))
                 errors.append(ErrorRecord(i, path, reason, "invalid"))
+            except msgspec.DecodeError as e:
+                errors.append(ErrorRecord(i, "$", f"malformed JSON: {e}", "invalid"))
         return events, kept, errors
 
     async def guarded(self, chunk: Chunk) -> None:
@@ -268,7 +284,7 @@ class _Worker:
             log.exception("chunk %d failed in pipeline code", chunk.id)
             self.slot.add(S.INFLIGHT, -self.counted.pop(chunk.id, 0))
             try:
-                n = len(self.dec_raw.decode(chunk.payload))
+                n = len(self.items(chunk.payload, chunk.ndjson))
             except (msgspec.ValidationError, msgspec.DecodeError):
                 n = 0
             reason = f"pipeline error: {type(e).__name__}: {e}"
@@ -279,7 +295,7 @@ class _Worker:
     async def run_chunk(self, chunk: Chunk) -> None:
         t0 = time.perf_counter()
         slot = self.slot
-        events, kept, errors = self.decode(chunk.payload)
+        events, kept, errors = self.decode(chunk.payload, chunk.ndjson)
         n_total = len(events) + len(errors)
         slot.add(S.INFLIGHT, n_total)
         self.counted[chunk.id] = n_total
@@ -307,6 +323,11 @@ class _Worker:
                 slot.add(S.CACHE_HITS, ls.hits)
                 slot.add(S.COALESCED, ls.coalesced)
                 slot.add(S.LOOKUP_FAILURES, ls.failures)
+        if self.report_keys:
+            try:
+                summary.keys = list(set(map(self.keyget, events)))
+            except TypeError:  # unhashable keys are not counted
+                summary.keys = None
         for name, get in self.counters:
             summary.counts[name] = {
                 (k if type(k) is str else str(k)): v for k, v in Counter(map(get, events)).items()
@@ -315,7 +336,7 @@ class _Worker:
             if invalid:
                 from .sinks import DeadLetter
 
-                raws = self.dec_raw.decode(chunk.payload)
+                raws = self.items(chunk.payload, chunk.ndjson)
                 await self.sinkset.reject(
                     [
                         DeadLetter(

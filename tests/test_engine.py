@@ -467,3 +467,34 @@ def test_a_worker_dying_while_the_collector_drains_is_replaced(tmp_path: Path) -
     res = op.wait(timeout=1)
     assert res.handled_events == 2000
     assert sorted(e.id for e in res.events) == list(range(2000))
+
+
+# ---------------------------------------------------------------- shard="chunk"
+@pytest.mark.parametrize("form", ["ndjson", "array", "structs"])
+def test_chunk_sharding_handles_every_form(form: str) -> None:
+    events = generate_events(12_345, users=300, seed=11)
+    batch: object = {
+        "ndjson": b"\n".join(msgspec.json.encode(e) for e in events) + b"\n",
+        "array": msgspec.json.encode(events),
+        "structs": events,
+    }[form]
+    with Collector(playback_pipeline(Immediate(), shard="chunk"), workers=2, chunk_size=1000) as c:
+        res = c.handle(batch, return_events=True).wait(timeout=60)
+        st = c.stats()
+    assert res.handled_events == 12_345 and res.failed_events == 0
+    assert [e.id for e in res.events] == [e.id for e in events]
+    assert all(e.region == region_of(e.user_id) for e in res.events)
+    assert res.batch.distinct_keys == len({e.user_id for e in events})
+    assert all(w.events > 0 for w in st.workers)
+
+
+def test_chunk_sharding_reports_bad_ndjson_lines_by_index() -> None:
+    lines = [msgspec.json.encode(e) for e in generate_events(5000, seed=2)]
+    lines[10] = b'{"id": 10, "user_id": '  # malformed
+    lines[4321] = lines[4321].replace(b'"bitrate_kbps":', b'"bitrate_kbps":"x","b":')
+    with Collector(playback_pipeline(Immediate(), shard="chunk"), workers=2, chunk_size=700) as c:
+        res = c.handle(b"\n".join(lines)).wait(timeout=60)
+        assert c.workers_alive() == [True, True]
+    assert res.handled_events == 4998 and res.failed_events == 2
+    assert [(e.index, e.path) for e in res.errors] == [(10, "$"), (4321, "$.bitrate_kbps")]
+    assert "malformed JSON" in res.errors[0].reason
