@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -34,6 +35,7 @@ __all__ = [
     "Stop",
     "decode_frame",
     "encode_frame",
+    "read_frames",
 ]
 
 FRAME_HEADER = struct.Struct("<I")
@@ -161,3 +163,17 @@ class FrameWriter:
     def pending(self) -> int:
         """Bytes queued in the transport (for backpressure)."""
         return self.writer.transport.get_write_buffer_size()
+
+
+async def read_frames(reader: asyncio.StreamReader) -> AsyncIterator[Message]:
+    """Messages from ``reader`` until the peer closes the channel (or dies)."""
+    hsize = FRAME_HEADER.size
+    unpack = FRAME_HEADER.unpack
+    while True:
+        try:
+            head = await reader.readexactly(hsize)
+            (n,) = unpack(head)
+            body = await reader.readexactly(n)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        yield decode_frame(body)

@@ -53,7 +53,7 @@ from .errors import (
     WorkerError,
 )
 from .pipeline import Pipeline, resolve_pipeline
-from .protocol import FRAME_HEADER, Ack, BootFailed, Chunk, FrameWriter, Ready, Stop, decode_frame
+from .protocol import Ack, BootFailed, Chunk, FrameWriter, Ready, Stop, read_frames
 from .results import BatchAccumulator, ErrorItem, OperationResult
 from .worker import BOOT_FAILURE, WorkerSpec, worker_main
 
@@ -674,16 +674,8 @@ class Collector:
         reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
         w.writer = writer
         w.out = FrameWriter(writer)
-        hsize = FRAME_HEADER.size
-        unpack = FRAME_HEADER.unpack
-        while True:
-            try:
-                head = await reader.readexactly(hsize)
-                (n,) = unpack(head)
-                body = await reader.readexactly(n)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return  # the worker is gone; its sentinel tells how
-            msg = decode_frame(body)
+        # when the worker is gone the loop ends; its sentinel tells how it died
+        async for msg in read_frames(reader):
             if type(msg) is Ack:
                 self._on_ack(w, msg)
             elif type(msg) is Ready:

@@ -40,7 +40,6 @@ from . import stats as S
 from .enrich import Enricher, build_enricher
 from .pipeline import Pipeline, import_string, resolve_pipeline
 from .protocol import (
-    FRAME_HEADER,
     Ack,
     BootFailed,
     Chunk,
@@ -49,8 +48,8 @@ from .protocol import (
     FrameWriter,
     Ready,
     Stop,
-    decode_frame,
     encode_frame,
+    read_frames,
 )
 
 __all__ = ["BOOT_FAILURE", "WorkerSpec", "worker_main"]
@@ -217,17 +216,9 @@ class _Worker:
             await asyncio.sleep(interval)
 
     async def serve(self, reader: asyncio.StreamReader) -> None:
-        hsize = FRAME_HEADER.size
-        unpack = FRAME_HEADER.unpack
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                head = await reader.readexactly(hsize)
-                (n,) = unpack(head)
-                body = await reader.readexactly(n)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return  # the supervisor closed the channel (or died): stop
-            msg = decode_frame(body)
+        # the loop ends when the supervisor closes the channel (or dies): stop
+        async for msg in read_frames(reader):
             if type(msg) is Chunk:
                 t = loop.create_task(self.guarded(msg))
                 self.tasks.add(t)
