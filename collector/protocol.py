@@ -53,6 +53,7 @@ class Chunk(msgspec.Struct, tag=1, array_like=True):
     want_events: bool = False
     attempt: int = 0
     ndjson: bool = False  # payload is NDJSON instead of a JSON array
+    op: int = 0  # the operation it belongs to (workers report each key once per op)
 
 
 class Stop(msgspec.Struct, tag=2, array_like=True):
@@ -100,7 +101,7 @@ class ChunkSummary(msgspec.Struct, array_like=True):
 
     counts: dict[str, dict[str, int]] = {}
     lookups: dict[str, LookupSummary] = {}
-    keys: list[Any] | None = None  # shard="chunk": the chunk's distinct shard keys
+    keys: list[Any] | None = None  # shard="chunk": shard keys this worker had not yet seen in this op
 
 
 class Ack(msgspec.Struct, tag=5, array_like=True):

@@ -137,7 +137,8 @@ class _Worker:
         self.tasks: set[asyncio.Task[None]] = set()
         self.sinkset: Any = None
         self.enricher: Enricher | None = None
-        self.counted: dict[int, int] = {}  # chunk id → events it added to INFLIGHT
+        self.counted: dict[int, int] = {}
+        self.seen_keys: dict[int, set[Any]] = {}  # op → keys reported (shard="chunk")  # chunk id → events it added to INFLIGHT
 
     def build(self) -> None:
         """Build the pipeline's running form (raises: the caller reports a boot failure)."""
@@ -226,6 +227,15 @@ class _Worker:
             elif type(msg) is Stop:
                 return
 
+    def op_keys(self, op: int) -> set[Any]:
+        """Keys already reported for operation ``op`` (the last 64 operations are kept)."""
+        seen = self.seen_keys.get(op)
+        if seen is None:
+            if len(self.seen_keys) >= 64:
+                del self.seen_keys[next(iter(self.seen_keys))]
+            seen = self.seen_keys[op] = set()
+        return seen
+
     def items(self, payload: bytes, ndjson: bool) -> list[Any]:
         """The raw JSON text of each item of a chunk."""
         if ndjson:
@@ -236,10 +246,9 @@ class _Worker:
         """Events of a chunk; ``kept`` maps event index → chunk position when some failed."""
         try:
             if ndjson:
-                events = self.dec_one.decode_lines(payload)
-                # a blank line is skipped by decode_lines but counts as an item here
-                if len(events) == payload.count(b"\n") + 1:
-                    return events, None, []
+                # one array parse beats decode_lines; a blank line makes it fail (",,")
+                # and the slow path below reports it as an item of its own
+                return self.dec.decode(b"[" + payload.replace(b"\n", b",") + b"]"), None, []
             else:
                 return self.dec.decode(payload), None, []
         except (msgspec.ValidationError, msgspec.DecodeError):
@@ -315,10 +324,13 @@ class _Worker:
                 slot.add(S.COALESCED, ls.coalesced)
                 slot.add(S.LOOKUP_FAILURES, ls.failures)
         if self.report_keys:
+            seen = self.op_keys(chunk.op)
             try:
-                summary.keys = list(set(map(self.keyget, events)))
+                new = set(map(self.keyget, events)) - seen
             except TypeError:  # unhashable keys are not counted
-                summary.keys = None
+                new = set()
+            seen |= new
+            summary.keys = list(new)
         for name, get in self.counters:
             summary.counts[name] = {
                 (k if type(k) is str else str(k)): v for k, v in Counter(map(get, events)).items()
