@@ -149,8 +149,12 @@ class FrameWriter:
 
     def send(self, msg: Message) -> None:
         """Queue ``msg``; it is written at the end of this loop iteration."""
-        self._buf.append(encode_frame(msg))
-        if len(self._buf) == 1:
+        body = _encoder.encode(msg)
+        # header and body go to writelines separately: no copy of a large chunk just to
+        # put four bytes in front of it
+        self._buf.append(FRAME_HEADER.pack(len(body)))
+        self._buf.append(body)
+        if len(self._buf) == 2:
             self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
