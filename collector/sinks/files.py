@@ -1,0 +1,366 @@
+"""Line sinks: ``stdout``, ``jsonl`` and the dead-letter file.
+
+::
+
+    commit(chunk A) ─┐                       one thread per file (blocking I/O off the loop)
+    commit(chunk B) ─┼─► GroupWriter ──► b"".join ─► lock ─► rotate? ─► os.write ─► fsync? ─► unlock
+    commit(chunk C) ─┘   (chunks that arrive while a write runs share the next one)
+
+Every write is whole lines in one ``os.write`` call under an exclusive ``flock``, so
+workers that share one file never interleave lines. A write that fails part-way is
+truncated back to where it started before the error is raised, and a file opened
+after a crash loses its torn last line (truncated at the last newline), so the last
+line of the file is always complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import stat
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgspec
+
+from .base import Batch, DeadLetter, EventCodec, Sink
+from .config import DeadLetterConfig, JsonlSinkConfig, StdoutSinkConfig
+
+__all__ = ["DeadLetterSink", "JsonlSink", "LineFile", "StdoutSink"]
+
+log = logging.getLogger("collector.sinks")
+
+PIPE_BUF = 4096  # writes up to this size are atomic on a pipe (POSIX)
+
+
+class GroupWriter:
+    """Merges concurrent writes into one blocking call run on a private thread.
+
+    ``await write(data)`` returns once ``data`` went through ``fn`` (with whatever else
+    was queued meanwhile); if ``fn`` raises, every caller of that round gets the error
+    and ``fn`` must have left nothing of that round behind.
+    """
+
+    def __init__(self, fn: Any, name: str) -> None:
+        self._fn = fn
+        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"collector-sink-{name}")
+
+    async def write(self, data: bytes) -> None:
+        """Write ``data`` (whole lines) through the blocking function."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pending.append((data, fut))
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+        # shield: a cancelled caller must not cancel a round other callers share
+        await asyncio.shield(fut)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                items, self._pending = self._pending, []
+                blob = items[0][0] if len(items) == 1 else b"".join([d for d, _ in items])
+                try:
+                    await loop.run_in_executor(self.executor, self._fn, blob)
+                except BaseException as e:
+                    for _, f in items:
+                        if not f.done():
+                            f.set_exception(e)
+                    if isinstance(e, asyncio.CancelledError):
+                        raise
+                else:
+                    for _, f in items:
+                        if not f.done():
+                            f.set_result(None)
+        finally:
+            self._task = None
+
+    async def drain(self) -> None:
+        """Wait for the round in progress (if any)."""
+        t = self._task
+        if t is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(t)
+
+    def shutdown(self) -> None:
+        """Stop the thread (after :meth:`drain`)."""
+        self.executor.shutdown(wait=True)
+
+
+class LineFile:
+    """An append-only file of lines with rotation and an fsync policy (blocking API)."""
+
+    def __init__(self, path: str, *, fsync: str, max_bytes: int = 0, max_age: float = 0.0) -> None:
+        self.path = os.path.abspath(path)
+        self.fsync = fsync
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.fd = -1
+        self.opened_at = 0.0
+        self.ino = -1
+
+    def open(self) -> None:
+        """Open (creating it and its directory) and drop a torn last line."""
+        d = os.path.dirname(self.path)
+        os.makedirs(d, exist_ok=True)
+        created = not os.path.exists(self.path)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.fd = fd
+        self.ino = os.fstat(fd).st_ino
+        self.opened_at = time.monotonic()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            self._repair()
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        if created and self.fsync == "always":
+            _fsync_dir(d)
+
+    def _repair(self) -> None:
+        """Truncate an incomplete last line (left by a crash mid-write)."""
+        size = os.fstat(self.fd).st_size
+        if size == 0:
+            return
+        with open(self.path, "rb") as r:
+            r.seek(size - 1)
+            if r.read(1) == b"\n":
+                return
+            pos = size
+            block = 1 << 16
+            cut = 0
+            while pos > 0:
+                start = max(0, pos - block)
+                r.seek(start)
+                buf = r.read(pos - start)
+                i = buf.rfind(b"\n")
+                if i >= 0:
+                    cut = start + i + 1
+                    break
+                pos = start
+        os.ftruncate(self.fd, cut)
+        os.fsync(self.fd)
+        log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted write", self.path, size - cut)
+
+    def _rotated_name(self) -> str:
+        root, ext = os.path.splitext(self.path)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        return f"{root}.{stamp}.{os.getpid()}.{time.monotonic_ns() % 1_000_000:06d}{ext}"
+
+    def _reopen(self) -> None:
+        os.close(self.fd)
+        self.fd = -1
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.fd = fd
+        self.ino = os.fstat(fd).st_ino
+        self.opened_at = time.monotonic()
+
+    def _locked_current(self) -> int:
+        """Lock the file at ``path``; follow a rotation another process did. Its size."""
+        while True:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and st.st_ino == self.ino:
+                return os.fstat(self.fd).st_size
+            # someone renamed the file away (rotation by another worker, logrotate)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            self._reopen()
+
+    def write(self, blob: bytes) -> None:
+        """Append ``blob`` (whole lines) in one write; all of it or none of it."""
+        if self.fd < 0:
+            self.open()
+        size = self._locked_current()
+        try:
+            now = time.monotonic()
+            if size > 0 and (
+                (self.max_bytes and size + len(blob) > self.max_bytes)
+                or (self.max_age and now - self.opened_at >= self.max_age)
+            ):
+                os.rename(self.path, self._rotated_name())
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                self._reopen()
+                size = self._locked_current()
+                if self.fsync == "always":
+                    _fsync_dir(os.path.dirname(self.path))
+            try:
+                view = memoryview(blob)
+                while view:
+                    n = os.write(self.fd, view)
+                    view = view[n:]
+                if self.fsync == "always":
+                    os.fsync(self.fd)
+                elif self.fsync == "batch":
+                    os.fdatasync(self.fd)
+            except BaseException:
+                # leave no partial chunk behind: the retry appends the whole chunk again
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, size)
+                raise
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Close the file descriptor."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _fsync_dir(d: str) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _expand(path: str, worker: int) -> str:
+    return path.replace("{worker}", str(worker))
+
+
+class JsonlSink(Sink):
+    """Events as JSON lines in a rotated file (see :class:`JsonlSinkConfig`)."""
+
+    kind = "jsonl"
+
+    def __init__(self, config: JsonlSinkConfig, *, name: str, codec: EventCodec, worker: int) -> None:
+        super().__init__(config, name=name, codec=codec, worker=worker)
+        self.file = LineFile(
+            _expand(config.path, worker), fsync=config.fsync, max_bytes=config.max_bytes, max_age=config.max_age
+        )
+        self.writer = GroupWriter(self.file.write, name)
+
+    async def open(self) -> None:
+        """Open the file and repair a torn last line (on the sink's thread)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.writer.executor, self.file.open)
+
+    async def write(self, batch: Batch) -> None:
+        """Append the chunk; returns after the fsync the policy asks for."""
+        await self.writer.write(batch.ndjson)
+
+    async def flush(self) -> None:
+        """Wait for the write in progress."""
+        await self.writer.drain()
+
+    async def close(self) -> None:
+        """Close the file and stop the sink's thread."""
+        await self.writer.drain()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.writer.executor, self.file.close)
+        self.writer.shutdown()
+
+
+class StdoutSink(Sink):
+    """Events as JSON lines on standard output, with the event's own keys (seed 001)."""
+
+    kind = "stdout"
+
+    def __init__(self, config: StdoutSinkConfig, *, name: str, codec: EventCodec, worker: int, fd: int = 1) -> None:
+        super().__init__(config, name=name, codec=codec, worker=worker)
+        self.fd = fd
+        self.writer = GroupWriter(self._write, name)
+        try:
+            mode = os.fstat(fd).st_mode
+            # several workers share one pipe: writes up to PIPE_BUF are atomic there,
+            # so lines are written in line-aligned pieces no bigger than that
+            self.piecewise = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
+        except OSError:
+            self.piecewise = False
+
+    def _write(self, blob: bytes) -> None:
+        if self.fd == 1:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()  # keep print() output ordered before ours
+        if not self.piecewise or len(blob) <= PIPE_BUF:
+            _write_all(self.fd, blob)
+            return
+        start = 0
+        n = len(blob)
+        while start < n:
+            end = start + PIPE_BUF
+            if end < n:
+                cut = blob.rfind(b"\n", start, end)
+                end = cut + 1 if cut >= start else blob.find(b"\n", end) + 1 or n
+            _write_all(self.fd, memoryview(blob)[start:end])
+            start = end
+
+    async def write(self, batch: Batch) -> None:
+        """Write the chunk's lines."""
+        await self.writer.write(batch.ndjson)
+
+    async def flush(self) -> None:
+        """Wait for the write in progress."""
+        await self.writer.drain()
+
+    async def close(self) -> None:
+        """Stop the sink's thread (standard output stays open)."""
+        await self.writer.drain()
+        self.writer.shutdown()
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class DeadLetterSink(Sink):
+    """:class:`DeadLetter` records as JSON lines (see :class:`DeadLetterConfig`)."""
+
+    kind = "deadletter"
+
+    def __init__(self, config: DeadLetterConfig, *, name: str, codec: EventCodec, worker: int) -> None:
+        super().__init__(config, name=name, codec=codec, worker=worker)
+        self.file = LineFile(_expand(config.path, worker), fsync=config.fsync, max_bytes=config.max_bytes)
+        self.writer = GroupWriter(self.file.write, name)
+        self.encoder = msgspec.json.Encoder()
+
+    async def open(self) -> None:
+        """Open the file and repair a torn last line."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.writer.executor, self.file.open)
+
+    async def write_records(self, records: list[DeadLetter]) -> None:
+        """Append ``records``."""
+        await self.writer.write(self.encoder.encode_lines(records))
+
+    async def write(self, batch: Batch) -> None:
+        """Not used: events reach the dead-letter sink as records."""
+        raise TypeError("the dead-letter sink takes DeadLetter records (write_records)")
+
+    async def flush(self) -> None:
+        """Wait for the write in progress."""
+        await self.writer.drain()
+
+    async def close(self) -> None:
+        """Close the file and stop the sink's thread."""
+        await self.writer.drain()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.writer.executor, self.file.close)
+        self.writer.shutdown()
+
+
+def read_deadletters(path: str) -> list[DeadLetter]:
+    """Every record of a dead-letter file (a torn last line is skipped)."""
+    dec = msgspec.json.Decoder(DeadLetter)
+    out = []
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            if line.strip():
+                out.append(dec.decode(line))
+    return out
