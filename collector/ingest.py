@@ -48,55 +48,81 @@ class Coalescer:
     turns into 429/503 with ``Retry-After``.
     """
 
-    def __init__(self, collector: Collector, *, max_batch: int = 8192, block: bool = False) -> None:
+    def __init__(
+        self, collector: Collector, *, max_batch: int = 8192, block: bool = False, max_ops: int = 0
+    ) -> None:
         self.collector = collector
         self.max_batch = max_batch
         self.block = block
-        self._pending: list[tuple[list[Any], asyncio.Future[SliceResult]]] = []
+        self.max_ops = max_ops
+        self._pending: list[tuple[list[Any], list[Any] | None, asyncio.Future[SliceResult]]] = []
         self._count = 0
-        self._scheduled = False
+        self._scheduled: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.operations = 0  # operations started (for the events-per-operation figure)
 
-    async def submit(self, items: list[Any]) -> SliceResult:
-        """Submit events (Structs or dicts); returns when they are done."""
+    async def submit(self, items: list[Any], keys: list[Any] | None = None) -> SliceResult:
+        """Submit events; returns when they are done.
+
+        Items are Structs, dicts, or the raw JSON text of event objects (``bytes`` or
+        ``msgspec.Raw``, sent on unparsed). With raw items, ``keys`` may give each
+        item's shard key (see ``Collector.ahandle``). One coalescer carries one kind:
+        raw items are not mixed with objects, nor keyed with unkeyed submissions.
+        """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[SliceResult] = loop.create_future()
-        self._pending.append((items, fut))
+        self._pending.append((items, keys, fut))
         self._count += len(items)
         if self._count >= self.max_batch:
             self._flush()
-        elif not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        elif self._scheduled is None and not (self.max_ops and len(self._tasks) >= self.max_ops):
+            self._scheduled = loop.call_soon(self._flush)
+        # else: max_ops operations are running; the next starts when one finishes, with
+        # everything submitted meanwhile (the busier the engine, the larger the batches)
         return await fut
 
     def _flush(self) -> None:
-        self._scheduled = False
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
         if not self._pending:
             return
         batch, self._pending, self._count = self._pending, [], 0
+        self.operations += 1
         t = asyncio.get_running_loop().create_task(self._run(batch))
         self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+        t.add_done_callback(self._finished)
 
-    async def _run(self, batch: list[tuple[list[Any], asyncio.Future[SliceResult]]]) -> None:
+    def _finished(self, t: asyncio.Task[None]) -> None:
+        self._tasks.discard(t)
+        if self._pending and self._scheduled is None:
+            self._scheduled = asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _run(self, batch: list[tuple[list[Any], list[Any] | None, asyncio.Future[SliceResult]]]) -> None:
         merged: list[Any] = []
+        keys: list[Any] | None = [] if batch and batch[0][1] is not None else None
         bounds = []
-        for items, _ in batch:
+        for items, ks, _ in batch:
             bounds.append((len(merged), len(merged) + len(items)))
             merged.extend(items)
+            if keys is not None and ks is not None:
+                keys.extend(ks)
+        payload: Any = merged
+        if keys is None and merged and isinstance(merged[0], (bytes, msgspec.Raw)):
+            # raw JSON objects without keys: one JSON array, which the supervisor parses
+            payload = b"[" + b",".join(merged) + b"]"
         try:
-            op = await self.collector.ahandle(merged, block=self.block)
+            op = await self.collector.ahandle(payload, block=self.block, keys=keys)
             res = await op
         except (Overloaded, Exception) as exc:
-            for _, fut in batch:
+            for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
             return
         # errors are sorted by index: walk them once alongside the callers' ranges
         errs = res.errors
         k = 0
-        for (lo, hi), (_, fut) in zip(bounds, batch, strict=True):
+        for (lo, hi), (*_, fut) in zip(bounds, batch, strict=True):
             mine = []
             while k < len(errs) and errs[k].index < hi:
                 err = errs[k]

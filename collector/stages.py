@@ -10,10 +10,12 @@ determines it.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dc_field
+from operator import attrgetter
 from typing import Any
 
 from .protocol import ErrorRecord
@@ -49,31 +51,48 @@ class Dedup(Stage):
 
     def build(self) -> Callable[[list[Any]], list[ErrorRecord]]:
         """A dedup window for one worker."""
-        seen: dict[Any, float] = {}  # id → expiry, insertion ordered
+        seen: dict[Any, float] = {}  # id → expiry
+        # the ids in the order they were remembered, in groups sharing one expiry (a
+        # whole chunk in the common case): forgetting the oldest pops from the left in
+        # O(1), where iterating a dict from its start would first walk over every slot
+        # that earlier deletions left empty (a worker holding 1M ids slowed 20x)
+        order: collections.deque[tuple[float, list[Any]]] = collections.deque()
         fld, ttl, cap = self.field, self.ttl, self.max_entries
         tfield, by_type = self.type_field, dict(self.ttl_by_type or {})
-        next_sweep = [0.0]
+        get = attrgetter(fld)
+
+        def forget(group: tuple[float, list[Any]]) -> None:
+            exp, ks = group
+            for k in ks:
+                if seen.get(k) == exp:  # not re-remembered since (with a later expiry)
+                    del seen[k]
 
         def dedup(events: list[Any]) -> list[ErrorRecord]:
             now = time.monotonic()
-            if now >= next_sweep[0]:
-                next_sweep[0] = now + 1.0
-                for k in list(seen):
-                    if seen[k] > now:
-                        break
-                    del seen[k]
-            dropped = []
-            for i, e in enumerate(events):
-                k = getattr(e, fld)
-                exp = seen.get(k)
-                if exp is not None and exp > now:
-                    dropped.append(ErrorRecord(i, f"$.{fld}", f"duplicate {fld} {k!r}", "duplicate"))
-                    continue
-                t = by_type.get(getattr(e, tfield), ttl) if tfield else ttl
-                seen.pop(k, None)
-                seen[k] = now + t
-                if len(seen) > cap:
-                    del seen[next(iter(seen))]
+            # expired groups first (per-type TTLs make the order approximate: a group
+            # waits behind an older one that lives longer, and is still checked on read)
+            while order and order[0][0] <= now:
+                forget(order.popleft())
+            keys = list(map(get, events))
+            if not tfield and seen.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
+                # the common case, all new and distinct: remembered in C calls
+                exp = now + ttl
+                seen.update(dict.fromkeys(keys, exp))
+                order.append((exp, keys))
+                dropped: list[ErrorRecord] = []
+            else:
+                dropped = []
+                sget = seen.get
+                for i, k in enumerate(keys):
+                    until = sget(k)
+                    if until is not None and until > now:
+                        dropped.append(ErrorRecord(i, f"$.{fld}", f"duplicate {fld} {k!r}", "duplicate"))
+                        continue
+                    exp = now + (by_type.get(getattr(events[i], tfield), ttl) if tfield else ttl)
+                    seen[k] = exp
+                    order.append((exp, [k]))
+            while len(seen) > cap and order:
+                forget(order.popleft())
             return dropped
 
         return dedup

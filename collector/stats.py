@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import secrets
 import struct
 import time
 from multiprocessing import shared_memory
@@ -89,6 +90,14 @@ _F64 = struct.Struct("<d")
 _SUMMED = (EVENTS, FAILED, CHUNKS, LOOKUP_CALLS, CACHE_HITS, COALESCED, LOOKUP_FAILURES,
            INFLIGHT, LAT_SUM_US, LAT_COUNT, DROPPED_DUP, DEADLETTERED)
 _pick_summed = itemgetter(*_SUMMED)
+# what a replaced worker's slot hands to the supervisor's before it is reset: its counters,
+# latency buckets and sink figures (not INFLIGHT: its chunks are redelivered, nor the
+# last-commit latencies, which are gauges)
+_CARRIED = tuple(
+    [w for w in _SUMMED if w != INFLIGHT]
+    + list(range(LAT_BUCKETS, LAT_BUCKETS + len(LATENCY_BOUNDS_MS)))
+    + [SINK_BASE + k * len(SINK_FIELDS) + f for k in range(MAX_SINKS) for f in range(4)]
+)
 
 
 class Slot:
@@ -126,6 +135,13 @@ class Slot:
         """Zero the slot (the supervisor does this before a worker is (re)started)."""
         for i in range(WORDS):
             self._q[i] = 0
+
+    def absorb(self, other: Slot) -> None:
+        """Add ``other``'s counters to this slot (the supervisor keeps what a replaced
+        worker counted, so totals never go backwards when a slot is reset)."""
+        q, o = self._q, other._q
+        for w in _CARRIED:
+            q[w] += o[w]
 
     def heartbeat(self) -> None:
         """Stamp the monotonic clock; the supervisor kills a worker whose stamp goes stale."""
@@ -192,7 +208,16 @@ class Slot:
 
 
 class SinkStats(msgspec.Struct, frozen=True):
-    """Per-sink delivery figures, summed over workers."""
+    """Per-sink delivery figures, summed over workers.
+
+    ``index`` is the sink's position in ``Pipeline.sinks``; the dead-letter sink comes
+    after them, at ``len(Pipeline.sinks)`` (``collector.sinks.sink_names(pipeline)``
+    gives the name of each index). ``rows`` and ``batches`` count chunks committed,
+    ``errors`` failed write attempts, ``retries`` attempts scheduled again after a
+    failure, ``last_commit_ms`` the latest commit's duration (the slowest worker's).
+    Only sinks that wrote or failed at least once are listed; a replaced worker's
+    figures are kept (in the supervisor's slot).
+    """
 
     index: int
     rows: int
@@ -262,6 +287,9 @@ class StatsBlock:
         self._shm: shared_memory.SharedMemory | None = None
         self._mmap: mmap.mmap | None = None
         if create:
+            # the creator's pid in the name: a leak (or a test's leak check) can tell
+            # whose segment it is
+            name = name or f"collector_{os.getpid()}_{secrets.token_hex(4)}"
             self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
             buf = self._shm.buf
             assert buf is not None
@@ -313,7 +341,7 @@ class StatsBlock:
             # are saturated, and every microsecond here is one the GIL holder pays
             summed = list(map(add, summed, _pick_summed(q)))
             buckets = list(map(add, buckets, q[LAT_BUCKETS : LAT_BUCKETS + nb]))
-            if q[SINK_BASE + 1] or q[SINK_BASE + 2]:  # some sink wrote or failed
+            if any(q[SINK_BASE:sink_end]):  # some sink (not only the first) wrote or failed
                 for w in range(SINK_BASE, sink_end):
                     tot[w] += q[w]
                 for k in range(MAX_SINKS):
@@ -343,6 +371,11 @@ class StatsBlock:
         for w, v in zip(_SUMMED, summed, strict=True):
             tot[w] = v
         sup = _SLOT.unpack_from(buf, self.workers * SLOT_BYTES)
+        # the supervisor's slot holds what replaced workers counted (Slot.absorb) and
+        # the events it rejected before any worker saw them: totals never go backwards
+        for w in _CARRIED:
+            tot[w] += sup[w]
+        buckets = list(map(add, buckets, sup[LAT_BUCKETS : LAT_BUCKETS + nb]))
         uptime = now - self.started
         sinks = [
             SinkStats(

@@ -102,9 +102,12 @@ class _ShardMap(dict[Any, int]):
         self.n = n
 
     def __missing__(self, k: Any) -> int:
-        b = k.encode() if type(k) is str else repr(k).encode()
-        v = self[k] = zlib.crc32(b) % self.n
+        v = self[k] = self.of(k)
         return v
+
+    def of(self, k: Any) -> int:
+        """The worker of ``k`` without remembering it (keys that never repeat, like ids)."""
+        return zlib.crc32(k.encode() if type(k) is str else repr(k).encode()) % self.n
 
 
 class _KeyOf(msgspec.Struct):
@@ -194,6 +197,7 @@ class _Worker:
         self.killing = 0.0
         self.spawned_at = 0.0
         self.exited = False
+        self.judging: asyncio.Task[None] | None = None
 
 
 class Operation:
@@ -217,6 +221,7 @@ class Operation:
         self.distinct_keys = distinct_keys
         self.id = next(_op_ids)
         self.sealed = False  # every chunk has been queued: chunks_left == 0 means done
+        self.worker_counted = 0  # events the workers' stats slots account for
         self._base: range | list[int] = range(total)
         self._shard_of: list[int] | None = None
         self._ndjson = False  # payloads are NDJSON (else a JSON array)
@@ -644,6 +649,7 @@ class Collector:
         assert self._block is not None and self._loop is not None
         mine, theirs = socket.socketpair()
         slot = self._block.slots[w.index]
+        self._block.supervisor.absorb(slot)  # what the previous worker counted stays counted
         slot.reset()
         spec = WorkerSpec(
             index=w.index,
@@ -691,6 +697,23 @@ class Collector:
         if p is None:
             return
         self._loop.remove_reader(p.sentinel)
+        t = w.reader_task
+        if not w.ready and t is not None and not t.done():
+            # a worker that failed at boot wrote its traceback just before exiting: the
+            # sentinel can fire before that frame is read, so let the reader reach EOF
+            # (bounded) and then judge the exit with the worker's own message in hand
+            async def judge() -> None:
+                await asyncio.wait({t}, timeout=2)
+                self._on_exit(w)
+
+            w.judging = self._loop.create_task(judge())  # held so it is not collected
+            return
+        self._on_exit(w)
+
+    def _on_exit(self, w: _Worker) -> None:
+        p = w.process
+        if p is None:
+            return
         p.join(1)
         code = p.exitcode
         w.exited = True
@@ -716,7 +739,10 @@ class Collector:
             log.error(msg)
             self._halt(WorkerBootError(msg, w.index, be.traceback if be else None))
             return
-        log.error("worker %d (pid %d, cpu %s) died: %s", w.index, w.pid, w.cpu, cause)
+        log.error(
+            "worker %d (pid %d, cpu %s) died: %s", w.index, w.pid, w.cpu, cause,
+            extra={"fields": {"event": "worker_died", "worker": w.index, "pid": w.pid, "cause": cause}},
+        )
         # while closing, a replacement still finishes the drain
         if self._state not in ("running", "closing") or (self._state == "closing" and not self._ops):
             return
@@ -832,6 +858,7 @@ class Collector:
             for p, ev in zip(kept, evs, strict=False):
                 out[p] = ev
         op._account(ack.handled, ack.failed)
+        op.worker_counted += ack.handled + ack.failed
         self._complete_entry(e)
         self._pump(w)
 
@@ -847,8 +874,19 @@ class Collector:
         if op.chunks_left == 0 and op.sealed:
             self._op_done(op)
 
-    def _op_done(self, op: Operation) -> None:
-        op._finish()
+    def _count_unrouted(self, op: Operation) -> None:
+        """Account in the supervisor's slot the events no worker counted (rejected
+        before routing, unencodable, lost), so received == handled + in flight."""
+        missing = op.total - op.worker_counted
+        if missing > 0 and self._block is not None:
+            sup = self._block.supervisor
+            sup.add(S.EVENTS, missing)
+            sup.add(S.FAILED, missing)
+
+    def _op_done(self, op: Operation, exc: BaseException | None = None) -> None:
+        """Complete ``op`` (or fail it with ``exc``) and release its in-flight room."""
+        op._finish(exc)
+        self._count_unrouted(op)
         self._ops.discard(op)
         with self._admit:
             self._inflight -= op.total
@@ -886,8 +924,15 @@ class Collector:
         self._feed(op)
         return op
 
-    async def ahandle(self, batch: Any, *, return_events: bool = False, block: bool = True) -> Operation:
-        """``handle()`` for asyncio code: awaits for capacity, never blocks the loop."""
+    async def ahandle(
+        self, batch: Any, *, return_events: bool = False, block: bool = True, keys: list[Any] | None = None
+    ) -> Operation:
+        """``handle()`` for asyncio code: awaits for capacity, never blocks the loop.
+
+        ``keys``: when ``batch`` is a list of raw JSON objects (``bytes`` or
+        ``msgspec.Raw``) whose shard keys the caller already read (the HTTP server reads
+        each event's id), their keys in order; the supervisor then parses nothing.
+        """
         t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         big = (isinstance(batch, (bytes, bytearray, memoryview)) and len(batch) > 1 << 20) or (
@@ -895,9 +940,9 @@ class Collector:
         )
         # big inputs are sliced on a thread so the loop keeps serving meanwhile
         if big:
-            op = await loop.run_in_executor(None, self._prepare, batch, return_events)
+            op = await loop.run_in_executor(None, self._prepare, batch, return_events, keys)
         else:
-            op = self._prepare(batch, return_events)
+            op = self._prepare(batch, return_events, keys)
         op.started = t0
         n = op.total
         while True:
@@ -986,11 +1031,7 @@ class Collector:
         if not routed:  # nothing for the workers: done at once, in the caller's thread
             del op._routed  # type: ignore[attr-defined]
             op.sealed = True
-            op._finish()
-            with self._admit:
-                self._inflight -= op.total
-                self._admit.notify_all()
-            self._wake_admitters()
+            self._op_done(op)
             return
         shard_of = op._shard_of
         n, cs, seg = self.nworkers, self.chunk_size, self.SEGMENT
@@ -1023,7 +1064,7 @@ class Collector:
         if op.done():
             return
         if self._state != "running":
-            self._finish_early(op, self._fatal or CollectorClosed("the collector closed before this operation started"))
+            self._op_done(op, self._fatal or CollectorClosed("the collector closed before this operation started"))
             return
         if shared:
             self._ops.add(op)
@@ -1050,22 +1091,19 @@ class Collector:
                 w.queue.extend(entries)
                 self._pump(w)
 
-    def _finish_early(self, op: Operation, exc: BaseException) -> None:
-        op._finish(exc)
-        self._ops.discard(op)
-        with self._admit:
-            self._inflight -= op.total
-            self._admit.notify_all()
-        self._wake_admitters()
-
     # ------------------------------------------------------------------ preparing input
-    def _prepare(self, batch: Any, return_events: bool) -> Operation:
+    def _prepare(self, batch: Any, return_events: bool, keys: list[Any] | None = None) -> Operation:
         """Normalise the input, find each event's key and worker (no encoding yet)."""
         self._check_open()
         errors: list[ErrorItem] = []
         if self._chunked:
             return self._prepare_chunked(batch, return_events)
-        if isinstance(batch, (bytes, bytearray, memoryview)):
+        keys_given = keys is not None
+        if keys is not None:
+            if not isinstance(batch, list) or len(keys) != len(batch):
+                raise InvalidInput("keys= needs a list of raw JSON objects and one key per item")
+            items, kind = batch, "raw"
+        elif isinstance(batch, (bytes, bytearray, memoryview)):
             items, keys, kind = self._from_bytes(bytes(batch), errors)
         elif isinstance(batch, (list, tuple)):
             items, keys, kind = self._from_list(batch, errors)
@@ -1076,7 +1114,7 @@ class Collector:
             )
         total = len(items)
         n = self.nworkers
-        if len(self._shards) > 1_000_000:  # bounded: forget keys, they are recomputed
+        if len(self._shards) > 200_000:  # bounded (~40 MB): forget keys, they are recomputed
             self._shards.clear()
         if errors:  # inputs rejected here are not routed
             base: range | list[int] = [i for i, k in enumerate(keys) if k is not _NO_KEY]
@@ -1084,12 +1122,15 @@ class Collector:
             keys = [keys[i] for i in base]
         else:
             base, routed = range(total), items
+        # keys handed in by the caller are event ids here (they never repeat): hash them
+        # without growing the map of known keys
+        shard = self._shards.of if kind == "raw" and keys_given else self._shards.__getitem__
         try:
-            shard_of = list(map(self._shards.__getitem__, keys)) if n > 1 else None
+            shard_of = list(map(shard, keys)) if n > 1 else None
             distinct = len(set(keys))
         except TypeError:  # an unhashable key (a JSON list or object): use its repr
             keys = [repr(k) if isinstance(k, (list, dict)) else k for k in keys]
-            shard_of = list(map(self._shards.__getitem__, keys)) if n > 1 else None
+            shard_of = list(map(shard, keys)) if n > 1 else None
             distinct = len(set(keys))
         op = Operation(total, return_events, distinct)
         op.errors.extend(errors)

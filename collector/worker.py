@@ -95,15 +95,16 @@ def worker_main(spec: WorkerSpec) -> None:
     _die_with_parent()
     if os.getppid() != spec.parent_pid:  # the parent died before PDEATHSIG was set
         os._exit(0)
-    logging.basicConfig(
-        level=spec.log_level,
-        format=f"%(asctime)s %(levelname)s collector.worker[{spec.index}] %(message)s",
-        stream=sys.stderr,
-    )
+    from .logs import setup_logging
+
+    setup_logging(spec.log_level, worker=spec.index)  # JSON lines under the daemon
     faulthandler.enable()  # SIGABRT from the supervisor (hung worker) dumps every stack
     # SIGINT goes to the whole foreground process group on Ctrl-C; the supervisor
     # decides when workers stop (after draining), so workers ignore it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM and SIGHUP likewise: systemd's default KillMode sends SIGTERM to every
+    # process of the unit, and a worker that died of it could not finish the drain
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     if spec.cpu is not None:
         try:
             os.sched_setaffinity(0, {spec.cpu})

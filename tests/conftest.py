@@ -64,9 +64,33 @@ def nats_url() -> str:
 
 def _shm_segments() -> set[str]:
     try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith("psm_") or n.startswith("collector")}
+        names = {n for n in os.listdir("/dev/shm") if n.startswith("psm_") or n.startswith("collector")}
     except FileNotFoundError:
         return set()
+    return {n for n in names if not _someone_elses(n)}
+
+
+def _someone_elses(name: str) -> bool:
+    """A ``collector_<pid>_...`` segment of a live process outside this test run.
+
+    Other sessions on the machine (a daemon, a benchmark) create segments while a test
+    runs; only the ones this process tree made, or whose creator is dead, can be leaks.
+    """
+    parts = name.split("_")
+    if len(parts) < 3 or parts[0] != "collector" or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid() or not psutil.pid_exists(pid):
+        return False
+    try:
+        p: psutil.Process | None = psutil.Process(pid)
+        while p is not None:
+            if p.pid == os.getpid():
+                return False  # a descendant of ours (a daemon the test started)
+            p = p.parent()
+    except psutil.Error:
+        return False
+    return True
 
 
 def wait_until(pred, timeout: float, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]

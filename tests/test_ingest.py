@@ -58,3 +58,49 @@ def test_overload_reaches_every_caller_of_the_batch() -> None:
             assert (await asyncio.wait_for(first, 30)).handled_events == 5
 
     asyncio.run(main())
+
+
+def test_raw_items_with_keys_are_sharded_by_the_given_keys_and_reported_per_caller() -> None:
+    async def main() -> None:
+        async with Collector(playback_pipeline(Immediate()), workers=2) as c:
+            co = Coalescer(c)
+
+            async def caller(i: int) -> tuple[int, object]:
+                evs = [event(i * 4 + j) for j in range(4)]
+                raws = [msgspec.json.encode(e) for e in evs]
+                if i % 7 == 0:
+                    raws[2] = b'{"id": "not a number"}'  # invalid, at index 2
+                keys = [e["user_id"] for e in evs]
+                return i, await co.submit(raws, keys)
+
+            results = await asyncio.wait_for(asyncio.gather(*(caller(i) for i in range(200))), 60)
+            await co.aclose()
+            op = await c.ahandle([msgspec.json.encode(event(1))], keys=["u1"], return_events=True)
+            res = await op
+            st = c.stats()
+        for i, r in results:
+            if i % 7 == 0:
+                assert (r.handled_events, r.failed_events) == (3, 1)
+                assert [(e.index, e.path) for e in r.errors] == [(2, "$.id")]
+            else:
+                assert (r.handled_events, r.failed_events, r.errors) == (4, 0, [])
+        assert res.events is not None and res.events[0].user_id == "u1" and res.events[0].region
+        # keys decide the worker: both workers got some of the 13 users
+        assert all(w.events > 0 for w in st.workers)
+
+    asyncio.run(main())
+
+
+def test_max_ops_holds_submissions_until_an_operation_finishes() -> None:
+    async def main() -> None:
+        async with Collector(playback_pipeline(SlowAsync(0.3)), workers=1) as c:
+            co = Coalescer(c, max_ops=1)
+            first = asyncio.ensure_future(co.submit([event(0)]))
+            await asyncio.sleep(0.05)  # the first operation is running (0.3 s per call)
+            rest = [asyncio.ensure_future(co.submit([event(i)])) for i in range(1, 40)]
+            done = await asyncio.wait_for(asyncio.gather(first, *rest), 30)
+            assert all(r.handled_events == 1 for r in done)
+            assert co.operations == 2  # the 39 waiting submissions went together
+            await co.aclose()
+
+    asyncio.run(main())

@@ -108,3 +108,54 @@ def test_lookup_cache_ttl_sweep_and_size_bound() -> None:
             assert list(rt.cache) == ["d"]
 
         asyncio.run(main())
+
+
+def test_dedup_window_is_bounded_forgets_oldest_first_and_keeps_re_remembered_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("collector.stages.time.monotonic", lambda: now[0])
+
+    class E(msgspec.Struct):
+        id: str
+
+    run = Dedup(field="id", ttl=10, max_entries=1000).build()
+    for c in range(50):  # 50 chunks of 100 new ids: only the last 1000 are remembered
+        assert run([E(f"{c}-{i}") for i in range(100)]) == []
+    assert [d.pos for d in run([E("49-0"), E("40-5"), E("0-0")])] == [0, 1]  # "0-0" was forgotten
+    now[0] = 111.0  # every id has expired: the same id is new again
+    assert run([E("49-1")]) == []
+
+    class T(msgspec.Struct):
+        id: str
+        type: str
+
+    now[0] = 200.0
+    typed = Dedup(field="id", ttl=100, type_field="type", ttl_by_type={"click": 1}).build()
+    assert typed([T("slow", "buy"), T("k", "click")]) == []
+    now[0] = 202.0  # k's window is over but its entry waits behind "slow" (100 s)
+    assert typed([T("k", "click")]) == []  # new again: remembered anew until 203
+    now[0] = 202.5
+    assert [d.pos for d in typed([T("k", "click")])] == [0]
+    now[0] = 301.0  # "slow" and k's first entry are swept; k's later entry expired at 203 too
+    assert typed([T("k", "click")]) == []
+
+
+def test_a_replaced_workers_counts_stay_in_the_totals() -> None:
+    from collector import stats as S
+
+    block = S.StatsBlock(2)
+    try:
+        w0 = block.slots[0]
+        w0.count_processed(100, 3, 0.002)
+        w0.sink_add(0, rows=97, batches=1, latency_s=0.001)
+        block.slots[1].count_processed(50, 0, 0.001)
+        before = block.read()
+        block.supervisor.absorb(w0)  # what the supervisor does before respawning slot 0
+        w0.reset()
+        after = block.read()
+        assert (after.total_events, after.failed_events, after.chunks) == (150, 3, 2) == (
+            before.total_events, before.failed_events, before.chunks)
+        assert after.sinks[0].rows == 97
+        assert sum(n for _, n in after.latency_buckets_ms) == 2
+        assert after.workers[0].events == 0  # the new worker starts from zero
+    finally:
+        block.close()
