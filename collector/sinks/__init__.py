@@ -4,8 +4,8 @@
 
     worker ─► SinkSet.commit(events) ─┬─► stdout    JSON lines on standard output
                                       ├─► jsonl     rotated JSON-lines files, fsync policy
-                                      ├─► sqlite    embedded default (WAL, stdlib, on a thread)
-                                      ├─► postgres  asyncpg COPY → staging → INSERT ... ON CONFLICT
+                                      ├─► sqlite    embedded default (WAL, stdlib, on a thread, group commit)
+                                      ├─► postgres  asyncpg binary COPY (via staging + ON CONFLICT after a conflict)
                                       └─► mysql     aiomysql multi-row INSERT IGNORE (seed 004 table)
            SinkSet.reject(records) ───► deadletter  JSON lines: payload, reason, path, stage, time
 
@@ -58,7 +58,23 @@ __all__ = [
     "build_sinkset",
     "decode_sink_config",
     "options_table",
+    "sink_names",
 ]
+
+
+def sink_names(pipeline: Any) -> list[str]:
+    """The name behind each ``SinkStats.index`` of ``pipeline``: its sinks, then ``deadletter``.
+
+    ``pipeline`` is a :class:`collector.Pipeline` (anything with ``sinks`` and
+    ``deadletter``); dict configs are decoded as the worker decodes them.
+    """
+    names = []
+    for i, c in enumerate(pipeline.sinks):
+        cfg = c if not isinstance(c, dict) else decode_sink_config(c, f"$.sinks[{i}]")
+        names.append(default_name(cfg, i))
+    if pipeline.deadletter is not None:
+        names.append("deadletter")
+    return names
 
 
 def build_sink(cfg: SinkConfig, *, index: int, codec: EventCodec, worker: int) -> Sink:

@@ -18,6 +18,7 @@ engine's in-flight bound turns the outage into backpressure.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import random
@@ -33,7 +34,7 @@ import msgspec
 from .. import stats as S
 from .config import _PASSWORD_IN_URL, DeadLetterConfig, SinkConfig, redact_dsn
 
-__all__ = ["Batch", "DeadLetter", "EventCodec", "Sink", "SinkSet"]
+__all__ = ["Batch", "DeadLetter", "EventCodec", "GroupCommit", "Sink", "SinkSet"]
 
 log = logging.getLogger("collector.sinks")
 
@@ -197,6 +198,14 @@ class Sink:
         """Whether the last write (or a cheap probe) succeeded."""
         return self.healthy
 
+    def is_data_error(self, e: BaseException) -> bool:
+        """Whether ``e`` says the store refuses the data itself (retrying cannot help).
+
+        The :class:`SinkSet` then halves the chunk until the refused events stand
+        alone and dead-letters only those. Default: no error is.
+        """
+        return False
+
     async def migrate(self) -> list[str]:
         """Create or upgrade the store's tables; the steps applied (SQL sinks)."""
         return []
@@ -221,6 +230,93 @@ class Sink:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.config!r}>"
+
+
+class GroupCommit:
+    """Group commit: chunks submitted while transactions run share the next one.
+
+    ``commit(rows)`` stores a list of rows in one transaction (one attempt; raises on
+    failure). ``await submit(rows)`` returns once a transaction holding ``rows``
+    committed. Up to ``concurrency`` transactions run at once (a pool's connections);
+    chunks that arrive while all of them are busy are merged into the next one, up to
+    ``max_rows`` rows. When a merged transaction fails with a data error
+    (``is_data_error``), every chunk of it is retried in its own transaction, so only
+    the chunk holding the refused row fails (the :class:`SinkSet` then isolates the
+    row); any other error fails every chunk of it, and each retries on its own.
+    """
+
+    def __init__(self, commit: Any, is_data_error: Any, max_rows: int, concurrency: int = 1) -> None:
+        self._commit = commit
+        self._is_data_error = is_data_error
+        self.max_rows = max_rows
+        self.concurrency = concurrency
+        self._pending: collections.deque[tuple[list[Any], asyncio.Future[None]]] = collections.deque()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, rows: list[Any]) -> None:
+        """Commit ``rows`` (with whatever else is queued meanwhile)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pending.append((rows, fut))
+        if len(self._tasks) < self.concurrency:
+            t = loop.create_task(self._rounds())
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+        # shield: an attempt that times out must not cancel a round other chunks share
+        await asyncio.shield(fut)
+
+    async def _rounds(self) -> None:
+        pending = self._pending
+        try:
+            while pending:
+                items = [pending.popleft()]
+                n = len(items[0][0])
+                while pending and n + len(pending[0][0]) <= self.max_rows:
+                    items.append(pending.popleft())
+                    n += len(items[-1][0])
+                merged = items[0][0] if len(items) == 1 else [r for rows, _ in items for r in rows]
+                try:
+                    await self._commit(merged)
+                except asyncio.CancelledError:
+                    for _, f in items:
+                        f.cancel()
+                    raise
+                except Exception as e:
+                    if len(items) > 1 and self._is_data_error(e):
+                        for rows, f in items:
+                            try:
+                                await self._commit(rows)
+                            except Exception as e1:
+                                _fail(f, e1)
+                            else:
+                                _done(f)
+                    else:
+                        for _, f in items:
+                            _fail(f, e)
+                else:
+                    for _, f in items:
+                        _done(f)
+        except asyncio.CancelledError:
+            while pending:  # the sink is closing: no round will run these
+                pending.popleft()[1].cancel()
+            raise
+
+    async def drain(self) -> None:
+        """Wait for the transactions in progress."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _done(f: asyncio.Future[None]) -> None:
+    if not f.done():
+        f.set_result(None)
+
+
+def _fail(f: asyncio.Future[None], e: BaseException) -> None:
+    if not f.done():
+        f.set_exception(e)
+        # a caller whose attempt timed out no longer awaits it: mark it retrieved
+        f.add_done_callback(lambda f: f.exception())
 
 
 class _NullSlot:
@@ -292,9 +388,16 @@ class SinkSet:
                     rejected = await sink.write(batch)
             except Exception as e:  # every store failure is retried; CancelledError is not an Exception
                 attempt += 1
-                sink.healthy = False
                 slot.sink_add(index, errors=1)
                 why = sink.describe_error(e)
+                if sink.is_data_error(e) and (len(batch) > 1 or self.deadletter is not None):
+                    # the store refuses something in this chunk's data: the same rows would
+                    # fail every retry and take the whole chunk to the dead-letter sink (or,
+                    # without one, block it for ever). Halve it until the refused events
+                    # stand alone; they go to the dead-letter sink, the rest is stored.
+                    await self._isolate(index, sink, batch, why)
+                    return
+                sink.healthy = False
                 if self.deadletter is not None and 0 <= cfg.retries < attempt:
                     log.error(
                         "sink %s: chunk of %d events failed %d times (last: %s); sending it to the dead-letter sink",
@@ -321,6 +424,15 @@ class SinkSet:
             if rejected:
                 await self._to_deadletter(rejected, count=True)
             return
+
+    async def _isolate(self, index: int, sink: Sink, batch: Batch, why: str) -> None:
+        if len(batch) == 1:
+            log.error("sink %s: the store refuses an event (%s); sending it to the dead-letter sink", sink.name, why)
+            await self._deadletter_chunk(sink, batch, f"sink {sink.name} refused this event: {why}")
+            return
+        mid = len(batch) // 2
+        for part in (batch.events[:mid], batch.events[mid:]):
+            await self._deliver(index, sink, Batch(part, self.codec))
 
     async def _deadletter_chunk(self, sink: Sink, batch: Batch, reason: str) -> None:
         now = time.time()

@@ -257,24 +257,33 @@ def _describe(tp: Any) -> tuple[str, str]:
     return text, desc
 
 
+def option_row(cls: Any, field: msgspec.structs.FieldInfo, label: str, type_text: str | None = None) -> str:
+    """One markdown row (label, option, type, default, description) of a config Struct field.
+
+    The README's option tables (sinks here, the daemon's in ``collector.config``) are
+    made of these rows, so each option's description is written once, in its Meta.
+    """
+    text, desc = _describe(typing.get_type_hints(cls, include_extras=True)[field.name])
+    if field.default is not msgspec.NODEFAULT:
+        d = field.default
+    elif field.default_factory is not msgspec.NODEFAULT:
+        d = field.default_factory()
+    else:
+        d = msgspec.NODEFAULT
+    dtext = "required" if d is msgspec.NODEFAULT else f"`{msgspec.json.encode(d).decode()}`"
+    return f"| {label} | `{field.name}` | {type_text or text} | {dtext} | {desc} |"
+
+
 def options_table() -> str:
     """The options of every sink kind and of the dead-letter sink, as a markdown table."""
     rows = ["| sink | option | type | default | description |", "|---|---|---|---|---|"]
     classes: list[Any] = [*SINK_KINDS, DeadLetterConfig]
     for cls in classes:
         kind = cls.__struct_config__.tag if cls is not DeadLetterConfig else "deadletter"
-        hints = typing.get_type_hints(cls, include_extras=True)
-        defaults = dict(
-            zip(cls.__struct_fields__[len(cls.__struct_fields__) - len(cls.__struct_defaults__) :],
-                cls.__struct_defaults__, strict=True)
-        )
-        for f in cls.__struct_fields__:
+        for f in msgspec.structs.fields(cls):
             # the retry options are the same on every sink: listed once, under "all"
-            if cls is not SINK_KINDS[0] and cls is not DeadLetterConfig and f in _SinkBase.__struct_fields__:
+            common = f.name in _SinkBase.__struct_fields__
+            if common and cls is not SINK_KINDS[0] and cls is not DeadLetterConfig:
                 continue
-            label = "all" if f in _SinkBase.__struct_fields__ else f"`{kind}`"
-            text, desc = _describe(hints[f])
-            d = defaults.get(f, msgspec.NODEFAULT)
-            dtext = "required" if d is msgspec.NODEFAULT else f"`{msgspec.json.encode(d).decode()}`"
-            rows.append(f"| {label} | `{f}` | {text} | {dtext} | {desc} |")
+            rows.append(option_row(cls, f, "all" if common else f"`{kind}`"))
     return "\n".join(rows) + "\n"

@@ -1,19 +1,25 @@
 """The ``sqlite`` sink: the embedded default. stdlib ``sqlite3`` on a private thread.
 
-Table layout (``{table}``)::
+Table layout (``{table}``) and its typed view (``{table}_fields``)::
 
     id           INTEGER or TEXT PRIMARY KEY   -- the pipeline's id field, else a content hash
     event        TEXT NOT NULL                 -- the event as JSON, with its own keys
     inserted_at  TEXT DEFAULT CURRENT_TIMESTAMP
-    <field>      VIRTUAL GENERATED column = json_extract(event, '$.<field>')
-                 for every top-level int/float/str/bool field of the event type
 
-Only ``id`` and ``event`` are written: the typed columns are *virtual* generated
-columns, so they cost nothing on insert, can be indexed, and a new scalar field in
-the event type is one ``ALTER TABLE ... ADD COLUMN`` (the migration adds it).
+    VIEW {table}_fields: id, inserted_at, event and, for every top-level
+        int/float/str/bool field of the event type, json_extract(event, '$.<field>')
 
-One transaction per chunk (``executemany`` of ``INSERT ... ON CONFLICT(id) DO
-NOTHING``), WAL journal. ``synchronous=NORMAL``: a committed chunk survives a crash of
+Only ``id`` and ``event`` are written. The typed columns live in a view, not in
+generated columns on the table: SQLite evaluates even *virtual* generated columns on
+every insert, which made each row cost about three times as much (measured: 72k vs
+230k rows/s per core). Index a field you filter on with an expression index, e.g.
+``CREATE INDEX ... ON {table}(json_extract(event, '$.user_id'))``. A new scalar field
+in the event type is a new view definition; the migration replaces the view.
+
+One transaction per group of concurrent chunks (group commit: the chunks that arrive
+while a transaction runs share the next one; ``executemany`` of ``INSERT ... ON
+CONFLICT(id) DO NOTHING``), WAL journal. Each chunk is acknowledged after the
+transaction holding it committed. ``synchronous=NORMAL``: a committed chunk survives a crash of
 the process; the last commits before a power loss can be lost. ``FULL`` fsyncs the
 WAL on every commit and survives that too, at a cost per chunk.
 """
@@ -21,17 +27,23 @@ WAL on every commit and survives that too, at a cost per chunk.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import Batch, EventCodec, Sink
+from .base import Batch, EventCodec, GroupCommit, Sink
 from .config import SqliteSinkConfig
 
-__all__ = ["SqliteSink"]
+__all__ = ["MAX_GROUP_ROWS", "SqliteSink"]
+
+log = logging.getLogger("collector.sinks")
 
 _AFFINITY = {"int": "INTEGER", "bool": "INTEGER", "float": "REAL", "str": "TEXT"}
 _RESERVED = {"id", "event", "inserted_at", "rowid", "oid", "_rowid_"}
+
+
+MAX_GROUP_ROWS = 32_768  # rows per group-commit transaction at most
 
 
 class SqliteSink(Sink):
@@ -46,11 +58,12 @@ class SqliteSink(Sink):
         # sqlite3 connections belong to one thread: every call runs on this one
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"collector-sink-{name}")
         self.db: sqlite3.Connection | None = None
+        self.group = GroupCommit(self._commit, self.is_data_error, MAX_GROUP_ROWS)
         t = config.table
         self.insert_sql = f'INSERT INTO "{t}" (id, event) VALUES (?, ?) ON CONFLICT(id) DO NOTHING'
 
     # -- blocking parts, on the sink's thread
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, migrate: bool = True) -> sqlite3.Connection:
         if self.db is None:
             d = os.path.dirname(os.path.abspath(self.path))
             os.makedirs(d, exist_ok=True)
@@ -61,7 +74,7 @@ class SqliteSink(Sink):
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute(f"PRAGMA synchronous={self.cfg.synchronous}")
                 db.execute(f"PRAGMA busy_timeout={int(self.cfg.busy_timeout * 1000)}")
-                if self.cfg.create_table:
+                if migrate and self.cfg.create_table:
                     self._migrate(db)
             except BaseException:
                 db.close()
@@ -78,6 +91,12 @@ class SqliteSink(Sink):
             cols.append((attr, _AFFINITY[kind], "$." + key.replace('"', "")))
         return cols
 
+    def view_sql(self) -> str:
+        """The ``CREATE VIEW`` of the typed view over the table."""
+        t = self.cfg.table
+        cols = "".join(f", json_extract(event, '{path}') AS \"{col}\"" for col, _, path in self.columns())
+        return f'CREATE VIEW "{t}_fields" AS SELECT id, inserted_at{cols}, event FROM "{t}"'
+
     def _migrate(self, db: sqlite3.Connection) -> list[str]:
         t = self.cfg.table
         applied = []
@@ -91,14 +110,12 @@ class SqliteSink(Sink):
                     "inserted_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
                 )
                 applied.append(f"create table {t}")
-            have = {r[1] for r in db.execute(f'PRAGMA table_xinfo("{t}")')}
-            for col, sqltype, path in self.columns():
-                if col not in have:
-                    db.execute(
-                        f'ALTER TABLE "{t}" ADD COLUMN "{col}" {sqltype} '
-                        f"GENERATED ALWAYS AS (json_extract(event, '{path}')) VIRTUAL"
-                    )
-                    applied.append(f"add column {t}.{col}")
+            view = self.view_sql()
+            row = db.execute("SELECT sql FROM sqlite_master WHERE type='view' AND name=?", (f"{t}_fields",)).fetchone()
+            if row is None or row[0] != view:
+                db.execute(f'DROP VIEW IF EXISTS "{t}_fields"')
+                db.execute(view)
+                applied.append(f"{'create' if row is None else 'replace'} view {t}_fields")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -127,26 +144,43 @@ class SqliteSink(Sink):
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self.executor, self._connect)
-        except sqlite3.OperationalError as e:
+        except (sqlite3.Error, OSError) as e:
+            # a locked or unreachable file is an outage, not a boot failure: every
+            # write connects again, so retries and the dead-letter sink apply
             self.healthy = False
-            import logging
-
-            logging.getLogger("collector.sinks").warning("sink %s: open deferred: %s", self.name, e)
+            log.warning("sink %s: open deferred: %s", self.name, self.describe_error(e))
 
     async def migrate(self) -> list[str]:
         """Create the table and add typed columns the event type gained."""
         loop = asyncio.get_running_loop()
 
         def run() -> list[str]:
-            return self._migrate(self._connect())
+            # connect without the automatic migration, so the steps applied are reported
+            return self._migrate(self._connect(migrate=False))
 
         return await loop.run_in_executor(self.executor, run)
 
     async def write(self, batch: Batch) -> None:
-        """Insert the chunk in one transaction; rows whose id exists are skipped."""
-        rows = list(zip(batch.ids, batch.texts, strict=True))
+        """Insert the chunk; rows whose id exists are skipped. Returns once it is committed.
+
+        Group commit: chunks that arrive while a transaction runs share the next one
+        (up to ``MAX_GROUP_ROWS`` rows). Fewer, larger transactions are faster: with
+        8192-event chunks the sink measured ~230k events/s against ~134k with 2048
+        (``bench/sinks.py``), and this gets part of that at any chunk size.
+        """
+        await self.group.submit(list(zip(batch.ids, batch.texts, strict=True)))
+
+    async def _commit(self, rows: list[tuple[object, str]]) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self._write, rows)
+
+    async def flush(self) -> None:
+        """Wait for the commits in progress."""
+        await self.group.drain()
+
+    def is_data_error(self, e: BaseException) -> bool:
+        """A constraint or value SQLite refuses (``IntegrityError``, ``DataError``); a lock is not one."""
+        return isinstance(e, sqlite3.IntegrityError | sqlite3.DataError)
 
     async def close(self) -> None:
         """Close the connection and stop the thread."""
