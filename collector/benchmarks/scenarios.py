@@ -510,24 +510,47 @@ def _repo_root() -> Path:
 
 
 def http(args: argparse.Namespace) -> dict[str, Any]:
-    """The daemon under HTTP load, once ``collector serve`` and ``bench/http_load.py`` exist."""
+    """The daemon under HTTP load: runs ``bench/http_load.py`` and returns its JSON results.
+
+    ``--quick``, ``--duration``, ``--repeats`` (rounds) and the largest ``--workers`` are
+    passed on. Words after a ``--`` that directly follows ``http`` go to the load
+    generator as they are (``collector bench --quick http -- --wrk --clients 2``; argparse
+    puts the first of them into ``url``, so it is put back in front).
+    """
+    import tempfile
+
     reasons = []
     if importlib.util.find_spec("collector.commands.serve") is None:
-        reasons.append("`collector serve` does not exist yet (collector/commands/serve.py)")
+        reasons.append("`collector serve` is not installed (collector/commands/serve.py is missing)")
     load = _repo_root() / "bench" / "http_load.py"
     if not load.exists():
-        reasons.append(f"the load generator {load} does not exist yet")
+        reasons.append(f"the load generator {load} is not here: it ships with the repository, not the package; "
+                       "run from a clone")
     if reasons:
         why = "http scenario absent: " + "; ".join(reasons)
         print(why)
         return {"scenario": "http", "skipped": why}
-    cmd = [sys.executable, str(load), *(["--quick"] if args.quick else []), *args.extra]
-    print("http: running " + " ".join(cmd), file=sys.stderr)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    print(proc.stdout, end="")
-    if proc.returncode:
-        print(proc.stderr, file=sys.stderr, end="")
-    return {"scenario": "http", "command": cmd, "returncode": proc.returncode, "stdout": proc.stdout}
+    passed = [*(["--quick"] if args.quick else []),
+              *(["--duration", str(args.duration)] if args.duration else []),
+              *(["--rounds", str(args.repeats)] if args.repeats else []),
+              *(["--workers", str(max(args.workers))] if args.workers else [])]
+    extra = [*([args.url] if args.url else []), *args.extra]
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as d:
+        result_file = os.path.join(d, "http.json")
+        cmd = [sys.executable, str(load), *passed, *extra, "--result-file", result_file]
+        print("http: running " + " ".join(cmd), file=sys.stderr)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        # its "results:" line names the temporary file; run() prints where ours goes
+        print("".join(line for line in proc.stdout.splitlines(keepends=True)
+                      if line.strip() != f"results: {result_file}"), end="")
+        if proc.returncode:
+            print(proc.stderr, file=sys.stderr, end="")
+        try:
+            with open(result_file, "rb") as f:
+                result = msgspec.json.decode(f.read())
+        except (OSError, msgspec.DecodeError):
+            result = {}
+    return {**result, "scenario": "http", "command": cmd, "returncode": proc.returncode, "stdout": proc.stdout}
 
 
 # ====================================================================== service URL

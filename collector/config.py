@@ -1,0 +1,285 @@
+"""The daemon's configuration: one TOML file decoded into frozen msgspec Structs.
+
+::
+
+    collector.toml ──tomllib──► dict ──msgspec.convert──► DaemonConfig (frozen)
+                                         │ unknown key, wrong type → ConfigError naming
+                                         │ its path: ``$.server.prot``, ``$.sinks[1].dsn``
+                                         ▼
+                     build_pipeline(cfg) → Pipeline (pack + sinks + dead-letter)
+                     engine_options(cfg) → Collector(**options)
+
+Every option's description is written once, in its ``msgspec.Meta``; :func:`options_table`
+renders the README's configuration table from them, so the docs cannot drift.
+With no file at all the daemon runs on :func:`default_config`: the ``generic`` pack,
+a JSONL sink and a dead-letter file in ``data_dir``, port 8080 on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from .errors import ConfigError
+from .sinks.config import DeadLetterConfig, JsonlSinkConfig, SinkConfig, option_row
+
+__all__ = [
+    "DaemonConfig",
+    "EngineConfig",
+    "LogConfig",
+    "PipelineConfig",
+    "ServerConfig",
+    "build_pipeline",
+    "default_config",
+    "engine_options",
+    "load_config",
+    "options_table",
+]
+
+
+class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The HTTP server: address, limits, deadlines, auth."""
+
+    host: Annotated[str, Meta(description="address to listen on")] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535, description="TCP port (0: any free port, logged at start)")] = 8080
+    max_body_bytes: Annotated[
+        int, Meta(ge=1, description="largest request body; larger is 413, decided from Content-Length before reading")
+    ] = 1 << 20
+    max_batch_items: Annotated[int, Meta(ge=1, description="most events in one `POST /events/batch` (413 above)")] = 100
+    max_json_depth: Annotated[
+        int, Meta(ge=2, description="deepest nesting of arrays/objects in a body (400 above)")
+    ] = 32
+    header_timeout: Annotated[
+        float, Meta(gt=0, description="seconds a client has to send a request's headers (then the connection is cut)")
+    ] = 10.0
+    body_timeout: Annotated[float, Meta(gt=0, description="seconds a client has to send a request's body")] = 30.0
+    keepalive_timeout: Annotated[float, Meta(gt=0, description="seconds an idle keep-alive connection stays open")] = 75.0
+    max_connections: Annotated[
+        int, Meta(ge=1, description="open connections at most; above, new ones get 503 and are closed")
+    ] = 2048
+    retry_after: Annotated[int, Meta(ge=1, description="`Retry-After` seconds sent with 503 when overloaded")] = 1
+    auth_tokens: Annotated[
+        list[str], Meta(description="bearer tokens accepted on ingest (`Authorization: Bearer …`); empty: no auth")
+    ] = msgspec.field(default_factory=list)
+    auth_tokens_env: Annotated[
+        str | None,
+        Meta(description="environment variable holding comma-separated bearer tokens (added to `auth_tokens`)"),
+    ] = None
+
+
+class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The engine under the server: workers, bounds, timeouts (``Collector`` options)."""
+
+    workers: Annotated[int, Meta(ge=0, description="worker processes (0: one per CPU)")] = 0
+    max_inflight: Annotated[
+        int, Meta(ge=1, description="events accepted and not yet stored; above it ingest answers 503 + Retry-After")
+    ] = 200_000
+    chunk_size: Annotated[int, Meta(ge=1, description="events per chunk sent to a worker")] = 2048
+    window: Annotated[int, Meta(ge=1, description="chunks in flight per worker")] = 16
+    heartbeat_timeout: Annotated[
+        float, Meta(gt=0, description="a worker silent this long is killed and replaced")
+    ] = 10.0
+    coalesce_ops: Annotated[
+        int,
+        Meta(ge=0, description="engine operations the HTTP server keeps running at once; requests that "
+             "arrive meanwhile wait and go together in the next (0: one per loop turn, no bound)"),
+    ] = 0
+    shutdown_timeout: Annotated[
+        float, Meta(gt=0, description="seconds SIGTERM may spend finishing requests and draining before exit")
+    ] = 30.0
+
+
+class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Which pipeline the daemon runs."""
+
+    pack: Annotated[
+        str,
+        Meta(description="`generic` (seed 004) or an import string `module:attr` of a Pipeline or a factory"),
+    ] = "generic"
+    enrich_latency: Annotated[
+        float, Meta(ge=0, description="generic pack: latency of the built-in simulated user service, seconds")
+    ] = 0.005
+    client: Annotated[
+        str | None,
+        Meta(description="generic pack: `module:factory` building the enrichment client (has `get_segment(user_id)`)"),
+    ] = None
+    dedup_ttl: Annotated[
+        float, Meta(ge=0, description="generic pack: seconds an event id is remembered for duplicate detection")
+    ] = 600.0
+    cache_ttl: Annotated[float, Meta(ge=0, description="generic pack: seconds an enrichment answer is cached")] = 300.0
+
+
+class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Logging: JSON lines on stderr."""
+
+    level: Annotated[
+        typing.Literal["debug", "info", "warning", "error"], Meta(description="least severe level logged")
+    ] = "info"
+    stats_interval: Annotated[
+        float, Meta(ge=0, description="seconds between `stats` log lines with the event counts (0: none)")
+    ] = 60.0
+
+
+class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole daemon configuration (the top level of the TOML file)."""
+
+    data_dir: Annotated[
+        str,
+        Meta(description="folder for relative sink paths (default: `$STATE_DIRECTORY` under systemd, else `./collector-data`)"),
+    ] = ""
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    sinks: Annotated[
+        list[SinkConfig],
+        Meta(description="`[[sinks]]` tables (see Sinks); none: one JSONL sink `events-{worker}.jsonl` in `data_dir`"),
+    ] = msgspec.field(default_factory=list)
+    deadletter: Annotated[
+        DeadLetterConfig | None,
+        Meta(description="`[deadletter]` table; default: `deadletter-{worker}.jsonl` in `data_dir`"),
+    ] = None
+
+    def resolved_data_dir(self) -> Path:
+        """``data_dir``, or ``$STATE_DIRECTORY`` (systemd), or ``./collector-data``; absolute."""
+        d = self.data_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "collector-data"
+        return Path(d).expanduser().resolve()
+
+    def tokens(self) -> frozenset[str]:
+        """Every accepted bearer token (config and environment)."""
+        toks = set(self.server.auth_tokens)
+        env = self.server.auth_tokens_env
+        if env:
+            toks.update(t.strip() for t in os.environ.get(env, "").split(",") if t.strip())
+        return frozenset(toks)
+
+
+def default_config() -> DaemonConfig:
+    """The embedded defaults (no file)."""
+    return DaemonConfig()
+
+
+def _path_error(e: msgspec.ValidationError, where: str) -> ConfigError:
+    msg = str(e)
+    return ConfigError(f"{where}: {msg}; see `collector check-config --help` or the README's configuration table")
+
+
+def decode_config(obj: Any, where: str = "config") -> DaemonConfig:
+    """A :class:`DaemonConfig` from a dict (as TOML gives it); errors name the path."""
+    try:
+        return msgspec.convert(obj, DaemonConfig)
+    except msgspec.ValidationError as e:
+        raise _path_error(e, where) from None
+
+
+def load_config(path: str | os.PathLike[str] | None) -> DaemonConfig:
+    """Read and validate a TOML file; ``None`` gives the embedded defaults."""
+    if path is None:
+        return default_config()
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror or e}") from None
+    try:
+        obj = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    cfg = decode_config(obj, str(p))
+    _check(cfg, str(p))
+    return cfg
+
+
+def _check(cfg: DaemonConfig, where: str) -> None:
+    """Cross-field checks msgspec cannot express."""
+    pack = cfg.pipeline.pack
+    if pack != "generic" and ":" not in pack:
+        raise ConfigError(f"{where}: `$.pipeline.pack` must be 'generic' or 'module:attr' (got {pack!r})")
+    names = [s.name for s in cfg.sinks if s.name]
+    if len(names) != len(set(names)):
+        raise ConfigError(f"{where}: `$.sinks`: sink names must be unique (got {names})")
+
+
+def _in_dir(path: str, data_dir: Path) -> str:
+    return path if os.path.isabs(path) else str(data_dir / path)
+
+
+def resolved_sinks(cfg: DaemonConfig) -> tuple[tuple[SinkConfig, ...], DeadLetterConfig]:
+    """The sinks and dead-letter sink with relative file paths placed in ``data_dir``."""
+    d = cfg.resolved_data_dir()
+    sinks: list[SinkConfig] = list(cfg.sinks) or [JsonlSinkConfig(name="events", path="events-{worker}.jsonl")]
+    out: list[SinkConfig] = []
+    for s in sinks:
+        p = getattr(s, "path", None)
+        if isinstance(p, str) and s.kind in ("jsonl", "sqlite"):
+            s = msgspec.structs.replace(s, path=_in_dir(p, d))
+        out.append(s)
+    dl = cfg.deadletter or DeadLetterConfig(path="deadletter-{worker}.jsonl")
+    dl = msgspec.structs.replace(dl, path=_in_dir(dl.path, d))
+    return tuple(out), dl
+
+
+def build_pipeline(cfg: DaemonConfig) -> Any:
+    """The configured :class:`~collector.Pipeline`, with its sinks and dead-letter sink."""
+    from .pipeline import Pipeline, resolve_pipeline
+
+    sinks, dl = resolved_sinks(cfg)
+    pc = cfg.pipeline
+    if pc.pack == "generic":
+        from .generic import generic_pipeline
+
+        return generic_pipeline(
+            pc.client,
+            enrich_latency=pc.enrich_latency,
+            cache_ttl=pc.cache_ttl,
+            dedup_ttl=pc.dedup_ttl,
+            sinks=sinks,
+            deadletter=dl,
+        )
+    p = resolve_pipeline(pc.pack)
+    assert isinstance(p, Pipeline)
+    # the config's sinks and dead-letter sink win; the pack's own stay when none is given
+    changes: dict[str, Any] = {}
+    if cfg.sinks or not p.sinks:
+        changes["sinks"] = sinks
+    if cfg.deadletter is not None or p.deadletter is None:
+        changes["deadletter"] = dl
+    return dataclasses.replace(p, **changes)
+
+
+def engine_options(cfg: DaemonConfig) -> dict[str, Any]:
+    """Keyword arguments for :class:`~collector.Collector` from ``[engine]``."""
+    e = cfg.engine
+    return {
+        "workers": e.workers or None,
+        "max_inflight": e.max_inflight,
+        "chunk_size": e.chunk_size,
+        "window": e.window,
+        "heartbeat_timeout": e.heartbeat_timeout,
+        "shutdown_timeout": e.shutdown_timeout,
+    }
+
+
+def options_table() -> str:
+    """Every daemon option (not the sinks: see ``collector.sinks.options_table``) as markdown."""
+    rows = ["| section | option | type | default | description |", "|---|---|---|---|---|"]
+    sections: list[tuple[str, Any]] = [
+        ("top level", DaemonConfig),
+        ("`[server]`", ServerConfig),
+        ("`[engine]`", EngineConfig),
+        ("`[pipeline]`", PipelineConfig),
+        ("`[log]`", LogConfig),
+    ]
+    tables = {"sinks": "array of tables", "deadletter": "table"}
+    for label, cls in sections:
+        for f in msgspec.structs.fields(cls):
+            if f.name not in ("server", "engine", "pipeline", "log"):
+                rows.append(option_row(cls, f, label, tables.get(f.name)))
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,104 @@
+"""``GET /openapi.json``: an OpenAPI 3.1 document generated from the server's Structs.
+
+The request and response schemas come from :func:`msgspec.json.schema_components`
+over the very Structs that :mod:`collector.server` decodes and encodes with (and the
+event Struct of the ``generic`` pack), so the document cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+
+from .generic import GenericEvent
+from .server import BatchResponse, ErrorResponse, EventResponse, Health, ItemResult, Metrics
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
+
+__all__ = ["document"]
+
+_REF = "#/components/schemas/{name}"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(name=name)}
+
+
+def _json(*names: str) -> dict[str, Any]:
+    schema: dict[str, Any] = _ref(names[0]) if len(names) == 1 else {"anyOf": [_ref(n) for n in names]}
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any]:
+    """The OpenAPI document for a server with these limits, taking ``event_type`` events."""
+    ev = event_type.__name__
+    EventBatch = msgspec.defstruct(
+        "EventBatch",
+        [("events", Annotated[list[event_type], msgspec.Meta(max_length=cfg.max_batch_items)])],
+        forbid_unknown_fields=True,
+    )
+    (_, components) = msgspec.json.schema_components(
+        [event_type, EventBatch, EventResponse, BatchResponse, ItemResult, ErrorResponse, Metrics, Health],
+        ref_template=_REF,
+    )
+    # a batch is validated item by item (per-item results, 202 when any is stored), so
+    # the array admits anything and says that each item is meant to be an event
+    components["EventBatch"]["properties"]["events"]["items"] = {
+        "anyOf": [_ref(ev), {"description": "anything else is reported as `invalid` in `results`"}]
+    }
+    retry = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait before retrying"}}
+
+    def ingest(req: str, ok: str, many: bool) -> dict[str, Any]:
+        item = "BatchResponse" if many else "EventResponse"
+        responses: dict[str, Any] = {
+            "202": {"description": "stored (batch: answered per item in `results`, whatever each item's fate)", **_json(item)},
+            "400": {"description": "malformed JSON, empty body, or nesting deeper than the limit", **_json("ErrorResponse")},
+            "401": {"description": "missing or unknown bearer token (when auth is on)", **_json("ErrorResponse")},
+            "413": {"description": "body or item count over the limit", **_json("ErrorResponse")},
+            "415": {"description": "Content-Type is not application/json", **_json("ErrorResponse")},
+            "422": {"description": "schema errors, each naming its field (batch: only an invalid envelope)",
+                    **_json(item, "ErrorResponse")},
+            "503": {"description": "overloaded or stopping: retry after Retry-After", "headers": retry, **_json(item, "ErrorResponse")},
+        }
+        if not many:
+            responses["200"] = {"description": "an event with this id was already accepted", **_json(item)}
+        return {
+            "summary": ok,
+            "requestBody": {"required": True, **_json(req)},
+            "responses": responses,
+            "security": [{}, {"bearer": []}],
+        }
+
+    health = {
+        "200": {"description": "ok", **_json("Health")},
+        "503": {"description": "not ok", **_json("Health")},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "collector", "version": _version(),
+                 "description": "Event ingest (seed 004): validate, dedup, enrich, store."},
+        "paths": {
+            "/events": {"post": ingest(ev, "Accept one event", False)},
+            "/events/batch": {"post": ingest("EventBatch", f"Accept up to {cfg.max_batch_items} events", True)},
+            "/metrics": {"get": {"summary": "Processing statistics (JSON; Prometheus text with Accept: text/plain)",
+                                 "responses": {"200": {"description": "metrics", **_json("Metrics"),
+                                                       }}}},
+            "/metrics/prometheus": {"get": {"summary": "Prometheus text exposition",
+                                            "responses": {"200": {"description": "metrics",
+                                                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/health": {"get": {"summary": "Liveness", "responses": health}},
+            "/ready": {"get": {"summary": "Readiness (workers up, sinks reachable)", "responses": health}},
+        },
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

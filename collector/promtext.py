@@ -1,0 +1,97 @@
+"""Prometheus text exposition (format 0.0.4) of the daemon's statistics.
+
+Engine figures come from the shared-memory stats block (no message to any worker);
+HTTP figures from the server's own counters on the supervisor loop.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["render"]
+
+
+def _num(v: float) -> str:
+    if v == math.inf:
+        return "+Inf"
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def metric(self, name: str, kind: str, help_: str, samples: list[tuple[dict[str, Any], float]]) -> None:
+        self.lines.append(f"# HELP {name} {help_}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, v in samples:
+            lab = ",".join(f'{k}="{x!s}"' for k, x in labels.items())
+            self.lines.append(f"{name}{{{lab}}} {_num(v)}" if lab else f"{name} {_num(v)}")
+
+    def histogram(self, name: str, help_: str, series: list[tuple[dict[str, Any], list[tuple[float, int]], float]]) -> None:
+        """``series``: (labels, [(upper bound seconds, count in that bucket)], sum)."""
+        self.lines.append(f"# HELP {name} {help_}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for labels, buckets, total in series:
+            acc = 0
+            for le, c in buckets:
+                acc += c
+                lab = ",".join([*(f'{k}="{x}"' for k, x in labels.items()), f'le="{_num(le)}"'])
+                self.lines.append(f"{name}_bucket{{{lab}}} {acc}")
+            lab = ",".join(f'{k}="{x}"' for k, x in labels.items())
+            self.lines.append(f"{name}_sum{{{lab}}} {_num(total)}")
+            self.lines.append(f"{name}_count{{{lab}}} {acc}")
+
+
+def render(daemon: Any, server: Any) -> str:
+    """The exposition text."""
+    m = daemon.metrics()
+    st = daemon.collector.stats()
+    o = _Out()
+    c = "counter"
+    o.metric("collector_events_received_total", c, "Events accepted into the engine.", [({}, m.events_received)])
+    o.metric("collector_events_processed_total", c, "Events handled and stored (or deduplicated).", [({}, m.events_processed)])
+    o.metric("collector_events_failed_total", c, "Events rejected (invalid, lost, pipeline error).", [({}, m.events_failed)])
+    o.metric("collector_duplicates_dropped_total", c, "Events dropped as repeated ids.", [({}, m.duplicates_dropped)])
+    o.metric("collector_deadlettered_total", c, "Records written to the dead-letter sink.", [({}, m.deadlettered)])
+    o.metric("collector_redelivered_chunks_total", c, "Chunks sent again after a worker died.", [({}, m.redelivered_chunks)])
+    o.metric("collector_worker_restarts_total", c, "Workers replaced.", [({}, m.worker_restarts)])
+    o.metric("collector_lookup_calls_total", c, "Enrichment calls made.", [({}, st.lookup_calls)])
+    o.metric("collector_lookup_cache_hits_total", c, "Enrichment cache hits.", [({}, st.cache_hits)])
+    o.metric("collector_lookup_failures_total", c, "Enrichment calls that failed after retries.", [({}, st.lookup_failures)])
+    o.metric("collector_queue_depth", "gauge", "Events accepted and not yet done.", [({}, m.current_queue_depth)])
+    o.metric("collector_active_workers", "gauge", "Live worker processes.", [({}, m.active_workers)])
+    o.metric("collector_events_per_second", "gauge", "Events handled per second over the last 5 s.", [({}, m.events_per_second)])
+    o.metric("collector_uptime_seconds", "gauge", "Seconds since the daemon started.", [({}, m.uptime_seconds)])
+    ws = st.workers
+    o.metric("collector_worker_events_total", c, "Events handled per worker.", [({"worker": w.index}, w.events) for w in ws])
+    o.metric("collector_worker_failed_total", c, "Events rejected per worker.", [({"worker": w.index}, w.failed) for w in ws])
+    o.metric("collector_worker_up", "gauge", "1 while the worker is alive.", [({"worker": w.index}, int(w.alive)) for w in ws])
+    o.metric("collector_worker_heartbeat_age_seconds", "gauge", "Age of the worker's last heartbeat.",
+             [({"worker": w.index}, round(w.heartbeat_age, 4)) for w in ws])
+    o.metric("collector_worker_events_per_second", "gauge", "Events per second per worker (last 5 s).",
+             [({"worker": w.index}, w.processed_per_sec) for w in ws])
+    o.metric("collector_worker_inflight_events", "gauge", "Events inside each worker.", [({"worker": w.index}, w.inflight) for w in ws])
+    names = daemon.sink_names()
+    for field, help_ in (("rows", "Rows committed per sink."), ("batches", "Batches committed per sink."),
+                         ("errors", "Failed write attempts per sink."), ("retries", "Retries scheduled per sink.")):
+        o.metric(f"collector_sink_{field}_total", c, help_,
+                 [({"sink": names.get(s.index, str(s.index))}, getattr(s, field)) for s in st.sinks])
+    o.metric("collector_sink_last_commit_seconds", "gauge", "Duration of the latest commit per sink.",
+             [({"sink": names.get(s.index, str(s.index))}, s.last_commit_ms / 1000.0) for s in st.sinks])
+    chunk_buckets = [(b / 1000.0, n) for b, n in st.latency_buckets_ms]
+    chunk_sum = st.avg_latency_ms / 1000.0 * sum(n for _, n in st.latency_buckets_ms)
+    series = [({"stage": "worker_chunk"}, chunk_buckets, chunk_sum)]
+    if server is not None:
+        series.append(({"stage": "http_request"}, list(zip(server.bounds, server.lat_buckets, strict=True)), server.lat_sum))
+    o.histogram("collector_stage_latency_seconds",
+                "Latency per stage: worker_chunk = decode to sink commit of one chunk; http_request = request to answer.",
+                series)
+    if server is not None:
+        o.metric("collector_http_responses_total", c, "HTTP answers by status code.",
+                 [({"code": k}, v) for k, v in sorted(server.by_status.items())])
+        o.metric("collector_http_connections", "gauge", "Open HTTP connections.", [({}, len(server.connections))])
+        o.metric("collector_http_slow_clients_total", c, "Connections cut for missing a header/body deadline.",
+                 [({}, server.slow_clients)])
+    return "\n".join(o.lines) + "\n"
