@@ -88,3 +88,85 @@ def run_stdout(n: int, summary: str, kill: bool) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "stdout":
         run_stdout(int(sys.argv[2]), sys.argv[3], len(sys.argv) > 4 and sys.argv[4] == "kill")
+
+
+# ---------------------------------------------------------------- stdout outages (tests/test_sink_outages.py)
+def _put_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (the test polls the file)."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(msgspec.json.encode(obj))
+    os.replace(path + ".tmp", path)
+
+
+def run_stdout_outage(mode: str, n: int, summary: str, timeout: float) -> None:
+    """``python sink_helpers.py stdout-outage MODE N SUMMARY [TIMEOUT]``: the stdout sink
+    writing to a pipe whose reader goes away (``epipe``) or stops reading (``stall``).
+
+    SIGPIPE is set back to its default here, as CLI tools piped into ``head`` do: the
+    supervisor must never write to standard output itself. The sink retries twice,
+    then dead-letters to ``SUMMARY.dl.jsonl``. Progress goes to ``SUMMARY.status``:
+    ``started`` (worker pids), and in ``stall`` mode ``full`` once ``handle(block=False)``
+    raised ``Overloaded``; the helper then waits for the file ``SUMMARY.go``, notes what
+    was done by then (``at_go``), sends the rest (blocking) and waits for everything.
+    """
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sink = StdoutSinkConfig(retries=2, backoff=0.01, backoff_max=0.05, timeout=timeout)
+    p = playback_pipeline(InMemoryClient(), sinks=(sink,), deadletter=DeadLetterConfig(path=summary + ".dl.jsonl"))
+    events = generate_events(n, seed=11)
+    with open(summary + ".sent", "wb") as f:
+        f.write(msgspec.json.encode(events))
+    batch = 1000
+    status = summary + ".status"
+    at_go: dict[str, Any] = {}
+    overloaded = False
+    with Collector(p, workers=2, chunk_size=500, max_inflight=8 * batch, window=4) as c:
+        _put_json(status, {"phase": "started", "pids": c.worker_pids()})
+        ops = []
+        k = 0
+        if mode == "stall":
+            from collector import Overloaded
+
+            while k < n // batch:
+                try:
+                    ops.append(c.handle(events[k * batch : (k + 1) * batch], block=False))
+                except Overloaded:
+                    overloaded = True
+                    break
+                k += 1
+            _put_json(status, {"phase": "full", "accepted": len(ops), "overloaded": overloaded})
+            deadline = time.monotonic() + 60
+            while not os.path.exists(summary + ".go") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            st = c.stats()
+            s0 = st.sinks[0] if st.sinks else None
+            at_go = {
+                "done": sum(op.done() for op in ops),
+                "inflight": c.inflight_events,
+                "rows": s0.rows if s0 else 0,
+                "errors": s0.errors if s0 else 0,
+            }
+        while k < n // batch:
+            ops.append(c.handle(events[k * batch : (k + 1) * batch], timeout=60))
+            k += 1
+        results = [op.wait(timeout=90) for op in ops]
+        st = c.stats()
+        alive = c.workers_alive()
+    sinks = {s.index: {"rows": s.rows, "errors": s.errors, "retries": s.retries} for s in st.sinks}
+    _put_json(
+        summary,
+        {
+            "handled": sum(r.handled_events for r in results),
+            "failed": sum(r.failed_events for r in results),
+            "deadlettered": st.deadlettered,
+            "restarts": st.worker_restarts,
+            "redelivered": st.redelivered_chunks,
+            "alive": alive,
+            "sink": sinks.get(0, {"rows": 0, "errors": 0, "retries": 0}),
+            "overloaded": overloaded,
+            "at_go": at_go,
+        },
+    )
+
+
+if __name__ == "__main__" and sys.argv[1] == "stdout-outage":
+    run_stdout_outage(sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5]) if len(sys.argv) > 5 else 30.0)

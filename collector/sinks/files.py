@@ -67,7 +67,21 @@ class GroupWriter:
         if self._task is None:
             self._task = loop.create_task(self._run())
         # shield: a cancelled caller must not cancel a round other callers share
-        await asyncio.shield(fut)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # the caller gave up (its attempt timed out, e.g. behind a write blocked on
+            # a pipe nobody reads): withdraw its data if no round took it yet. Left
+            # queued, every retry of a chunk added another copy of it, all written
+            # later (lines repeated up to retries+1 times) and held in memory meanwhile,
+            # even for chunks already dead-lettered: memory grew with the traffic for
+            # as long as the reader stalled. The retry queues the data again.
+            for i, (_, f) in enumerate(self._pending):
+                if f is fut:
+                    del self._pending[i]
+                    fut.cancel()
+                    break
+            raise
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
