@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import itertools
 import os
+import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -49,8 +50,18 @@ SEGMENTS = ("new", "casual", "regular", "power", "anonymous")
 
 
 _NODE = int.from_bytes(os.urandom(4), "big") & 0x3FF_FFFF  # 26 random bits per process
-_SEQ = itertools.count(int.from_bytes(os.urandom(3), "big"))
+_VARIANT = 0x8000 | (_NODE & 0x3FFF)  # the 4th group: variant bits and 14 of _NODE
+_MASK = 0xFFFF_FFFF_FFFF
+_COUNTER = [int.from_bytes(os.urandom(3), "big")]  # the next counter value
+_LOCK = threading.Lock()  # a batch reserves a range of the counter
 _PREFIX: list[Any] = [-1, ""]  # (millisecond, its id prefix): one format per millisecond, not per id
+
+
+def _reserve(n: int) -> int:
+    with _LOCK:
+        c = _COUNTER[0]
+        _COUNTER[0] = c + n
+    return c
 
 
 def new_id() -> str:
@@ -64,20 +75,31 @@ def new_id() -> str:
     processes. The prefix is formatted once per millisecond: a few hundred ns per id,
     against 2-4 µs for ``str(uuid.uuid4())``.
     """
-    return f"{_prefix()}{next(_SEQ) & 0xFFFF_FFFF_FFFF:012x}"
+    return f"{_prefix()}{_VARIANT:04x}-{_reserve(1) & _MASK:012x}"
 
 
 def new_ids(n: int) -> list[str]:
-    """``n`` ids as :func:`new_id` makes them, with one clock read."""
-    p = _prefix()
-    return [f"{p}{c & 0xFFFF_FFFF_FFFF:012x}" for c in itertools.islice(_SEQ, n)]
+    """``n`` ids as :func:`new_id` makes them, with one clock read and no Python step
+    per id: the 4th group and the counter are packed as 8-byte integers, hexed with a
+    separator, and the dash and time prefix go in by one ``replace`` (about 0.05 µs an
+    id, against 0.3 µs for an f-string each)."""
+    if n <= 0:
+        return []
+    c = _reserve(n)
+    base = _VARIANT << 48
+    if (c & _MASK) + n > _MASK:  # the 48-bit counter wraps inside this batch: rare, slow
+        return [f"{_prefix()}{_VARIANT:04x}-{(c + i) & _MASK:012x}" for i in range(n)]
+    lo = base | (c & _MASK)
+    hx = struct.pack(f">{n}Q", *range(lo, lo + n)).hex("\n", 8)
+    v = f"{_VARIANT:04x}"
+    return ("\n" + hx).replace("\n" + v, f"\n{_prefix()}{v}-")[1:].split("\n")
 
 
 def _prefix() -> str:
     ms = time.time_ns() // 1_000_000
     if ms != _PREFIX[0]:
         _PREFIX[0] = ms
-        _PREFIX[1] = f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7{_NODE >> 14:03x}-{0x8000 | (_NODE & 0x3FFF):04x}-"
+        _PREFIX[1] = f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7{_NODE >> 14:03x}-"
     return str(_PREFIX[1])
 
 
@@ -104,8 +126,11 @@ class ReceiptTime(Stage):
         return stamp
 
 
-class GenericEvent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class GenericEvent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, gc=False):
     """One event of seed 004's model.
+
+    ``gc=False``: an event holds decoded JSON values, which cannot form a reference
+    cycle, and 2,048 tracked objects per chunk kept the worker's cyclic GC busy.
 
     ``segment`` is filled by enrichment (from ``user_id``); a client need not send it.
     """

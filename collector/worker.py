@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import ctypes
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -189,6 +190,10 @@ class _Worker:
             return BOOT_FAILURE
         self.out = FrameWriter(writer)
         hb = loop.create_task(self.heartbeat())
+        # the pipeline, its clients and the modules live as long as the worker: frozen out
+        # of the cyclic GC, a full collection walks only what the chunks made
+        gc.collect()
+        gc.freeze()
         self.slot.set(S.READY, 1)
         writer.write(encode_frame(Ready(os.getpid())))
         try:

@@ -159,3 +159,22 @@ def test_a_replaced_workers_counts_stay_in_the_totals() -> None:
         assert after.workers[0].events == 0  # the new worker starts from zero
     finally:
         block.close()
+
+
+def test_generated_ids_are_unique_ordered_uuid7_also_across_the_counter_wrap() -> None:
+    import uuid
+
+    from collector import generic
+
+    batch = generic.new_ids(5000) + [generic.new_id()] + generic.new_ids(3)
+    assert len(set(batch)) == len(batch)
+    for s in batch:
+        u = uuid.UUID(s)
+        assert (str(u), u.version, u.variant) == (s, 7, uuid.RFC_4122)
+    assert batch == sorted(batch)  # time-ordered, then by counter: keys append to an index
+    assert generic.new_ids(0) == []
+    # a batch that crosses the 48-bit counter's end takes the slow path and stays valid
+    generic._COUNTER[0] = (generic._COUNTER[0] | generic._MASK) - 2
+    wrap = generic.new_ids(5)
+    assert [s[-12:] for s in wrap] == ["fffffffffffd", "fffffffffffe", "ffffffffffff", "000000000000", "000000000001"]
+    assert all(uuid.UUID(s).version == 7 for s in wrap)
