@@ -59,6 +59,10 @@ class Coalescer:
         self._count = 0
         self._scheduled: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # the loop of the first submit: one coalescer serves one loop. Cached because
+        # asyncio.get_running_loop() makes a getpid() system call on Python 3.11 (fork
+        # detection): 0.25 us per request saved
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.operations = 0  # operations started (for the events-per-operation figure)
 
     async def submit(self, items: list[Any], keys: list[Any] | None = None) -> SliceResult:
@@ -69,7 +73,9 @@ class Coalescer:
         item's shard key (see ``Collector.ahandle``). One coalescer carries one kind:
         raw items are not mixed with objects, nor keyed with unkeyed submissions.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[SliceResult] = loop.create_future()
         self._pending.append((items, keys, fut))
         self._count += len(items)
@@ -89,14 +95,16 @@ class Coalescer:
             return
         batch, self._pending, self._count = self._pending, [], 0
         self.operations += 1
-        t = asyncio.get_running_loop().create_task(self._run(batch))
+        assert self._loop is not None
+        t = self._loop.create_task(self._run(batch))
         self._tasks.add(t)
         t.add_done_callback(self._finished)
 
     def _finished(self, t: asyncio.Task[None]) -> None:
         self._tasks.discard(t)
         if self._pending and self._scheduled is None:
-            self._scheduled = asyncio.get_running_loop().call_soon(self._flush)
+            assert self._loop is not None
+            self._scheduled = self._loop.call_soon(self._flush)
 
     async def _run(self, batch: list[tuple[list[Any], list[Any] | None, asyncio.Future[SliceResult]]]) -> None:
         merged: list[Any] = []
