@@ -335,6 +335,10 @@ class StatsBlock:
         recent = 0
         last_commit = [0] * MAX_SINKS
         oldest = now_sec - window
+        uptime = now - self.started
+        # whole seconds [now_sec - window, now_sec) plus the running second; shorter
+        # right after start, so the first seconds are not diluted by time not yet lived
+        span = min(window + (now - now_sec), uptime)
         for i in range(self.workers):
             q = _SLOT.unpack_from(buf, i * SLOT_BYTES)
             # element-wise sums in C (map over operator.add): this runs while workers
@@ -360,7 +364,7 @@ class StatsBlock:
                     failed=q[FAILED],
                     chunks=q[CHUNKS],
                     inflight=q[INFLIGHT],
-                    processed_per_sec=r / window,
+                    processed_per_sec=r / span if span > 0.05 else 0.0,
                     lookup_calls=q[LOOKUP_CALLS],
                     cache_hits=q[CACHE_HITS],
                     coalesced=q[COALESCED],
@@ -376,7 +380,6 @@ class StatsBlock:
         for w in _CARRIED:
             tot[w] += sup[w]
         buckets = list(map(add, buckets, sup[LAT_BUCKETS : LAT_BUCKETS + nb]))
-        uptime = now - self.started
         sinks = [
             SinkStats(
                 index=k,
@@ -389,9 +392,6 @@ class StatsBlock:
             for k in range(MAX_SINKS)
             if tot[SINK_BASE + k * nf + 1] or tot[SINK_BASE + k * nf + 2]
         ]
-        # whole seconds [now_sec - window, now_sec) plus the running second; shorter
-        # right after start, so the first seconds are not diluted by time not yet lived
-        span = min(window + (now - now_sec), uptime)
         return Stats(
             total_events=tot[EVENTS],
             processed_per_sec=recent / span if span > 0.05 else 0.0,

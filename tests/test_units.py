@@ -32,10 +32,18 @@ def test_stats_block_sums_slots_and_rates(monkeypatch: pytest.MonkeyPatch) -> No
         # 150 events over [996, 1001.5]: 5 whole seconds plus half of the running one
         assert st.processed_per_sec == pytest.approx(150 / 5.5)
         assert [w.events for w in st.workers] == [100, 50]
+        # each worker's rate over the same span as the total: they add up to it
+        assert [w.processed_per_sec for w in st.workers] == pytest.approx([100 / 5.5, 50 / 5.5])
         assert dict(st.latency_buckets_ms)[5] == 1 and dict(st.latency_buckets_ms)[500] == 1
         assert st.sinks[0].rows == 98 and st.sinks[0].last_commit_ms == pytest.approx(2.0)
         now[0] = 1010.0  # both seconds left the window
         assert block.read().processed_per_sec == 0.0
+        # right after start the span is the uptime, for the total and for each worker
+        block.started = 1009.5
+        a.count_processed(30, 0, 0.001)
+        st = block.read()
+        assert st.processed_per_sec == pytest.approx(60.0)
+        assert [w.processed_per_sec for w in st.workers] == pytest.approx([60.0, 0.0])
         name = block.name
     import os
 
@@ -166,7 +174,7 @@ def test_generated_ids_are_unique_ordered_uuid7_also_across_the_counter_wrap() -
 
     from collector import generic
 
-    batch = generic.new_ids(5000) + [generic.new_id()] + generic.new_ids(3)
+    batch = [*generic.new_ids(5000), generic.new_id(), *generic.new_ids(3)]
     assert len(set(batch)) == len(batch)
     for s in batch:
         u = uuid.UUID(s)
