@@ -50,7 +50,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: Annotated[str, Meta(description="address to listen on")] = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535, description="TCP port (0: any free port, logged at start)")] = 8080
     max_body_bytes: Annotated[
-        int, Meta(ge=1, description="largest request body; larger is 413, decided from Content-Length before reading")
+        int, Meta(ge=1, description="largest request body; larger is 413, decided from Content-Length before reading "
+                  "(and, for a gzip or deflate body, on the decompressed size too)")
     ] = 1 << 20
     max_batch_items: Annotated[int, Meta(ge=1, description="most events in one `POST /events/batch` (413 above)")] = 100
     max_json_depth: Annotated[

@@ -54,10 +54,13 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
         item = "BatchResponse" if many else "EventResponse"
         responses: dict[str, Any] = {
             "202": {"description": "stored (batch: answered per item in `results`, whatever each item's fate)", **_json(item)},
-            "400": {"description": "malformed JSON, empty body, or nesting deeper than the limit", **_json("ErrorResponse")},
+            "400": {"description": "malformed JSON, empty body, nesting deeper than the limit, or a body that is "
+                    "not valid for its Content-Encoding", **_json("ErrorResponse")},
             "401": {"description": "missing or unknown bearer token (when auth is on)", **_json("ErrorResponse")},
-            "413": {"description": "body or item count over the limit", **_json("ErrorResponse")},
-            "415": {"description": "Content-Type is not application/json", **_json("ErrorResponse")},
+            "413": {"description": "body (before or after decompression) or item count over the limit",
+                    **_json("ErrorResponse")},
+            "415": {"description": "Content-Type is not application/json, or Content-Encoding is not gzip, "
+                    "deflate or identity", **_json("ErrorResponse")},
             "422": {"description": "schema errors, each naming its field (batch: only an invalid envelope)",
                     **_json(item, "ErrorResponse")},
             "503": {"description": "overloaded or stopping: retry after Retry-After", "headers": retry, **_json(item, "ErrorResponse")},
@@ -66,6 +69,10 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
             responses["200"] = {"description": "an event with this id was already accepted", **_json(item)}
         return {
             "summary": ok,
+            # not a header parameter: the document cannot say that the body is then
+            # compressed, and generated requests would send plain JSON under the header
+            "description": "The body may be sent with `Content-Encoding: gzip` or `deflate`; it is "
+                           "inflated first, and max_body_bytes bounds both sizes.",
             "requestBody": {"required": True, **_json(req)},
             "responses": responses,
             "security": [{}, {"bearer": []}],

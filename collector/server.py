@@ -29,6 +29,7 @@ import hmac
 import logging
 import re
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from email.utils import formatdate
@@ -249,6 +250,45 @@ def json_depth(body: bytes, limit: int) -> int:
             return depth
         s = s.replace(b"()", b"")
     return limit + 1 if s else limit
+
+
+# Content-Encoding → zlib wbits (None: nothing to undo). "deflate" is the zlib format
+# (RFC 9110); _inflate also takes the raw deflate some clients send under that name
+_ENCODINGS: dict[str, int | None] = {"": None, "identity": None, "gzip": 31, "x-gzip": 31, "deflate": 15}
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _inflate(body: bytes, wbits: int, limit: int) -> bytes:
+    """``body`` decompressed, never more than ``limit`` bytes of output held (a small
+    body can expand a thousandfold); gzip members written one after another are read
+    in turn, as gzip(1) does."""
+    out: list[bytes] = []
+    size = 0
+    data = body
+    while True:
+        d = zlib.decompressobj(wbits)
+        try:
+            chunk = d.decompress(data, limit + 1 - size)
+        except zlib.error:
+            if wbits != 15 or out:
+                raise
+            d = zlib.decompressobj(-15)  # raw deflate, no zlib header
+            chunk = d.decompress(data, limit + 1 - size)
+        size += len(chunk)
+        out.append(chunk)
+        if size > limit or d.unconsumed_tail:
+            raise _TooLarge
+        if not d.eof:
+            raise zlib.error("the compressed stream ends early (truncated body)")
+        data = d.unused_data
+        if not data or wbits != 31:
+            break
+    if data:
+        raise zlib.error(f"{len(data)} bytes of trailing data after the compressed stream")
+    return b"".join(out)
 
 
 class Request:
@@ -559,7 +599,7 @@ class _HeadTooLarge(Exception):
 
 
 _WANTED_HEADERS = frozenset(
-    {"content-type", "content-length", "authorization", "accept", "expect", "transfer-encoding"}
+    {"content-type", "content-encoding", "content-length", "authorization", "accept", "expect", "transfer-encoding"}
 )
 
 
@@ -713,9 +753,30 @@ class App:
         if ctype != "application/json":
             return error(415, "unsupported_media_type",
                          f"Content-Type must be application/json (got {ctype or 'none'!r})")
+        enc = headers.get("content-encoding", "").strip().lower()
+        if enc not in _ENCODINGS:
+            r = error(415, "unsupported_encoding",
+                      f"Content-Encoding {enc!r} is not supported; send gzip, deflate or an uncompressed body")
+            r.headers.append(("Accept-Encoding", "gzip, deflate"))  # RFC 9110 15.5.16
+            return r
         return None
 
     # -- ingest
+    def _decoded(self, req: Request) -> Response | None:
+        """Undo ``Content-Encoding`` in place; the error answer if the body is refused."""
+        wbits = _ENCODINGS[req.headers.get("content-encoding", "").strip().lower()]
+        if wbits is None:
+            return None
+        limit = self.cfg.max_body_bytes
+        try:
+            req.body = _inflate(req.body, wbits, limit)
+        except zlib.error as e:
+            return error(400, "bad_encoding", f"the body is not valid {req.headers['content-encoding'].strip()}: {e}")
+        except _TooLarge:
+            return error(413, "body_too_large",
+                         f"the body decompresses to more than max_body_bytes={limit} bytes; split it")
+        return None
+
     def _check_body(self, body: bytes) -> Response | None:
         if not body.strip():
             return error(400, "malformed_json", "the body is empty; send a JSON object")
@@ -754,7 +815,7 @@ class App:
 
     async def post_event(self, req: Request) -> Response:
         """``POST /events``: one event → 202 stored, 200 duplicate, 422 invalid."""
-        bad = self._check_body(req.body)
+        bad = self._decoded(req) or self._check_body(req.body)
         if bad is not None:
             return bad
         try:
@@ -783,7 +844,7 @@ class App:
 
     async def post_batch(self, req: Request) -> Response:
         """``POST /events/batch``: ``{"events": [...]}`` → per-item results."""
-        bad = self._check_body(req.body)
+        bad = self._decoded(req) or self._check_body(req.body)
         if bad is not None:
             return bad
         try:

@@ -7,6 +7,7 @@ every wait is bounded. The daemon's stderr (JSON lines) is kept in the test's tm
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.client
 import json
 import os
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,13 @@ BAD: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
      {}, 400, "max_json_depth"),
     ("too many items", "/events/batch", json.dumps({"events": [EVENT] * 101}).encode(), {}, 413, "max_batch_items"),
     ("body too large", "/events", b'{"x": "' + b"a" * (1 << 20) + b'"}', {}, 413, "max_body_bytes"),
+    # 4 KiB on the wire, 4 MiB once inflated: refused without holding the 4 MiB
+    ("gzip bomb", "/events", gzip.compress(b'{"x": "' + b"a" * (4 << 20) + b'"}'), {"Content-Encoding": "gzip"},
+     413, "decompresses to more than max_body_bytes"),
+    ("corrupt gzip", "/events", gzip.compress(json.dumps(EVENT).encode())[:-12], {"Content-Encoding": "gzip"},
+     400, "bad_encoding"),
+    ("gzip claimed, plain sent", "/events", json.dumps(EVENT).encode(), {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
+    ("unknown encoding", "/events", b"{}", {"Content-Encoding": "br"}, 415, "gzip, deflate"),
 ]
 
 
@@ -248,6 +257,22 @@ def test_batch_mixes_results_per_item_and_invalid_events_reach_the_deadletter_fi
     # every event invalid: still answered per item (the envelope was right)
     status, body = daemon.post("/events/batch", {"events": [{"type": "x"}]})
     assert status == 202 and (body["accepted"], body["invalid"]) == (0, 1)
+
+
+def test_gzip_and_deflate_bodies_are_inflated(daemon: Daemon) -> None:
+    batch = json.dumps({"events": [{**EVENT, "id": f"gz-{i}"} for i in range(50)]}).encode()
+    two_members = gzip.compress(batch[:300]) + gzip.compress(batch[300:])  # as `cat a.gz b.gz`
+    for enc, body in (("gzip", gzip.compress(batch)), ("gzip", two_members), ("deflate", zlib.compress(batch)),
+                      ("x-gzip", gzip.compress(batch)), ("deflate", zlib.compress(batch)[2:-4])):  # raw deflate too
+        status, _, answer = daemon.request("POST", "/events/batch", body,
+                                           headers={"Content-Type": "application/json", "Content-Encoding": enc})
+        assert status == 202, (enc, answer)
+        counts = json.loads(answer)
+        assert counts["accepted"] + counts["duplicates"] == 50, (enc, counts)
+    assert sorted(e["id"] for e in daemon.stored()) == sorted(f"gz-{i}" for i in range(50))
+    status, hdrs, _ = daemon.request("POST", "/events", b"{}", headers={"Content-Type": "application/json",
+                                                                        "Content-Encoding": "zstd"})
+    assert status == 415 and hdrs["accept-encoding"] == "gzip, deflate"
 
 
 def test_http_garbage_wrong_method_and_unknown_path(daemon: Daemon) -> None:
