@@ -85,6 +85,20 @@ class _Reader:
         self.get_id = attrgetter(self.id) if self.id else (lambda h: msgspec.UNSET)
         self.get_key = attrgetter(self.key)
         self.generate = self.id is not None and _takes_text(pipeline.event_type, self.id)
+        # `{"<id field>":"%s",` then the rest of the object: the one template that puts a
+        # generated id first in an event (the field's name escaped for JSON and for %)
+        name = msgspec.json.encode(self.id or "").replace(b"%", b"%%")
+        self.id_first = b"{" + name + b':"%s",%b'
+        self.id_only = b"{" + name + b':"%s"%b'
+
+    def inject_id(self, raw: msgspec.Raw | bytes, eid: str) -> bytes:
+        """The JSON object ``raw`` with the generated id ``eid`` as its first member."""
+        b = bytes(raw)
+        if b[1:2] == b'"':  # `{"...`: a member follows (the common case, no scan)
+            return self.id_first % (eid.encode(), b[1:])
+        b = b.lstrip()
+        rest = b[1:].lstrip()
+        return self.id_only % (eid.encode(), b[1:] if rest[:1] == b"}" else b"," + b[1:])
 
     def ids_and_keys(self, heads: list[Any], raws: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
         """(items, ids, keys) for a batch whose heads were read; ids generated as needed."""
@@ -94,13 +108,13 @@ class _Reader:
             # the common case, no event sent an id: one id each, put first in each
             # object by one formatting step (no scan of the item)
             ids = new_ids(len(ids))
-            items = list(map(_ID_FIRST.__mod__, zip(map(str.encode, ids), map(_after_brace, raws), strict=True)))
+            items = list(map(self.id_first.__mod__, zip(map(str.encode, ids), map(_after_brace, raws), strict=True)))
         elif self.generate and msgspec.UNSET in ids:
             items = list(raws)
             missing = [i for i, k in enumerate(ids) if k is msgspec.UNSET]
             for i, new in zip(missing, new_ids(len(missing)), strict=True):
                 ids[i] = new
-                items[i] = _inject_id(raws[i], new)
+                items[i] = self.inject_id(raws[i], new)
         if self.key == self.id:
             keys = ids
         else:
@@ -124,9 +138,6 @@ def _takes_text(event_type: Any, field: str) -> bool:
     return False
 
 
-_ID_FIRST = b'{"id":"%s",%b'
-
-
 def _after_brace(raw: msgspec.Raw | bytes) -> memoryview:
     return memoryview(raw)[1:]
 
@@ -137,16 +148,6 @@ def _all_members(raws: list[Any]) -> bool:
     right after a NUL of the join."""
     joined = b"\x00".join(raws)
     return joined[:2] == b'{"' and joined.count(b'\x00{"') == len(raws) - 1
-
-
-def _inject_id(raw: msgspec.Raw | bytes, eid: str) -> bytes:
-    """The JSON object ``raw`` with ``"id": eid`` as its first member."""
-    b = bytes(raw)
-    if b[1:2] == b'"':  # `{"...`: a member follows (the common case, no scan)
-        return b'{"id":"%s",%s' % (eid.encode(), b[1:])
-    b = b.lstrip()
-    empty = b[1:].lstrip()[:1] == b"}"
-    return b'{"id":"%s"%s%s' % (eid.encode(), b"" if empty else b",", b[1:])
 
 
 class ItemResult(msgspec.Struct, omit_defaults=True, gc=False):

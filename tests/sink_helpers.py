@@ -170,3 +170,17 @@ def run_stdout_outage(mode: str, n: int, summary: str, timeout: float) -> None:
 
 if __name__ == "__main__" and sys.argv[1] == "stdout-outage":
     run_stdout_outage(sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5]) if len(sys.argv) > 5 else 30.0)
+
+
+# ---------------------------------------------------------------- a pack with its own id field (tests/test_daemon.py)
+class Reading(msgspec.Struct, forbid_unknown_fields=True):
+    """An event whose id field is ``reading_id`` (text: the daemon makes one when absent)."""
+
+    sensor: str
+    value: float
+    reading_id: str = ""
+
+
+def reading_pipeline() -> Pipeline:
+    """``[pipeline] pack = "sink_helpers:reading_pipeline"``: readings, deduplicated on their own id."""
+    return Pipeline(name="readings", event_type=Reading, key="reading_id", id_field="reading_id")

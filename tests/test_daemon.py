@@ -636,6 +636,27 @@ def test_another_pack_keeps_its_ids_and_is_sharded_by_its_own_key(tmp_path: Path
         assert d.stop() == 0
 
 
+def test_ids_are_generated_under_the_packs_own_id_field(tmp_path: Path, no_leaks: None) -> None:
+    tests_dir = str(Path(__file__).resolve().parent)
+    d = start_daemon(tmp_path, '[pipeline]\npack = "sink_helpers:reading_pipeline"\n',
+                     env={"PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))})
+    try:
+        readings = [{"sensor": f"s{i}", "value": i / 2} for i in range(20)]
+        status, body = d.post("/events/batch", {"events": [*readings[:10], {"value": 1.0}, {}, {"reading_id": "mine", **readings[10]}]})
+        assert status == 202 and (body["accepted"], body["invalid"]) == (11, 2), body
+        status, one = d.post("/events", readings[11])
+        assert status == 202, one
+        stored = {e["reading_id"]: e for f in sorted(d.data.glob("events-*.jsonl"))
+                  for e in map(json.loads, f.read_text().splitlines())}
+        made = [r["id"] for r in body["results"][:10]] + [one["id"]]
+        assert all(len(i) == 36 for i in made) and sorted(stored) == sorted([*made, "mine"])
+        assert all("id" not in e for e in stored.values())  # under the pack's field, not a stray "id"
+        bad = body["results"][10:12]
+        assert [r["path"] for r in bad] == ["$.events[10]", "$.events[11]"] and all("sensor" in r["reason"] for r in bad)
+    finally:
+        assert d.stop() == 0
+
+
 def test_a_worker_killed_under_load_is_replaced_named_in_one_log_line_and_loses_nothing(
     tmp_path: Path, no_leaks: None
 ) -> None:
