@@ -186,3 +186,43 @@ def test_generated_ids_are_unique_ordered_uuid7_also_across_the_counter_wrap() -
     wrap = generic.new_ids(5)
     assert [s[-12:] for s in wrap] == ["fffffffffffd", "fffffffffffe", "ffffffffffff", "000000000000", "000000000001"]
     assert all(uuid.UUID(s).version == 7 for s in wrap)
+
+
+def test_group_commit_takes_a_chunk_submitted_as_its_last_round_ends() -> None:
+    """A chunk submitted after the round task checked for more work, but before that
+    task left the set of running tasks, must still be committed (it used to wait for
+    the next submit, or time out: the sink then dead-lettered rows it stored later)."""
+    import asyncio
+
+    from collector.sinks.base import GroupCommit
+
+    async def main() -> list[list[str]]:
+        loop = asyncio.get_running_loop()
+        committed: list[list[str]] = []
+        release: asyncio.Future[None] = loop.create_future()
+        go: asyncio.Future[None] = loop.create_future()
+
+        async def commit(rows: list[str]) -> None:
+            if rows == ["a"]:
+                await release
+            committed.append(rows)
+
+        gc = GroupCommit(commit, lambda e: False, max_rows=100)
+
+        async def late() -> None:
+            await go
+            await gc.submit(["b"])
+
+        first = loop.create_task(gc.submit(["a"]))
+        second = loop.create_task(late())
+        await asyncio.sleep(0.01)
+
+        def wake() -> None:  # the round resumes first, then `late`, in this order
+            release.set_result(None)
+            go.set_result(None)
+
+        loop.call_soon(wake)
+        await asyncio.wait_for(asyncio.gather(first, second), 2)
+        return committed
+
+    assert asyncio.run(main()) == [["a"], ["b"]]

@@ -261,7 +261,6 @@ class GroupCommit:
         if len(self._tasks) < self.concurrency:
             t = loop.create_task(self._rounds())
             self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
         # shield: an attempt that times out must not cancel a round other chunks share
         await asyncio.shield(fut)
 
@@ -300,6 +299,12 @@ class GroupCommit:
             while pending:  # the sink is closing: no round will run these
                 pending.popleft()[1].cancel()
             raise
+        finally:
+            # leave the running set in the same step as the last look at `pending`: as a
+            # done callback this ran a loop turn later, and a chunk submitted in between
+            # saw the task still counted, started none and waited for the next submit
+            # (or its timeout, after which its rows were dead-lettered and stored too)
+            self._tasks.discard(asyncio.current_task())
 
     async def drain(self) -> None:
         """Wait for the transactions in progress."""
