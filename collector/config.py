@@ -114,6 +114,11 @@ class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dedup_ttl: Annotated[
         float, Meta(ge=0, description="generic pack: seconds an event id is remembered for duplicate detection")
     ] = 600.0
+    dedup_wait: Annotated[
+        float,
+        Meta(ge=0, description="generic pack: seconds a repeated id waits for its original to be stored "
+             "before it is answered `failed` (503, retry later)"),
+    ] = 30.0
     cache_ttl: Annotated[float, Meta(ge=0, description="generic pack: seconds an enrichment answer is cached")] = 300.0
 
 
@@ -241,6 +246,7 @@ def build_pipeline(cfg: DaemonConfig) -> Any:
             enrich_latency=pc.enrich_latency,
             cache_ttl=pc.cache_ttl,
             dedup_ttl=pc.dedup_ttl,
+            dedup_wait=pc.dedup_wait,
             sinks=sinks,
             deadletter=dl,
         )

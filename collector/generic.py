@@ -183,6 +183,7 @@ def generic_pipeline(
     cache_ttl: float = 300.0,
     dedup_ttl: float = 600.0,
     dedup_max: int = 1_000_000,
+    dedup_wait: float = 30.0,
     sinks: tuple[Any, ...] = (),
     deadletter: Any = None,
 ) -> Pipeline:
@@ -191,13 +192,14 @@ def generic_pipeline(
     Sharded by ``id`` so that every copy of one id reaches the worker whose dedup
     window holds it. ``client`` has ``get_segment(user_id)`` (default: the simulated
     :class:`SegmentClient` with ``enrich_latency`` seconds per call). ``dedup_ttl`` is
-    how long an id is remembered (0 disables dedup).
+    how long a stored id is remembered (0 disables dedup); a repeat of an id that is
+    still being stored waits up to ``dedup_wait`` seconds for the original's outcome.
     """
     if client is None:
         client = SegmentClient(enrich_latency)
     stages: tuple[Any, ...] = (ReceiptTime(),)
     if dedup_ttl > 0:
-        stages = (Dedup(field="id", ttl=dedup_ttl, max_entries=dedup_max), *stages)
+        stages = (Dedup(field="id", ttl=dedup_ttl, max_entries=dedup_max, wait=dedup_wait), *stages)
     return Pipeline(
         name="generic",
         event_type=GenericEvent,

@@ -136,7 +136,7 @@ class Coalescer:
                 err = errs[k]
                 mine.append(ErrorItem(err.index - lo, err.path, err.reason, err.kind))
                 k += 1
-            failed = sum(1 for m in mine if m.kind in ("invalid", "lost", "error"))
+            failed = sum(1 for m in mine if m.kind in ("invalid", "lost", "error", "retry"))
             if not fut.done():
                 fut.set_result(SliceResult(hi - lo - failed, failed, mine))
 

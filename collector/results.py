@@ -22,8 +22,10 @@ class ErrorItem(msgspec.Struct, frozen=True):
     ``index`` is its position in the input batch, ``path`` the field path
     (``$.start_at``, ``$`` for the whole item), ``reason`` what was wrong, ``kind``
     one of ``invalid`` (schema or malformed), ``duplicate`` (dedup stage dropped it),
-    ``filtered`` (a filter stage dropped it) or ``lost`` (a chunk that killed its
-    worker on every delivery).
+    ``filtered`` (a filter stage dropped it), ``retry`` (a copy of an id whose original
+    was still being stored when the dedup wait ran out: not stored, send it again),
+    ``error`` (pipeline code raised) or ``lost`` (a chunk that killed its worker on
+    every delivery).
     """
 
     index: int
@@ -141,7 +143,8 @@ class OperationResult(msgspec.Struct, frozen=True):
     ``handled_events + failed_events == len(input)``. ``handled_events`` counts the
     events that went through the pipeline (including those dropped as duplicates or
     filtered, which are listed in ``errors`` with their kind but are not failures);
-    ``failed_events`` counts the rejected ones (``kind == "invalid"`` or ``"lost"``).
+    ``failed_events`` counts the ones not stored (kinds ``invalid``, ``retry``,
+    ``error`` and ``lost``).
     ``events`` (when asked for) is aligned with the input: the enriched event at each
     index, ``None`` where the input was rejected or dropped.
     """

@@ -10,6 +10,7 @@ determines it.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 from .protocol import ErrorRecord
 
-__all__ = ["Dedup", "Filter", "Stage"]
+__all__ = ["Dedup", "DedupWindow", "Filter", "Stage"]
 
 
 class Stage:
@@ -35,11 +36,22 @@ class Stage:
 
 @dataclass(frozen=True)
 class Dedup(Stage):
-    """Drop events whose ``field`` was seen within ``ttl`` seconds (per-type TTLs).
+    """Drop events whose ``field`` was stored within ``ttl`` seconds (per-type TTLs).
+
+    An id counts as seen only once the chunk carrying it was committed by the sinks
+    (ack after commit): the worker calls the runtime's ``settle`` after the sinks
+    returned. A copy of an id whose original is still being stored (a client retrying
+    during a store outage) is never answered as a duplicate before the original is
+    stored: its chunk waits up to ``wait`` seconds for the original's outcome. If the
+    original was stored, the copy is a ``duplicate``; if it failed, the copy is stored
+    in its place; if the wait runs out, the copy fails with kind ``retry`` (the daemon
+    answers 503 with Retry-After), so the client sends it again later.
 
     ``ttl_by_type`` maps a value of ``type_field`` to its own TTL (seed 003: a click
     is a duplicate for 5 s, a purchase for a day). At most ``max_entries`` ids are
-    remembered; the oldest are forgotten first.
+    remembered; the oldest are forgotten first. The window lives in the worker's
+    memory: after a restart it is empty, and a retry of an event stored before the
+    restart is stored again (idempotent sinks keep one row per id).
     """
 
     field: str = "id"
@@ -47,55 +59,160 @@ class Dedup(Stage):
     max_entries: int = 1_000_000
     type_field: str | None = None
     ttl_by_type: dict[str, float] = dc_field(default_factory=dict)
+    wait: float = 30.0
     name: str = "dedup"
 
-    def build(self) -> Callable[[list[Any]], list[ErrorRecord]]:
+    def build(self) -> DedupWindow:
         """A dedup window for one worker."""
-        seen: dict[Any, float] = {}  # id → expiry
+        return DedupWindow(self)
+
+
+class _Claim:
+    """The ids one chunk claimed, and the future its waiting copies await."""
+
+    __slots__ = ("fut", "keys")
+
+    def __init__(self, fut: asyncio.Future[bool], keys: set[Any]) -> None:
+        self.fut = fut
+        self.keys = keys
+
+
+class DedupWindow:
+    """The running form of :class:`Dedup` in one worker.
+
+    ``seen`` holds committed ids. Each chunk in flight holds a claim on its new ids (a
+    set, so claiming and releasing a chunk are C-level set and dict operations, not a
+    loop over its events); a worker has at most its window of chunks in flight, so an
+    id is checked against a handful of sets. ``__call__`` returns the drops, or a
+    coroutine giving them when some id is claimed by another chunk in flight.
+    """
+
+    def __init__(self, spec: Dedup) -> None:
+        self.seen: dict[Any, float] = {}  # id → expiry
         # the ids in the order they were remembered, in groups sharing one expiry (a
         # whole chunk in the common case): forgetting the oldest pops from the left in
         # O(1), where iterating a dict from its start would first walk over every slot
         # that earlier deletions left empty (a worker holding 1M ids slowed 20x)
-        order: collections.deque[tuple[float, list[Any]]] = collections.deque()
-        fld, ttl, cap = self.field, self.ttl, self.max_entries
-        tfield, by_type = self.type_field, dict(self.ttl_by_type or {})
-        get = attrgetter(fld)
+        self.order: collections.deque[tuple[float, list[Any]]] = collections.deque()
+        # claims of the chunks in flight, by the identity of the event list the worker
+        # passed (it passes the same list to settle())
+        self.claims: dict[int, _Claim] = {}
+        self.field = spec.field
+        self.ttl = spec.ttl
+        self.cap = spec.max_entries
+        self.tfield = spec.type_field
+        self.by_type = dict(spec.ttl_by_type or {})
+        self.wait = spec.wait
+        self.get = attrgetter(spec.field)
 
-        def forget(group: tuple[float, list[Any]]) -> None:
-            exp, ks = group
-            for k in ks:
-                if seen.get(k) == exp:  # not re-remembered since (with a later expiry)
-                    del seen[k]
+    def _forget(self, group: tuple[float, list[Any]]) -> None:
+        exp, ks = group
+        seen = self.seen
+        for k in ks:
+            if seen.get(k) == exp:  # not re-remembered since (with a later expiry)
+                del seen[k]
 
-        def dedup(events: list[Any]) -> list[ErrorRecord]:
-            now = time.monotonic()
-            # expired groups first (per-type TTLs make the order approximate: a group
-            # waits behind an older one that lives longer, and is still checked on read)
-            while order and order[0][0] <= now:
-                forget(order.popleft())
-            keys = list(map(get, events))
-            if not tfield and seen.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
-                # the common case, all new and distinct: remembered in C calls
-                exp = now + ttl
-                seen.update(dict.fromkeys(keys, exp))
-                order.append((exp, keys))
-                dropped: list[ErrorRecord] = []
+    def _dup(self, i: int, k: Any) -> ErrorRecord:
+        return ErrorRecord(i, f"$.{self.field}", f"duplicate {self.field} {k!r}", "duplicate")
+
+    def _holder(self, k: Any) -> _Claim | None:
+        for c in self.claims.values():
+            if k in c.keys:
+                return c
+        return None
+
+    def __call__(self, events: list[Any]) -> Any:
+        """Drops for ``events``; a coroutine when some id waits for another chunk."""
+        now = time.monotonic()
+        # expired groups first (per-type TTLs make the order approximate: a group
+        # waits behind an older one that lives longer, and is still checked on read)
+        order = self.order
+        while order and order[0][0] <= now:
+            self._forget(order.popleft())
+        keys = list(map(self.get, events))
+        seen = self.seen
+        mine = _Claim(asyncio.get_running_loop().create_future(), set(keys))
+        if (
+            len(mine.keys) == len(keys)
+            and seen.keys().isdisjoint(keys)
+            and all(c.keys.isdisjoint(keys) for c in self.claims.values())
+        ):
+            # the common case, all new and distinct: claimed in C calls
+            self.claims[id(events)] = mine
+            return []
+        dropped: list[ErrorRecord] = []
+        waits: list[tuple[int, Any]] = []
+        claimed = mine.keys
+        claimed.clear()
+        for i, k in enumerate(keys):
+            until = seen.get(k)
+            # stored already, or an earlier copy in this chunk (stored by the same commit)
+            if (until is not None and until > now) or k in claimed:
+                dropped.append(self._dup(i, k))
+            elif self._holder(k) is not None:
+                waits.append((i, k))
             else:
-                dropped = []
-                sget = seen.get
-                for i, k in enumerate(keys):
-                    until = sget(k)
-                    if until is not None and until > now:
-                        dropped.append(ErrorRecord(i, f"$.{fld}", f"duplicate {fld} {k!r}", "duplicate"))
-                        continue
-                    exp = now + (by_type.get(getattr(events[i], tfield), ttl) if tfield else ttl)
-                    seen[k] = exp
-                    order.append((exp, [k]))
-            while len(seen) > cap and order:
-                forget(order.popleft())
+                claimed.add(k)
+        self.claims[id(events)] = mine
+        if not waits:
             return dropped
+        return self._after_wait(mine, dropped, waits)
 
-        return dedup
+    async def _after_wait(
+        self, mine: _Claim, dropped: list[ErrorRecord], waits: list[tuple[int, Any]]
+    ) -> list[ErrorRecord]:
+        deadline = time.monotonic() + self.wait
+        while waits:
+            holders = {h.fut for _, k in waits if (h := self._holder(k)) is not None and h is not mine}
+            left = deadline - time.monotonic()
+            if holders and left > 0:
+                await asyncio.wait(holders, timeout=left)
+            now = time.monotonic()
+            still = []
+            for i, k in waits:
+                until = self.seen.get(k)
+                holder = self._holder(k)
+                if (until is not None and until > now) or holder is mine:
+                    dropped.append(self._dup(i, k))  # the original is stored now
+                elif holder is None:  # the original failed: this copy is stored instead
+                    mine.keys.add(k)
+                elif now >= deadline:
+                    dropped.append(ErrorRecord(
+                        i, f"$.{self.field}",
+                        f"{self.field} {k!r} is still being stored by an earlier request; retry later",
+                        "retry"))
+                else:  # taken over by another waiting copy meanwhile: wait for that one
+                    still.append((i, k))
+            waits = still
+        dropped.sort(key=attrgetter("pos"))
+        return dropped
+
+    def settle(self, events: list[Any], ok: bool) -> None:
+        """The sinks committed ``events`` (``ok``) or failed them: remember or release."""
+        claim = self.claims.pop(id(events), None)
+        if claim is None:
+            return
+        keys = claim.keys
+        if ok and keys:
+            now = time.monotonic()
+            seen, order = self.seen, self.order
+            if not self.tfield:
+                exp = now + self.ttl
+                group = list(keys)
+                seen.update(dict.fromkeys(group, exp))
+                order.append((exp, group))
+            else:
+                tfield, by_type, ttl = self.tfield, self.by_type, self.ttl
+                get = self.get
+                for e in events:
+                    k = get(e)
+                    if k in keys and seen.get(k, 0.0) <= now:  # the chunk's first copy
+                        exp = now + by_type.get(getattr(e, tfield), ttl)
+                        seen[k] = exp
+                        order.append((exp, [k]))
+            while len(seen) > self.cap and order:
+                self._forget(order.popleft())
+        claim.fut.set_result(ok)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ The parent creates the block with :class:`multiprocessing.shared_memory.SharedMe
 parent is SIGKILLed) and is its only owner. Workers attach by mapping
 ``/dev/shm/<name>`` directly: attaching through ``SharedMemory`` would register the
 segment with the tracker a second time and unlink it when the worker exits
-(CPython gh-82300).
+(CPython gh-82300). A collector killed together with its process group (``kill -9
+-PGID``, a container stop) takes the tracker with it; the next block created on the
+machine unlinks the segments whose creator pid is gone (:func:`sweep_stale_segments`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "Stats",
     "StatsBlock",
     "WorkerStats",
+    "sweep_stale_segments",
 ]
 
 SLOT_BYTES = 1024  # 128 words; a multiple of 64 keeps every slot on its own cache lines
@@ -276,6 +279,32 @@ class Stats(msgspec.Struct, frozen=True):
     sinks: list[SinkStats]
 
 
+def sweep_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink ``collector_<pid>_*`` segments whose creator is no longer running.
+
+    Returns the names removed. A live pid keeps its segment even when it was reused by
+    another program: a leak costs a few KiB, unlinking a live block would break a
+    running collector.
+    """
+    import psutil
+
+    removed: list[str] = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:  # no /dev/shm (not Linux): nothing to sweep
+        return removed
+    for n in names:
+        parts = n.split("_")
+        if len(parts) < 3 or parts[0] != "collector" or not parts[1].isdigit():
+            continue
+        if psutil.pid_exists(int(parts[1])):
+            continue
+        with contextlib.suppress(OSError):  # another collector swept it first
+            os.unlink(os.path.join(shm_dir, n))
+            removed.append(n)
+    return removed
+
+
 class StatsBlock:
     """The shared-memory block: ``workers`` worker slots plus one supervisor slot."""
 
@@ -287,6 +316,7 @@ class StatsBlock:
         self._shm: shared_memory.SharedMemory | None = None
         self._mmap: mmap.mmap | None = None
         if create:
+            sweep_stale_segments()
             # the creator's pid in the name: a leak (or a test's leak check) can tell
             # whose segment it is
             name = name or f"collector_{os.getpid()}_{secrets.token_hex(4)}"

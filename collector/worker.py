@@ -160,7 +160,10 @@ class _Worker:
             client = factory() if callable(factory) else factory
         self.client = client
         self.enricher = build_enricher(p.lookups, client, self.executor) if p.lookups else None
-        self.stages = [s.build() for s in p.stages]
+        self.stages = []
+        for st in p.stages:
+            run = st.build()
+            self.stages.append((run, getattr(run, "settle", None)))
         self.counters = [(f, attrgetter(f)) for f in p.count_by]
 
     async def main(self) -> int:
@@ -307,8 +310,35 @@ class _Worker:
         self.counted[chunk.id] = n_total
         failed = len(errors)
         invalid = list(errors)
-        for stage in self.stages:
+        # stages that remember what passed them (dedup) learn the chunk's fate after the
+        # sinks: committed → remembered, failed → released, so a retry is not dropped
+        settles: list[tuple[Any, list[Any]]] = []
+        try:
+            await self.process(chunk, t0, events, kept, errors, failed, invalid, settles)
+        finally:
+            for settle, passed in settles:  # left only when the chunk failed
+                settle(passed, False)
+
+    async def process(
+        self,
+        chunk: Chunk,
+        t0: float,
+        events: list[Any],
+        kept: list[int] | None,
+        errors: list[ErrorRecord],
+        failed: int,
+        invalid: list[ErrorRecord],
+        settles: list[tuple[Any, list[Any]]],
+    ) -> None:
+        """Stages, enrichment, counts and sinks for a decoded chunk, then its ack."""
+        slot = self.slot
+        n_total = len(events) + len(errors)
+        for stage, settle in self.stages:
             dropped = stage(events)
+            if settle is not None:
+                settles.append((settle, events))
+            if type(dropped) is not list:  # a stage waiting for another chunk's outcome
+                dropped = await dropped
             if not dropped:
                 continue
             drop = {d.pos for d in dropped}
@@ -317,6 +347,8 @@ class _Worker:
                 errors.append(d)
                 if d.kind == "duplicate":
                     slot.add(S.DROPPED_DUP, 1)
+                elif d.kind == "retry":  # not stored: the caller must send it again
+                    failed += 1
             if kept is None:
                 kept = list(range(len(events)))
             kept = [p for i, p in enumerate(kept) if i not in drop]
@@ -361,6 +393,9 @@ class _Worker:
                 slot.add(S.DEADLETTERED, len(invalid))
             if events:
                 await self.sinkset.commit(events)
+        for settle, passed in settles:  # stored: now (and only now) remembered as seen
+            settle(passed, True)
+        settles.clear()
         out = self.enc.encode(events) if chunk.want_events else None
         if errors and len(errors) > 1:
             errors.sort(key=attrgetter("pos"))

@@ -105,6 +105,7 @@ def start_daemon(tmp: Path, config: str = "", env: dict[str, str] | None = None,
     cfg = tmp / "collector.toml"
     cfg.write_text(config)
     port_file = tmp / "port"
+    port_file.unlink(missing_ok=True)  # a daemon restarted in the same dir: not the old port
     log = tmp / "daemon.log"
     cmd = [sys.executable, "-m", "collector", "serve", "--config", str(cfg), "--port", "0",
            "--data-dir", str(data), "--port-file", str(port_file), "--workers", str(workers)]

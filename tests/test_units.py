@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
+from typing import Any
 
 import msgspec
 import pytest
@@ -73,6 +75,19 @@ def test_error_path_splits_msgspec_messages() -> None:
     assert _error_path("Object missing required field `user_id`") == ("$", "Object missing required field `user_id`")
 
 
+def committed(run: Any, events: list[Any]) -> list[Any]:
+    """One chunk through a dedup window as the worker runs it: drops, then stored."""
+
+    async def go() -> list[Any]:
+        got = run(events)
+        if type(got) is not list:
+            got = await got
+        run.settle(events, True)
+        return got
+
+    return asyncio.run(go())
+
+
 def test_dedup_window_with_per_type_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
     monkeypatch.setattr("collector.stages.time.monotonic", lambda: now[0])
@@ -82,10 +97,10 @@ def test_dedup_window_with_per_type_ttl(monkeypatch: pytest.MonkeyPatch) -> None
         type: str
 
     run = Dedup(field="id", ttl=10, type_field="type", ttl_by_type={"click": 1}).build()
-    first = run([E("a", "click"), E("b", "buy"), E("a", "click")])
+    first = committed(run, [E("a", "click"), E("b", "buy"), E("a", "click")])
     assert [(d.pos, d.path, d.kind) for d in first] == [(2, "$.id", "duplicate")]
     now[0] = 102.0  # the click's 1 s window is over, the purchase's 10 s is not
-    dropped = run([E("a", "click"), E("b", "buy")])
+    dropped = committed(run, [E("a", "click"), E("b", "buy")])
     assert [(d.pos, d.kind) for d in dropped] == [(1, "duplicate")]
 
 
@@ -127,10 +142,10 @@ def test_dedup_window_is_bounded_forgets_oldest_first_and_keeps_re_remembered_id
 
     run = Dedup(field="id", ttl=10, max_entries=1000).build()
     for c in range(50):  # 50 chunks of 100 new ids: only the last 1000 are remembered
-        assert run([E(f"{c}-{i}") for i in range(100)]) == []
-    assert [d.pos for d in run([E("49-0"), E("40-5"), E("0-0")])] == [0, 1]  # "0-0" was forgotten
+        assert committed(run, [E(f"{c}-{i}") for i in range(100)]) == []
+    assert [d.pos for d in committed(run, [E("49-0"), E("40-5"), E("0-0")])] == [0, 1]  # "0-0" was forgotten
     now[0] = 111.0  # every id has expired: the same id is new again
-    assert run([E("49-1")]) == []
+    assert committed(run, [E("49-1")]) == []
 
     class T(msgspec.Struct):
         id: str
@@ -138,13 +153,13 @@ def test_dedup_window_is_bounded_forgets_oldest_first_and_keeps_re_remembered_id
 
     now[0] = 200.0
     typed = Dedup(field="id", ttl=100, type_field="type", ttl_by_type={"click": 1}).build()
-    assert typed([T("slow", "buy"), T("k", "click")]) == []
+    assert committed(typed, [T("slow", "buy"), T("k", "click")]) == []
     now[0] = 202.0  # k's window is over but its entry waits behind "slow" (100 s)
-    assert typed([T("k", "click")]) == []  # new again: remembered anew until 203
+    assert committed(typed, [T("k", "click")]) == []  # new again: remembered anew until 203
     now[0] = 202.5
-    assert [d.pos for d in typed([T("k", "click")])] == [0]
+    assert [d.pos for d in committed(typed, [T("k", "click")])] == [0]
     now[0] = 301.0  # "slow" and k's first entry are swept; k's later entry expired at 203 too
-    assert typed([T("k", "click")]) == []
+    assert committed(typed, [T("k", "click")]) == []
 
 
 def test_a_replaced_workers_counts_stay_in_the_totals() -> None:

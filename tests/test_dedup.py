@@ -1,0 +1,116 @@
+"""Dedup remembers an id only once the sinks committed the chunk carrying it.
+
+The window is driven as the worker drives it: ``window(events)`` gives the drops (or
+a coroutine giving them, when an id is claimed by a chunk still in flight), and
+``window.settle(events, ok)`` tells it the chunk's fate after the sinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+
+from collector.stages import Dedup
+
+
+class Ev(msgspec.Struct):
+    id: str
+    type: str = "click"
+
+
+async def drops(window: Any, events: list[Ev]) -> list[tuple[int, str]]:
+    got = window(events)
+    if type(got) is not list:
+        got = await got
+    return [(d.pos, d.kind) for d in got]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def test_an_id_is_seen_only_after_its_chunk_was_committed() -> None:
+    async def main() -> None:
+        w = Dedup(ttl=60).build()
+        first = [Ev("a"), Ev("b")]
+        assert await drops(w, first) == []
+        w.settle(first, True)
+        again = [Ev("a"), Ev("c")]
+        assert await drops(w, again) == [(0, "duplicate")]
+        w.settle(again, True)
+
+    run(main())
+
+
+def test_a_failed_chunk_releases_its_ids_so_a_retry_is_stored() -> None:
+    async def main() -> None:
+        w = Dedup(ttl=60).build()
+        first = [Ev("a"), Ev("b")]
+        assert await drops(w, first) == []
+        w.settle(first, False)  # the sinks failed: nothing was stored
+        retry = [Ev("a"), Ev("b")]
+        assert await drops(w, retry) == []
+
+    run(main())
+
+
+def test_a_copy_waits_for_its_original_and_is_a_duplicate_once_that_is_stored() -> None:
+    async def main() -> None:
+        w = Dedup(ttl=60, wait=5).build()
+        original = [Ev("a"), Ev("b")]
+        assert await drops(w, original) == []
+        copy = [Ev("x"), Ev("a")]
+        waiting = asyncio.ensure_future(drops(w, copy))
+        await asyncio.sleep(0.05)
+        assert not waiting.done(), "a copy of an id still in flight was answered before the original was stored"
+        w.settle(original, True)
+        assert await asyncio.wait_for(waiting, 2) == [(1, "duplicate")]
+
+    run(main())
+
+
+def test_a_copy_is_stored_in_place_of_an_original_that_failed() -> None:
+    async def main() -> None:
+        w = Dedup(ttl=60, wait=5).build()
+        original = [Ev("a")]
+        assert await drops(w, original) == []
+        copy = [Ev("a")]
+        waiting = asyncio.ensure_future(drops(w, copy))
+        await asyncio.sleep(0.05)
+        w.settle(original, False)
+        assert await asyncio.wait_for(waiting, 2) == []  # claimed by the copy now
+        third = [Ev("a")]
+        pending = asyncio.ensure_future(drops(w, third))
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+        w.settle(copy, True)
+        assert await asyncio.wait_for(pending, 2) == [(0, "duplicate")]
+
+    run(main())
+
+
+def test_a_copy_whose_original_is_still_in_flight_after_the_wait_is_told_to_retry() -> None:
+    async def main() -> None:
+        w = Dedup(ttl=60, wait=0.2).build()
+        original = [Ev("a")]
+        assert await drops(w, original) == []
+        assert await drops(w, [Ev("a"), Ev("b")]) == [(0, "retry")]
+        w.settle(original, True)
+
+    run(main())
+
+
+def test_repeats_within_one_chunk_and_per_type_ttls() -> None:
+    async def main() -> None:
+        w = Dedup(ttl=60, type_field="type", ttl_by_type={"click": 0.05}).build()
+        chunk = [Ev("a"), Ev("a", "purchase"), Ev("p", "purchase")]
+        assert await drops(w, chunk) == [(1, "duplicate")]
+        w.settle(chunk, True)
+        await asyncio.sleep(0.1)  # the click's 50 ms have passed, the purchase's 60 s have not
+        later = [Ev("a"), Ev("p", "purchase")]
+        assert await drops(w, later) == [(1, "duplicate")]
+        w.settle(later, True)
+
+    run(main())
