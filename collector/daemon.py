@@ -93,7 +93,7 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, drain; the process exit code."""
-        from .server import App, HttpServer
+        from .http.protocol import App, HttpServer
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -251,7 +251,7 @@ class Daemon:
 
     def metrics(self) -> Any:
         """The ``/metrics`` JSON, summed over the engines this daemon ran."""
-        from .server import Metrics
+        from .http.protocol import Metrics
 
         cur = self._metrics_of(self.collector)
         st = cur.pop("_stats")
@@ -288,7 +288,7 @@ class Daemon:
 
     def health(self) -> Any:
         """Liveness: workers alive and heartbeats fresh."""
-        from .server import Health
+        from .http.protocol import Health
 
         c = self.collector
         alive = sum(c.workers_alive())
@@ -299,7 +299,7 @@ class Daemon:
 
     async def ready(self) -> Any:
         """Readiness: healthy, and every sink answers its probe."""
-        from .server import Health
+        from .http.protocol import Health
 
         h = self.health()
         sinks = await self.probe_sinks()

@@ -39,11 +39,11 @@ from urllib.parse import unquote
 
 import msgspec
 
-from .errors import CollectorClosed, Overloaded
-from .generic import new_ids
+from ..errors import CollectorClosed, Overloaded
+from ..generic import new_ids
 
 if TYPE_CHECKING:
-    from .config import ServerConfig
+    from ..config import ServerConfig
 
 __all__ = ["App", "HttpServer", "Request", "Response", "json_depth"]
 
@@ -618,7 +618,7 @@ class HttpServer:
         self.by_status: dict[int, int] = {}
         self.slow_clients = 0
         # request latency histogram (seconds), same bounds as the engine's, in seconds
-        from .stats import LATENCY_BOUNDS_MS
+        from ..stats import LATENCY_BOUNDS_MS
 
         self.bounds = [b / 1000.0 for b in LATENCY_BOUNDS_MS]
         self.lat_buckets = [0] * len(self.bounds)

@@ -1,0 +1,1 @@
+"""The HTTP face of the daemon: ingest, metrics, health and the OpenAPI document."""
