@@ -90,10 +90,26 @@ class Daemon:
         """Sink index in the stats → its name."""
         return self._names
 
+    def pipeline(self) -> Any:
+        """The pipeline of the engine now serving."""
+        return self.collector.pipeline
+
+    async def submit(self, items: list[Any], keys: list[Any]) -> Any:
+        """Events in, through the current coalescer."""
+        return await self.coalescer.submit(items, keys)
+
+    def count_rejected(self) -> None:
+        """One item refused before the engine."""
+        self.rejected += 1
+
+    def stats(self) -> Any:
+        """The current engine's statistics."""
+        return self.collector.stats()
+
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, drain; the process exit code."""
-        from .http.protocol import App, HttpServer
+        from .http import App, HttpServer
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -104,9 +120,9 @@ class Daemon:
             log.error("cannot start: %s", e, extra={"fields": {"event": "boot_failed"}})
             self.notify.status(f"boot failed: {e}"[:200])
             return EX_CONFIG
-        self.app = App(self)
+        self.app = App(self, self.config)
         self.server = HttpServer(self.app, self.config.server)
-        self.app.server = self.server
+        self.app.attach(self.server)
         try:
             self.port = await self.server.start()
         except OSError as e:
@@ -251,7 +267,7 @@ class Daemon:
 
     def metrics(self) -> Any:
         """The ``/metrics`` JSON, summed over the engines this daemon ran."""
-        from .http.protocol import Metrics
+        from .http.schemas import Metrics
 
         cur = self._metrics_of(self.collector)
         st = cur.pop("_stats")
@@ -288,7 +304,7 @@ class Daemon:
 
     def health(self) -> Any:
         """Liveness: workers alive and heartbeats fresh."""
-        from .http.protocol import Health
+        from .http.schemas import Health
 
         c = self.collector
         alive = sum(c.workers_alive())
@@ -299,7 +315,7 @@ class Daemon:
 
     async def ready(self) -> Any:
         """Readiness: healthy, and every sink answers its probe."""
-        from .http.protocol import Health
+        from .http.schemas import Health
 
         h = self.health()
         sinks = await self.probe_sinks()

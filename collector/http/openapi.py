@@ -1,8 +1,9 @@
 """``GET /openapi.json``: an OpenAPI 3.1 document generated from the server's Structs.
 
 The request and response schemas come from :func:`msgspec.json.schema_components`
-over the very Structs that :mod:`collector.http.protocol` decodes and encodes with (and the
-event Struct of the ``generic`` pack), so the document cannot drift from the code.
+over the very Structs the server decodes and encodes with (:mod:`collector.http.schemas`)
+and the pipeline's event Struct (the ``generic`` pack's by default), so the document
+cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from ..generic import GenericEvent
-from .protocol import BatchResponse, ErrorResponse, EventResponse, Health, ItemResult, Metrics
+from .schemas import BatchResponse, ErrorResponse, EventResponse, Health, ItemResult, Metrics
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
