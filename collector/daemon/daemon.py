@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import DaemonConfig, build_pipeline, engine_options, load_config
-from .errors import ConfigError, WorkerBootError
+from ..config import DaemonConfig, build_pipeline, engine_options, load_config
+from ..errors import ConfigError, WorkerBootError
 from .notify import Notifier
 
 __all__ = ["EX_CONFIG", "Daemon", "run_daemon"]
@@ -70,14 +70,14 @@ class Daemon:
 
     # ------------------------------------------------------------------ engine
     async def _new_engine(self, cfg: DaemonConfig) -> tuple[Any, Any]:
-        from .ingest import Coalescer
-        from .supervisor import Collector
+        from ..ingest import Coalescer
+        from ..supervisor import Collector
 
         cfg.resolved_data_dir().mkdir(parents=True, exist_ok=True)
         pipeline = build_pipeline(cfg)
         c = Collector(pipeline, **engine_options(cfg))
         await c.astart()
-        from .sinks import sink_names
+        from ..sinks import sink_names
 
         self._names = dict(enumerate(sink_names(pipeline)))
         return c, Coalescer(c, max_batch=cfg.engine.chunk_size * 4, max_ops=cfg.engine.coalesce_ops)
@@ -109,7 +109,7 @@ class Daemon:
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, drain; the process exit code."""
-        from .http import App, HttpServer
+        from ..http import App, HttpServer
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -267,7 +267,7 @@ class Daemon:
 
     def metrics(self) -> Any:
         """The ``/metrics`` JSON, summed over the engines this daemon ran."""
-        from .http.schemas import Metrics
+        from ..http.schemas import Metrics
 
         cur = self._metrics_of(self.collector)
         st = cur.pop("_stats")
@@ -304,7 +304,7 @@ class Daemon:
 
     def health(self) -> Any:
         """Liveness: workers alive and heartbeats fresh."""
-        from .http.schemas import Health
+        from ..http.schemas import Health
 
         c = self.collector
         alive = sum(c.workers_alive())
@@ -315,7 +315,7 @@ class Daemon:
 
     async def ready(self) -> Any:
         """Readiness: healthy, and every sink answers its probe."""
-        from .http.schemas import Health
+        from ..http.schemas import Health
 
         h = self.health()
         sinks = await self.probe_sinks()
@@ -352,7 +352,7 @@ class Daemon:
         if self._probe_cache is not None and now - self._probe_cache[0] < 1.0:
             return self._probe_cache[1]
         if self._probes is None:
-            from .sinks import build_sinkset
+            from ..sinks import build_sinkset
 
             p = self.collector.pipeline
             # the same sink configs, never opened for writing: only health() is called
@@ -387,7 +387,7 @@ def run_daemon(config_path: str | None, *, overrides: dict[str, Any] | None = No
     """Load the config (with CLI overrides), set up JSON logs, run the daemon on uvloop."""
     import uvloop
 
-    from .logs import setup_logging
+    from ..logs import setup_logging
 
     try:
         cfg = load_config(config_path)
