@@ -19,22 +19,17 @@ from __future__ import annotations
 import hmac
 from typing import TYPE_CHECKING
 
-import msgspec
-
 from .backend import Backend
 from .bodies import ENCODINGS
 from .protocol import Handler, HttpServer, Request, Response, error
 from .routes.ingest import IngestRoutes
 from .routes.status import StatusRoutes
-from .schemas import ErrorResponse
+from .schemas import ErrorResponse, json_encoder
 
 if TYPE_CHECKING:
     from ..config import DaemonConfig, ServerConfig
 
 __all__ = ["App", "Backend"]
-
-_enc = msgspec.json.Encoder()
-
 
 class App:
     """Routes and handlers over a :class:`Backend`: a reload swaps the engine behind
@@ -81,7 +76,7 @@ class App:
             return h
         if req.path in self._paths:
             allow = ", ".join(sorted(m for m, p in self.routes if p == req.path))
-            return lambda r: Response(405, _enc.encode(ErrorResponse("method_not_allowed", f"{r.method} is not allowed on {r.path}; use {allow}")), headers=[("Allow", allow)])
+            return lambda r: Response(405, json_encoder.encode(ErrorResponse("method_not_allowed", f"{r.method} is not allowed on {r.path}; use {allow}")), headers=[("Allow", allow)])
         return lambda r: error(404, "not_found", f"no route {r.method} {r.path}; see GET /openapi.json")
 
     def precheck(self, method: str, url: bytes, headers: dict[str, str]) -> Response | None:

@@ -31,10 +31,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote
 
 import httptools
-import msgspec
 
 from ..stats import LATENCY_BOUNDS_MS
-from .schemas import ErrorResponse
+from .schemas import ErrorResponse, json_encoder
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
@@ -87,13 +86,10 @@ class Response:
         self.close = close
 
 
-_enc = msgspec.json.Encoder()
-
-
 def error(status: int, code: str, detail: str, *, path: str | None = None, retry_after: int | None = None, close: bool = False) -> Response:
     """A JSON error response (with ``Retry-After`` when ``retry_after`` is set)."""
     headers = [("Retry-After", str(retry_after))] if retry_after is not None else None
-    body = _enc.encode(ErrorResponse(code, detail, path, retry_after))
+    body = json_encoder.encode(ErrorResponse(code, detail, path, retry_after))
     return Response(status, body, headers=headers, close=close)
 
 

@@ -9,7 +9,12 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["BatchRequest", "BatchResponse", "ErrorResponse", "EventResponse", "Health", "ItemResult", "Metrics"]
+__all__ = [
+    "BatchRequest", "BatchResponse", "ErrorResponse", "EventResponse", "Health", "ItemResult", "Metrics", "json_encoder",
+]
+
+json_encoder = msgspec.json.Encoder()
+"""Encodes every JSON answer: one encoder for the process, not one per module or call."""
 
 
 class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -26,7 +26,7 @@ from ...errors import CollectorClosed, Overloaded
 from ...generic import new_ids
 from ..bodies import ENCODINGS, TooLarge, inflate, json_depth
 from ..protocol import Request, Response, error
-from ..schemas import BatchRequest, BatchResponse, EventResponse, ItemResult
+from ..schemas import BatchRequest, BatchResponse, EventResponse, ItemResult, json_encoder
 
 if TYPE_CHECKING:
     from ...config import ServerConfig
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
     from ..backend import Backend
 
 __all__ = ["IdReader", "IngestRoutes"]
-
-_enc = msgspec.json.Encoder()
-
 
 class IdReader:
     """What the server reads of each event of one pipeline, in one C pass (other
@@ -202,12 +199,12 @@ class IngestRoutes:
         if res.errors:
             err = res.errors[0]
             if err.kind == "duplicate":
-                return Response(200, _enc.encode(EventResponse("duplicate", eid)))
+                return Response(200, json_encoder.encode(EventResponse("duplicate", eid)))
             if err.kind == "invalid":
-                return Response(422, _enc.encode(EventResponse("invalid", eid, err.path, err.reason)))
-            return Response(503, _enc.encode(EventResponse("failed", eid, err.path, err.reason)),
+                return Response(422, json_encoder.encode(EventResponse("invalid", eid, err.path, err.reason)))
+            return Response(503, json_encoder.encode(EventResponse("failed", eid, err.path, err.reason)),
                             headers=[("Retry-After", str(self.cfg.retry_after))])
-        return Response(202, _enc.encode(EventResponse("accepted", eid)))
+        return Response(202, json_encoder.encode(EventResponse("accepted", eid)))
 
     async def post_batch(self, req: Request) -> Response:
         """``POST /events/batch``: ``{"events": [...]}`` → per-item results."""
@@ -270,7 +267,7 @@ class IngestRoutes:
         counts = {"accepted": 0, "duplicate": 0, "invalid": 0, "failed": 0}
         for r in results:
             counts[r.status] += 1
-        body = _enc.encode(BatchResponse(counts["accepted"], counts["duplicate"], counts["invalid"], counts["failed"], results))
+        body = json_encoder.encode(BatchResponse(counts["accepted"], counts["duplicate"], counts["invalid"], counts["failed"], results))
         if counts["failed"] and not (counts["accepted"] or counts["duplicate"]):
             return Response(503, body, headers=[("Retry-After", str(self.cfg.retry_after))])
         # a well-formed batch is answered per item, even when no item was valid: the

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import msgspec
-
 from ..openapi import document
 from ..promtext import render
 from ..protocol import HttpServer, Request, Response
+from ..schemas import json_encoder
 
 if TYPE_CHECKING:
     from ...config import ServerConfig
@@ -27,9 +26,6 @@ if TYPE_CHECKING:
     from ..backend import Backend
 
 __all__ = ["StatusRoutes"]
-
-_enc = msgspec.json.Encoder()
-
 
 class StatusRoutes:
     """The status handlers. ``cfg`` and ``server`` are set by :class:`App`."""
@@ -45,7 +41,7 @@ class StatusRoutes:
         accept = req.headers.get("accept", "")
         if "text/plain" in accept or "openmetrics" in accept:
             return self.get_prometheus(req)
-        return Response(200, _enc.encode(self.backend.metrics()))
+        return Response(200, json_encoder.encode(self.backend.metrics()))
 
     def get_prometheus(self, req: Request) -> Response:
         """Prometheus text exposition 0.0.4."""
@@ -54,16 +50,16 @@ class StatusRoutes:
     def get_health(self, req: Request) -> Response:
         """Liveness: the supervisor answers and its workers are alive with fresh heartbeats."""
         h = self.backend.health()
-        return Response(200 if h.status == "ok" else 503, _enc.encode(h))
+        return Response(200 if h.status == "ok" else 503, json_encoder.encode(h))
 
     async def get_ready(self, req: Request) -> Response:
         """Readiness: workers up and every sink reachable."""
         h = await self.backend.ready()
-        return Response(200 if h.status == "ready" else 503, _enc.encode(h))
+        return Response(200 if h.status == "ready" else 503, json_encoder.encode(h))
 
     def get_openapi(self, req: Request) -> Response:
         """The OpenAPI 3.1 document, generated from the API Structs and the pipeline's event."""
         p = self.backend.pipeline()
         if self._openapi is None or self._openapi[0] is not p or self._openapi[1] is not self.cfg:
-            self._openapi = (p, self.cfg, _enc.encode(document(self.cfg, p.event_type)))
+            self._openapi = (p, self.cfg, json_encoder.encode(document(self.cfg, p.event_type)))
         return Response(200, self._openapi[2])
