@@ -7,7 +7,11 @@ HTTP figures from the server's own counters on the supervisor loop.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .protocol import HttpServer
 
 __all__ = ["render"]
 
@@ -44,10 +48,10 @@ class _Out:
             self.lines.append(f"{name}_count{{{lab}}} {acc}")
 
 
-def render(daemon: Any, server: Any) -> str:
+def render(backend: Backend, server: HttpServer | None) -> str:
     """The exposition text."""
-    m = daemon.metrics()
-    st = daemon.collector.stats()
+    m = backend.metrics()
+    st = backend.stats()
     o = _Out()
     c = "counter"
     o.metric("collector_events_received_total", c, "Events accepted into the engine.", [({}, m.events_received)])
@@ -73,7 +77,7 @@ def render(daemon: Any, server: Any) -> str:
     o.metric("collector_worker_events_per_second", "gauge", "Events per second per worker (last 5 s).",
              [({"worker": w.index}, w.processed_per_sec) for w in ws])
     o.metric("collector_worker_inflight_events", "gauge", "Events inside each worker.", [({"worker": w.index}, w.inflight) for w in ws])
-    names = daemon.sink_names()
+    names = backend.sink_names()
     for field, help_ in (("rows", "Rows committed per sink."), ("batches", "Batches committed per sink."),
                          ("errors", "Failed write attempts per sink."), ("retries", "Retries scheduled per sink.")):
         o.metric(f"collector_sink_{field}_total", c, help_,

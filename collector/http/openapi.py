@@ -1,8 +1,9 @@
 """``GET /openapi.json``: an OpenAPI 3.1 document generated from the server's Structs.
 
 The request and response schemas come from :func:`msgspec.json.schema_components`
-over the very Structs that :mod:`collector.server` decodes and encodes with (and the
-event Struct of the ``generic`` pack), so the document cannot drift from the code.
+over the very Structs the server decodes and encodes with (:mod:`collector.http.schemas`)
+and the pipeline's event Struct (the ``generic`` pack's by default), so the document
+cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from .generic import GenericEvent
-from .server import BatchResponse, ErrorResponse, EventResponse, Health, ItemResult, Metrics
+from ..generic import GenericEvent
+from .schemas import BatchResponse, ErrorResponse, EventResponse, Health, ItemResult, Metrics
 
 if TYPE_CHECKING:
-    from .config import ServerConfig
+    from ..config import ServerConfig
 
 __all__ = ["document"]
 
@@ -106,6 +107,6 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

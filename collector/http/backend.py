@@ -1,0 +1,78 @@
+"""The contract between the HTTP routes and whoever runs the engine.
+
+::
+
+    routes/ingest.py ── pipeline(), submit(items, keys), count_rejected(), stopping ──┐
+    routes/status.py ── metrics(), health(), ready(), stats(), sink_names() ──────────┤
+                                                                                      ▼
+                                                   Backend (the daemon's: collector.daemon.views)
+
+The HTTP package depends only on this Protocol, never on the daemon or the engine, so
+the server can be tested and reused without either; a reload swaps the engine behind
+it, and each call reads the one serving at that moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+    from ..results import ErrorItem
+    from ..stats import Stats
+    from .schemas import Health, Metrics
+
+__all__ = ["Backend", "Submitted"]
+
+
+class Submitted(Protocol):
+    """What became of the events of one ``submit()``: one error per event not stored
+    (its ``index`` in the submitted list, ``kind``, ``path`` and ``reason``)."""
+
+    @property
+    def errors(self) -> Sequence[ErrorItem]:
+        """The events that were not stored, in order."""
+        ...
+
+
+class Backend(Protocol):
+    """Everything the routes need from the daemon."""
+
+    @property
+    def stopping(self) -> bool:
+        """True once shutdown has begun: ingest answers 503 from then on."""
+        ...
+
+    def pipeline(self) -> Pipeline:
+        """The pipeline of the engine now serving (its id field, shard key and event type)."""
+        ...
+
+    async def submit(self, items: list[Any], keys: list[Any]) -> Submitted:
+        """Hand events (JSON objects as bytes) and their shard keys to the engine; the
+        result once they are stored or rejected. Raises ``Overloaded`` or ``CollectorClosed``."""
+        ...
+
+    def count_rejected(self) -> None:
+        """Count one item the server refused before the engine (not a JSON object)."""
+        ...
+
+    def metrics(self) -> Metrics:
+        """The ``/metrics`` figures."""
+        ...
+
+    def health(self) -> Health:
+        """Liveness: workers alive, heartbeats fresh, not stopping."""
+        ...
+
+    async def ready(self) -> Health:
+        """Readiness: healthy, and every sink answers its probe."""
+        ...
+
+    def stats(self) -> Stats:
+        """The engine's shared-memory statistics."""
+        ...
+
+    def sink_names(self) -> dict[int, str]:
+        """Sink index in the stats → its name."""
+        ...

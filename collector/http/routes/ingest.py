@@ -1,0 +1,275 @@
+"""``POST /events`` and ``POST /events/batch``.
+
+::
+
+    body ─► Content-Encoding undone (bodies.inflate, the limit on the output)
+         ─► empty? too deep? (bodies.json_depth)
+         ─► envelope: list[Raw] (C)  ─► IdReader: id and shard key of each event, one C pass
+         ─► id injected where absent ─► backend.submit(items, keys) (one coalesced operation)
+         ─► per-item results (accepted / duplicate / invalid / failed)
+
+The supervisor parses each body once as raw items (no Python objects per field) and
+looks at one field, the id; validation against the schema happens in the workers, as
+for ``handle()``, so the serial part stays small. A request is answered only after its
+events are committed by the sinks (or rejected), so a 202 means stored.
+"""
+
+from __future__ import annotations
+
+import zlib
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ...errors import CollectorClosed, Overloaded
+from ...generic import new_ids
+from ..bodies import ENCODINGS, TooLarge, inflate, json_depth
+from ..protocol import Request, Response, error
+from ..schemas import BatchRequest, BatchResponse, EventResponse, ItemResult, json_encoder
+
+if TYPE_CHECKING:
+    from ...config import ServerConfig
+    from ...pipeline import Pipeline
+    from ..backend import Backend
+
+__all__ = ["IdReader", "IngestRoutes"]
+
+class IdReader:
+    """What the server reads of each event of one pipeline, in one C pass (other
+    fields are skipped unparsed): the id, generated when absent and the id is text,
+    and the shard key, handed to the engine so that the supervisor parses nothing."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.id: str | None = pipeline.id_field
+        self.key: str = pipeline.key
+        names = sorted({self.key, *([self.id] if self.id else [])})
+        # gc=False: one head and one result per event, none can be part of a cycle (they
+        # hold decoded JSON values); tracked, they made the supervisor's cyclic GC 14 %
+        # of its profile under batched load
+        head = msgspec.defstruct("EventHead", [(n, Any, msgspec.UNSET) for n in names], gc=False)
+        heads = msgspec.defstruct("BatchHeads", [("events", list[head])])  # type: ignore[valid-type]
+        self.one: msgspec.json.Decoder[Any] = msgspec.json.Decoder(head)
+        self.many: msgspec.json.Decoder[Any] = msgspec.json.Decoder(heads)
+        self.get_id = attrgetter(self.id) if self.id else (lambda h: msgspec.UNSET)
+        self.get_key = attrgetter(self.key)
+        self.generate = self.id is not None and _takes_text(pipeline.event_type, self.id)
+        # `{"<id field>":"%s",` then the rest of the object: the one template that puts a
+        # generated id first in an event (the field's name escaped for JSON and for %)
+        name = msgspec.json.encode(self.id or "").replace(b"%", b"%%")
+        self.id_first = b"{" + name + b':"%s",%b'
+        self.id_only = b"{" + name + b':"%s"%b'
+
+    def inject_id(self, raw: msgspec.Raw | bytes, eid: str) -> bytes:
+        """The JSON object ``raw`` with the generated id ``eid`` as its first member."""
+        b = bytes(raw)
+        if b[1:2] == b'"':  # `{"...`: a member follows (the common case, no scan)
+            return self.id_first % (eid.encode(), b[1:])
+        b = b.lstrip()
+        rest = b[1:].lstrip()
+        return self.id_only % (eid.encode(), b[1:] if rest[:1] == b"}" else b"," + b[1:])
+
+    def ids_and_keys(self, heads: list[Any], raws: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
+        """(items, ids, keys) for a batch whose heads were read; ids generated as needed."""
+        ids = list(map(self.get_id, heads))
+        items = raws
+        if self.generate and ids.count(msgspec.UNSET) == len(ids) and _all_members(raws):
+            # the common case, no event sent an id: one id each, put first in each
+            # object by one formatting step (no scan of the item)
+            ids = new_ids(len(ids))
+            items = list(map(self.id_first.__mod__, zip(map(str.encode, ids), map(_after_brace, raws), strict=True)))
+        elif self.generate and msgspec.UNSET in ids:
+            items = list(raws)
+            missing = [i for i, k in enumerate(ids) if k is msgspec.UNSET]
+            for i, new in zip(missing, new_ids(len(missing)), strict=True):
+                ids[i] = new
+                items[i] = self.inject_id(raws[i], new)
+        if self.key == self.id:
+            keys = ids
+        else:
+            keys = [None if k is msgspec.UNSET else k for k in map(self.get_key, heads)]
+        return items, ids, keys
+
+
+_ID_TYPES = (str, int)  # ids echoed in answers; anything else is invalid and not repeated back
+
+
+def _takes_text(event_type: Any, field: str) -> bool:
+    """Whether ``event_type.<field>`` accepts a string (so a UUID can be generated for it)."""
+    info = msgspec.inspect.type_info(event_type)
+    for f in getattr(info, "fields", ()):
+        if f.name == field:
+            t = f.type
+            options = t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)
+            # Annotated[str, Meta(description=...)] comes wrapped in Metadata
+            options = tuple(o.type if isinstance(o, msgspec.inspect.Metadata) else o for o in options)
+            return any(isinstance(o, msgspec.inspect.StrType) for o in options)
+    return False
+
+
+def _after_brace(raw: msgspec.Raw | bytes) -> memoryview:
+    return memoryview(raw)[1:]
+
+
+def _all_members(raws: list[Any]) -> bool:
+    """Whether every item starts ``{"`` (an object with a member, no leading space),
+    in C passes: JSON text holds no NUL byte, so each item after the first starts
+    right after a NUL of the join."""
+    joined = b"\x00".join(raws)
+    return joined[:2] == b'{"' and joined.count(b'\x00{"') == len(raws) - 1
+
+
+
+class IngestRoutes:
+    """The ingest handlers. ``cfg`` is replaced by :meth:`App.configure` on reload;
+    the pipeline (and so the id reader) is the backend's current one, read per request."""
+
+    def __init__(self, backend: Backend, cfg: ServerConfig) -> None:
+        self.backend = backend
+        self.cfg = cfg
+        self._dec_batch = msgspec.json.Decoder(BatchRequest)
+        self._reader: tuple[Pipeline, IdReader] | None = None  # (pipeline, its reader): a reload may change it
+
+    def _decoded(self, req: Request) -> Response | None:
+        """Undo ``Content-Encoding`` in place; the error answer if the body is refused."""
+        wbits = ENCODINGS[req.headers.get("content-encoding", "").strip().lower()]
+        if wbits is None:
+            return None
+        limit = self.cfg.max_body_bytes
+        try:
+            req.body = inflate(req.body, wbits, limit)
+        except zlib.error as e:
+            return error(400, "bad_encoding", f"the body is not valid {req.headers['content-encoding'].strip()}: {e}")
+        except TooLarge:
+            return error(413, "body_too_large",
+                         f"the body decompresses to more than max_body_bytes={limit} bytes; split it")
+        return None
+
+    def _check_body(self, body: bytes) -> Response | None:
+        if not body.strip():
+            return error(400, "malformed_json", "the body is empty; send a JSON object")
+        d = json_depth(body, self.cfg.max_json_depth)
+        if d > self.cfg.max_json_depth:
+            return error(400, "too_deep", f"JSON nesting deeper than max_json_depth={self.cfg.max_json_depth}")
+        return None
+
+    def reader(self) -> IdReader:
+        """The reader for the pipeline now running."""
+        p = self.backend.pipeline()
+        if self._reader is None or self._reader[0] is not p:
+            self._reader = (p, IdReader(p))
+        return self._reader[1]
+
+    def _with_id(self, raw: msgspec.Raw | bytes, rd: IdReader) -> tuple[msgspec.Raw | bytes, Any, Any, str | None]:
+        """(item, shard key, id, error) of one event; the id is generated when absent.
+
+        Raises ``msgspec.DecodeError`` when ``raw`` is not JSON at all.
+        """
+        try:
+            head = rd.one.decode(raw)
+        except msgspec.ValidationError as e:
+            return raw, None, None, str(e).split(" - at ")[0]
+        items, ids, keys = rd.ids_and_keys([head], [raw])
+        eid = ids[0]
+        return items[0], keys[0], eid if type(eid) in _ID_TYPES else None, None
+
+    def _overloaded(self, e: BaseException) -> Response:
+        ra = max(1, int(getattr(e, "retry_after", self.cfg.retry_after) or self.cfg.retry_after))
+        return error(503, "overloaded", f"{e}; retry after {ra} s", retry_after=ra)
+
+    async def post_event(self, req: Request) -> Response:
+        """``POST /events``: one event → 202 stored, 200 duplicate, 422 invalid."""
+        bad = self._decoded(req) or self._check_body(req.body)
+        if bad is not None:
+            return bad
+        try:
+            # the head decoder reads the id and key and checks the whole body is JSON
+            item, key, eid, why = self._with_id(req.body, self.reader())
+        except msgspec.DecodeError as e:
+            return error(400, "malformed_json", f"the body is not valid JSON: {e}")
+        if why is not None:
+            self.backend.count_rejected()
+            return error(422, "invalid", f"{why}: the body must be one event object", path="$")
+        if self.backend.stopping:
+            return error(503, "shutting_down", "the server is stopping", retry_after=self.cfg.retry_after)
+        try:
+            res = await self.backend.submit([item], [key])
+        except (Overloaded, CollectorClosed) as e:
+            return self._overloaded(e)
+        if res.errors:
+            err = res.errors[0]
+            if err.kind == "duplicate":
+                return Response(200, json_encoder.encode(EventResponse("duplicate", eid)))
+            if err.kind == "invalid":
+                return Response(422, json_encoder.encode(EventResponse("invalid", eid, err.path, err.reason)))
+            return Response(503, json_encoder.encode(EventResponse("failed", eid, err.path, err.reason)),
+                            headers=[("Retry-After", str(self.cfg.retry_after))])
+        return Response(202, json_encoder.encode(EventResponse("accepted", eid)))
+
+    async def post_batch(self, req: Request) -> Response:
+        """``POST /events/batch``: ``{"events": [...]}`` → per-item results."""
+        bad = self._decoded(req) or self._check_body(req.body)
+        if bad is not None:
+            return bad
+        try:
+            env = self._dec_batch.decode(req.body)
+        except msgspec.ValidationError as e:
+            msg = str(e)
+            reason, _, path = msg.partition(" - at ")
+            return error(422, "invalid", f"{reason}; send {{\"events\": [...]}}", path=path.strip("`") or "$")
+        except msgspec.DecodeError as e:
+            return error(400, "malformed_json", f"the body is not valid JSON: {e}")
+        raws = env.events
+        if len(raws) > self.cfg.max_batch_items:
+            return error(413, "too_many_events",
+                         f"{len(raws)} events in one batch, more than max_batch_items={self.cfg.max_batch_items}; split it",
+                         path="$.events")
+        rd = self.reader()
+        try:
+            # every item's id and key in one C pass, when all items are objects
+            heads: list[Any] | None = rd.many.decode(req.body).events
+        except msgspec.ValidationError:
+            heads = None  # some item is not an object: the loop below says which
+        results: list[ItemResult]
+        items: list[Any]
+        keys: list[Any]
+        where: list[int] | range
+        if heads is not None:
+            items, ids, keys = rd.ids_and_keys(heads, raws)
+            results = [ItemResult(i, "accepted", k if type(k) in _ID_TYPES else None) for i, k in enumerate(ids)]
+            where = range(len(items))
+        else:
+            results, items, keys, where = [], [], [], []
+            for i, raw in enumerate(raws):
+                item, key, eid, why = self._with_id(raw, rd)
+                if why is not None:  # not an object: no worker could read it
+                    self.backend.count_rejected()
+                    results.append(ItemResult(i, "invalid", None, f"$.events[{i}]", why))
+                else:
+                    results.append(ItemResult(i, "accepted", eid))
+                    items.append(item)
+                    keys.append(key)
+                    where.append(i)
+        if items:
+            if self.backend.stopping:
+                return error(503, "shutting_down", "the server is stopping", retry_after=self.cfg.retry_after)
+            try:
+                res = await self.backend.submit(items, keys)
+            except (Overloaded, CollectorClosed) as e:
+                return self._overloaded(e)
+            for err in res.errors:
+                i = where[err.index]
+                r = results[i]
+                r.status = "failed" if err.kind not in ("invalid", "duplicate") else err.kind
+                if err.kind != "duplicate":
+                    r.path = f"$.events[{i}]" + err.path[1:]
+                    r.reason = err.reason
+        counts = {"accepted": 0, "duplicate": 0, "invalid": 0, "failed": 0}
+        for r in results:
+            counts[r.status] += 1
+        body = json_encoder.encode(BatchResponse(counts["accepted"], counts["duplicate"], counts["invalid"], counts["failed"], results))
+        if counts["failed"] and not (counts["accepted"] or counts["duplicate"]):
+            return Response(503, body, headers=[("Retry-After", str(self.cfg.retry_after))])
+        # a well-formed batch is answered per item, even when no item was valid: the
+        # envelope was right, and `results` says what was wrong with each event
+        return Response(202, body)

@@ -1,0 +1,94 @@
+"""The API's shapes: the same Structs decode requests, encode responses and generate
+``/openapi.json`` (see :mod:`collector.http.openapi`), so the document cannot drift
+from the code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "BatchRequest", "BatchResponse", "ErrorResponse", "EventResponse", "Health", "ItemResult", "Metrics", "json_encoder",
+]
+
+json_encoder = msgspec.json.Encoder()
+"""Encodes every JSON answer: one encoder for the process, not one per module or call."""
+
+
+class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /events/batch``."""
+
+    events: list[msgspec.Raw]
+
+
+class ItemResult(msgspec.Struct, omit_defaults=True, gc=False):
+    """What happened to one event: ``accepted`` (stored), ``duplicate`` (its id was
+    already accepted; not stored again), ``invalid`` (``path`` and ``reason`` say why)
+    or ``failed`` (the engine could not process it; retry)."""
+
+    index: int
+    status: str
+    id: str | int | None = None
+    path: str | None = None
+    reason: str | None = None
+
+
+class EventResponse(msgspec.Struct, omit_defaults=True):
+    """Answer to ``POST /events``."""
+
+    status: str
+    id: str | int | None = None
+    path: str | None = None
+    reason: str | None = None
+
+
+class BatchResponse(msgspec.Struct):
+    """Answer to ``POST /events/batch``: counts and one result per item, in order."""
+
+    accepted: int
+    duplicates: int
+    invalid: int
+    failed: int
+    results: list[ItemResult]
+
+
+class ErrorResponse(msgspec.Struct, omit_defaults=True):
+    """Any 4xx/5xx that is not a per-item result: what was wrong and how to fix it."""
+
+    error: str
+    detail: str
+    path: str | None = None
+    retry_after: int | None = None
+
+
+class Metrics(msgspec.Struct):
+    """``GET /metrics`` as JSON (seed 004's fields, then more)."""
+
+    events_received: int
+    events_processed: int
+    events_failed: int
+    average_processing_latency_ms: float
+    current_queue_depth: int
+    active_workers: int
+    events_per_second: float
+    uptime_seconds: float
+    duplicates_dropped: int
+    deadlettered: int
+    redelivered_chunks: int
+    worker_restarts: int
+    http_requests: dict[str, int]
+    workers: list[dict[str, Any]]
+    sinks: list[dict[str, Any]]
+
+
+class Health(msgspec.Struct, omit_defaults=True):
+    """``GET /health`` and ``GET /ready``."""
+
+    status: str
+    workers_alive: int
+    workers: int
+    heartbeats_fresh: bool
+    sinks: dict[str, bool] | None = None
+    detail: str | None = None
