@@ -48,9 +48,9 @@ def __getattr__(name: str) -> object:
     # the engine pulls in multiprocessing and uvloop; plugins that only need the
     # pipeline types (sinks, stages, domain packs) should not pay for that import
     if name in ("Collector", "Operation"):
-        from . import supervisor
+        from . import engine
 
-        return getattr(supervisor, name)
+        return getattr(engine, name)
     if name in ("OperationResult", "ErrorItem", "BatchStats"):
         from . import results
 

@@ -26,7 +26,7 @@ from .errors import Overloaded
 from .results import ErrorItem
 
 if TYPE_CHECKING:
-    from .supervisor import Collector
+    from .engine import Collector
 
 __all__ = ["Coalescer", "SliceResult"]
 

@@ -188,9 +188,11 @@ def test_malformed_ndjson_lines_are_reported_one_by_one() -> None:
     lines[6] = b"not json at all"
     with Collector(playback_pipeline(Immediate()), workers=2) as c:
         res = c.handle(b"\n".join(lines)).wait(timeout=30)
-        # a malformed JSON array is refused whole, with the position
-        with pytest.raises(InvalidInput, match="not a valid JSON array"):
-            c.handle(b'[{"id": 1}, {"id": ')
+        # a malformed JSON array is one failed input, reported with the position, not raised
+        bad = c.handle(b'[{"id": 1}, {"id": ').wait(timeout=30)
+        assert (bad.handled_events, bad.failed_events) == (0, 1)
+        assert bad.errors[0].index == 0 and bad.errors[0].kind == "invalid"
+        assert "not a valid JSON array" in bad.errors[0].reason and "byte" in bad.errors[0].reason
         with pytest.raises(InvalidInput, match="takes a list"):
             c.handle(12345)
         assert c.workers_alive() == [True, True]
@@ -433,7 +435,7 @@ def test_workers_and_shared_memory_go_when_the_caller_is_killed(tmp_path: Path) 
             if __name__ == "__main__":
                 c = Collector(playback_pipeline(SimulatedClient(latency=1.0)), workers=2)
                 c.start()
-                print(c._block.name, *c.worker_pids(), flush=True)
+                print(c.stats_block_name, *c.worker_pids(), flush=True)
                 time.sleep(60)
             """
         )

@@ -11,11 +11,11 @@ import msgspec
 import pytest
 
 from collector import stats as S
+from collector.engine import describe_exit
 from collector.enrich import LookupRuntime
 from collector.pipeline import Lookup
 from collector.playback import PlaybackEvent
 from collector.stages import Dedup, Filter
-from collector.supervisor import describe_exit
 from collector.worker import _error_path
 
 

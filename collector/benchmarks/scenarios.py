@@ -49,7 +49,7 @@ def _ncpu() -> int:
 
 
 def _collector(pipeline: Any, **kw: Any) -> Any:
-    from ..supervisor import Collector
+    from ..engine import Collector
 
     return Collector(pipeline, **kw)
 

@@ -68,11 +68,11 @@ def _read_locked(path: str) -> list[Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Replay the file; print what was stored and what failed again."""
+    from collector.engine import Collector
     from collector.errors import CollectorError
     from collector.sinks import DeadLetterConfig
     from collector.sinks.base import DeadLetter
     from collector.sinks.files import LineFile
-    from collector.supervisor import Collector
 
     path = os.path.abspath(args.file)
     if not os.path.isfile(path):

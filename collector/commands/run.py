@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the batch and print what happened."""
     import msgspec
 
+    from collector.engine import Collector
     from collector.playback import SimulatedClient, generate_events, playback_pipeline
-    from collector.supervisor import Collector
 
     events = generate_events(args.events, users=args.users, device_types=args.device_types)
     pipeline = playback_pipeline(SimulatedClient(latency=args.latency))

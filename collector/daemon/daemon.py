@@ -31,10 +31,10 @@ from typing import Any
 import msgspec
 
 from ..config import DaemonConfig, build_pipeline, engine_options, load_config
+from ..engine import Collector
 from ..errors import ConfigError, WorkerBootError
 from ..http import App, HttpServer
 from ..ingest import Coalescer
-from ..supervisor import Collector
 from .notify import Notifier
 from .views import Views
 
@@ -138,7 +138,7 @@ class Daemon:
                 last_stats = now
                 self.log_stats()
             if not c.running:  # halted after a fatal error (a worker keeps dying)
-                log.error("the engine stopped: %s", getattr(c, "_fatal", None),
+                log.error("the engine stopped: %s", c.fatal_error,
                           extra={"fields": {"event": "engine_halted"}})
                 await self.handle_term(signal.SIGTERM)
                 return 1

@@ -26,12 +26,12 @@ from ..http.schemas import Health, Metrics
 from ..sinks import build_sinkset, sink_names
 
 if TYPE_CHECKING:
+    from ..engine import Collector
     from ..http import HttpServer
     from ..ingest import Coalescer, SliceResult
     from ..pipeline import Pipeline
     from ..sinks.base import SinkSet
     from ..stats import Stats
-    from ..supervisor import Collector
 
 __all__ = ["COUNTERS", "Views"]
 

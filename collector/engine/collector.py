@@ -1,0 +1,416 @@
+"""The embedding API: :class:`Collector`, the facade that wires the engine's parts.
+
+::
+
+    handle(batch) ─► Planner.prepare ─► Admission (max_inflight) ─► Planner.cut ─► Ledger
+                                                                              │ pump
+    Operation ◄── account / finish ◄── Ledger.on_ack ◄── WorkerPool.read ◄── channel i
+    worker i dies ─► WorkerPool ─► worker_lost(i) ─► Ledger.take_back/requeue ─► respawn
+    stats() ─► sum of shared-memory slots (no lock, no message)
+
+The supervisor's own work runs on one asyncio loop: the caller's running loop under
+``async with Collector(...)``, or a dedicated uvloop thread under ``with Collector(...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import multiprocessing as mp
+import os
+import threading
+import time
+import weakref
+from typing import Any
+
+from .. import stats as S
+from ..errors import CollectorClosed, CollectorError, ConfigError, WorkerBootError
+from ..pipeline import Pipeline, resolve_pipeline
+from ..protocol import Ack
+from .admission import Admission
+from .ledger import Ledger, events_decoder
+from .operation import Operation
+from .plan import Entry, Planner
+from .pool import WorkerPool
+
+__all__ = ["Collector"]
+
+
+class Collector:
+    """Shard batches over CPU-pinned worker processes, enrich, count, deliver.
+
+    ``pipeline`` is a :class:`~collector.Pipeline` or a ``"module:attr"`` import string.
+    ``workers`` defaults to one per CPU in the caller's affinity mask; ``cpus`` pins
+    worker *i* to ``cpus[i % len(cpus)]`` (``cpus=[]`` disables pinning).
+    ``max_inflight`` bounds events accepted and not yet done: ``handle()`` blocks,
+    ``ahandle()`` awaits, and either raises :class:`~collector.Overloaded` with
+    ``block=False``. A batch larger than ``max_inflight`` is admitted alone, when
+    nothing else is in flight. ``chunk_size`` events travel per message; each worker
+    has at most ``window`` chunks in flight. A worker whose heartbeat is older than
+    ``heartbeat_timeout`` seconds is killed and replaced.
+
+    Use it as a context manager (``with`` or ``async with``) or call ``start()`` /
+    ``close()`` (``astart()`` / ``aclose()``).
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline | str,
+        *,
+        workers: int | None = None,
+        cpus: list[int] | None = None,
+        max_inflight: int = 1_000_000,
+        chunk_size: int = 2048,
+        window: int = 16,
+        heartbeat_interval: float = 0.5,
+        heartbeat_timeout: float = 10.0,
+        boot_timeout: float = 60.0,
+        shutdown_timeout: float = 30.0,
+        max_attempts: int = 3,
+        start_method: str = "spawn",
+    ) -> None:
+        self.pipeline = resolve_pipeline(pipeline)
+        pipeline_arg: Pipeline | str = pipeline if isinstance(pipeline, str) else self.pipeline
+        affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.cpus = list(affinity) if cpus is None else list(cpus)
+        n = workers if workers is not None else max(1, len(self.cpus) or (os.cpu_count() or 1))
+        if n < 1:
+            raise ConfigError(f"workers must be >= 1 (got {n})")
+        if chunk_size < 1 or window < 1 or max_inflight < 1:
+            raise ConfigError("chunk_size, window and max_inflight must be >= 1")
+        if start_method not in ("spawn", "forkserver"):
+            raise ConfigError(
+                f"start_method must be 'spawn' or 'forkserver' (got {start_method!r}); "
+                "fork is unsafe with the supervisor's threads"
+            )
+        self.nworkers = n
+        self.max_inflight = max_inflight
+        self.chunk_size = chunk_size
+        self.window = window
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.boot_timeout = boot_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.max_attempts = max_attempts
+        self.planner = Planner(self.pipeline, n, chunk_size)
+        self.admission = Admission(max_inflight, self._check_open)
+        self.pool = WorkerPool(
+            self,
+            [self.cpus[i % len(self.cpus)] if self.cpus else None for i in range(n)],
+            mp.get_context(start_method),
+            pipeline_arg,
+            heartbeat_interval,
+            heartbeat_timeout,
+        )
+        self.ledger = Ledger(
+            self.pool.slots, window, max_attempts, self.admission, events_decoder(self.pipeline.event_type)
+        )
+        self._block: S.StatsBlock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._loop_thread_id: int | None = None
+        self._own_loop = False
+        self._state = "new"  # new → running → closing → closed (or halted)
+        self.fatal_error: BaseException | None = None
+        self._monitor: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> Collector:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: Any) -> None:
+        # on Ctrl-C the caller wants out: drain briefly instead of for shutdown_timeout
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.close(timeout=2.0 if interrupted else None)
+
+    async def __aenter__(self) -> Collector:
+        await self.astart()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    def start(self) -> None:
+        """Start workers with the supervisor on its own uvloop thread; blocks until ready."""
+        if self._state != "new":
+            raise CollectorError(f"collector already {self._state}")
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+        self._loop = loop
+        self._own_loop = True
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            self._loop_thread_id = threading.get_ident()
+            started.set()
+            try:
+                loop.run_forever()
+            finally:
+                with contextlib.suppress(Exception):
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="collector-supervisor", daemon=True)
+        self._thread.start()
+        started.wait()
+        fut = asyncio.run_coroutine_threadsafe(self._start(), loop)
+        try:
+            fut.result()
+        except BaseException:
+            self._stop_thread()
+            raise
+
+    async def astart(self) -> None:
+        """Start workers with the supervisor on the running loop; awaits until ready."""
+        if self._state != "new":
+            raise CollectorError(f"collector already {self._state}")
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread_id = threading.get_ident()
+        await self._start()
+
+    async def _start(self) -> None:
+        assert self._loop is not None
+        self._block = S.StatsBlock(self.nworkers)
+        self.ledger.counters = self._block.supervisor
+        self._state = "running"
+        try:
+            self.pool.start(self._block, self._loop)
+            deadline = time.monotonic() + self.boot_timeout
+            while not self.pool.all_ready():
+                if self.fatal_error is not None:
+                    raise self.fatal_error
+                if time.monotonic() > deadline:
+                    raise WorkerBootError(
+                        f"workers not ready after {self.boot_timeout}s: "
+                        f"{[w.index for w in self.pool.slots if not w.ready]}"
+                    )
+                await asyncio.sleep(0.01)
+        except BaseException:
+            await self._shutdown(drain=False)
+            raise
+        self._monitor = self._loop.create_task(self.pool.watch(lambda: self._state == "running"))
+        if self._own_loop:
+            _RUNNING.add(self)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drain in-flight work (up to ``timeout``), stop workers, unlink shared memory."""
+        if self._state in ("new", "closed") or self._loop is None:
+            self._state = "closed"
+            return
+        if not self._own_loop:
+            raise RuntimeError("this collector runs on an asyncio loop: use 'await aclose()'")
+        if threading.get_ident() == self._loop_thread_id:
+            raise RuntimeError("close() called from the supervisor loop")
+        if self._state in ("running", "halted"):
+            fut = asyncio.run_coroutine_threadsafe(self._shutdown(True, timeout), self._loop)
+            fut.result()
+        self._stop_thread()
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """``close()`` for collectors started with ``async with`` / ``astart()``."""
+        if self._state in ("new", "closed"):
+            self._state = "closed"
+            return
+        if self._own_loop:
+            await asyncio.get_running_loop().run_in_executor(None, self.close, timeout)
+            return
+        await self._shutdown(True, timeout)
+
+    def _stop_thread(self) -> None:
+        _RUNNING.discard(self)
+        if self._thread is not None and self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._thread = None
+        self._state = "closed"
+
+    async def _shutdown(self, drain: bool, timeout: float | None = None) -> None:
+        if self._state == "closed":
+            return
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        if self._state == "running":
+            self._state = "closing"
+        self.admission.wake()
+        if drain:
+            while self.ledger.ops and time.monotonic() < deadline and self.fatal_error is None:
+                await asyncio.sleep(0.01)
+        self.ledger.fail_all(self.fatal_error or CollectorClosed("the collector closed before this operation finished"))
+        if self._monitor is not None:
+            self._monitor.cancel()
+            self._monitor = None
+        await self.pool.stop(deadline)
+        self._state = "closed"
+        if self._block is not None:
+            self._block.close()
+            self._block = None
+
+    def _halt(self, exc: BaseException) -> None:
+        """A fatal error: fail every operation, refuse new work, stop the workers."""
+        if self.fatal_error is None:
+            self.fatal_error = exc
+        self._state = "halted"
+        self.ledger.fail_all(exc)
+        self.admission.wake()
+        self.pool.kill_all()
+
+    # ------------------------------------------------------------------ the pool's owner
+    def stopping(self) -> bool:
+        """Closing or closed (the worker pool's question: is a clean exit expected)."""
+        return self._state in ("closing", "closed")
+
+    def wants_replacement(self) -> bool:
+        """Replace a dead worker while running, and while closing with work to drain."""
+        return self._state == "running" or (self._state == "closing" and bool(self.ledger.ops))
+
+    def worker_ready(self, i: int) -> None:
+        """Worker ``i`` said Ready: send it what waits for it."""
+        self.ledger.pump(i)
+
+    def worker_acked(self, i: int, ack: Ack) -> None:
+        """Worker ``i`` acknowledged a chunk."""
+        self.ledger.on_ack(i, ack)
+
+    def worker_lost(self, i: int, cause: str) -> None:
+        """Worker ``i`` died: its unacknowledged chunks go first to the replacement."""
+        self.ledger.requeue(i, self.ledger.take_back(i), cause)
+
+    def fatal(self, exc: BaseException) -> None:
+        """The pool met a death that respawning cannot fix."""
+        self._halt(exc)
+
+    # ------------------------------------------------------------------ handle
+    def handle(
+        self,
+        batch: Any,
+        *,
+        return_events: bool = False,
+        block: bool = True,
+        timeout: float | None = None,
+    ) -> Operation:
+        """Accept a batch and return its :class:`Operation` at once.
+
+        ``batch`` is a list of the pipeline's event Structs, a list of dicts, or bytes
+        holding a JSON array or NDJSON. Input that is not valid (a malformed JSON
+        array, an item that is not an object) is reported in the operation's
+        ``errors``, never raised. Blocks while ``max_inflight`` events are in flight
+        (``block=False``: raises :class:`~collector.Overloaded`; ``timeout``: raises it
+        after that many seconds).
+        """
+        t0 = time.monotonic()
+        self._check_open()
+        op = self.planner.prepare(batch, return_events)
+        op.started = t0  # elapsed counts from handle(), parsing included
+        on_loop = threading.get_ident() == self._loop_thread_id
+        self.admission.admit_sync(op.total, block, timeout, on_loop)
+        self._feed(op)
+        return op
+
+    async def ahandle(
+        self, batch: Any, *, return_events: bool = False, block: bool = True, keys: list[Any] | None = None
+    ) -> Operation:
+        """``handle()`` for asyncio code: awaits for capacity, never blocks the loop.
+
+        ``keys``: when ``batch`` is a list of raw JSON objects (``bytes`` or
+        ``msgspec.Raw``) whose shard keys the caller already read (the HTTP server reads
+        each event's id), their keys in order; the supervisor then parses nothing.
+        """
+        t0 = time.monotonic()
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        big = (isinstance(batch, (bytes, bytearray, memoryview)) and len(batch) > 1 << 20) or (
+            isinstance(batch, list) and len(batch) > 50_000
+        )
+        # big inputs are sliced on a thread so the loop keeps serving meanwhile
+        if big:
+            op = await loop.run_in_executor(None, self.planner.prepare, batch, return_events, keys)
+        else:
+            op = self.planner.prepare(batch, return_events, keys)
+        op.started = t0
+        await self.admission.admit(op.total, block)
+        if big:
+            await loop.run_in_executor(None, self._feed, op)
+        else:
+            self._feed(op)
+        return op
+
+    def _check_open(self) -> None:
+        if self.fatal_error is not None:
+            raise CollectorClosed(f"the collector stopped after a fatal error: {self.fatal_error}") from self.fatal_error
+        if self._state != "running":
+            raise CollectorClosed(f"the collector is {self._state}; it takes no more batches")
+
+    def _feed(self, op: Operation) -> None:
+        """Cut an admitted operation into chunks, a segment at a time, and queue them."""
+        assert self._block is not None and self._loop is not None and op.plan is not None
+        op.loop_thread = self._loop_thread_id
+        self._block.supervisor.add(S.RECEIVED, op.total)
+        if op.plan.empty():  # nothing for the workers: done at once, in the caller's thread
+            op.sealed = True
+            self.ledger.op_done(op)
+            return
+        on_loop = threading.get_ident() == self._loop_thread_id
+        for per_worker, shared in self.planner.cut(op):
+            if on_loop:
+                self._enqueue(op, per_worker, shared)
+            else:
+                self._loop.call_soon_threadsafe(self._enqueue, op, per_worker, shared)
+
+    def _enqueue(self, op: Operation, per_worker: list[list[Entry]] | None, shared: list[Entry] | None) -> None:
+        if op.done():
+            return
+        if self._state != "running":
+            self.ledger.op_done(op, self.fatal_error or CollectorClosed("the collector closed before this operation started"))
+            return
+        self.ledger.enqueue(op, per_worker, shared)
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> S.Stats:
+        """Collector statistics from shared memory: no lock, no message, microseconds."""
+        if self._block is None:
+            raise CollectorClosed("the collector is not running")
+        return self._block.read(self.workers_alive())
+
+    def workers_alive(self) -> list[bool]:
+        """Whether each worker slot has a live, ready worker."""
+        return self.pool.workers_alive()
+
+    def heartbeats_fresh(self, max_age: float | None = None) -> bool:
+        """True while every worker is ready and stamped its heartbeat recently."""
+        return self.pool.heartbeats_fresh(self.heartbeat_timeout if max_age is None else max_age)
+
+    def worker_pids(self) -> list[int]:
+        """The pid of each worker slot (0 while a slot has no process)."""
+        return self.pool.worker_pids()
+
+    @property
+    def stats_block_name(self) -> str | None:
+        """The name of the shared-memory statistics block (None when not running)."""
+        return self._block.name if self._block is not None else None
+
+    @property
+    def inflight_events(self) -> int:
+        """Events accepted and not yet done."""
+        return self.admission.inflight
+
+    @property
+    def running(self) -> bool:
+        """True between start and close, unless a fatal error halted the collector."""
+        return self._state == "running"
+
+
+# collectors with their own supervisor thread that are still open; closed at exit so a
+# forgotten close() still stops the workers and unlinks the shared memory
+_RUNNING: weakref.WeakSet[Collector] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_forgotten() -> None:
+    for c in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            c.close(timeout=5.0)

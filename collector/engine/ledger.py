@@ -1,0 +1,220 @@
+"""The in-flight ledger: which worker holds which chunk, until it acknowledges it.
+
+::
+
+    enqueue(op, chunks) ─► queue of worker i (key mode) or the shared queue (chunk mode)
+    pump(i) ─► while worker i's window has room: encode the next chunk, send it
+    on_ack(i, ack) ─► errors, counts, events → the operation; chunk done; pump(i)
+    take_back(i) ─► a dead worker's chunks, oldest first ─► requeue(i, ...) for the
+                    replacement, or failed as ``lost`` after ``max_attempts`` deliveries
+    last chunk of an operation done ─► op.finish() ─► admission.release(op.total)
+
+The ledger never touches a process: it sends through :class:`Channel` objects that
+the worker pool gives it, and the pool tells it when a worker is ready or gone.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+from operator import attrgetter
+from typing import Any, Protocol
+
+import msgspec
+
+from .. import stats as S
+from ..protocol import Ack, Chunk
+from ..results import ErrorItem
+from .admission import Admission
+from .operation import Operation
+from .plan import Entry
+
+__all__ = ["Channel", "Ledger"]
+
+
+class Channel(Protocol):
+    """What the ledger needs of a worker slot: is it ready, and send it a chunk."""
+
+    ready: bool
+
+    def send(self, msg: Chunk) -> bool:
+        """Queue ``msg`` on the worker's channel; False when there is no channel."""
+        ...
+
+
+class Ledger:
+    """Per-worker queues and windows of chunks, and the operations they belong to."""
+
+    def __init__(
+        self,
+        channels: Sequence[Channel],
+        window: int,
+        max_attempts: int,
+        admission: Admission,
+        decode_events: Callable[[bytes], list[Any]],
+    ) -> None:
+        self.channels = channels
+        self.window = window
+        self.max_attempts = max_attempts
+        self.admission = admission
+        self.decode_events = decode_events
+        n = len(channels)
+        self.queues: list[collections.deque[Entry]] = [collections.deque() for _ in range(n)]
+        self.inflight: list[dict[int, Entry]] = [{} for _ in range(n)]
+        self.shared: collections.deque[Entry] = collections.deque()  # shard="chunk": any worker
+        self.ops: set[Operation] = set()
+        self.counters: S.Slot | None = None  # the supervisor's stats slot, once started
+
+    # -- in ---------------------------------------------------------------------------
+    def enqueue(self, op: Operation, per_worker: list[list[Entry]] | None, shared: list[Entry] | None) -> None:
+        """Queue an operation's chunks; ``(None, None)`` seals it (no more will come)."""
+        if op.done():
+            return
+        if shared:
+            self.ops.add(op)
+            op.chunks_left += len(shared)
+            self.shared.extend(shared)
+            # deal one chunk at a time round the workers, or the first takes a whole window
+            dealt = True
+            while self.shared and dealt:
+                dealt = False
+                for i, ch in enumerate(self.channels):
+                    if self.shared and ch.ready and len(self.inflight[i]) < self.window:
+                        self.pump(i, limit=1)
+                        dealt = True
+            return
+        if per_worker is None:
+            op.sealed = True
+            if op.chunks_left == 0:
+                self.op_done(op)
+            return
+        self.ops.add(op)
+        for i, entries in enumerate(per_worker):
+            if entries:
+                op.chunks_left += len(entries)
+                self.queues[i].extend(entries)
+                self.pump(i)
+
+    def pump(self, i: int, limit: int = 1 << 30) -> None:
+        """Send queued chunks while worker ``i``'s window has room."""
+        ch = self.channels[i]
+        if not ch.ready:
+            return
+        q = self.queues[i]
+        shared = self.shared
+        inflight = self.inflight[i]
+        while len(inflight) < self.window and limit > 0:
+            limit -= 1
+            if q:
+                e = q.popleft()
+            elif shared:
+                e = shared.popleft()
+                e.worker = i
+            else:
+                break
+            op = e.op
+            if op.done():  # its operation was failed meanwhile
+                continue
+            plan = op.plan
+            assert plan is not None
+            if e.payload is None:
+                e.payload = plan.encode(e)
+                e.items = None
+                if e.payload is None:  # nothing left to send: every item failed to encode
+                    self.complete(e)
+                    continue
+            e.sent_at = time.monotonic()
+            inflight[e.id] = e
+            if not ch.send(Chunk(e.id, e.payload, op.events is not None, e.attempt, plan.ndjson, op.id)):
+                break  # no channel (the worker is going): take_back() finds the chunk
+
+    # -- out --------------------------------------------------------------------------
+    def on_ack(self, i: int, ack: Ack) -> bool:
+        """Account worker ``i``'s acknowledgement; False for a chunk it no longer holds."""
+        e = self.inflight[i].pop(ack.id, None)
+        if e is None:
+            return False
+        op = e.op
+        if ack.errors:
+            pos = e.positions
+            op.errors.extend(ErrorItem(pos[r.pos], r.path, r.reason, r.kind) for r in ack.errors)
+        op.acc.add(ack.summary)
+        if op.reported_keys is not None and ack.summary.keys:
+            op.reported_keys.update(ack.summary.keys)
+        if ack.events is not None and op.events is not None:
+            evs = self.decode_events(ack.events)
+            pos = e.positions
+            if ack.errors:
+                bad = {r.pos for r in ack.errors}
+                kept = [p for i, p in enumerate(pos) if i not in bad]
+            else:
+                kept = pos
+            out = op.events
+            for p, ev in zip(kept, evs, strict=False):
+                out[p] = ev
+        op.account(ack.handled, ack.failed)
+        op.worker_counted += ack.handled + ack.failed
+        self.complete(e)
+        self.pump(i)
+        return True
+
+    def take_back(self, i: int) -> list[Entry]:
+        """Worker ``i`` died: the chunks it held and did not acknowledge, oldest first."""
+        lost = sorted(self.inflight[i].values(), key=attrgetter("id"))
+        self.inflight[i].clear()
+        return lost
+
+    def requeue(self, i: int, entries: list[Entry], cause: str) -> None:
+        """Give a dead worker's chunks to its replacement first, in their order.
+
+        A chunk delivered ``max_attempts`` times (it kills every worker that reads it)
+        fails as ``lost`` instead.
+        """
+        counters = self.counters
+        for e in reversed(entries):
+            e.attempt += 1
+            if e.attempt >= self.max_attempts:
+                self.fail(e, f"chunk killed its worker {e.attempt} times (last: {cause})")
+                continue
+            if counters is not None:
+                counters.add(S.REDELIVERED, 1)
+            e.op.acc.redelivered += 1
+            self.queues[i].appendleft(e)
+
+    def fail(self, e: Entry, reason: str) -> None:
+        """A chunk that cannot be delivered: its events fail as ``lost``."""
+        e.op.errors.extend(ErrorItem(p, "$", reason, "lost") for p in e.positions)
+        e.op.account(0, len(e.positions))
+        self.complete(e)
+
+    def complete(self, e: Entry) -> None:
+        """A chunk is done; its operation too when it was the last and all are queued."""
+        e.payload = None
+        op = e.op
+        op.chunks_left -= 1
+        if op.chunks_left == 0 and op.sealed:
+            self.op_done(op)
+
+    def op_done(self, op: Operation, exc: BaseException | None = None) -> None:
+        """Complete ``op`` (or fail it with ``exc``) and release its in-flight room."""
+        op.finish(exc)
+        # account in the supervisor's slot the events no worker counted (rejected before
+        # routing, unencodable, lost), so received == handled + in flight
+        missing = op.total - op.worker_counted
+        if missing > 0 and self.counters is not None:
+            self.counters.add(S.EVENTS, missing)
+            self.counters.add(S.FAILED, missing)
+        self.ops.discard(op)
+        self.admission.release(op.total)
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Fail every open operation with ``exc`` (a fatal error, or closing)."""
+        for op in list(self.ops):
+            op.finish(exc)
+        self.ops.clear()
+
+
+def events_decoder(event_type: type[msgspec.Struct]) -> Callable[[bytes], list[Any]]:
+    """Decoder of the events a worker sends back when an operation asked for them."""
+    return msgspec.json.Decoder(list[event_type]).decode  # type: ignore[valid-type]

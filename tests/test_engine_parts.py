@@ -1,0 +1,312 @@
+"""Unit tier for the engine's parts, without processes (as gunicorn's test_arbiter does):
+the Planner on real inputs, Admission with threads and loops, the Ledger with fake
+channels, the WorkerPool's verdicts with fake processes and a recording owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import zlib
+from typing import Any
+
+import msgspec
+import pytest
+
+from collector import Overloaded, Pipeline
+from collector.engine.admission import Admission
+from collector.engine.ledger import Ledger, events_decoder
+from collector.engine.plan import Planner
+from collector.engine.pool import WorkerPool, describe_exit
+from collector.errors import CollectorClosed, WorkerBootError, WorkerError
+from collector.protocol import Ack, BootFailed, ChunkSummary, ErrorRecord
+
+
+class Ev(msgspec.Struct):
+    id: int
+    user: str
+
+
+PIPE = Pipeline(name="t", event_type=Ev, key="user", id_field="id")
+
+
+def events(n: int) -> list[dict[str, Any]]:
+    return [{"id": i, "user": f"u{i % 7}"} for i in range(n)]
+
+
+def cut(planner: Planner, op: Any) -> list[tuple[Any, Any]]:
+    return list(planner.cut(op))
+
+
+# ---------------------------------------------------------------- Planner
+def test_planner_shards_by_a_stable_hash_and_cuts_chunks_per_worker() -> None:
+    p = Planner(PIPE, nworkers=2, chunk_size=4)
+    op = p.prepare(events(20), False)
+    assert op.total == 20 and op.distinct_keys == 7 and not op.errors
+    parts = cut(p, op)
+    assert parts[-1] == (None, None)  # the seal
+    per_worker = parts[0][0]
+    seen = []
+    for w, entries in enumerate(per_worker):
+        assert all(e.n <= 4 for e in entries)
+        for e in entries:
+            for pos in e.positions:
+                assert zlib.crc32(f"u{pos % 7}".encode()) % 2 == w  # the key's worker
+                seen.append(pos)
+    assert sorted(seen) == list(range(20))
+
+
+def test_planner_reports_bad_input_instead_of_raising() -> None:
+    p = Planner(PIPE, nworkers=2, chunk_size=4)
+    op = p.prepare(b'[{"id": 1, "user": "a"}, {"id": ', False)
+    assert op.failed == 1 and op.plan is not None and op.plan.empty()
+    assert "not a valid JSON array" in op.errors[0].reason and "byte" in op.errors[0].reason
+    lines = b'{"id": 1, "user": "a"}\nnot json\n[1]\n{"id": 2, "user": "b"}'
+    op = p.prepare(lines, False)
+    assert [(e.index, e.kind) for e in op.errors] == [(1, "invalid"), (2, "invalid")]
+    assert op.plan is not None and list(op.plan.base) == [0, 3]
+    op = p.prepare([{"id": 1, "user": "a"}, 7, {"id": 2, "user": "b"}], False)
+    assert [e.index for e in op.errors] == [1] and "Expected `object`" in op.errors[0].reason
+
+
+def test_planner_chunk_mode_cuts_ndjson_at_newlines_covering_every_line() -> None:
+    p = Planner(Pipeline(name="t", event_type=Ev, key="user", shard="chunk"), nworkers=2, chunk_size=10)
+    body = b"\n".join(msgspec.json.encode(e) for e in events(95))
+    op = p.prepare(body, False)
+    parts = cut(p, op)
+    entries = parts[0][1]
+    assert parts[-1] == (None, None)
+    assert sum(e.n for e in entries) == 95
+    assert b"\n".join(bytes(e.payload) for e in entries) == body  # views of the caller's bytes
+
+
+# ---------------------------------------------------------------- Admission
+def test_admission_bounds_and_admits_a_big_batch_alone() -> None:
+    a = Admission(100, lambda: None)
+    assert a.try_admit(60) and not a.try_admit(60)
+    with pytest.raises(Overloaded, match="max_inflight=100"):
+        a.admit_sync(60, block=False, timeout=None, on_loop=False)
+    t0 = time.monotonic()
+    with pytest.raises(Overloaded):
+        a.admit_sync(60, block=True, timeout=0.1, on_loop=False)
+    assert 0.09 < time.monotonic() - t0 < 5
+    a.release(60)
+    assert a.try_admit(1000)  # larger than the bound, admitted alone
+    assert not a.try_admit(1)
+
+
+def test_admission_wakes_blocked_threads_and_awaiting_loops_on_release() -> None:
+    a = Admission(10, lambda: None)
+    assert a.try_admit(10)
+    done = threading.Event()
+
+    def blocked() -> None:
+        a.admit_sync(5, block=True, timeout=10, on_loop=False)
+        done.set()
+
+    t = threading.Thread(target=blocked)
+    t.start()
+
+    async def awaiting() -> float:
+        t0 = time.monotonic()
+        await a.admit(5, block=True)
+        return time.monotonic() - t0
+
+    threading.Timer(0.2, a.release, (10,)).start()
+    waited = asyncio.run(asyncio.wait_for(awaiting(), 10))
+    assert done.wait(10) and waited >= 0.15
+    t.join(10)
+    assert a.inflight == 10
+
+
+def test_admission_asks_the_engine_whether_it_is_open() -> None:
+    state = {"open": True}
+
+    def check() -> None:
+        if not state["open"]:
+            raise CollectorClosed("closed")
+
+    a = Admission(10, check)
+    assert a.try_admit(10)
+    result: list[BaseException] = []
+
+    def blocked() -> None:
+        try:
+            a.admit_sync(5, block=True, timeout=10, on_loop=False)
+        except BaseException as e:
+            result.append(e)
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    time.sleep(0.05)
+    state["open"] = False
+    a.wake()  # a shutdown wakes waiters, which then see the engine closed
+    t.join(10)
+    assert result and isinstance(result[0], CollectorClosed)
+
+
+# ---------------------------------------------------------------- Ledger
+class FakeChannel:
+    def __init__(self) -> None:
+        self.ready = True
+        self.sent: list[Any] = []
+
+    def send(self, msg: Any) -> bool:
+        self.sent.append(msg)
+        return True
+
+
+def ack(chunk: Any, n: int, errors: list[ErrorRecord] | None = None) -> Ack:
+    errs = errors or []
+    return Ack(chunk.id, n - len(errs), len(errs), errs, ChunkSummary(counts={}, lookups={}))
+
+
+def ledger_with(window: int, max_attempts: int = 3) -> tuple[Ledger, list[FakeChannel], Admission, Planner]:
+    chans = [FakeChannel(), FakeChannel()]
+    adm = Admission(1_000_000, lambda: None)
+    return Ledger(chans, window, max_attempts, adm, events_decoder(Ev)), chans, adm, Planner(PIPE, 2, 2)
+
+
+def feed(ledger: Ledger, planner: Planner, adm: Admission, n: int) -> Any:
+    op = planner.prepare(events(n), False)
+    assert adm.try_admit(op.total)
+    for per_worker, shared in planner.cut(op):
+        ledger.enqueue(op, per_worker, shared)
+    return op
+
+
+def test_ledger_keeps_the_window_maps_errors_to_input_positions_and_releases_room() -> None:
+    ledger, chans, adm, planner = ledger_with(window=2)
+    op = feed(ledger, planner, adm, 20)
+    assert [len(c.sent) for c in chans] == [2, 2]  # the window, not everything
+    first = chans[0].sent[0]
+    entry = ledger.inflight[0][first.id]
+    bad_input_index = entry.positions[1]
+    ledger.on_ack(0, ack(first, entry.n, [ErrorRecord(1, "$.user", "nope", "invalid")]))
+    assert len(chans[0].sent) == 3  # room freed, the next chunk went out
+    while not op.done():
+        for i, c in enumerate(chans):
+            for msg in list(c.sent):
+                e = ledger.inflight[i].get(msg.id)
+                if e is not None:
+                    ledger.on_ack(i, ack(msg, e.n))
+    res = op.result()
+    assert res.handled_events == 19 and res.failed_events == 1
+    assert [(e.index, e.path) for e in res.errors] == [(bad_input_index, "$.user")]
+    assert adm.inflight == 0
+
+
+def test_ledger_redelivers_a_dead_workers_chunks_first_then_fails_them_as_lost() -> None:
+    ledger, chans, adm, planner = ledger_with(window=2, max_attempts=2)
+    op = feed(ledger, planner, adm, 12)
+    held = sorted(ledger.inflight[0])
+    queued_before = len(ledger.queues[0])
+    ledger.requeue(0, ledger.take_back(0), "killed by SIGKILL")
+    assert [e.id for e in list(ledger.queues[0])[:2]] == held  # first, in order
+    assert len(ledger.queues[0]) == queued_before + 2 and op.acc.redelivered == 2
+    chans[0].sent.clear()
+    ledger.pump(0)
+    assert [m.id for m in chans[0].sent] == held and all(m.attempt == 1 for m in chans[0].sent)
+    ledger.requeue(0, ledger.take_back(0), "killed by SIGKILL")  # second death: lost
+    lost = [e for e in op.errors if e.kind == "lost"]
+    assert len(lost) == 4 and "killed its worker 2 times" in lost[0].reason
+
+
+def test_ledger_fails_every_open_operation_on_a_fatal_error() -> None:
+    ledger, _, adm, planner = ledger_with(window=2)
+    op = feed(ledger, planner, adm, 10)
+    ledger.fail_all(WorkerBootError("boom"))
+    with pytest.raises(WorkerBootError):
+        op.result()
+
+
+# ---------------------------------------------------------------- WorkerPool
+class FakeProcess:
+    def __init__(self, exitcode: int | None) -> None:
+        self.exitcode = exitcode
+        self.sentinel = -1
+        self.pid = 4242
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def close(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        self.exitcode = -9
+
+
+class Owner:
+    def __init__(self, running: bool = True) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.running = running
+
+    def stopping(self) -> bool:
+        return not self.running
+
+    def wants_replacement(self) -> bool:
+        return self.running
+
+    def worker_ready(self, i: int) -> None:
+        self.calls.append(("ready", i))
+
+    def worker_acked(self, i: int, a: Ack) -> None:
+        self.calls.append(("acked", i))
+
+    def worker_lost(self, i: int, cause: str) -> None:
+        self.calls.append(("lost", cause))
+
+    def fatal(self, exc: BaseException) -> None:
+        self.calls.append(("fatal", exc))
+
+
+def pool_with(owner: Owner) -> tuple[WorkerPool, list[int]]:
+    pool = WorkerPool(owner, [0, 1], None, PIPE, 0.5, 10.0)
+    spawned: list[int] = []
+    pool.spawn = lambda w: spawned.append(w.index)  # type: ignore[method-assign]
+    return pool, spawned
+
+
+def test_pool_replaces_a_killed_worker_after_the_owner_took_its_chunks_back() -> None:
+    owner = Owner()
+    pool, spawned = pool_with(owner)
+    w = pool.slots[1]
+    w.process, w.ready, w.acked = FakeProcess(-9), True, 5
+    pool.on_exit(w)
+    assert owner.calls == [("lost", describe_exit(-9))] and spawned == [1]
+    assert "SIGKILL" in describe_exit(-9) and "out of memory" in describe_exit(-9)
+
+
+def test_pool_halts_on_a_boot_failure_and_on_a_crash_loop_instead_of_respawning() -> None:
+    owner = Owner()
+    pool, spawned = pool_with(owner)
+    w = pool.slots[0]
+    w.process, w.ready = FakeProcess(3), False
+    w.boot_error = BootFailed(1, "ImportError: no module named x", "Traceback ...")
+    pool.on_exit(w)
+    kind, exc = owner.calls[0]
+    assert kind == "fatal" and isinstance(exc, WorkerBootError) and "no module named x" in str(exc)
+    assert spawned == []
+
+    owner2 = Owner()
+    pool2, spawned2 = pool_with(owner2)
+    w2 = pool2.slots[0]
+    for _ in range(5):  # dies before acknowledging anything, again and again
+        w2.process, w2.ready, w2.acked, w2.exited = FakeProcess(-11), True, 0, False
+        pool2.on_exit(w2)
+    assert isinstance(owner2.calls[-1][1], WorkerError) and "keeps dying" in str(owner2.calls[-1][1])
+    assert len(spawned2) == 4
+
+
+def test_pool_expects_clean_exits_while_the_owner_stops() -> None:
+    owner = Owner(running=False)
+    pool, spawned = pool_with(owner)
+    w = pool.slots[0]
+    w.process, w.ready = FakeProcess(0), True
+    pool.on_exit(w)
+    assert owner.calls == [] and spawned == []
