@@ -335,10 +335,15 @@ class HttpProtocol(asyncio.Protocol):
         )
         t.write(head.encode("latin-1") + res.body)
         if res.close and self.reject is res and self.in_message:
-            # refused before its body was read: read the rest and drop it, then close
-            # (closing now would reset the connection under a client still sending,
-            # and it would never see the answer); bounded by the body deadline
+            # refused before its body was read: a lingering close, as nginx does. Closing
+            # now, with the client's bytes unread, would make the kernel reset the
+            # connection under a client still sending, and it would never read the
+            # answer. So: send FIN after the answer (nothing more comes from us), read
+            # and drop the rest of the body, close when it ends; bounded by the body
+            # deadline and MAX_DISCARD bytes
             self.discarding = True
+            if t.can_write_eof():
+                t.write_eof()
         elif res.close:
             self.closing = True
             self.deadline(None)
@@ -359,7 +364,7 @@ class HttpProtocol(asyncio.Protocol):
 
 
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers
-MAX_DISCARD = 16 << 20  # body bytes read and dropped after a refusal before cutting the connection
+MAX_DISCARD = 1 << 30  # body bytes read and dropped after a refusal before cutting the connection
 
 
 class _HeadTooLarge(Exception):
