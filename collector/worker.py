@@ -205,6 +205,9 @@ class _Worker:
             if self.sinkset is not None:
                 with contextlib.suppress(Exception):
                     await self.sinkset.close()
+            if self.enricher is not None:  # source pools and sessions
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.enricher.close(), 5)
             with contextlib.suppress(Exception):
                 self.out.flush()
                 await writer.drain()
