@@ -47,6 +47,7 @@ class _SqlSource(Source):
         cfg = self.config
         self.pool: Any = None
         self.queries = 0  # queries sent (for tests and stats)
+        self.reconnects = 0  # queries sent again after a dropped connection
         cols = cfg.columns
         if not cfg.query:
             for ident in (cfg.table, cfg.key_column, *cols):
@@ -94,6 +95,7 @@ class _SqlSource(Source):
             return self.values(await self.fetch(list(keys)))
         except self.lost as e:
             log.info("%s: connection lost (%s); retrying on a fresh one", self.describe(), type(e).__name__)
+            self.reconnects += 1
             return self.values(await self.fetch(list(keys)))
 
     async def fetch(self, keys: list[Any]) -> list[Any]:
@@ -140,7 +142,12 @@ class PostgresSource(_SqlSource):
             self.pool = await self.asyncpg.create_pool(self.dsn, min_size=0, max_size=self.config.pool_size)
         self.queries += 1
         async with self.pool.acquire() as conn:
-            return await conn.fetch(self.sql, keys)
+            try:
+                return await conn.fetch(self.sql, keys)
+            except Exception as e:
+                if conn.is_closed() and not isinstance(e, self.lost):
+                    raise ConnectionError(f"connection lost: {type(e).__name__}: {e}") from e
+                raise
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -169,7 +176,7 @@ class MysqlSource(_SqlSource):
         c = self.config
         cols = ", ".join(self.q(x) for x in c.columns)
         key = self.q(c.key_column)
-        return f"SELECT {key}, {cols} FROM {self.q(c.table)} WHERE {key} IN %s"
+        return f"SELECT {key}, {cols} FROM {self.q(c.table)} WHERE {key} IN ({{keys}})"
 
     async def fetch(self, keys: list[Any]) -> list[Any]:
         if self.pool is None:
@@ -189,7 +196,8 @@ class MysqlSource(_SqlSource):
         conn = await self.pool.acquire()
         try:
             async with conn.cursor() as cur:
-                await cur.execute(self.sql, (tuple(keys),))
+                # one %s per key: the driver quotes each value
+                await cur.execute(self.sql.replace("{keys}", ", ".join(["%s"] * len(keys))), keys)
                 rows = await cur.fetchall()
         except self.lost:
             conn.close()  # a broken connection is not given back to the pool
