@@ -159,7 +159,7 @@ class _Worker:
             factory = import_string(client, "client factory")
             client = factory() if callable(factory) else factory
         self.client = client
-        self.enricher = build_enricher(p.lookups, client, self.executor) if p.lookups else None
+        self.enricher = build_enricher(p.lookups, client, self.executor, p.event_type) if p.lookups else None
         self.stages = [s.build() for s in p.stages]
         self.counters = [(f, attrgetter(f)) for f in p.count_by]
 

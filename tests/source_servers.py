@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
+
+from collector.sources.rates import serve_on_thread
 
 
 def free_port() -> int:
@@ -41,7 +42,6 @@ class FaultServer:
         self.keys_per_request: list[int] = []
         self.values: dict[str, Any] = {}
         self.port = 0
-        self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def url(self) -> str:
@@ -95,27 +95,12 @@ class FaultServer:
         app.router.add_get("/v/{key}", self.one)
         app.router.add_get("/batch", self.batch)
         app.router.add_post("/batch", self.batch)
-        loop = asyncio.new_event_loop()
-        self.loop = loop
         runner = web.AppRunner(app, handle_signals=False)
-        ready = threading.Event()
 
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            loop.run_until_complete(site.start())
+        async def start() -> None:
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
             self.port = runner.addresses[0][1]
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
 
-        th = threading.Thread(target=run, name="fault-server", daemon=True)
-        th.start()
-        assert ready.wait(10), "test server did not start"
-        try:
+        with serve_on_thread(start, runner.cleanup, "fault-server"):
             yield self
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            th.join(10)

@@ -177,6 +177,11 @@ class Flaky:
         self.down = False
         self.calls = 0
 
+    def source(self, cache: CacheConfig, resilience: ResilienceConfig) -> ClientSource:
+        src = ClientSource.of(self, "get")
+        src.config = msgspec.structs.replace(src.config, cache=cache, resilience=resilience)
+        return src
+
     async def get(self, k: str) -> str | None:
         self.calls += 1
         if self.down:
@@ -188,13 +193,7 @@ def test_found_not_found_and_error_ttls_are_separate() -> None:
     async def body() -> None:
         clock = Clock()
         cl = Flaky()
-        src = ClientSource.of(cl, "get")
-        src.config = msgspec.structs.replace(
-            src.config,
-            cache=CacheConfig(ttl=10, not_found_ttl=2, error_ttl=1, stale_ttl=0),
-            resilience=fast(),
-        )
-        en, _ = runtime(src, clock)
+        en, _ = runtime(cl.source(cache=CacheConfig(ttl=10, not_found_ttl=2, error_ttl=1, stale_ttl=0), resilience=fast()), clock)
         s = await enrich(en, events(["a", "zz"]))
         assert (s.calls, s.misses, s.not_found) == (1, 2, 1)
         s = await enrich(en, events(["a", "zz"]))
@@ -221,11 +220,7 @@ def test_stale_value_is_served_when_the_source_fails_then_expires() -> None:
     async def body() -> None:
         clock = Clock()
         cl = Flaky()
-        src = ClientSource.of(cl, "get")
-        src.config = msgspec.structs.replace(
-            src.config, cache=CacheConfig(ttl=10, error_ttl=0, stale_ttl=30), resilience=fast()
-        )
-        en, _ = runtime(src, clock)
+        en, _ = runtime(cl.source(cache=CacheConfig(ttl=10, error_ttl=0, stale_ttl=30), resilience=fast()), clock)
         await enrich(en, events(["a"]))
         cl.down = True
         clock.t += 15
@@ -244,13 +239,7 @@ def test_breaker_opens_then_events_get_the_fallback_at_once_then_it_closes() -> 
     async def body() -> None:
         clock = Clock()
         cl = Flaky()
-        src = ClientSource.of(cl, "get")
-        src.config = msgspec.structs.replace(
-            src.config,
-            cache=CacheConfig(mode="none"),
-            resilience=fast(breaker_failures=3, breaker_reset=5.0),
-        )
-        en, rt = runtime(src, clock)
+        en, rt = runtime(cl.source(cache=CacheConfig(mode="none"), resilience=fast(breaker_failures=3, breaker_reset=5.0)), clock)
         cl.down = True
         opens = 0
         for _ in range(3):
@@ -283,9 +272,7 @@ def test_retries_back_off_and_then_succeed() -> None:
             return await orig(k)
 
         cl.get = get  # type: ignore[method-assign]
-        src = ClientSource.of(cl, "get")
-        src.config = msgspec.structs.replace(src.config, resilience=fast(retries=2))
-        en, _ = runtime(src)
+        en, _ = runtime(cl.source(CacheConfig(), fast(retries=2)))
         evs = events(["a"])
         s = await enrich(en, evs)
         assert evs[0].out == "A" and s.calls == 3 and s.errors == 2 and s.failures == 0
@@ -590,7 +577,8 @@ def test_rates_source_converts_with_the_builtin_service_and_counts_a_missing_cur
         rates = RatesSource(url=svc.url)
         assert await rates.get("USD") == Decimal("1.0832")
 
-    with RatesService().running() as svc:
+    svc = RatesService()
+    with svc.running():
         run(lambda: body(svc))
 
 

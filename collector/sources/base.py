@@ -15,12 +15,13 @@ a ``Lookup(source=HttpSource(...))`` travels to spawned workers like a config do
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Sequence
 from typing import Any, ClassVar
 
 from ..errors import CollectorError
 
-__all__ = ["Failure", "Source", "SourceError"]
+__all__ = ["Failure", "Source", "SourceError", "gather_keys"]
 
 
 class SourceError(CollectorError):
@@ -37,6 +38,28 @@ class Failure:
 
     def __repr__(self) -> str:
         return f"Failure({self.reason!r})"
+
+
+async def gather_keys(keys: Sequence[Any], calls: list[Awaitable[Any]], absent: Any = None) -> dict[Any, Any]:
+    """Await one call per key at once: a value, ``absent`` (not found) or an error per key.
+
+    Every call failing raises the first error (the whole call failed: retried, seen by
+    the breaker); some failing gives those keys a :class:`Failure`.
+    """
+    got = await asyncio.gather(*calls, return_exceptions=True)
+    errors = [v for v in got if isinstance(v, BaseException)]
+    for e in errors:
+        if not isinstance(e, Exception):
+            raise e  # cancellation and the like are not answers
+    if errors and len(errors) == len(got):
+        raise errors[0]
+    out: dict[Any, Any] = {}
+    for k, v in zip(keys, got, strict=True):
+        if isinstance(v, BaseException):
+            out[k] = Failure(f"{type(v).__name__}: {v}")
+        elif v is not absent:
+            out[k] = v
+    return out
 
 
 class Source(abc.ABC):

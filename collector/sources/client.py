@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import ConfigError
-from .base import Failure, Source
+from .base import Source, gather_keys
 from .config import ClientSourceConfig
 
 __all__ = ["ClientSource", "bind_method"]
@@ -78,17 +78,7 @@ class ClientSource(Source):
         else:
             loop = asyncio.get_running_loop()
             calls = [loop.run_in_executor(None, fn, k) for k in keys]
-        got = await asyncio.gather(*calls, return_exceptions=True)
-        errors = [v for v in got if isinstance(v, BaseException)]
-        if errors and len(errors) == len(got):
-            raise errors[0]
-        out: dict[Any, Any] = {}
-        for k, v in zip(keys, got, strict=True):
-            if isinstance(v, BaseException):
-                out[k] = Failure(f"{type(v).__name__}: {v}")
-            elif v is not None:
-                out[k] = v
-        return out
+        return await gather_keys(keys, calls)
 
     def describe(self) -> str:
         return f"client {self.config.client}.{self.config.method}"

@@ -17,7 +17,6 @@ seen by the circuit breaker.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -25,7 +24,7 @@ from urllib.parse import quote
 import msgspec
 
 from ..errors import missing
-from .base import Failure, Source, SourceError
+from .base import Failure, Source, SourceError, gather_keys
 from .config import HttpSourceConfig
 
 __all__ = ["HttpSource", "dig", "read_bounded"]
@@ -123,20 +122,7 @@ class HttpSource(Source):
         """One request per key (concurrently), or batched requests in batch mode."""
         if self.config.batch is not None:
             return await self._batch(keys)
-        got = await asyncio.gather(*(self._one(k) for k in keys), return_exceptions=True)
-        errors = [v for v in got if isinstance(v, BaseException)]
-        for e in errors:
-            if not isinstance(e, Exception):
-                raise e
-        if errors and len(errors) == len(got):
-            raise errors[0]
-        out: dict[Any, Any] = {}
-        for k, v in zip(keys, got, strict=True):
-            if isinstance(v, BaseException):
-                out[k] = Failure(f"{type(v).__name__}: {v}")
-            elif v is not _NOT_FOUND:
-                out[k] = v
-        return out
+        return await gather_keys(keys, [self._one(k) for k in keys], absent=_NOT_FOUND)
 
     async def _one(self, key: Any) -> Any:
         cfg = self.config

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -38,7 +38,7 @@ from .base import Failure, Source, SourceError
 from .config import RatesSourceConfig
 from .http import aiohttp_module, read_bounded
 
-__all__ = ["DEFAULT_RATES", "RatesService", "RatesSource", "convert"]
+__all__ = ["DEFAULT_RATES", "RatesService", "RatesSource", "convert", "serve_on_thread"]
 
 # deterministic rates (units per 1 EUR) served by the built-in service
 DEFAULT_RATES: dict[str, str] = {"EUR": "1", "USD": "1.0832", "GBP": "0.8571", "NZD": "1.7964", "BTC": "0.0000161"}
@@ -136,7 +136,7 @@ class RatesSource(Source):
 class RatesService:
     """A deterministic ``/latest`` service on 127.0.0.1 (see the module docstring).
 
-    ``with RatesService().running() as svc: svc.url`` runs it on a thread of its own;
+    ``with svc.running(): svc.url`` runs it on a thread of its own;
     ``requests`` counts the requests served. ``rates`` may be changed while it runs.
     """
 
@@ -184,29 +184,36 @@ class RatesService:
             self.server.close()
             await self.server.wait_closed()
 
-    @contextlib.contextmanager
-    def running(self, timeout: float = 10.0) -> Iterator[RatesService]:
+    def running(self, timeout: float = 10.0) -> contextlib.AbstractContextManager[None]:
         """Serve on a thread of its own for the ``with`` block."""
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
+        return serve_on_thread(self.start, self.close, "rates-service", timeout)
 
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            loop.run_until_complete(self.start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self.close())
-            loop.close()
 
-        th = threading.Thread(target=run, name="rates-service", daemon=True)
-        th.start()
-        if not ready.wait(timeout):
-            raise RuntimeError("the rates service did not start")
-        try:
-            yield self
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            th.join(timeout)
+@contextlib.contextmanager
+def serve_on_thread(
+    start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]], name: str, timeout: float = 10.0
+) -> Iterator[None]:
+    """Run a server on an event loop of its own thread for the ``with`` block (bounded start and stop)."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(start())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(stop())
+        loop.close()
+
+    th = threading.Thread(target=run, name=name, daemon=True)
+    th.start()
+    if not ready.wait(timeout):
+        raise RuntimeError(f"{name} did not start within {timeout}s")
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(timeout)
 
 
 def main(argv: list[str] | None = None) -> None:

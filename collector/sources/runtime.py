@@ -412,7 +412,7 @@ class SourceRuntime:
             else:
                 out[k] = (STALE, v)
                 cache.put(k, v, ERROR, now)  # type: ignore[union-attr]
-        if reason is not None and len(keys) and self.breaker.state != "closed":
+        if reason is not None:
             log.debug("lookup %s: %d key(s) answered without the source: %s", self.name, len(keys), reason)
 
     def report(self, summ: LookupSummary) -> None:
@@ -526,12 +526,21 @@ class Enricher:
             await lk.close()
 
 
-def build_enricher(lookups: tuple[Lookup, ...], client: Any, executor: ThreadPoolExecutor) -> Enricher:
+def build_enricher(
+    lookups: tuple[Lookup, ...], client: Any, executor: ThreadPoolExecutor, event_type: Any = None
+) -> Enricher:
     """Bind each lookup to its source or its client method; errors name the lookup."""
     from . import build_source
 
     rts: list[LookupRuntime | SourceRuntime] = []
+    fields = set(getattr(event_type, "__struct_fields__", ()))
     for spec in lookups:
+        for f in spec.key_fields:
+            if fields and f not in fields:
+                raise ConfigError(
+                    f"lookup {spec.name!r}: key_fields names field {f!r}, which "
+                    f"{event_type.__name__} does not have (fields: {sorted(fields)})"
+                )
         if spec.source is not None:
             rts.append(SourceRuntime(spec, build_source(spec.source)))
             continue
