@@ -45,6 +45,27 @@ class Flights:
         self.calls[key] = fut
         return fut
 
+    def lead_many(self, keys: list[Any]) -> asyncio.Future[Any]:
+        """Register one call for all ``keys``; its result maps each key to its answer."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.join(keys, fut)
+        return fut
+
+    def join(self, keys: list[Any], fut: asyncio.Future[Any]) -> None:
+        """Register ``keys`` as answered by ``fut`` (a call not yet sent)."""
+        calls = self.calls
+        for k in keys:
+            calls[k] = fut
+
+    def settle_many(self, keys: list[Any], fut: asyncio.Future[Any], answers: Any) -> None:
+        """Hand ``answers`` to everyone waiting on ``fut`` and forget its keys."""
+        calls = self.calls
+        for k in keys:
+            if calls.get(k) is fut:
+                del calls[k]
+        if not fut.done():
+            fut.set_result(answers)
+
     def settle(self, key: Any, value: Any) -> None:
         """Hand ``value`` to everyone waiting on ``key`` and forget the call."""
         fut = self.calls.pop(key, None)

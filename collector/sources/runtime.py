@@ -219,6 +219,7 @@ class SourceRuntime:
         )
         self.linger = rc.linger
         self.pending: list[Any] = []
+        self.pending_fut: asyncio.Future[Any] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         # figures of calls, which may serve several chunks: each chunk's summary takes
@@ -232,35 +233,43 @@ class SourceRuntime:
             self.cache.sweep(now)
 
     async def resolve(self, misses: dict[Any, list[Any]], summ: LookupSummary) -> None:
-        """Fill the events of ``misses`` (key → events): join calls under way, start the rest."""
-        waits: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        """Fill the events of ``misses`` (key → events): join calls under way, start the rest.
+
+        A call's keys share one future whose result maps each key to its outcome, so a
+        chunk waits on a few futures, not on one per key.
+        """
+        waits: list[tuple[Any, list[Any], asyncio.Future[Any] | None]] = []
         new: list[Any] = []
-        flights = self.flights
+        under_way = self.flights.calls.get
         for k, evs in misses.items():
             summ.misses += len(evs)
             try:
-                fut = flights.get(k)
+                fut = under_way(k)
             except TypeError:  # an unhashable key cannot be looked up
                 summ.failures += len(evs)
                 continue
             if fut is not None:
                 summ.coalesced += len(evs)
             else:
-                fut = flights.lead(k)
                 new.append(k)
-            waits.append((evs, fut))
-        if new:
-            self.submit(new)
+            waits.append((k, evs, fut))
         if not waits:
             return
+        mine = self.submit(new) if new else None
+        futs = {f for _, _, f in waits if f is not None}
+        if mine is not None:
+            futs.add(mine)
         # wait, not gather: cancelling this chunk must not cancel calls other chunks share
-        await asyncio.wait([f for _, f in waits])
+        await asyncio.wait(futs)
         target = self.spec.target
-        for evs, fut in waits:
+        failed = (ERROR, None)
+        for k, evs, f in waits:
+            fut = f if f is not None else mine
+            assert fut is not None
             if fut.cancelled() or fut.exception() is not None:
                 summ.failures += len(evs)
                 continue
-            outcome, v = fut.result()
+            outcome, v = fut.result().get(k, failed)
             if outcome in (FOUND, STALE):
                 for e in evs:
                     setattr(e, target, v)
@@ -272,52 +281,67 @@ class SourceRuntime:
             else:
                 summ.failures += len(evs)
 
-    def submit(self, keys: list[Any]) -> None:
-        """Send ``keys`` out now, or after ``linger`` seconds together with later chunks' keys."""
+    def submit(self, keys: list[Any]) -> asyncio.Future[Any]:
+        """Send ``keys`` out now, or after ``linger`` seconds together with later chunks' keys.
+
+        Returns the future the keys' answers arrive on (registered in the flights table
+        before anything awaits, so a chunk right after this one joins it).
+        """
         if self.linger <= 0:
-            self.launch(keys)
-            return
+            fut = self.flights.lead_many(keys)
+            self.launch(keys, fut)
+            return fut
+        if self.pending_fut is None:
+            self.pending_fut = asyncio.get_running_loop().create_future()
+        fut = self.pending_fut
+        self.flights.join(keys, fut)
         self.pending.extend(keys)
         if len(self.pending) >= self.source.max_batch:
             self.flush()
         elif self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(self.linger, self.flush)
+        return fut
 
     def flush(self) -> None:
         """Send what is pending."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        keys, self.pending = self.pending, []
-        if keys:
-            self.launch(keys)
+        keys, fut = self.pending, self.pending_fut
+        self.pending, self.pending_fut = [], None
+        if keys and fut is not None:
+            self.launch(keys, fut)
 
-    def launch(self, keys: list[Any]) -> None:
-        """One task per call of at most ``max_batch`` keys (never one per event)."""
-        loop = asyncio.get_running_loop()
-        step = max(1, self.source.max_batch)
-        for i in range(0, len(keys), step):
-            t = loop.create_task(self.fetch(keys[i : i + step]))
-            self.tasks.add(t)
-            t.add_done_callback(self.tasks.discard)
+    def launch(self, keys: list[Any], fut: asyncio.Future[Any]) -> None:
+        """One task per group of keys (never one per event); see :meth:`fetch_group`."""
+        t = asyncio.get_running_loop().create_task(self.fetch_group(keys, fut))
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
 
-    async def fetch(self, keys: list[Any]) -> None:
-        """Answer ``keys`` (shared cache, then the source) and settle their flights."""
+    async def fetch_group(self, keys: list[Any], fut: asyncio.Future[Any]) -> None:
+        """Calls of at most ``max_batch`` keys, concurrently; then settle the group's future."""
         out: dict[Any, tuple[int, Any]] = {}
+        step = max(1, self.source.max_batch)
         try:
-            rest = keys
-            if self.shared is not None:
-                rest = await self._from_shared(keys, out)
-            if rest:
-                try:
-                    got = await self.call(rest)
-                except Exception as e:
-                    self._failed(rest, out, reason=_reason(e))
-                else:
-                    await self._store(rest, got, out)
+            if len(keys) <= step:
+                await self.fetch(keys, out)
+            else:
+                await asyncio.gather(*(self.fetch(keys[i : i + step], out) for i in range(0, len(keys), step)))
         finally:
-            for k in keys:
-                self.flights.settle(k, out.get(k, (ERROR, None)))
+            self.flights.settle_many(keys, fut, out)
+
+    async def fetch(self, keys: list[Any], out: dict[Any, tuple[int, Any]]) -> None:
+        """Answer ``keys`` into ``out``: the shared cache, then the source."""
+        rest = keys
+        if self.shared is not None:
+            rest = await self._from_shared(keys, out)
+        if rest:
+            try:
+                got = await self.call(rest)
+            except Exception as e:
+                self._failed(rest, out, reason=_reason(e))
+            else:
+                await self._store(rest, got, out)
 
     async def _from_shared(self, keys: list[Any], out: dict[Any, tuple[int, Any]]) -> list[Any]:
         try:
