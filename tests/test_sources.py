@@ -583,23 +583,58 @@ def test_rates_source_converts_with_the_builtin_service_and_counts_a_missing_cur
 
 
 # ---------------------------------------------------------------- through a real Collector
+def playback(n: int, users: int) -> list[PlaybackEvent]:
+    return [
+        PlaybackEvent(id=i, user_id=f"u{i % users}", video_id="v", start_at=1, stop_at=2,
+                      bitrate_kbps=1, device_type="tv")
+        for i in range(n)
+    ]
+
+
+def region_pipeline(source: Any) -> Pipeline:
+    return Pipeline(name="src-e2e", event_type=PlaybackEvent, key="user_id",
+                    lookups=(Lookup(name="region", key="user_id", target="region", source=source),))
+
+
+def test_two_collectors_share_the_two_level_cache(http: FaultServer, redis_url: str, no_leaks: None) -> None:
+    src = HttpSourceConfig(
+        url=f"{http.url}/v/{{key}}", value_path="data.value", resilience=fast(timeout=5),
+        cache=CacheConfig(mode="two-level", redis_url=redis_url, namespace=f"e2e-{uuid.uuid4().hex}", redis_ttl=30),
+    )
+    evs = playback(300, 60)
+    with Collector(region_pipeline(src), workers=1) as a:
+        first = a.handle(evs, return_events=True).wait(timeout=60)
+    assert http.requests == 60 and first.batch.lookups["region"].shared_hits == 0
+    with Collector(region_pipeline(src), workers=2) as b:
+        second = b.handle(evs, return_events=True).wait(timeout=60)
+    assert http.requests == 60, "every key fetched by the first collector was a Redis hit for the second"
+    lk = second.batch.lookups["region"]
+    assert lk.shared_hits == 60 and lk.calls == 0
+    assert all(e.region == f"v-{e.user_id}" for e in second.events)
+
+
+def test_a_dead_source_costs_its_timeout_not_more(no_leaks: None) -> None:
+    src = HttpSourceConfig(
+        url=f"http://127.0.0.1:{free_port()}/v/{{key}}",
+        resilience=fast(timeout=0.5, retries=1, breaker_failures=2, breaker_reset=60),
+    )
+    with Collector(region_pipeline(src), workers=2, chunk_size=100) as c:
+        t0 = time.monotonic()
+        res = c.handle(playback(2000, 500), return_events=True).wait(timeout=30)
+        took = time.monotonic() - t0
+    assert res.handled_events == 2000 and all(e.region == "" for e in res.events)
+    lk = res.batch.lookups["region"]
+    assert lk.failures == 2000 and lk.breaker_opens >= 1 and lk.short_circuited >= 1
+    assert took < 5.0, f"a refused source held the batch {took:.1f}s"
+
+
 def test_collector_end_to_end_with_a_batched_http_source(http: FaultServer, no_leaks: None) -> None:
     src = HttpSourceConfig(
         url=f"{http.url}/batch", value_path="value",
         batch=HttpBatch(response_path="data", max_keys=50), resilience=fast(timeout=5),
     )
-    pipe = Pipeline(
-        name="src-e2e",
-        event_type=PlaybackEvent,
-        key="user_id",
-        lookups=(Lookup(name="region", key="user_id", target="region", source=src),),
-    )
-    evs = [
-        PlaybackEvent(id=i, user_id=f"u{i % 200}", video_id="v", start_at=1, stop_at=2,
-                      bitrate_kbps=1, device_type="tv")
-        for i in range(2000)
-    ]
-    with Collector(pipe, workers=2, chunk_size=500) as c:
+    evs = playback(2000, 200)
+    with Collector(region_pipeline(src), workers=2, chunk_size=500) as c:
         res = c.handle(evs, return_events=True).wait(timeout=60)
     assert res.handled_events == 2000 and res.failed_events == 0
     assert all(e.region == f"v-{e.user_id}" for e in res.events)
