@@ -281,15 +281,20 @@ def test_retries_back_off_and_then_succeed() -> None:
 
 
 # ---------------------------------------------------------------- http
-def test_http_round_trip_value_path_and_not_found(http: FaultServer) -> None:
+def test_http_round_trip_value_path_and_not_found(http: FaultServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="collector.sources")
+
     async def body() -> None:
-        src = HttpSource(url=f"{http.url}/v/{{key}}", value_path="data.value", resilience=fast())
+        src = HttpSource(url=f"{http.url}/v/{{key}}", value_path="data.value", resilience=fast(),
+                         log_not_found=True, headers={"Authorization": "Bearer s3cret"})
+        assert "s3cret" not in repr(src.config)
         en, rt = runtime(src)
         evs = events(["a", "b", "a", "missing-1", 7])
         s = await enrich(en, evs)
         assert [e.out for e in evs] == ["v-a", "v-b", "v-a", None, "v-7"]
         assert (s.calls, s.misses, s.not_found, s.failures) == (1, 5, 1, 0)
         assert http.requests == 4  # one per distinct key, in one get_many call
+        assert "key 'missing-1' not found" in caplog.text
         await rt.close()
 
     run(body)
@@ -443,18 +448,26 @@ def test_postgres_one_query_per_chunk_uncached_sees_changes_and_reconnects(pg_ds
         assert evs[0].out == "changed", "uncached: the next chunk sees the changed row"
         # a connection dropped under a running query: the query goes again on a fresh one
         slow = PostgresSource(dsn=pg_dsn, resilience=fast(timeout=5),
-                              query=f"SELECT id, email FROM {pg_table}, pg_sleep(0.3) WHERE id = ANY($1)")
+                              query=f"SELECT id, email FROM {pg_table}, pg_sleep(0.5) WHERE id = ANY($1)")
         en3, rt3 = runtime(slow)
         evs = events([11])
         task = asyncio.ensure_future(enrich(en3, evs))
-        while not await c.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query = $1", slow.sql):
-            await asyncio.sleep(0.02)
-        assert await c.fetchval("SELECT bool_and(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query = $1", slow.sql)
+        kill = "SELECT bool_or(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query = $1 AND state = 'active'"
+        while not await c.fetchval(kill, slow.sql):  # bounded by run()'s timeout
+            await asyncio.sleep(0.01)
         s = await task
         assert evs[0].out == "p11@example.com" and s.failures == 0 and s.errors == 0
         assert slow.reconnects == 1 and slow.queries == 2
         await c.close()
         await rt3.close()
+        (h,) = await en.health()
+        assert h["ok"] and h["breaker"] == "closed" and h["kind"] == "postgres"
+        down = PostgresSource(dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/test", table=pg_table,
+                              columns=("email",), resilience=fast())
+        en_down, rt_down = runtime(down)
+        (h,) = await en_down.health()
+        assert not h["ok"] and h["error"]
+        await rt_down.close()
         multi = PostgresSource(dsn=pg_dsn, table=pg_table, columns=("email", "score"), resilience=fast())
         en2, rt2 = runtime(multi)
         evs = events([12])
@@ -491,6 +504,8 @@ def test_mysql_one_query_per_chunk_and_uncached_sees_changes(mysql_dsn: str) -> 
             evs = events([1])
             await enrich(en, evs)
             assert evs[0].out == "changed"
+            (h,) = await en.health()
+            assert h["ok"] and h["queries"] == 3
             await rt.close()
         finally:
             await cur.execute(f"DROP TABLE IF EXISTS {table}")
@@ -516,6 +531,7 @@ def test_redis_get_and_hgetall_one_round_trip_per_chunk(redis_url: str) -> None:
             s = await enrich(en, evs)
             assert [e.out for e in evs] == ["gold", '{"tier": 2}', None, "gold"]
             assert src.round_trips == 1 and s.not_found == 1
+            assert (await en.health())[0]["ok"]
             hsrc = RedisSource(url=redis_url, key_template=f"{p}:h:{{key}}", command="hgetall", resilience=fast())
             en2, rt2 = runtime(hsrc)
             evs = events([1, 2])

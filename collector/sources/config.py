@@ -86,13 +86,18 @@ class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
 
     cache: CacheConfig = msgspec.field(default_factory=_cache)
     resilience: ResilienceConfig = msgspec.field(default_factory=ResilienceConfig)
+    log_not_found: Annotated[bool, Meta(description="log each key the source does not have (seed 001: log the missing player)")] = False
 
     def __repr__(self) -> str:
-        # a DSN may carry a password: reprs (and so logs and tracebacks) show it redacted
+        # a DSN or a header may carry a secret: reprs (and so logs and tracebacks) hide it
         parts = []
         for f in self.__struct_fields__:
             v = getattr(self, f)
-            parts.append(f"{f}={redact_dsn(v) if f in ('dsn', 'url') and isinstance(v, str) else v!r}")
+            if f in ("dsn", "url", "redis_url") and isinstance(v, str):
+                v = redact_dsn(v)
+            elif f == "headers" and isinstance(v, dict):
+                v = {k: "***" for k in v}
+            parts.append(f"{f}={v!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
 

@@ -73,6 +73,11 @@ class RedisSource(Source):
                 out[k] = h
         return out
 
+    async def health(self) -> dict[str, Any]:
+        """``ok`` when Redis answers PING."""
+        await self._client().ping()
+        return {"kind": self.kind, "ok": True, "round_trips": self.round_trips}
+
     async def close(self) -> None:
         if self.redis is not None:
             r, self.redis = self.redis, None

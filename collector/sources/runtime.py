@@ -218,6 +218,7 @@ class SourceRuntime:
             clock=clock,
         )
         self.linger = rc.linger
+        self.log_not_found = cfg.log_not_found
         self.pending: list[Any] = []
         self.pending_fut: asyncio.Future[Any] | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -401,6 +402,8 @@ class SourceRuntime:
         for k in keys:
             v = got.get(k, MISS)
             if v is MISS:
+                if self.log_not_found:
+                    log.info("lookup %s: key %r not found in %s", self.name, k, self.source.describe())
                 out[k] = (NOT_FOUND, None)
                 if cache is not None:
                     cache.put(k, SKIP, NOT_FOUND, now)
@@ -438,6 +441,16 @@ class SourceRuntime:
                 cache.put(k, v, ERROR, now)  # type: ignore[union-attr]
         if reason is not None:
             log.debug("lookup %s: %d key(s) answered without the source: %s", self.name, len(keys), reason)
+
+    async def health(self) -> dict[str, Any]:
+        """The source's own health plus this lookup's breaker and cache state."""
+        try:
+            h = await asyncio.wait_for(self.source.health(), self.timeout)
+        except Exception as e:
+            h = {"kind": self.source.kind, "ok": False, "error": _reason(e)}
+        h.update(lookup=self.name, breaker=self.breaker.state, breaker_opens=self.breaker.opens,
+                 cached=len(self.cache) if self.cache is not None else 0, in_flight=len(self.flights.calls))
+        return h
 
     def report(self, summ: LookupSummary) -> None:
         """Move the call figures accrued since the last report into ``summ``."""
@@ -543,6 +556,10 @@ class Enricher:
             target = lk.spec.target
             for e in evs:
                 setattr(e, target, v)
+
+    async def health(self) -> list[dict[str, Any]]:
+        """One entry per source lookup (see :meth:`SourceRuntime.health`)."""
+        return [await lk.health() for lk in self.lookups if isinstance(lk, SourceRuntime)]
 
     async def close(self) -> None:
         """Close every lookup's source connections."""

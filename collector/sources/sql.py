@@ -102,6 +102,11 @@ class _SqlSource(Source):
         """The rows for ``keys``."""
         raise NotImplementedError
 
+    async def health(self) -> dict[str, Any]:
+        """``ok`` when one query for no key runs."""
+        await self.fetch([])
+        return {"kind": self.kind, "ok": True, "queries": self.queries, "reconnects": self.reconnects}
+
     def describe(self) -> str:
         try:
             return f"{self.kind} {redact_dsn(self.dsn)}"
@@ -197,7 +202,8 @@ class MysqlSource(_SqlSource):
         try:
             async with conn.cursor() as cur:
                 # one %s per key: the driver quotes each value
-                await cur.execute(self.sql.replace("{keys}", ", ".join(["%s"] * len(keys))), keys)
+                marks = ", ".join(["%s"] * len(keys)) or "NULL"
+                await cur.execute(self.sql.replace("{keys}", marks), keys)
                 rows = await cur.fetchall()
         except self.lost:
             conn.close()  # a broken connection is not given back to the pool
