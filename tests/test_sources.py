@@ -208,7 +208,7 @@ def test_found_not_found_and_error_ttls_are_separate() -> None:
         assert s.failures == 1 and s.errors == 1 and evs[0].out is None
         calls = cl.calls
         s = await enrich(en, events(["a"]))  # the error is cached for error_ttl: no call
-        assert cl.calls == calls and s.hits == 1
+        assert cl.calls == calls and s.hits == 1 and s.failures == 1
         clock.t += 1.5
         await enrich(en, events(["a"]))
         assert cl.calls == calls + 1

@@ -28,11 +28,12 @@ import msgspec
 
 from ..errors import missing
 
-__all__ = ["ERROR", "FOUND", "MISS", "NOT_FOUND", "SKIP", "LocalCache", "SharedCache"]
+__all__ = ["ERROR", "FAIL", "FOUND", "MISS", "NOT_FOUND", "SKIP", "LocalCache", "SharedCache"]
 
 FOUND, NOT_FOUND, ERROR = 0, 1, 2  # outcomes; each has its own TTL
 MISS = object()  # not in the cache
-SKIP = object()  # cached "nothing to set" (not found, or failed without a stale value)
+SKIP = object()  # cached "not found": nothing to set
+FAIL = object()  # cached failure without a stale value: nothing to set, counted as a failure
 
 log = logging.getLogger("collector.sources")
 

@@ -31,7 +31,7 @@ from ..pipeline import Lookup
 from ..protocol import LookupSummary
 from ..retry import Backoff
 from .base import Failure, Source
-from .cache import ERROR, FOUND, MISS, NOT_FOUND, SKIP, LocalCache, SharedCache
+from .cache import ERROR, FAIL, FOUND, MISS, NOT_FOUND, SKIP, LocalCache, SharedCache
 from .client import bind_method, is_async
 from .guard import CircuitBreaker, Flights
 
@@ -45,13 +45,14 @@ STALE = 3  # a fetch outcome: failed, answered from the stale table
 BreakerOpen = ConnectionRefusedError  # what a call refused by an open breaker raises
 
 
-def compile_fill(key: str, target: str, skip: bool = False, key_fields: tuple[str, ...] = ()) -> Callable[..., int]:
+def compile_fill(key: str, target: str, skip: bool = False, key_fields: tuple[str, ...] = ()) -> Callable[..., Any]:
     """``for e in events: hit → e.<target> = v, miss → misses[k].append(e)``.
 
     Generated once per lookup (as dataclasses does) because attribute access with
     a constant name is several times cheaper than getattr/setattr on the hot path.
     Field names were checked against the Struct's fields, so they are identifiers.
-    With ``skip``, a cached ``SKIP`` counts as a hit that leaves the field alone; with
+    With ``skip``, a cached ``SKIP`` (not found) or ``FAIL`` (failed recently) is a hit
+    that leaves the field alone, and the function returns ``(hits, failed)``; with
     ``key_fields`` the key is the tuple ``(e.<key>, e.<f>, ...)``.
     """
     names = (key, *key_fields)
@@ -59,10 +60,14 @@ def compile_fill(key: str, target: str, skip: bool = False, key_fields: tuple[st
     kexpr = f"e.{key}" if not key_fields else "(" + ", ".join(f"e.{n}" for n in names) + ")"
     setter = f"            e.{target} = v\n"
     if skip:
-        setter = f"            if v is not SKIP:\n                e.{target} = v\n"
+        setter = (
+            "            if v is SKIP:\n                pass\n"
+            "            elif v is FAIL:\n                failed += 1\n"
+            f"            else:\n                e.{target} = v\n"
+        )
     src = (
         "def fill(events, get, MISS, misses):\n"
-        "    hits = 0\n"
+        "    hits = failed = 0\n"
         "    for e in events:\n"
         f"        k = {kexpr}\n"
         "        v = get(k, MISS)\n"
@@ -75,11 +80,11 @@ def compile_fill(key: str, target: str, skip: bool = False, key_fields: tuple[st
         "        else:\n"
         f"{setter}"
         "            hits += 1\n"
-        "    return hits\n"
+        f"    return {'hits, failed' if skip else 'hits'}\n"
     )
-    ns: dict[str, Any] = {"SKIP": SKIP}
+    ns: dict[str, Any] = {"SKIP": SKIP, "FAIL": FAIL}
     exec(src, ns)
-    fill: Callable[..., int] = ns["fill"]
+    fill: Callable[..., Any] = ns["fill"]
     return fill
 
 
@@ -354,7 +359,7 @@ class SourceRuntime:
         for k, (outcome, v) in got.items():
             out[k] = (outcome, v)
             if self.cache is not None:
-                self.cache.put(k, v if outcome == FOUND else SKIP, outcome, now)
+                self.cache.put(k, v if outcome == FOUND else SKIP, outcome, now)  # Redis holds found / not found
         self.acc.shared_hits += len(got)
         return [k for k in keys if k not in got]
 
@@ -435,7 +440,7 @@ class SourceRuntime:
             if v is MISS:
                 out[k] = (ERROR, None)
                 if cache is not None:
-                    cache.put(k, SKIP, ERROR, now)
+                    cache.put(k, FAIL, ERROR, now)
             else:
                 out[k] = (STALE, v)
                 cache.put(k, v, ERROR, now)  # type: ignore[union-attr]
@@ -506,7 +511,7 @@ class Enricher:
             misses: dict[Any, list[Any]] = {}
             if isinstance(lk, SourceRuntime):
                 lk.prepare(lk.clock())
-                summ.hits = lk.fill(events, lk.get, _MISS, misses)
+                summ.hits, summ.failures = lk.fill(events, lk.get, _MISS, misses)
                 sources.append((lk, summ))
             else:
                 if lk.caching:
