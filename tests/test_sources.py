@@ -26,6 +26,7 @@ from collector.playback import PlaybackEvent
 from collector.protocol import LookupSummary
 from collector.retry import Backoff
 from collector.sources import SOURCES, build_source, source_class
+from collector.sources.cache import FOUND, MISS, NOT_FOUND, SKIP, LocalCache
 from collector.sources.client import ClientSource
 from collector.sources.config import (
     CacheConfig,
@@ -166,6 +167,22 @@ def test_rates_conversion_rule() -> None:
     assert convert(-1, "USD", {"USD": Decimal("0.4")}, "EUR", dec) == -3
     with pytest.raises(KeyError):
         convert(1, "XYZ", rates, "EUR", dec)
+
+
+def test_local_cache_bounds_expires_per_outcome_and_keeps_stale_copies() -> None:
+    c = LocalCache(10, not_found_ttl=2, error_ttl=1, stale_ttl=5, max_entries=3)
+    c.put("a", 1, FOUND, 0)
+    c.put("n", SKIP, NOT_FOUND, 0)
+    c.put("b", 2, FOUND, 1)
+    c.put("c", 3, FOUND, 2)  # full: the entry nearest its deadline ("n", due at 2) goes
+    assert sorted(c) == ["a", "b", "c"]
+    c.sweep(10.5)  # "a" expired: moved to the stale table until 15
+    assert sorted(c) == ["b", "c"] and c.stale_value("a", 12) == 1
+    assert c.stale_value("a", 15) is MISS
+    c.put("a", 9, FOUND, 12)  # found again: no stale copy left behind
+    assert "a" not in c.stale and c.values["a"] == 9
+    c.sweep(13)  # "b" (due 11) and "c" (due 12) are stale until 16 and 17
+    assert c.stale_value("a", 13) is MISS and c.stale_value("b", 13) == 2 and c.stale_value("c", 16.5) == 3
 
 
 # ---------------------------------------------------------------- caching, TTLs, stale, breaker
@@ -401,6 +418,21 @@ def test_two_level_cache_is_shared_by_two_runtimes(http: FaultServer, redis_url:
         assert s2.hits == 1  # now in its own local level
         await rt1.close()
         await rt2.close()
+
+    run(body)
+
+
+def test_an_unreachable_shared_cache_falls_back_to_the_source(http: FaultServer) -> None:
+    async def body() -> None:
+        cfg = HttpSourceConfig(
+            url=f"{http.url}/v/{{key}}", value_path="data.value", resilience=fast(),
+            cache=CacheConfig(mode="two-level", redis_url=f"redis://127.0.0.1:{free_port()}/0"),
+        )
+        en, rt = runtime(cfg)
+        evs = events(["a", "b"])
+        s = await enrich(en, evs)
+        assert [e.out for e in evs] == ["v-a", "v-b"] and s.failures == 0 and http.requests == 2
+        await rt.close()
 
     run(body)
 
