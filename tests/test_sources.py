@@ -32,8 +32,10 @@ from collector.sources.config import (
     CacheConfig,
     HttpBatch,
     HttpSourceConfig,
+    RatesSourceConfig,
     ResilienceConfig,
     decode_source_config,
+    decode_sources,
 )
 from collector.sources.guard import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from collector.sources.http import HttpSource
@@ -149,6 +151,44 @@ def test_configs_are_tagged_frozen_and_forbid_unknown_fields() -> None:
     assert "secret" not in repr(decode_source_config({"kind": "postgres", "dsn": "postgresql://u:secret@h/db", "table": "t", "columns": ["a"]}))
     with pytest.raises(ConfigError, match="either"):
         Lookup(name="x", key="k", target="out")
+
+
+def test_sources_and_enrichment_steps_from_toml() -> None:
+    import tomllib
+
+    doc = tomllib.loads("""
+[[sources]]
+name = "players"
+kind = "postgres"
+dsn_env = "PG_DSN"
+table = "players"
+columns = ["email", "last_signed_in_at"]
+
+[[sources]]
+name = "fx"
+kind = "rates"
+max_age = 60
+cache = { mode = "none" }
+
+[[enrich]]
+source = "players"
+key = "player_id"
+target = "player"
+
+[[enrich]]
+source = "fx"
+key = "currency"
+key_fields = ["amount"]
+target = "amount_eur"
+""")
+    players, fx = decode_sources(doc)
+    assert players.name == "player" and players.source.table == "players" and players.source.cache.mode == "none"
+    assert fx.key_fields == ("amount",) and isinstance(fx.source, RatesSourceConfig) and fx.source.max_age == 60
+    doc["sources"][0]["tabel"] = "x"
+    with pytest.raises(ConfigError, match=r"tabel.*\$\.sources\[0\]"):
+        decode_sources(doc)
+    with pytest.raises(ConfigError, match="'nope' is not a source"):
+        decode_sources({"sources": [], "enrich": [{"source": "nope", "key": "k", "target": "t"}]})
 
 
 def test_a_missing_driver_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ from ..sinks.config import redact_dsn
 __all__ = [
     "CacheConfig",
     "ClientSourceConfig",
+    "EnrichStep",
     "HttpBatch",
     "HttpSourceConfig",
     "MapSourceConfig",
@@ -32,7 +33,9 @@ __all__ = [
     "ResilienceConfig",
     "SourceConfig",
     "SourceConfigs",
+    "SourcesDoc",
     "decode_source_config",
+    "decode_sources",
 ]
 
 Seconds = Annotated[float, Meta(ge=0)]
@@ -55,7 +58,7 @@ class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     redis_ttl: Annotated[Seconds, Meta(description="two-level: seconds a found value lives in Redis")] = 900.0
     redis_not_found_ttl: Annotated[Seconds, Meta(description="two-level: seconds a not-found answer lives in Redis")] = 60.0
     redis_prefix: str = "collector:enrich:"
-    namespace: Annotated[str, Meta(description="two-level: key namespace (default: the lookup's name)")] = ""
+    namespace: Annotated[str, Meta(description="two-level: key namespace (default: the source's name, else the lookup's)")] = ""
 
 
 class ResilienceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -84,6 +87,7 @@ def _uncached() -> CacheConfig:
 class SourceConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, tag_field="kind"):
     """Options every source kind has."""
 
+    name: Annotated[str, Meta(description="what enrichment steps call this source (`[[sources]]` in TOML)")] = ""
     cache: CacheConfig = msgspec.field(default_factory=_cache)
     resilience: ResilienceConfig = msgspec.field(default_factory=ResilienceConfig)
     log_not_found: Annotated[bool, Meta(description="log each key the source does not have (seed 001: log the missing player)")] = False
@@ -201,6 +205,53 @@ SourceConfigs = (
     | MapSourceConfig
     | RatesSourceConfig
 )
+
+
+class EnrichStep(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One enrichment step of a pipeline: ``event.<target>`` from source ``source`` by ``key``."""
+
+    source: Annotated[str, Meta(description="the `name` of a `[[sources]]` entry")]
+    key: str
+    target: str
+    key_fields: tuple[str, ...] = ()
+    name: Annotated[str, Meta(description="the lookup's name in statistics (default: the target field)")] = ""
+
+
+class SourcesDoc(msgspec.Struct, frozen=True, kw_only=True):
+    """The source part of a configuration document: ``[[sources]]`` and ``[[enrich]]``."""
+
+    sources: list[SourceConfigs] = []
+    enrich: list[EnrichStep] = []
+
+
+def decode_sources(doc: Any) -> tuple[Any, ...]:
+    """The Lookups of ``{"sources": [...], "enrich": [...]}`` (decoded TOML).
+
+    Errors name the path (``$.sources[1]``: unknown field ``urll``) or the step whose
+    source does not exist.
+    """
+    from ..errors import ConfigError
+    from ..pipeline import Lookup
+
+    try:
+        d = msgspec.convert(doc, SourcesDoc)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"sources: {e}") from None
+    named: dict[str, SourceConfig] = {}
+    for i, src in enumerate(d.sources):
+        if not src.name:
+            raise ConfigError(f"sources: $.sources[{i}] needs a `name` for enrichment steps to use")
+        if src.name in named:
+            raise ConfigError(f"sources: $.sources[{i}].name {src.name!r} is used twice")
+        named[src.name] = src
+    lookups = []
+    for i, step in enumerate(d.enrich):
+        cfg = named.get(step.source)
+        if cfg is None:
+            raise ConfigError(f"sources: $.enrich[{i}].source {step.source!r} is not a source (known: {sorted(named)})")
+        lookups.append(Lookup(name=step.name or step.target, key=step.key, target=step.target,
+                              key_fields=step.key_fields, source=cfg))
+    return tuple(lookups)
 
 
 def decode_source_config(obj: Any) -> SourceConfig:

@@ -204,7 +204,7 @@ class SourceRuntime:
         if cc.mode == "two-level":
             self.shared = SharedCache(
                 cc.redis_url,
-                namespace=cc.namespace or spec.name,
+                namespace=cc.namespace or cfg.name or spec.name,
                 prefix=cc.redis_prefix,
                 ttl=cc.redis_ttl,
                 not_found_ttl=cc.redis_not_found_ttl,
