@@ -437,6 +437,19 @@ def test_http_faults_are_counted_failures_within_the_timeout(http: FaultServer, 
     run(body)
 
 
+def test_a_source_used_without_the_runtime_keeps_its_deadline(http: FaultServer) -> None:
+    async def body() -> None:
+        http.mode = "trickle"
+        src = HttpSource(url=f"{http.url}/v/{{key}}", value_path="data.value", resilience=fast(timeout=0.4))
+        t0 = time.perf_counter()
+        with pytest.raises(TimeoutError):
+            await src.get("a")
+        assert time.perf_counter() - t0 < 1.5
+        await src.close()
+
+    run(body)
+
+
 def test_two_level_cache_is_shared_by_two_runtimes(http: FaultServer, redis_url: str) -> None:
     async def body() -> None:
         ns = f"test-{uuid.uuid4().hex}"

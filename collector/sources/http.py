@@ -17,6 +17,7 @@ seen by the circuit breaker.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -107,7 +108,9 @@ class HttpSource(Source):
         """One request; the decoded JSON answer, or ``_NOT_FOUND``."""
         cfg = self.config
         self.requests += 1
-        async with self._session().request(cfg.method, url, json=body) as resp:
+        # its own deadline too (connect, headers, a trickled body), for callers without
+        # the runtime around them; under the runtime the call's timeout is the same
+        async with asyncio.timeout(cfg.resilience.timeout), self._session().request(cfg.method, url, json=body) as resp:
             if resp.status in cfg.not_found_status:
                 return _NOT_FOUND
             if resp.status >= 400:

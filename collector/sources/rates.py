@@ -98,7 +98,11 @@ class RatesSource(Source):
         ah = self.aiohttp
         self.fetches += 1
         url = self.config.url
-        async with ah.ClientSession(timeout=ah.ClientTimeout(total=None)) as s, s.get(url) as resp:
+        async with (
+            asyncio.timeout(self.config.resilience.timeout),
+            ah.ClientSession(timeout=ah.ClientTimeout(total=None)) as s,
+            s.get(url) as resp,
+        ):
             if resp.status != 200:
                 raise SourceError(f"rates: HTTP {resp.status} from {url}")
             raw = await read_bounded(resp, self.config.max_body)
