@@ -39,6 +39,7 @@ class _SqlSource(Source):
     """What the two SQL kinds share: DSN, query text, row → value, retry on a dropped link."""
 
     quote = '"'
+    keys_clause = "= ANY($1)"  # postgres: the keys as one array parameter
     default_dsn = ""
     lost: tuple[type[BaseException], ...] = (ConnectionError, OSError)
 
@@ -61,9 +62,16 @@ class _SqlSource(Source):
         """``ident`` quoted (it matched the plain-identifier pattern)."""
         return f"{self.quote}{ident}{self.quote}"
 
+    def table(self) -> str:
+        """The quoted table name."""
+        return self.q(self.config.table)
+
     def build_query(self) -> str:
         """The SELECT for ``table``/``key_column``/``columns``."""
-        raise NotImplementedError
+        c = self.config
+        cols = ", ".join(self.q(x) for x in c.columns)
+        key = self.q(c.key_column)
+        return f"SELECT {key}, {cols} FROM {self.table()} WHERE {key} {self.keys_clause}"
 
     @property
     def dsn(self) -> str:
@@ -136,11 +144,8 @@ class PostgresSource(_SqlSource):
         )
         super().__init__(config, **fields)
 
-    def build_query(self) -> str:
-        c = self.config
-        cols = ", ".join(self.q(x) for x in c.columns)
-        key = self.q(c.key_column)
-        return f"SELECT {key}, {cols} FROM {self.q(c.schema)}.{self.q(c.table)} WHERE {key} = ANY($1)"
+    def table(self) -> str:
+        return f"{self.q(self.config.schema)}.{self.q(self.config.table)}"
 
     async def fetch(self, keys: list[Any]) -> list[Any]:
         if self.pool is None:
@@ -166,6 +171,7 @@ class MysqlSource(_SqlSource):
     kind = "mysql"
     Config = MysqlSourceConfig
     quote = "`"
+    keys_clause = "IN ({keys})"  # one placeholder per key, written at query time
 
     def __init__(self, config: Any = None, /, **fields: Any) -> None:
         try:
@@ -176,12 +182,6 @@ class MysqlSource(_SqlSource):
         self.aiomysql = aiomysql
         self.lost = (ConnectionError, OSError, pymysql.err.OperationalError, pymysql.err.InterfaceError)
         super().__init__(config, **fields)
-
-    def build_query(self) -> str:
-        c = self.config
-        cols = ", ".join(self.q(x) for x in c.columns)
-        key = self.q(c.key_column)
-        return f"SELECT {key}, {cols} FROM {self.q(c.table)} WHERE {key} IN ({{keys}})"
 
     async def fetch(self, keys: list[Any]) -> list[Any]:
         if self.pool is None:
