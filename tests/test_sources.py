@@ -414,6 +414,22 @@ def test_linger_merges_misses_of_chunks_arriving_together_into_one_call(http: Fa
     run(body)
 
 
+def test_closing_a_runtime_releases_chunks_waiting_on_lingering_keys(http: FaultServer) -> None:
+    async def body() -> None:
+        src = HttpSource(url=f"{http.url}/batch", value_path="value", batch=HttpBatch(response_path="data"),
+                         resilience=fast(linger=30))
+        en, rt = runtime(src)
+        evs = events(["a"])
+        waiting = asyncio.ensure_future(enrich(en, evs))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await rt.close()
+        s = await asyncio.wait_for(waiting, 2)
+        assert s.failures == 1 and evs[0].out is None and http.requests == 0
+
+    run(body)
+
+
 @pytest.mark.parametrize("mode", ["500", "badjson", "huge", "shape", "slow", "trickle", "refuse"])
 def test_http_faults_are_counted_failures_within_the_timeout(http: FaultServer, mode: str) -> None:
     async def body() -> None:

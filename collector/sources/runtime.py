@@ -473,6 +473,12 @@ class SourceRuntime:
 
     async def close(self) -> None:
         """Cancel pending calls; close the source and the shared cache."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pending_fut is not None:  # keys still lingering: their waiters see a failure
+            self.flights.settle_many(self.pending, self.pending_fut, {})
+            self.pending, self.pending_fut = [], None
         for t in list(self.tasks):
             t.cancel()
         if self.tasks:
