@@ -27,7 +27,14 @@ __all__ = ["Lookup", "Pipeline", "import_string", "resolve_pipeline"]
 
 @dataclass(frozen=True)
 class Lookup:
-    """Enrich ``event.<target>`` with ``client.<method>(event.<key>)``.
+    """Enrich ``event.<target>`` with ``client.<method>(event.<key>)``, or from a ``source``.
+
+    With ``source`` (a :class:`collector.sources.base.Source` such as ``HttpSource(...)``,
+    or a source config Struct such as ``HttpSourceConfig(...)``), the source's own
+    ``cache`` and ``resilience`` settings apply instead of the fields below, and the
+    distinct misses of a chunk go out as batched ``get_many`` calls. ``key_fields`` adds
+    fields to the key: it is then the tuple ``(event.<key>, event.<f>, ...)`` (the
+    ``rates`` source converts ``(currency, amount)`` keys).
 
     The method may be ``async def`` or a plain blocking function (run on the worker's
     bounded thread pool). Results are cached per worker by key (``ttl`` seconds,
@@ -44,7 +51,7 @@ class Lookup:
     name: str
     key: str
     target: str
-    method: str
+    method: str = ""
     returns_duration: bool = False
     ttl: float = 60.0
     max_entries: int = 100_000
@@ -54,8 +61,17 @@ class Lookup:
     concurrency: int = 256
     default: Any = ""
     cache: bool = True
+    source: Any = None
+    key_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if bool(self.method) == (self.source is not None):
+            raise ConfigError(f"lookup {self.name!r}: give either a client `method` or a `source` (got both or neither)")
+        if self.source is not None and self.returns_duration:
+            raise ConfigError(f"lookup {self.name!r}: returns_duration applies to client methods only")
+        for f in (self.key, self.target, *self.key_fields):
+            if not f.isidentifier():
+                raise ConfigError(f"lookup {self.name!r}: {f!r} is not a field name")
         if self.ttl < 0 or self.timeout <= 0 or self.retries < 0 or self.concurrency < 1:
             raise ConfigError(
                 f"lookup {self.name!r}: ttl must be >= 0, timeout > 0, retries >= 0 and "

@@ -94,6 +94,14 @@ class LookupSummary(msgspec.Struct, array_like=True):
     reported_sum: float = 0.0  # sum of durations the service reported
     reported_max: float = 0.0
     latencies: list[float] = []  # measured call latencies, seconds
+    # source lookups (collector.sources); appended, so older readers stay compatible
+    errors: int = 0  # failed calls (tries) and failed keys inside good answers
+    not_found: int = 0  # events whose key the source does not have (field left at its default)
+    stale: int = 0  # events served a stale value because the source failed (also in failures)
+    breaker_opens: int = 0  # times the circuit breaker opened
+    short_circuited: int = 0  # calls refused at once by an open breaker
+    shared_hits: int = 0  # keys answered by the shared (Redis) cache level
+    keys_fetched: int = 0  # keys asked of the source (÷ calls = keys per batched call)
 
 
 class ChunkSummary(msgspec.Struct, array_like=True):

@@ -47,6 +47,17 @@ class LookupStats(msgspec.Struct, frozen=True):
     latency_mean: float
     latency_p50: float
     latency_p99: float
+    # source lookups (collector.sources); see protocol.LookupSummary
+    errors: int = 0
+    not_found: int = 0
+    stale: int = 0
+    breaker_opens: int = 0
+    short_circuited: int = 0
+    shared_hits: int = 0
+    keys_fetched: int = 0
+
+
+_SOURCE_COUNTERS = ("errors", "not_found", "stale", "breaker_opens", "short_circuited", "shared_hits", "keys_fetched")
 
 
 class BatchStats(msgspec.Struct, frozen=True):
@@ -97,8 +108,12 @@ class BatchAccumulator:
             acc = self.lookups.get(name)
             if acc is None:
                 self.lookups[name] = [lk.calls, lk.hits, lk.coalesced, lk.misses, lk.failures,
-                                      lk.reported_sum, lk.reported_max, list(lk.latencies)]
+                                      lk.reported_sum, lk.reported_max, list(lk.latencies),
+                                      {f: getattr(lk, f) for f in _SOURCE_COUNTERS}]
             else:
+                more = acc[8]
+                for f in _SOURCE_COUNTERS:
+                    more[f] += getattr(lk, f)
                 acc[0] += lk.calls
                 acc[1] += lk.hits
                 acc[2] += lk.coalesced
@@ -112,7 +127,7 @@ class BatchAccumulator:
         """The final :class:`BatchStats`."""
         lookups = {}
         failures = 0
-        for name, (calls, hits, coal, misses, fails, rsum, rmax, lat) in self.lookups.items():
+        for name, (calls, hits, coal, misses, fails, rsum, rmax, lat, more) in self.lookups.items():
             lat.sort()
             failures += fails
             lookups[name] = LookupStats(
@@ -126,6 +141,7 @@ class BatchAccumulator:
                 latency_mean=sum(lat) / len(lat) if lat else 0.0,
                 latency_p50=_pct(lat, 0.50),
                 latency_p99=_pct(lat, 0.99),
+                **more,
             )
         return BatchStats(
             events=events,

@@ -159,7 +159,7 @@ class _Worker:
             factory = import_string(client, "client factory")
             client = factory() if callable(factory) else factory
         self.client = client
-        self.enricher = build_enricher(p.lookups, client, self.executor) if p.lookups else None
+        self.enricher = build_enricher(p.lookups, client, self.executor, p.event_type) if p.lookups else None
         self.stages = []
         for st in p.stages:
             run = st.build()
@@ -208,6 +208,9 @@ class _Worker:
             if self.sinkset is not None:
                 with contextlib.suppress(Exception):
                     await self.sinkset.close()
+            if self.enricher is not None:  # source pools and sessions
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.enricher.close(), 5)
             with contextlib.suppress(Exception):
                 self.out.flush()
                 await writer.drain()
