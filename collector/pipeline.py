@@ -127,7 +127,7 @@ class Pipeline:
                 )
         if self.client is not None and not isinstance(self.client, str):
             for lk in self.lookups:
-                if not callable(getattr(self.client, lk.method, None)):
+                if lk.source is None and not callable(getattr(self.client, lk.method, None)):
                     raise ConfigError(
                         f"pipeline {self.name!r}: lookup {lk.name!r} calls "
                         f"client.{lk.method}(), but the client "
