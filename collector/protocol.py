@@ -4,6 +4,7 @@
 
     supervisor ──Chunk(id, events as a JSON array)──► worker
     supervisor ◄──Ready | Ack(id, counts, errors, summary, events?) | BootFailed──── worker
+    supervisor ◄──Snapshot(stage, partial state)──────────────────────────────── worker
 
 One channel (a socketpair) per worker. Every message is a frame: a 4-byte
 little-endian length, then one msgpack-encoded message of the tagged union below.
@@ -32,6 +33,7 @@ __all__ = [
     "FrameWriter",
     "LookupSummary",
     "Ready",
+    "Snapshot",
     "Stop",
     "decode_frame",
     "encode_frame",
@@ -124,7 +126,19 @@ class Ack(msgspec.Struct, tag=5, array_like=True):
     worker_latency: float = 0.0
 
 
-Message = Chunk | Stop | Ready | BootFailed | Ack
+class Snapshot(msgspec.Struct, tag=6, array_like=True):
+    """A stateful stage's partial state in one worker (aggregates), sent periodically.
+
+    ``data`` is the stage's own msgspec encoding of its partial (never a pickle); the
+    supervisor keeps the latest per worker and stage and merges on read.
+    """
+
+    stage: str
+    data: bytes
+    taken_at: float  # the worker's time.time() when the partial was taken
+
+
+Message = Chunk | Stop | Ready | BootFailed | Ack | Snapshot
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -310,3 +310,20 @@ def test_pool_expects_clean_exits_while_the_owner_stops() -> None:
     w.process, w.ready = FakeProcess(0), True
     pool.on_exit(w)
     assert owner.calls == [] and spawned == []
+
+
+# ---------------------------------------------------------------- Partials
+def test_partials_keep_the_latest_per_worker_and_a_dead_workers_last_one() -> None:
+    from collector.engine.materialize import Partials
+    from collector.protocol import Snapshot
+
+    p = Partials(2)
+    now = time.time()
+    p.put(0, Snapshot("agg", b"a0", now - 0.5))
+    p.put(1, Snapshot("agg", b"b0", now))
+    p.put(0, Snapshot("agg", b"a1", now - 0.2))  # newer replaces older
+    assert p.of("agg") == [b"a1", b"b0"] and 0.15 < p.staleness("agg") < 5
+    p.retire(0)  # worker 0 died: its last partial stays counted
+    p.put(0, Snapshot("agg", b"c0", now))  # its replacement starts from empty
+    assert p.of("agg") == [b"a1", b"c0", b"b0"] and p.stages() == ["agg"]  # retired, then live by slot
+    assert p.of("other") == [] and p.staleness("other") == 0.0

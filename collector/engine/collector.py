@@ -27,9 +27,10 @@ from typing import Any
 from .. import stats as S
 from ..errors import CollectorClosed, CollectorError, ConfigError, WorkerBootError
 from ..pipeline import Pipeline, resolve_pipeline
-from ..protocol import Ack
+from ..protocol import Ack, Snapshot
 from .admission import Admission
 from .ledger import Ledger, events_decoder
+from .materialize import Partials
 from .operation import Operation
 from .plan import Entry, Planner
 from .pool import WorkerPool
@@ -106,6 +107,7 @@ class Collector:
         self.ledger = Ledger(
             self.pool.slots, window, max_attempts, self.admission, events_decoder(self.pipeline.event_type)
         )
+        self.partials = Partials(n)
         self._block: S.StatsBlock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -279,6 +281,11 @@ class Collector:
     def worker_lost(self, i: int, cause: str) -> None:
         """Worker ``i`` died: its unacknowledged chunks go first to the replacement."""
         self.ledger.requeue(i, self.ledger.take_back(i), cause)
+        self.partials.retire(i)
+
+    def worker_snapshot(self, i: int, snap: Snapshot) -> None:
+        """Worker ``i`` published a stateful stage's partial state."""
+        self.partials.put(i, snap)
 
     def fatal(self, exc: BaseException) -> None:
         """The pool met a death that respawning cannot fix."""

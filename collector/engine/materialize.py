@@ -1,0 +1,60 @@
+"""Partial state of stateful stages, kept per worker and merged on read.
+
+::
+
+    worker i ── Snapshot(stage, partial, taken_at) every snapshot interval ──► Partials
+    worker i dies ──► its last partials are retired (kept, merged forever after)
+    collector.aggregate(name) ──► stage.merge(retired + live partials) ──► plain values
+
+Reading never sends a message to a worker and never waits for one: a read is at most
+one snapshot interval behind the workers (``staleness()`` says how far). A worker that
+dies loses from the aggregates only what it counted after its last snapshot and had
+already acknowledged (its unacknowledged chunks are redelivered and counted again by
+its replacement): at most one snapshot interval of its events.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..protocol import Snapshot
+
+__all__ = ["Partials"]
+
+
+class Partials:
+    """The latest :class:`Snapshot` of each stage from each worker slot, and retired ones."""
+
+    def __init__(self, nworkers: int) -> None:
+        self.nworkers = nworkers
+        self.live: dict[str, list[Snapshot | None]] = {}
+        self.retired: dict[str, list[bytes]] = {}
+
+    def put(self, i: int, snap: Snapshot) -> None:
+        """Worker ``i`` published a partial (a newer one replaces the older)."""
+        slots = self.live.get(snap.stage)
+        if slots is None:
+            slots = self.live[snap.stage] = [None] * self.nworkers
+        slots[i] = snap
+
+    def retire(self, i: int) -> None:
+        """Worker ``i`` died: its last partials stay counted; its replacement starts empty."""
+        for stage, slots in self.live.items():
+            snap = slots[i]
+            if snap is not None:
+                self.retired.setdefault(stage, []).append(snap.data)
+                slots[i] = None
+
+    def of(self, stage: str) -> list[bytes]:
+        """Every partial of ``stage`` to merge: retired ones, then each live worker's."""
+        live = [s.data for s in self.live.get(stage, ()) if s is not None]
+        return [*self.retired.get(stage, ()), *live]
+
+    def staleness(self, stage: str) -> float:
+        """Seconds since the oldest live partial of ``stage`` was taken (0 with none)."""
+        taken = [s.taken_at for s in self.live.get(stage, ()) if s is not None]
+        return max(0.0, time.time() - min(taken)) if taken else 0.0
+
+    def stages(self) -> list[str]:
+        """Names of the stages that published partials."""
+        return sorted(set(self.live) | set(self.retired))
