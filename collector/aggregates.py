@@ -286,7 +286,7 @@ class AggregateRuntime:
             self.floors[p] = max(self.floors.get(p, 0.0), ranked[keep][1])
             self.counters["evicted_groups"] += len(ranked) - keep
             g.clear()
-            g.update(ranked[:keep])
+            dict.update(g, ranked[:keep])  # (a Counter's update would count the pairs)
             return
         # evict a tenth more than needed, so one walk from the dict's start serves many
         drop = list(islice(g, len(g) - cap + cap // 10))
