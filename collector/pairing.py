@@ -40,7 +40,7 @@ COUNTERS = (
 )
 
 
-class PairRecord(msgspec.Struct, omit_defaults=True):
+class PairRecord(msgspec.Struct, omit_defaults=True, gc=False):
     """One combined record: paired, or an expired start / orphan end (duration ``None``)."""
 
     type: str
@@ -146,9 +146,10 @@ class PairRuntime:
         tget, kget, timeget, cget = self._type, self._key, self._time, self._carry
         new_s: list[Any] = []
         new_e: list[Any] = []
-        paired: list[Any] = []
+        matches: list[tuple[Any, Pending, Pending]] = []
         used: list[int] = []
         c = self.counters
+        one_carry = len(sp.carry) == 1
         for i, e in enumerate(events):
             t = tget(e)
             if t != st and t != en:
@@ -164,13 +165,18 @@ class PairRuntime:
             except (AttributeError, TypeError):
                 c["missing_key"] += 1
                 continue
-            ts = parse_time(timeget(e)) if timeget is not None else now
-            carried = (cget(e) if len(sp.carry) > 1 else (cget(e),)) if cget is not None else ()
+            ts: float | None
+            if timeget is None:
+                ts = now
+            else:
+                ts = timeget(e)
+                if type(ts) is not float:
+                    ts = parse_time(ts)
+            carried = ((cget(e),) if one_carry else cget(e)) if cget is not None else ()
             if t == st:
                 other = ends.pop(key, None)
                 if other is not None:
-                    self._emit(key, (now, ts, carried), other)
-                    paired.append(key)
+                    matches.append((key, (now, ts, carried), other))
                 elif key in starts:
                     c["duplicate_start"] += 1
                 else:
@@ -179,8 +185,7 @@ class PairRuntime:
             else:
                 other = starts.pop(key, None)
                 if other is not None:
-                    self._emit(key, other, (now, ts, carried))
-                    paired.append(key)
+                    matches.append((key, other, (now, ts, carried)))
                 elif key in ends:
                     c["duplicate_end"] += 1
                 else:
@@ -190,7 +195,9 @@ class PairRuntime:
             self.order_s.append((now, new_s))
         if new_e:
             self.order_e.append((now, new_e))
-        if paired:
+        if matches:
+            self._emit(matches)
+            paired = [m[0] for m in matches]
             until = now + sp.replay_ttl
             done.update(dict.fromkeys(paired, until))
             self.order_d.append((until, paired))
@@ -199,16 +206,26 @@ class PairRuntime:
             return [ErrorRecord(i, "$", f"consumed by {sp.name}", "paired") for i in used]
         return []
 
-    def _emit(self, key: Any, start: Pending, end: Pending) -> None:
-        t0, t1 = start[1], end[1]
-        dur = t1 - t0 if t0 is not None and t1 is not None else None
-        self.counters["paired"] += 1
-        self._out(PairRecord(self.spec.output_type, key, True, dur, t0, t1, "paired", self._fields(start, end)))
+    def _emit(self, matches: list[tuple[Any, Pending, Pending]]) -> None:
+        self.counters["paired"] += len(matches)
+        otype, names, fields = self.spec.output_type, self.spec.carry, self._fields
+        out = self.out
+        for key, start, end in matches:
+            t0, t1, cv = start[1], end[1], start[2]
+            out.append(
+                PairRecord(
+                    otype, key, True, t1 - t0 if t0 is not None and t1 is not None else None, t0, t1, "paired",
+                    dict(zip(names, cv, strict=True)) if names and None not in cv else fields(start, end),
+                )
+            )
+        self._out_cap()
 
     def _fields(self, start: Pending | None, end: Pending | None) -> dict[str, Any]:
         names = self.spec.carry
         if not names:
             return {}
+        if start is not None and None not in start[2]:
+            return dict(zip(names, start[2], strict=True))
         vals = [
             a if a is not None else b
             for a, b in zip(
@@ -217,9 +234,8 @@ class PairRuntime:
         ]
         return dict(zip(names, vals, strict=True))
 
-    def _out(self, rec: PairRecord) -> None:
+    def _out_cap(self) -> None:
         out = self.out
-        out.append(rec)
         if len(out) > self.spec.max_output:
             n = len(out) - self.spec.max_output
             del out[:n]
@@ -230,7 +246,8 @@ class PairRuntime:
             self.spec.output_type, key, False, None, p[1] if start else None, None if start else p[1],
             reason, self._fields(p, None) if start else self._fields(None, p),
         )
-        self._out(rec)
+        self.out.append(rec)
+        self._out_cap()
 
     def expire(self, now: float) -> None:
         """Emit starts older than ``ttl`` and ends older than ``orphan_ttl``; forget old paired keys."""
