@@ -259,12 +259,15 @@ class PairRuntime:
             while order and order[0][0] + ttl <= now:
                 at, keys = order.popleft()
                 self._evict(table, at, keys, start, "expired" if start else "orphan_end")
-        od, done = self.order_d, self.done
+        od = self.order_d
         while od and od[0][0] <= now:
-            until, keys = od.popleft()
-            for k in keys:
-                if done.get(k) == until:
-                    del done[k]
+            self._forget(*od.popleft())
+
+    def _forget(self, until: float, keys: list[Any]) -> None:
+        done = self.done
+        for k in keys:
+            if done.get(k) == until:  # not paired again since
+                del done[k]
 
     def _evict(self, table: dict[Any, Pending], at: float, keys: list[Any], start: bool, reason: str) -> None:
         c = self.counters
@@ -288,10 +291,7 @@ class PairRuntime:
                     order.popleft()
                 self._evict(table, at, head, start, "evicted")
         while len(self.done) > cap and self.order_d:
-            until, keys = self.order_d.popleft()
-            for k in keys:
-                if self.done.get(k) == until:
-                    del self.done[k]
+            self._forget(*self.order_d.popleft())
 
     def snapshot(self) -> bytes:
         """Everything pending (and the undrained records) as msgpack bytes."""

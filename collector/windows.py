@@ -14,6 +14,8 @@ meaning UTC) or, with no ``time_field``, processing time: the stage's clock, rea
 once per chunk. The watermark is the latest time seen. A pane stops taking events
 ``lateness`` seconds after the last window holding it has ended (later events are
 counted as ``late`` and skipped), and is forgotten ``retention`` seconds after that.
+The watermark moves once per chunk, so events of one chunk are never late to each
+other. A sliding window keeps no closed panes: its reads never look further back.
 """
 
 from __future__ import annotations
