@@ -101,9 +101,10 @@ def test_duplicate_start_keeps_the_first_and_a_replay_does_not_pair_twice() -> N
 def test_missing_keys_are_counted_and_other_events_pass() -> None:
     rt = pair(Clock(), drop_inputs=True)
     other = Click("element_click", "u1", T0, Data("x"))
-    drops = rt([other, ev("start", "u1", None, T0), ev("start", "u1", "a", T0)])
-    assert [d.pos for d in drops] == [1, 2] and all(d.kind == "paired" for d in drops)
-    assert rt.stats()["missing_key"] == 1 and rt.stats()["pending"] == 1
+    unhashable = ev("end", "u1", ["a"], T0)  # type: ignore[arg-type]
+    drops = rt([other, ev("start", "u1", None, T0), ev("start", "u1", "a", T0), unhashable])
+    assert [d.pos for d in drops] == [1, 2, 3] and all(d.kind == "paired" for d in drops)
+    assert rt.stats()["missing_key"] == 2 and rt.stats()["pending"] == 1
 
 
 def test_pending_is_bounded_and_the_oldest_are_evicted_unpaired() -> None:
