@@ -43,9 +43,18 @@ from .errors import ConfigError
 from .protocol import ErrorRecord
 from .windows import Global, Window, WindowShape, times_of
 
-__all__ = ["Aggregate", "AggregateResult", "AggregateRuntime", "Partial", "merge", "read"]
+__all__ = [
+    "Aggregate",
+    "AggregateResult",
+    "AggregateRuntime",
+    "Partial",
+    "compile_where",
+    "merge",
+    "read",
+]
 
 log = logging.getLogger("collector.aggregates")
+# what each aggregate counts (summed across workers by merge)
 COUNTERS = ("events", "matched", "bad_value", "missing_key", "missing_time", "late", "evicted_groups", "expired_panes", "errors")
 
 
@@ -389,11 +398,8 @@ def merge(partials: Sequence[bytes]) -> AggregateResult:
     )
 
 
-ALL: Any = object()
-
-
 def read(
-    result: AggregateResult, key: Any = ALL, *, start: float | None = None, end: float | None = None,
+    result: AggregateResult, key: Any = None, *, start: float | None = None, end: float | None = None,
     now: float | None = None,
 ) -> Any:
     """Plain values of a merged aggregate.
@@ -403,7 +409,9 @@ def read(
     is: the global group's figure when ``by`` is None; ``{group: figure}``, or one
     group's figure when ``key`` is given; for top_k, ``[(item, count), ...]``
     (largest first, K of them) or one item's count; for rate, events per second.
-    ``now`` defaults to the wall clock (sliding windows and rate read up to it).
+    ``key=None`` means every group (groups never have a None key: those events are
+    skipped as ``missing_key``). ``now`` defaults to the wall clock (sliding windows
+    and rate read up to it).
     """
     if now is None:
         now = time.time()
@@ -430,10 +438,10 @@ def _value(r: AggregateResult, key: Any, ws: float, we: float, ps: list[int], no
             return n / span if span > 0 else 0.0
         return n / r.shape.size
     if fn == "top_k":
-        if key is not ALL:
+        if key is not None:
             return g.get(key, 0)
         return heapq.nlargest(r.k, g.items(), key=lambda kv: (kv[1], str(kv[0])))
-    if not r.grouped or key is not ALL:
+    if not r.grouped or key is not None:
         st = g.get(None if not r.grouped else key)
         return (0 if fn in ("count", "sum") else None) if st is None else F.finalize(fn, st)
     return {k: F.finalize(fn, st) for k, st in g.items()}

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from .aggregates import ALL, Aggregate, AggregateResult, read
+from .aggregates import Aggregate, AggregateResult, read
 from .windows import Sliding
 
 __all__ = ["Top", "Value", "View", "seed001"]
@@ -31,7 +31,7 @@ class Value:
     """One figure of an aggregate (``key``: one group's), times ``scale``, rounded to ``digits``."""
 
     aggregate: str
-    key: Any = ALL
+    key: Any = None
     scale: float = 1.0
     digits: int | None = None
 
