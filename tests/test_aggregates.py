@@ -224,6 +224,11 @@ def test_moving_rate_within_tolerance_with_a_patched_clock() -> None:
     overall = Aggregate("all", "rate", clock=clock)
     rts = [moving.build(), moving.build(), overall.build()]
     ev = Ev(0, "a", "eu", "bet", 1, 0)
+    early = moving.build()
+    for step in range(100):  # 10 s at 30 ev/s: the rate is over those 10 s, not diluted by 60
+        clock.t = T0 + step * 0.1
+        early([ev] * 3)
+    assert read(merge([early.snapshot()]), now=clock.t + 0.1) == pytest.approx(30.0, rel=0.03)
     for step in range(1200):  # 120 s: 50 ev/s for the first minute, then 200 ev/s
         clock.t = T0 + step * 0.1
         n = 5 if step < 600 else 20
