@@ -26,6 +26,7 @@ pruned.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import math
@@ -179,9 +180,11 @@ class AggregateRuntime:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.last_error = ""
         self._last_pane: int | None = None
+        self._snap: bytes | None = None
 
     def __call__(self, events: list[Any]) -> list[ErrorRecord]:
         """Fold a chunk in; never drops an event and never raises (errors are counted)."""
+        self._snap = None
         try:
             self.process(events)
         except Exception as e:  # a bug must not take the worker and its chunk with it
@@ -322,19 +325,27 @@ class AggregateRuntime:
 
     def snapshot(self) -> bytes:
         """This worker's partial as msgpack bytes (what ``merge`` takes)."""
+        if self._snap is not None:  # nothing came in since the last one
+            return self._snap
         fn, s = self.fn, self.shape
         top = self.spec.snapshot_top or max(4 * self.spec.k, 50)
         panes = []
         for p, g in self.panes.items():
             floor = self.floors.get(p, 0.0)
             if fn == "top_k" and len(g) > top:
-                ranked = heapq.nlargest(top + 1, g.items(), key=itemgetter(1))
-                floor = max(floor, ranked[-1][1])
-                items: Any = ranked[:top]
+                # the (top+1)-th largest over the bare values (no key function), then
+                # the items at or above it
+                cut = heapq.nlargest(top + 1, g.values())[-1]
+                items: Any = [kv for kv in g.items() if kv[1] >= cut]
+                if len(items) > top:
+                    items = sorted(items, key=itemgetter(1), reverse=True)[:top]
+                floor = max(floor, cut)
+            elif fn == "distinct":
+                items = [(k, F.encode_state(fn, v)) for k, v in g.items()]
             else:
-                items = g.items()
-            panes.append(PanePartial(p, [(k, F.encode_state(fn, v)) for k, v in items], floor))
-        return _encoder.encode(
+                items = list(g.items())
+            panes.append(PanePartial(p, items, floor))
+        self._snap = _encoder.encode(
             Partial(
                 self.spec.name, fn, s.kind, s.width, s.size, s.hop, self.spec.k, self.spec.exact_distinct,
                 panes, self.watermark if self.watermark > -math.inf else 0.0,
@@ -342,6 +353,7 @@ class AggregateRuntime:
                 self.keyget is not None,
             )
         )
+        return self._snap
 
 
 @dataclass
@@ -382,20 +394,33 @@ def merge(partials: Sequence[bytes]) -> AggregateResult:
         for name, v in q.counters.items():
             counters[name] = counters.get(name, 0) + v
         for pp in q.panes:
-            g = panes.setdefault(pp.pane, {})
             if pp.floor:
                 floors[pp.pane] = floors.get(pp.pane, 0.0) + pp.floor
-            for k, raw in pp.groups:
-                k = F._hashable(k)
-                st = F.decode_state(fn, raw)
-                old = g.get(k)
-                g[k] = st if old is None else F.combine(fn, old, st, bound)
+            new = _groups(fn, pp.groups)
+            g = panes.get(pp.pane)
+            if g is None:
+                panes[pp.pane] = new
+            elif g.keys().isdisjoint(new):  # sharded by the group key: the usual case, in C
+                g.update(new)
+            else:
+                for k, st in new.items():
+                    old = g.get(k)
+                    g[k] = st if old is None else F.combine(fn, old, st, bound)
     started = min((q.started for q in parts if q.started), default=0.0)
     shape = WindowShape(first.kind, first.width, first.size, first.hop)
     return AggregateResult(
         first.name, fn, shape, first.k, panes, floors, max(q.watermark for q in parts), started, counters,
         first.grouped, len(parts),
     )
+
+
+def _groups(fn: str, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    if fn != "distinct":
+        try:
+            return dict(pairs)  # scalar keys, plain states: one C call
+        except TypeError:  # tuple group keys came back as lists
+            pass
+    return {F._hashable(k): F.decode_state(fn, raw) for k, raw in pairs}
 
 
 def read(
@@ -425,11 +450,17 @@ def read(
 
 def _value(r: AggregateResult, key: Any, ws: float, we: float, ps: list[int], now: float) -> Any:
     fn = r.fn
-    g: dict[Any, Any] = {}
-    for p in ps:
-        for k, st in r.panes[p].items():
-            old = g.get(k)
-            g[k] = st if old is None else F.combine(fn, old, st, 1 << 62)
+    if r.grouped and key is not None:  # one group: no need to put the others together
+        sts = [st for p in ps if (st := r.panes[p].get(key)) is not None]
+        g = {key: functools.reduce(lambda a, b: F.combine(fn, a, b, 1 << 62), sts)} if sts else {}
+    elif len(ps) == 1:
+        g = r.panes[ps[0]]  # only read below
+    else:
+        g = {}
+        for p in ps:
+            for k, st in r.panes[p].items():
+                old = g.get(k)
+                g[k] = st if old is None else F.combine(fn, old, st, 1 << 62)
     if fn == "rate":
         n = g.get(None, 0)
         if r.shape.kind == "global" or r.shape.kind == "sliding":
@@ -440,8 +471,10 @@ def _value(r: AggregateResult, key: Any, ws: float, we: float, ps: list[int], no
     if fn == "top_k":
         if key is not None:
             return g.get(key, 0)
-        return heapq.nlargest(r.k, g.items(), key=lambda kv: (kv[1], str(kv[0])))
+        return heapq.nlargest(r.k, g.items(), key=itemgetter(1))  # ties: first merged first
     if not r.grouped or key is not None:
         st = g.get(None if not r.grouped else key)
         return (0 if fn in ("count", "sum") else None) if st is None else F.finalize(fn, st)
-    return {k: F.finalize(fn, st) for k, st in g.items()}
+    if fn in ("avg", "distinct"):
+        return {k: F.finalize(fn, st) for k, st in g.items()}
+    return dict(g)  # count, sum, min, max: the state is the value

@@ -272,6 +272,10 @@ def test_snapshot_is_plain_msgpack_and_merge_refuses_a_mix() -> None:
     with pytest.raises(ValueError, match="cannot merge"):
         merge([rt.snapshot(), other.snapshot()])
     assert isinstance(next(iter(read(merge([rt.snapshot()])))), tuple)  # tuple groups survive
+    assert rt.snapshot() is rt.snapshot()  # idle: the last snapshot again, no work
+    before = rt.snapshot()
+    rt(events(10))
+    assert rt.snapshot() != before
 
 
 @pytest.mark.parametrize(
