@@ -175,24 +175,16 @@ class PairRuntime:
             mine = (now, ts, ((cget(e),) if one_carry else cget(e)) if cget is not None else ())
             # the replay guard is only asked before a key would wait: a paired key is
             # never pending, so the matching path (half of all events) skips it
-            if t == st:
-                if other is not None:
-                    matches.append((key, mine, other))
-                elif key in done:
-                    c["replayed"] += 1
-                elif starts.setdefault(key, mine) is not mine:
-                    c["duplicate_start"] += 1
-                else:
-                    new_s.append(key)
+            if other is not None:
+                matches.append((key, mine, other) if t == st else (key, other, mine))
+            elif key in done:
+                c["replayed"] += 1
             else:
-                if other is not None:
-                    matches.append((key, other, mine))
-                elif key in done:
-                    c["replayed"] += 1
-                elif ends.setdefault(key, mine) is not mine:
-                    c["duplicate_end"] += 1
+                table, new, dup = (starts, new_s, "duplicate_start") if t == st else (ends, new_e, "duplicate_end")
+                if table.setdefault(key, mine) is not mine:
+                    c[dup] += 1  # the first one waits on
                 else:
-                    new_e.append(key)
+                    new.append(key)
         if new_s:
             self.order_s.append((now, new_s))
         if new_e:
