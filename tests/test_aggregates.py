@@ -170,6 +170,17 @@ def test_distinct_exact_below_its_bound_then_hyperloglog_within_stated_error() -
     n = len({e.user for e in evs})
     assert n > 1000
     assert abs(read(est) - n) <= 3 * HLL_RELATIVE_ERROR * n
+    # per group, one worker still exact and the other already a sketch: their union
+    w0 = [e for e in evs if e.region != "eu"] + [e for e in evs if e.region == "eu"][:300]
+    w1 = [e for e in evs if e.region == "eu"]
+    agg = Aggregate("d", "distinct", value="user", by="region", exact_distinct=2000)
+    rts = [agg.build(), agg.build()]
+    rts[0](w0)
+    rts[1](w1)
+    got = read(merge([rts[0].snapshot(), rts[1].snapshot()]))
+    for r, es in ref_groups(evs, lambda e: e.region).items():
+        want_r = len({e.user for e in es})
+        assert abs(got[r] - want_r) <= 3 * HLL_RELATIVE_ERROR * want_r, r
 
 
 def test_tumbling_event_time_with_out_of_order_and_late_events() -> None:
