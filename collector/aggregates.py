@@ -49,7 +49,6 @@ __all__ = [
     "AggregateResult",
     "AggregateRuntime",
     "Partial",
-    "compile_where",
     "merge",
     "read",
 ]
@@ -104,29 +103,6 @@ class Aggregate:
         return AggregateRuntime(self)
 
 
-def compile_where(where: Any) -> Callable[[list[Any]], list[Any]] | None:
-    """A function keeping the events that satisfy ``where`` (see ``Aggregate``)."""
-    if where is None:
-        return None
-    if isinstance(where, str):
-        from importlib import import_module
-
-        mod, _, attr = where.partition(":")
-        where = getattr(import_module(mod), attr)
-    if callable(where):
-        pred = where
-        return lambda events: list(filter(pred, events))
-    pairs = list(where.items()) if isinstance(where, dict) else [tuple(where)]
-    gets = [(attrgetter(f), v) for f, v in pairs]
-
-    def keep(events: list[Any]) -> list[Any]:
-        for get, want in gets:
-            events = list(compress(events, [x == want for x in map(get, events)]))
-        return events
-
-    return keep
-
-
 class PanePartial(msgspec.Struct, array_like=True):
     """One pane of a partial: ``(group, state)`` pairs and the top_k error floor."""
 
@@ -172,7 +148,7 @@ class AggregateRuntime:
         self.valget = attrgetter(spec.value) if spec.value else None
         tf = spec.window.time_field
         self.timeget = attrgetter(tf) if tf else None
-        self.where = compile_where(spec.where)
+        self.where = F.compile_where(spec.where)
         self.panes: dict[int, dict[Any, Any]] = {}
         self.floors: dict[int, float] = {}
         self.watermark = -math.inf
@@ -323,6 +299,26 @@ class AggregateRuntime:
                 self.floors.pop(p, None)
                 self.counters["expired_panes"] += 1
 
+    def restore(self, data: bytes) -> None:
+        """Replace this runtime's state with a ``snapshot()`` of the same aggregate.
+
+        A top_k snapshot holds only its ``snapshot_top`` largest items per pane; the
+        rest is lost and its largest count becomes the restored error floor.
+        """
+        q = _decoder.decode(data)
+        if (q.name, q.fn, q.width) != (self.spec.name, self.fn, self.shape.width):
+            raise ValueError(f"a partial of {q.name!r} ({q.fn}) cannot restore {self.spec.name!r} ({self.fn})")
+        has_value = self.valget is not None
+        self.panes = {}
+        for pp in q.panes:
+            g = self.panes[pp.pane] = F.new_groups(self.fn, has_value)
+            g.update(F.decode_groups(self.fn, pp.groups))
+        self.floors = {pp.pane: pp.floor for pp in q.panes if pp.floor}
+        self.watermark = q.watermark if q.watermark else -math.inf
+        self.started = q.started if q.started else math.inf
+        self.counters = {**dict.fromkeys(COUNTERS, 0), **q.counters}
+        self._snap = None
+
     def snapshot(self) -> bytes:
         """This worker's partial as msgpack bytes (what ``merge`` takes)."""
         if self._snap is not None:  # nothing came in since the last one
@@ -396,7 +392,7 @@ def merge(partials: Sequence[bytes]) -> AggregateResult:
         for pp in q.panes:
             if pp.floor:
                 floors[pp.pane] = floors.get(pp.pane, 0.0) + pp.floor
-            new = _groups(fn, pp.groups)
+            new = F.decode_groups(fn, pp.groups)
             g = panes.get(pp.pane)
             if g is None:
                 panes[pp.pane] = new
@@ -412,15 +408,6 @@ def merge(partials: Sequence[bytes]) -> AggregateResult:
         first.name, fn, shape, first.k, panes, floors, max(q.watermark for q in parts), started, counters,
         first.grouped, len(parts),
     )
-
-
-def _groups(fn: str, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    if fn != "distinct":
-        try:
-            return dict(pairs)  # scalar keys, plain states: one C call
-        except TypeError:  # tuple group keys came back as lists
-            pass
-    return {F._hashable(k): F.decode_state(fn, raw) for k, raw in pairs}
 
 
 def read(

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from itertools import compress
+from operator import attrgetter
 from typing import Any
 
 from .errors import missing
@@ -30,6 +32,8 @@ __all__ = [
     "NUMERIC",
     "Hll",
     "combine",
+    "compile_where",
+    "decode_groups",
     "decode_state",
     "encode_state",
     "finalize",
@@ -236,3 +240,36 @@ def decode_state(fn: str, raw: Any) -> Any:
 
 def _hashable(v: Any) -> Any:
     return tuple(map(_hashable, v)) if isinstance(v, list) else v
+
+
+def compile_where(where: Any) -> Callable[[list[Any]], list[Any]] | None:
+    """A function keeping the events that satisfy ``where`` (see ``Aggregate``)."""
+    if where is None:
+        return None
+    if isinstance(where, str):
+        from importlib import import_module
+
+        mod, _, attr = where.partition(":")
+        where = getattr(import_module(mod), attr)
+    if callable(where):
+        pred = where
+        return lambda events: list(filter(pred, events))
+    pairs = list(where.items()) if isinstance(where, dict) else [tuple(where)]
+    gets = [(attrgetter(f), v) for f, v in pairs]
+
+    def keep(events: list[Any]) -> list[Any]:
+        for get, want in gets:
+            events = list(compress(events, [x == want for x in map(get, events)]))
+        return events
+
+    return keep
+
+
+def decode_groups(fn: str, pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A group table from a partial's ``(group, state)`` pairs."""
+    if fn != "distinct":
+        try:
+            return dict(pairs)  # scalar keys, plain states: one C call
+        except TypeError:  # tuple group keys came back as lists
+            pass
+    return {_hashable(k): decode_state(fn, raw) for k, raw in pairs}

@@ -289,6 +289,26 @@ def test_snapshot_is_plain_msgpack_and_merge_refuses_a_mix() -> None:
     assert rt.snapshot() != before
 
 
+@pytest.mark.parametrize("fn", ["count", "avg", "distinct", "top_k"])
+def test_restore_continues_from_a_snapshot(fn: str) -> None:
+    evs = events(6000)
+    w = Tumbling(60.0, time_field="t", lateness=1e9, retention=1e9)
+    agg = Aggregate(
+        "a", fn, by="user" if fn == "top_k" else "region", window=w,
+        value=None if fn in ("count", "top_k") else "amount",
+        snapshot_top=10_000,  # a top_k snapshot keeps its top items only: restore them all
+    )
+    whole = agg.build()
+    whole(evs)
+    first, later = agg.build(), agg.build()
+    first(evs[:3000])
+    later.restore(first.snapshot())  # a replacement worker starting from the last published partial
+    later(evs[3000:])
+    assert read(merge([later.snapshot()])) == read(merge([whole.snapshot()]))
+    with pytest.raises(ValueError, match="cannot restore"):
+        Aggregate("b", "sum", value="amount").build().restore(first.snapshot())
+
+
 @pytest.mark.parametrize(
     "kw",
     [dict(fn="median"), dict(fn="sum"), dict(fn="top_k"), dict(fn="rate", by="user"), dict(k=0)],
