@@ -98,6 +98,14 @@ class Aggregate:
             raise ConfigError(f"{where}: k must be >= 1, max_groups >= 2, exact_distinct >= 0")
         self.window.shape()  # checks sizes
 
+    def merge(self, partials: Sequence[bytes]) -> AggregateResult:
+        """The workers' partials merged (the engine calls this on read); none yet: empty."""
+        return merge(partials or [self.build().snapshot()])
+
+    def read(self, result: AggregateResult, key: Any = None, **window: Any) -> Any:
+        """Plain values from a merged result (see :func:`read`)."""
+        return read(result, key, **window)
+
     def build(self) -> AggregateRuntime:
         """The running aggregate of one worker."""
         return AggregateRuntime(self)

@@ -109,6 +109,7 @@ class Pipeline:
     sinks: tuple[Any, ...] = ()
     deadletter: Any = None
     stages: tuple[Any, ...] = ()
+    views: tuple[Any, ...] = ()  # materialized views over the stateful stages (``name``, ``render``)
     blocking_threads: int = 64
     shard: str = "key"
     options: dict[str, Any] = field(default_factory=dict)

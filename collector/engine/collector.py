@@ -30,7 +30,7 @@ from ..pipeline import Pipeline, resolve_pipeline
 from ..protocol import Ack, Snapshot
 from .admission import Admission
 from .ledger import Ledger, events_decoder
-from .materialize import Partials
+from .materialize import Materialized
 from .operation import Operation
 from .plan import Entry, Planner
 from .pool import WorkerPool
@@ -107,7 +107,7 @@ class Collector:
         self.ledger = Ledger(
             self.pool.slots, window, max_attempts, self.admission, events_decoder(self.pipeline.event_type)
         )
-        self.partials = Partials(n)
+        self.materialized = Materialized(self.pipeline, n)
         self._block: S.StatsBlock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -281,11 +281,11 @@ class Collector:
     def worker_lost(self, i: int, cause: str) -> None:
         """Worker ``i`` died: its unacknowledged chunks go first to the replacement."""
         self.ledger.requeue(i, self.ledger.take_back(i), cause)
-        self.partials.retire(i)
+        self.materialized.partials.retire(i)
 
     def worker_snapshot(self, i: int, snap: Snapshot) -> None:
         """Worker ``i`` published a stateful stage's partial state."""
-        self.partials.put(i, snap)
+        self.materialized.partials.put(i, snap)
 
     def fatal(self, exc: BaseException) -> None:
         """The pool met a death that respawning cannot fix."""
@@ -394,6 +394,28 @@ class Collector:
     def worker_pids(self) -> list[int]:
         """The pid of each worker slot (0 while a slot has no process)."""
         return self.pool.worker_pids()
+
+    # ------------------------------------------------------------------ aggregates
+    def aggregate(self, name: str, key: Any = None, **window: Any) -> Any:
+        """Plain values of the aggregate stage ``name``, merged over every worker.
+
+        Never waits for a worker: at most one snapshot interval behind
+        (``aggregate_staleness``). ``key`` picks one group; ``window`` passes
+        ``start``/``end``/``now`` to windowed aggregates.
+        """
+        return self.materialized.aggregate(name, key, **window)
+
+    def aggregates(self) -> dict[str, Any]:
+        """Every aggregate stage's plain values, by name."""
+        return self.materialized.aggregates()
+
+    def aggregate_staleness(self, name: str) -> float:
+        """Seconds since the oldest worker partial of ``name`` was taken."""
+        return self.materialized.partials.staleness(name)
+
+    def view(self, name: str) -> dict[str, Any]:
+        """A materialized view of the pipeline (``Pipeline.views``) rendered now."""
+        return self.materialized.view(name)
 
     @property
     def stats_block_name(self) -> str | None:

@@ -16,10 +16,12 @@ its replacement): at most one snapshot interval of its events.
 from __future__ import annotations
 
 import time
+from typing import Any
 
+from ..pipeline import Pipeline
 from ..protocol import Snapshot
 
-__all__ = ["Partials"]
+__all__ = ["Materialized", "Partials"]
 
 
 class Partials:
@@ -58,3 +60,52 @@ class Partials:
     def stages(self) -> list[str]:
         """Names of the stages that published partials."""
         return sorted(set(self.live) | set(self.retired))
+
+
+class Materialized:
+    """The read side: merge a stage's partials (cached until one changes), render views.
+
+    A stateful stage description in ``Pipeline.stages`` has ``name``, ``merge(partials)``
+    and ``read(result, key, **window)``; a view in ``Pipeline.views`` has ``name``,
+    ``aggregates()`` and ``render(results)``.
+    """
+
+    def __init__(self, pipeline: Pipeline, nworkers: int) -> None:
+        self.pipeline = pipeline
+        self.partials = Partials(nworkers)
+        self._cache: dict[str, tuple[list[bytes], Any]] = {}
+
+    def stage(self, name: str) -> Any:
+        """The stateful stage called ``name`` (KeyError listing the known ones)."""
+        for st in self.pipeline.stages:
+            if getattr(st, "name", None) == name and hasattr(st, "merge"):
+                return st
+        known = [st.name for st in self.pipeline.stages if hasattr(st, "merge")]
+        raise KeyError(f"no aggregate {name!r} in pipeline {self.pipeline.name!r} (known: {known})")
+
+    def merged(self, name: str) -> Any:
+        """``name``'s partials merged; reused while no worker published a newer one."""
+        st = self.stage(name)
+        parts = self.partials.of(name)
+        cached = self._cache.get(name)
+        # partials are immutable bytes replaced on each publish: the same objects merge the same
+        if cached is not None and len(cached[0]) == len(parts) and all(a is b for a, b in zip(cached[0], parts, strict=True)):
+            return cached[1]
+        result = st.merge(parts)
+        self._cache[name] = (parts, result)
+        return result
+
+    def aggregate(self, name: str, key: Any = None, **window: Any) -> Any:
+        """Plain values of one aggregate."""
+        return self.stage(name).read(self.merged(name), key, **window)
+
+    def aggregates(self) -> dict[str, Any]:
+        """Plain values of every aggregate, by name."""
+        return {st.name: self.aggregate(st.name) for st in self.pipeline.stages if hasattr(st, "merge")}
+
+    def view(self, name: str) -> dict[str, Any]:
+        """A view rendered from the merged aggregates it reads."""
+        for v in self.pipeline.views:
+            if v.name == name:
+                return dict(v.render({a: self.merged(a) for a in v.aggregates()}))
+        raise KeyError(f"no view {name!r} in pipeline {self.pipeline.name!r} (known: {[v.name for v in self.pipeline.views]})")
