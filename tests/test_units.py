@@ -16,7 +16,7 @@ from collector.pipeline import Lookup
 from collector.playback import PlaybackEvent
 from collector.stages import Dedup, Filter
 from collector.supervisor import describe_exit
-from collector.worker import _error_path
+from collector.worker.runner import error_path
 
 
 def test_stats_block_sums_slots_and_rates(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,8 +71,8 @@ def test_error_path_splits_msgspec_messages() -> None:
     try:
         msgspec.json.decode(b'{"id": "x"}', type=PlaybackEvent)
     except msgspec.ValidationError as e:
-        assert _error_path(str(e)) == ("$.id", "Expected `int`, got `str`")
-    assert _error_path("Object missing required field `user_id`") == ("$", "Object missing required field `user_id`")
+        assert error_path(str(e)) == ("$.id", "Expected `int`, got `str`")
+    assert error_path("Object missing required field `user_id`") == ("$", "Object missing required field `user_id`")
 
 
 def committed(run: Any, events: list[Any]) -> list[Any]:
