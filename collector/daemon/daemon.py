@@ -33,7 +33,7 @@ import msgspec
 from ..config import DaemonConfig, build_pipeline, engine_options, load_config
 from ..errors import ConfigError, WorkerBootError
 from ..http import App, HttpServer
-from ..ingest import Coalescer
+from ..ingress.coalescer import Coalescer
 from ..supervisor import Collector
 from .notify import Notifier
 from .views import Views

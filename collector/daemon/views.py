@@ -27,7 +27,7 @@ from ..sinks import build_sinkset, sink_names
 
 if TYPE_CHECKING:
     from ..http import HttpServer
-    from ..ingest import Coalescer, SliceResult
+    from ..ingress.coalescer import Coalescer, SliceResult
     from ..pipeline import Pipeline
     from ..sinks.base import SinkSet
     from ..stats import Stats
