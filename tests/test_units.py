@@ -241,3 +241,21 @@ def test_group_commit_takes_a_chunk_submitted_as_its_last_round_ends() -> None:
         return committed
 
     assert asyncio.run(main()) == [["a"], ["b"]]
+
+
+def test_registry_load_resolves_names_lazily_and_lists_the_known_ones() -> None:
+    from collector import registry
+    from collector.errors import ConfigError
+
+    table = {"decoder": "json:JSONDecoder", "missing": "no_such_module_xyz:Thing"}
+    import json
+
+    assert registry.load(table, "decoder", "codec") is json.JSONDecoder
+    assert registry.load(table, "json:JSONEncoder", "codec") is json.JSONEncoder  # an import string
+    with pytest.raises(ConfigError, match=r"unknown codec 'yaml': known are 'decoder', 'missing'"):
+        registry.load(table, "yaml", "codec")
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_module_xyz'"):
+        registry.load(table, "missing", "codec")
+    from collector.pipeline import import_string  # the old home still answers
+
+    assert import_string is registry.import_string

@@ -27,8 +27,9 @@ import msgspec
 
 from .. import stats as S
 from ..enrich import Enricher, build_enricher
-from ..pipeline import Pipeline, import_string, resolve_pipeline
+from ..pipeline import Pipeline, resolve_pipeline
 from ..protocol import Ack, Chunk, ChunkSummary, ErrorRecord, Message
+from ..registry import import_string
 
 __all__ = ["PipelineRunner", "error_path"]
 
