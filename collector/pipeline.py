@@ -7,7 +7,7 @@ object inside must be picklable: no open sockets, no locks, no lambdas) or as a
 ``"module:attr"`` import string naming a Pipeline or a function returning one. Event
 data never travels pickled: chunks and acks are msgspec-encoded bytes.
 
-Domain packs (``collector.playback``, ``collector.generic``, ...) are an event Struct
+Domain packs (``collector.packs.playback``, ``collector.packs.generic``, ...) are an event Struct
 plus a function that returns a Pipeline built from these generic parts.
 """
 

@@ -187,18 +187,18 @@ def test_a_replaced_workers_counts_stay_in_the_totals() -> None:
 def test_generated_ids_are_unique_ordered_uuid7_also_across_the_counter_wrap() -> None:
     import uuid
 
-    from collector import generic
+    from collector import ids
 
-    batch = [*generic.new_ids(5000), generic.new_id(), *generic.new_ids(3)]
+    batch = [*ids.new_ids(5000), ids.new_id(), *ids.new_ids(3)]
     assert len(set(batch)) == len(batch)
     for s in batch:
         u = uuid.UUID(s)
         assert (str(u), u.version, u.variant) == (s, 7, uuid.RFC_4122)
     assert batch == sorted(batch)  # time-ordered, then by counter: keys append to an index
-    assert generic.new_ids(0) == []
+    assert ids.new_ids(0) == []
     # a batch that crosses the 48-bit counter's end takes the slow path and stays valid
-    generic._COUNTER[0] = (generic._COUNTER[0] | generic._MASK) - 2
-    wrap = generic.new_ids(5)
+    ids._COUNTER[0] = (ids._COUNTER[0] | ids._MASK) - 2
+    wrap = ids.new_ids(5)
     assert [s[-12:] for s in wrap] == ["fffffffffffd", "fffffffffffe", "ffffffffffff", "000000000000", "000000000001"]
     assert all(uuid.UUID(s).version == 7 for s in wrap)
 
@@ -259,3 +259,20 @@ def test_registry_load_resolves_names_lazily_and_lists_the_known_ones() -> None:
     from collector.pipeline import import_string  # the old home still answers
 
     assert import_string is registry.import_string
+
+
+def test_packs_are_chosen_by_name_through_the_registry(tmp_path: Any) -> None:
+    from collector.config import decode_config
+    from collector.daemon.daemon import apply_overrides
+    from collector.errors import ConfigError
+    from collector.packs import build_pipeline
+
+    cfg = decode_config({"data_dir": str(tmp_path)})
+    assert build_pipeline(cfg).name == "generic"  # the default
+    p = build_pipeline(apply_overrides(cfg, {"pack": "playback"}))  # collector serve --pack playback
+    assert (p.name, p.event_type.__name__, p.key) == ("playback", "PlaybackEvent", "user_id")
+    assert p.sinks and p.deadletter is not None  # the config's (default) sinks
+    p = build_pipeline(decode_config({"data_dir": str(tmp_path), "pipeline": {"pack": "collector.playback:playback_pipeline"}}))
+    assert p.name == "playback"
+    with pytest.raises(ConfigError, match=r"unknown pack 'casino': known are 'generic', 'playback'"):
+        build_pipeline(decode_config({"pipeline": {"pack": "casino"}}))
