@@ -209,7 +209,7 @@ def test_group_commit_takes_a_chunk_submitted_as_its_last_round_ends() -> None:
     the next submit, or time out: the sink then dead-lettered rows it stored later)."""
     import asyncio
 
-    from collector.sinks.base import GroupCommit
+    from collector.sinks.batching import GroupCommit
 
     async def main() -> list[list[str]]:
         loop = asyncio.get_running_loop()
@@ -276,3 +276,53 @@ def test_packs_are_chosen_by_name_through_the_registry(tmp_path: Any) -> None:
     assert p.name == "playback"
     with pytest.raises(ConfigError, match=r"unknown pack 'casino': known are 'generic', 'playback'"):
         build_pipeline(decode_config({"pipeline": {"pack": "casino"}}))
+
+
+@pytest.mark.parametrize("shape", ["GroupCommit", "GroupWriter"])
+def test_group_commit_withdraws_a_cancelled_callers_rows(shape: str) -> None:
+    """A caller that times out behind a stalled store takes its rows back out of the
+    queue, so its retries do not pile up copies: the store, once it wakes, gets each
+    row once. (Before the two batchers were merged, GroupCommit kept them queued: the
+    stalled store then received the chunk once per attempt.)"""
+    import threading
+
+    from collector.sinks.batching import GroupCommit, GroupWriter
+
+    stored: list[Any] = []
+    stall = threading.Event()
+
+    async def main() -> None:
+        batcher: Any
+        if shape == "GroupCommit":
+            async def commit(rows: list[str]) -> None:
+                if rows == ["a"]:
+                    await asyncio.get_running_loop().run_in_executor(None, stall.wait, 5)
+                stored.extend(rows)
+
+            batcher = GroupCommit(commit, lambda e: False, max_rows=100)
+            a, b = ["a"], ["b"]
+        else:
+            def write(blob: bytes) -> None:
+                if blob == b"a\n":
+                    stall.wait(5)
+                stored.extend(blob.decode().splitlines())
+
+            batcher = GroupWriter(write, "test")
+            a, b = b"a\n", b"b\n"
+        first = asyncio.ensure_future(batcher.submit(a))
+        await asyncio.sleep(0.01)  # the round holding "a" runs and stalls
+        for _ in range(3):  # the sink's attempts for "b" time out while the store is stalled
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(batcher.submit(b), 0.02)
+        assert not batcher._pending  # withdrawn, not left for the next round
+        stall.set()
+        await asyncio.wait_for(asyncio.gather(first, batcher.submit(b)), 5)  # the retry that succeeds
+        await batcher.drain()
+        if isinstance(batcher, GroupWriter):
+            batcher.shutdown()
+
+    try:
+        asyncio.run(main())
+    finally:
+        stall.set()
+    assert stored == ["a", "b"]

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..http import HttpServer
     from ..ingress.coalescer import Coalescer, SliceResult
     from ..pipeline import Pipeline
-    from ..sinks.base import SinkSet
+    from ..sinks.sinkset import SinkSet
     from ..stats import Stats
     from ..supervisor import Collector
 

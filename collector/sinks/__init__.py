@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from ..errors import ConfigError
-from .base import Batch, DeadLetter, EventCodec, Sink, SinkSet, default_name
+from .base import Batch, DeadLetter, EventCodec, Sink, default_name
 from .config import (
     DeadLetterConfig,
     JsonlSinkConfig,
@@ -41,6 +41,7 @@ from .config import (
     decode_sink_config,
     options_table,
 )
+from .sinkset import SinkSet
 
 __all__ = [
     "Batch",
