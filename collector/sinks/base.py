@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from .config import _PASSWORD_IN_URL, DeadLetterConfig, SinkConfig, redact_dsn
+from .config import DeadLetterConfig, SinkConfig, redact_dsn, redact_urls
 
 __all__ = ["Batch", "DeadLetter", "EventCodec", "Sink", "default_name"]
 
@@ -205,7 +205,7 @@ class Sink:
         for s in self._secrets:
             if s:
                 text = text.replace(s, "***")
-        return _PASSWORD_IN_URL.sub(r"\1***@", text)
+        return redact_urls(text)
 
     def remember_secret(self, dsn: str) -> None:
         """Note the password inside ``dsn`` so that error texts never show it."""
