@@ -6,7 +6,7 @@
                                          │ unknown key, wrong type → ConfigError naming
                                          │ its path: ``$.server.prot``, ``$.sinks[1].dsn``
                                          ▼
-                     build_pipeline(cfg) → Pipeline (pack + sinks + dead-letter)
+                     packs.build_pipeline(cfg) → Pipeline (pack + sinks + dead-letter)
                      engine_options(cfg) → Collector(**options)
 
 Every option's description is written once, in its ``msgspec.Meta``; :func:`options_table`
@@ -17,7 +17,6 @@ a JSONL sink and a dead-letter file in ``data_dir``, port 8080 on 127.0.0.1.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tomllib
 import typing
@@ -36,7 +35,6 @@ __all__ = [
     "LogConfig",
     "PipelineConfig",
     "ServerConfig",
-    "build_pipeline",
     "default_config",
     "engine_options",
     "load_config",
@@ -102,14 +100,16 @@ class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     pack: Annotated[
         str,
-        Meta(description="`generic` (seed 004) or an import string `module:attr` of a Pipeline or a factory"),
+        Meta(description="a registered pack (`generic`: seed 004; `playback`: seed 000) or an import string "
+             "`module:attr` of a Pipeline or a factory"),
     ] = "generic"
     enrich_latency: Annotated[
-        float, Meta(ge=0, description="generic pack: latency of the built-in simulated user service, seconds")
+        float, Meta(ge=0, description="registered packs: latency of the built-in simulated enrichment service, seconds")
     ] = 0.005
     client: Annotated[
         str | None,
-        Meta(description="generic pack: `module:factory` building the enrichment client (has `get_segment(user_id)`)"),
+        Meta(description="registered packs: `module:factory` building the enrichment client (generic: has "
+             "`get_segment(user_id)`; playback: `get_region(user_id)`, `get_model(device_type)`)"),
     ] = None
     dedup_ttl: Annotated[
         float, Meta(ge=0, description="generic pack: seconds an event id is remembered for duplicate detection")
@@ -119,7 +119,7 @@ class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         Meta(ge=0, description="generic pack: seconds a repeated id waits for its original to be stored "
              "before it is answered `failed` (503, retry later)"),
     ] = 30.0
-    cache_ttl: Annotated[float, Meta(ge=0, description="generic pack: seconds an enrichment answer is cached")] = 300.0
+    cache_ttl: Annotated[float, Meta(ge=0, description="registered packs: seconds an enrichment answer is cached")] = 300.0
 
 
 class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -205,9 +205,6 @@ def load_config(path: str | os.PathLike[str] | None) -> DaemonConfig:
 
 def _check(cfg: DaemonConfig, where: str) -> None:
     """Cross-field checks msgspec cannot express."""
-    pack = cfg.pipeline.pack
-    if pack != "generic" and ":" not in pack:
-        raise ConfigError(f"{where}: `$.pipeline.pack` must be 'generic' or 'module:attr' (got {pack!r})")
     names = [s.name for s in cfg.sinks if s.name]
     if len(names) != len(set(names)):
         raise ConfigError(f"{where}: `$.sinks`: sink names must be unique (got {names})")
@@ -230,35 +227,6 @@ def resolved_sinks(cfg: DaemonConfig) -> tuple[tuple[SinkConfig, ...], DeadLette
     dl = cfg.deadletter or DeadLetterConfig(path="deadletter-{worker}.jsonl")
     dl = msgspec.structs.replace(dl, path=_in_dir(dl.path, d))
     return tuple(out), dl
-
-
-def build_pipeline(cfg: DaemonConfig) -> Any:
-    """The configured :class:`~collector.Pipeline`, with its sinks and dead-letter sink."""
-    from .pipeline import Pipeline, resolve_pipeline
-
-    sinks, dl = resolved_sinks(cfg)
-    pc = cfg.pipeline
-    if pc.pack == "generic":
-        from .generic import generic_pipeline
-
-        return generic_pipeline(
-            pc.client,
-            enrich_latency=pc.enrich_latency,
-            cache_ttl=pc.cache_ttl,
-            dedup_ttl=pc.dedup_ttl,
-            dedup_wait=pc.dedup_wait,
-            sinks=sinks,
-            deadletter=dl,
-        )
-    p = resolve_pipeline(pc.pack)
-    assert isinstance(p, Pipeline)
-    # the config's sinks and dead-letter sink win; the pack's own stay when none is given
-    changes: dict[str, Any] = {}
-    if cfg.sinks or not p.sinks:
-        changes["sinks"] = sinks
-    if cfg.deadletter is not None or p.deadletter is None:
-        changes["deadletter"] = dl
-    return dataclasses.replace(p, **changes)
 
 
 def engine_options(cfg: DaemonConfig) -> dict[str, Any]:

@@ -7,13 +7,12 @@ object inside must be picklable: no open sockets, no locks, no lambdas) or as a
 ``"module:attr"`` import string naming a Pipeline or a function returning one. Event
 data never travels pickled: chunks and acks are msgspec-encoded bytes.
 
-Domain packs (``collector.playback``, ``collector.generic``, ...) are an event Struct
+Domain packs (``collector.packs.playback``, ``collector.packs.generic``, ...) are an event Struct
 plus a function that returns a Pipeline built from these generic parts.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import msgspec
 
 from .errors import ConfigError
+from .registry import import_string  # kept here: pipeline.import_string was its first home
 
 __all__ = ["Lookup", "Pipeline", "import_string", "resolve_pipeline"]
 
@@ -151,23 +151,6 @@ def _replace(p: Pipeline, **changes: Any) -> Pipeline:
     import dataclasses
 
     return dataclasses.replace(p, **changes)
-
-
-def import_string(spec: str, what: str = "object") -> Any:
-    """Import ``"package.module:attr.path"``; the error says which part was not found."""
-    if not isinstance(spec, str) or ":" not in spec:
-        raise ConfigError(f"{what} import string {spec!r} must look like 'package.module:attr'")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ConfigError(f"{what} {spec!r}: cannot import module {mod_name!r}: {e}") from e
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as e:
-            raise ConfigError(f"{what} {spec!r}: module {mod_name!r} has no attribute {attr!r}") from e
-    return obj
 
 
 def resolve_pipeline(spec: Pipeline | str | Callable[[], Pipeline]) -> Pipeline:

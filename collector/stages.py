@@ -230,7 +230,7 @@ class Filter(Stage):
 
     def build(self) -> Callable[[list[Any]], list[ErrorRecord]]:
         """The filter function for one worker."""
-        from .pipeline import import_string
+        from .registry import import_string
 
         pred = self.predicate
         if isinstance(pred, str):

@@ -330,7 +330,7 @@ def test_slow_client_is_cut_off_without_hurting_others(tmp_path: Path, no_leaks:
 # ------------------------------------------------------------------ load, overload, signals
 async def _hammer(port: int, conns: int, seconds: float, batch: int, accepted: list[str], statuses: list[int],
                   stop: asyncio.Event | None = None, retry_after: list[str] | None = None) -> None:
-    from collector.generic import generate_generic
+    from collector.packs.generic import generate_generic
 
     deadline = time.monotonic() + seconds
 

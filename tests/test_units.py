@@ -16,7 +16,7 @@ from collector.enrich import LookupRuntime
 from collector.pipeline import Lookup
 from collector.playback import PlaybackEvent
 from collector.stages import Dedup, Filter
-from collector.worker import _error_path
+from collector.worker.runner import error_path
 
 
 def test_stats_block_sums_slots_and_rates(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,8 +71,8 @@ def test_error_path_splits_msgspec_messages() -> None:
     try:
         msgspec.json.decode(b'{"id": "x"}', type=PlaybackEvent)
     except msgspec.ValidationError as e:
-        assert _error_path(str(e)) == ("$.id", "Expected `int`, got `str`")
-    assert _error_path("Object missing required field `user_id`") == ("$", "Object missing required field `user_id`")
+        assert error_path(str(e)) == ("$.id", "Expected `int`, got `str`")
+    assert error_path("Object missing required field `user_id`") == ("$", "Object missing required field `user_id`")
 
 
 def committed(run: Any, events: list[Any]) -> list[Any]:
@@ -187,18 +187,18 @@ def test_a_replaced_workers_counts_stay_in_the_totals() -> None:
 def test_generated_ids_are_unique_ordered_uuid7_also_across_the_counter_wrap() -> None:
     import uuid
 
-    from collector import generic
+    from collector import ids
 
-    batch = [*generic.new_ids(5000), generic.new_id(), *generic.new_ids(3)]
+    batch = [*ids.new_ids(5000), ids.new_id(), *ids.new_ids(3)]
     assert len(set(batch)) == len(batch)
     for s in batch:
         u = uuid.UUID(s)
         assert (str(u), u.version, u.variant) == (s, 7, uuid.RFC_4122)
     assert batch == sorted(batch)  # time-ordered, then by counter: keys append to an index
-    assert generic.new_ids(0) == []
+    assert ids.new_ids(0) == []
     # a batch that crosses the 48-bit counter's end takes the slow path and stays valid
-    generic._COUNTER[0] = (generic._COUNTER[0] | generic._MASK) - 2
-    wrap = generic.new_ids(5)
+    ids._COUNTER[0] = (ids._COUNTER[0] | ids._MASK) - 2
+    wrap = ids.new_ids(5)
     assert [s[-12:] for s in wrap] == ["fffffffffffd", "fffffffffffe", "ffffffffffff", "000000000000", "000000000001"]
     assert all(uuid.UUID(s).version == 7 for s in wrap)
 
@@ -209,7 +209,7 @@ def test_group_commit_takes_a_chunk_submitted_as_its_last_round_ends() -> None:
     the next submit, or time out: the sink then dead-lettered rows it stored later)."""
     import asyncio
 
-    from collector.sinks.base import GroupCommit
+    from collector.sinks.batching import GroupCommit
 
     async def main() -> list[list[str]]:
         loop = asyncio.get_running_loop()
@@ -241,3 +241,88 @@ def test_group_commit_takes_a_chunk_submitted_as_its_last_round_ends() -> None:
         return committed
 
     assert asyncio.run(main()) == [["a"], ["b"]]
+
+
+def test_registry_load_resolves_names_lazily_and_lists_the_known_ones() -> None:
+    from collector import registry
+    from collector.errors import ConfigError
+
+    table = {"decoder": "json:JSONDecoder", "missing": "no_such_module_xyz:Thing"}
+    import json
+
+    assert registry.load(table, "decoder", "codec") is json.JSONDecoder
+    assert registry.load(table, "json:JSONEncoder", "codec") is json.JSONEncoder  # an import string
+    with pytest.raises(ConfigError, match=r"unknown codec 'yaml': known are 'decoder', 'missing'"):
+        registry.load(table, "yaml", "codec")
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_module_xyz'"):
+        registry.load(table, "missing", "codec")
+    from collector.pipeline import import_string  # the old home still answers
+
+    assert import_string is registry.import_string
+
+
+def test_packs_are_chosen_by_name_through_the_registry(tmp_path: Any) -> None:
+    from collector.config import decode_config
+    from collector.daemon.daemon import apply_overrides
+    from collector.errors import ConfigError
+    from collector.packs import build_pipeline
+
+    cfg = decode_config({"data_dir": str(tmp_path)})
+    assert build_pipeline(cfg).name == "generic"  # the default
+    p = build_pipeline(apply_overrides(cfg, {"pack": "playback"}))  # collector serve --pack playback
+    assert (p.name, p.event_type.__name__, p.key) == ("playback", "PlaybackEvent", "user_id")
+    assert p.sinks and p.deadletter is not None  # the config's (default) sinks
+    p = build_pipeline(decode_config({"data_dir": str(tmp_path), "pipeline": {"pack": "collector.playback:playback_pipeline"}}))
+    assert p.name == "playback"
+    with pytest.raises(ConfigError, match=r"unknown pack 'casino': known are 'generic', 'playback'"):
+        build_pipeline(decode_config({"pipeline": {"pack": "casino"}}))
+
+
+@pytest.mark.parametrize("shape", ["GroupCommit", "GroupWriter"])
+def test_group_commit_withdraws_a_cancelled_callers_rows(shape: str) -> None:
+    """A caller that times out behind a stalled store takes its rows back out of the
+    queue, so its retries do not pile up copies: the store, once it wakes, gets each
+    row once. (Before the two batchers were merged, GroupCommit kept them queued: the
+    stalled store then received the chunk once per attempt.)"""
+    import threading
+
+    from collector.sinks.batching import GroupCommit, GroupWriter
+
+    stored: list[Any] = []
+    stall = threading.Event()
+
+    async def main() -> None:
+        batcher: Any
+        if shape == "GroupCommit":
+            async def commit(rows: list[str]) -> None:
+                if rows == ["a"]:
+                    await asyncio.get_running_loop().run_in_executor(None, stall.wait, 5)
+                stored.extend(rows)
+
+            batcher = GroupCommit(commit, lambda e: False, max_rows=100)
+            a, b = ["a"], ["b"]
+        else:
+            def write(blob: bytes) -> None:
+                if blob == b"a\n":
+                    stall.wait(5)
+                stored.extend(blob.decode().splitlines())
+
+            batcher = GroupWriter(write, "test")
+            a, b = b"a\n", b"b\n"
+        first = asyncio.ensure_future(batcher.submit(a))
+        await asyncio.sleep(0.01)  # the round holding "a" runs and stalls
+        for _ in range(3):  # the sink's attempts for "b" time out while the store is stalled
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(batcher.submit(b), 0.02)
+        assert not batcher._pending  # withdrawn, not left for the next round
+        stall.set()
+        await asyncio.wait_for(asyncio.gather(first, batcher.submit(b)), 5)  # the retry that succeeds
+        await batcher.drain()
+        if isinstance(batcher, GroupWriter):
+            batcher.shutdown()
+
+    try:
+        asyncio.run(main())
+    finally:
+        stall.set()
+    assert stored == ["a", "b"]

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the scenario; 0 when it ran (missed targets are reported, not failures)."""
     from collector.benchmarks import SCENARIOS
     from collector.benchmarks.report import plot_cdf, plot_throughput, write_json
-    from collector.pipeline import import_string
+    from collector.registry import import_string
 
     fn = import_string(SCENARIOS[args.scenario], "scenario")
     started = time.time()

@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 and summarise when valid; exit 2 with the offending path otherwise."""
-    from collector.config import build_pipeline, load_config, options_table, resolved_sinks
+    from collector.config import load_config, options_table, resolved_sinks
+    from collector.packs import build_pipeline
 
     if args.options:
         print(options_table())

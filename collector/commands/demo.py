@@ -84,7 +84,7 @@ class HttpClient:
 
 def _bodies(batch: int, invalid_every: int, n: int = 64) -> list[bytes]:
     """Pre-encoded batch bodies (the server generates ids, so none repeat)."""
-    from collector.generic import generate_generic
+    from collector.packs.generic import generate_generic
 
     out = []
     k = 0

@@ -42,7 +42,8 @@ def pipeline_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         from collector.pipeline import resolve_pipeline
 
         return resolve_pipeline(args.pipeline), {}
-    from collector.config import build_pipeline, load_config
+    from collector.config import load_config
+    from collector.packs import build_pipeline
 
     cfg = load_config(args.config)
     opts: dict[str, Any] = {}

@@ -1,6 +1,7 @@
 """``collector serve``: the daemon (HTTP ingest, metrics, health; systemd Type=notify).
 
-With no ``--config`` it runs on embedded defaults: the ``generic`` pipeline, a JSONL sink
+With no ``--config`` it runs on embedded defaults: the ``generic`` pack (``--pack`` picks
+another registered one, e.g. ``playback``), a JSONL sink
 and a dead-letter file in ``./collector-data`` (``$STATE_DIRECTORY`` under systemd),
 127.0.0.1:8080. Exit codes: 0 after a clean stop, 1 when the drain ran out of time or
 the engine halted, 78 (EX_CONFIG) when the config or the workers' boot failed.
@@ -20,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="override [server].port (0: any free port; see the 'listening' log line)")
     p.add_argument("--workers", type=int, help="override [engine].workers")
     p.add_argument("--data-dir", help="override data_dir (where default file sinks write)")
+    p.add_argument("--pack", help="override [pipeline].pack: a registered pack (generic, playback) or module:attr")
     p.add_argument("--port-file", metavar="PATH", help="write the bound port to this file once listening")
 
 
@@ -27,5 +29,6 @@ def run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT."""
     from collector.daemon import run_daemon
 
-    overrides = {"host": args.host, "port": args.port, "workers": args.workers, "data_dir": args.data_dir}
+    overrides = {"host": args.host, "port": args.port, "workers": args.workers, "data_dir": args.data_dir,
+                 "pack": args.pack}
     return run_daemon(args.config, overrides=overrides, port_file=args.port_file)

@@ -30,11 +30,12 @@ from typing import Any
 
 import msgspec
 
-from ..config import DaemonConfig, build_pipeline, engine_options, load_config
+from ..config import DaemonConfig, engine_options, load_config
 from ..engine import Collector
 from ..errors import ConfigError, WorkerBootError
 from ..http import App, HttpServer
-from ..ingest import Coalescer
+from ..ingress.coalescer import Coalescer
+from ..packs import build_pipeline
 from .notify import Notifier
 from .views import Views
 
@@ -229,7 +230,7 @@ class Daemon:
 
 
 def apply_overrides(cfg: DaemonConfig, o: dict[str, Any]) -> DaemonConfig:
-    """``cfg`` with the command line's ``--host``, ``--port``, ``--workers`` and ``--data-dir`` applied."""
+    """``cfg`` with the command line's ``--host``, ``--port``, ``--workers``, ``--data-dir`` and ``--pack`` applied."""
     server = cfg.server
     engine = cfg.engine
     if o.get("host") is not None:
@@ -241,4 +242,6 @@ def apply_overrides(cfg: DaemonConfig, o: dict[str, Any]) -> DaemonConfig:
     out = msgspec.structs.replace(cfg, server=server, engine=engine)
     if o.get("data_dir") is not None:
         out = msgspec.structs.replace(out, data_dir=o["data_dir"])
+    if o.get("pack") is not None:
+        out = msgspec.structs.replace(out, pipeline=msgspec.structs.replace(out.pipeline, pack=o["pack"]))
     return out

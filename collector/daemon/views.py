@@ -28,9 +28,9 @@ from ..sinks import build_sinkset, sink_names
 if TYPE_CHECKING:
     from ..engine import Collector
     from ..http import HttpServer
-    from ..ingest import Coalescer, SliceResult
+    from ..ingress.coalescer import Coalescer, SliceResult
     from ..pipeline import Pipeline
-    from ..sinks.base import SinkSet
+    from ..sinks.sinkset import SinkSet
     from ..stats import Stats
 
 __all__ = ["COUNTERS", "Views"]

@@ -13,16 +13,14 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from dataclasses import dataclass
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..results import BatchAccumulator, ErrorItem, OperationResult
 
-if TYPE_CHECKING:
-    from .plan import Plan
-
-__all__ = ["Operation", "Progress", "Waiters"]
+__all__ = ["Operation", "Plan", "Progress", "Waiters"]
 
 _op_ids = itertools.count(1)
 
@@ -53,6 +51,28 @@ class Waiters:
         for loop, fut in items:
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
                 loop.call_soon_threadsafe(_set_done, fut)
+
+
+@dataclass(slots=True)
+class Plan:
+    """How an operation's input was cut: what its chunks need until acknowledged.
+
+    ``base[i]`` is the input index of the i-th routed item; ``shard_of[i]`` its worker
+    (None with one worker or no keys). ``routed``, ``slices`` and ``body`` are the
+    input still to cut; :meth:`Planner.cut` drops them once chunks hold it.
+    """
+
+    base: range | list[int]
+    shard_of: list[int] | None
+    ndjson: bool  # payloads are NDJSON (else a JSON array)
+    encode: Callable[[Any], bytes | None]  # Entry → payload (plan.Planner's encoder)
+    routed: list[Any] | None
+    slices: list[tuple[int, int, int, int]] | None = None  # (start, end, first index, lines)
+    body: bytes | None = None
+
+    def empty(self) -> bool:
+        """Nothing for the workers (every input was rejected, or there was none)."""
+        return not self.routed and not self.slices
 
 
 class Operation:

@@ -19,7 +19,6 @@ import contextlib
 import itertools
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from operator import attrgetter, eq, methodcaller
 from typing import Any
 
@@ -28,7 +27,7 @@ import msgspec
 from ..errors import InvalidInput
 from ..pipeline import Pipeline
 from ..results import ErrorItem
-from .operation import Operation
+from .operation import Operation, Plan
 
 __all__ = ["Entry", "Plan", "Planner", "ShardMap"]
 
@@ -64,28 +63,6 @@ def key_decoders(key: str) -> tuple[msgspec.json.Decoder[Any], msgspec.json.Deco
     """Decoders of the key alone: of one object (NDJSON lines) and of an array."""
     T = msgspec.defstruct("_KeyOf_" + key, [(key, Any, None)], bases=(_KeyOf,))
     return msgspec.json.Decoder(T), msgspec.json.Decoder(list[T])  # type: ignore[valid-type]
-
-
-@dataclass(slots=True)
-class Plan:
-    """How an operation's input was cut: what its chunks need until acknowledged.
-
-    ``base[i]`` is the input index of the i-th routed item; ``shard_of[i]`` its worker
-    (None with one worker or no keys). ``routed``, ``slices`` and ``body`` are the
-    input still to cut; :meth:`Planner.cut` drops them once chunks hold it.
-    """
-
-    base: range | list[int]
-    shard_of: list[int] | None
-    ndjson: bool  # payloads are NDJSON (else a JSON array)
-    encode: Callable[[Entry], bytes | None]
-    routed: list[Any] | None
-    slices: list[tuple[int, int, int, int]] | None = None  # (start, end, first index, lines)
-    body: bytes | None = None
-
-    def empty(self) -> bool:
-        """Nothing for the workers (every input was rejected, or there was none)."""
-        return not self.routed and not self.slices
 
 
 class Entry:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from ..generic import GenericEvent
+from ..packs.generic import GenericEvent
 from .schemas import BatchResponse, ErrorResponse, EventResponse, Health, ItemResult, Metrics
 
 if TYPE_CHECKING:

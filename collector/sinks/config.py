@@ -37,6 +37,7 @@ __all__ = [
     "decode_sink_config",
     "options_table",
     "redact_dsn",
+    "redact_urls",
 ]
 
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"  # SQL identifiers are interpolated: keep them plain
@@ -211,12 +212,17 @@ def decode_sink_config(obj: Any, path: str = "$") -> SinkConfig:
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]+:)[^@\s]*@")
 
 
+def redact_urls(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it replaced by ``***``."""
+    return _PASSWORD_IN_URL.sub(r"\1***@", text)
+
+
 def redact_dsn(dsn: str) -> str:
     """``dsn`` with its password (and any ``password=`` query value) replaced by ``***``."""
     try:
         u = urlsplit(dsn)
     except ValueError:
-        return _PASSWORD_IN_URL.sub(r"\1***@", dsn)
+        return redact_urls(dsn)
     netloc = u.netloc
     if u.password is not None:
         host = netloc.rpartition("@")[2]

@@ -24,12 +24,11 @@ import stat
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import msgspec
 
 from .base import Batch, DeadLetter, EventCodec, Sink
+from .batching import GroupWriter
 from .config import DeadLetterConfig, JsonlSinkConfig, StdoutSinkConfig
 
 __all__ = ["DeadLetterSink", "JsonlSink", "LineFile", "StdoutSink"]
@@ -37,84 +36,6 @@ __all__ = ["DeadLetterSink", "JsonlSink", "LineFile", "StdoutSink"]
 log = logging.getLogger("collector.sinks")
 
 PIPE_BUF = 4096  # writes up to this size are atomic on a pipe (POSIX)
-
-
-class GroupWriter:
-    """Merges concurrent writes into one blocking call run on a private thread.
-
-    ``await write(data)`` returns once ``data`` went through ``fn`` (with whatever else
-    was queued meanwhile); if ``fn`` raises, every caller of that round gets the error
-    and ``fn`` must have left nothing of that round behind.
-    """
-
-    def __init__(self, fn: Any, name: str, executor: ThreadPoolExecutor | None = None) -> None:
-        self._fn = fn
-        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
-        self._task: asyncio.Task[None] | None = None
-        self._own = executor is None
-        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"collector-sink-{name}")
-
-    @property
-    def busy(self) -> bool:
-        """A round is running or queued."""
-        return self._task is not None
-
-    async def write(self, data: bytes) -> None:
-        """Write ``data`` (whole lines) through the blocking function."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._pending.append((data, fut))
-        if self._task is None:
-            self._task = loop.create_task(self._run())
-        # shield: a cancelled caller must not cancel a round other callers share
-        try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            # the caller gave up (its attempt timed out, e.g. behind a write blocked on
-            # a pipe nobody reads): withdraw its data if no round took it yet. Left
-            # queued, every retry of a chunk added another copy of it, all written
-            # later (lines repeated up to retries+1 times) and held in memory meanwhile,
-            # even for chunks already dead-lettered: memory grew with the traffic for
-            # as long as the reader stalled. The retry queues the data again.
-            for i, (_, f) in enumerate(self._pending):
-                if f is fut:
-                    del self._pending[i]
-                    fut.cancel()
-                    break
-            raise
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._pending:
-                items, self._pending = self._pending, []
-                blob = items[0][0] if len(items) == 1 else b"".join([d for d, _ in items])
-                try:
-                    await loop.run_in_executor(self.executor, self._fn, blob)
-                except BaseException as e:
-                    for _, f in items:
-                        if not f.done():
-                            f.set_exception(e)
-                    if isinstance(e, asyncio.CancelledError):
-                        raise
-                else:
-                    for _, f in items:
-                        if not f.done():
-                            f.set_result(None)
-        finally:
-            self._task = None
-
-    async def drain(self) -> None:
-        """Wait for the round in progress (if any)."""
-        t = self._task
-        if t is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(t)
-
-    def shutdown(self) -> None:
-        """Stop the thread (after :meth:`drain`), if this writer owns it."""
-        if self._own:
-            self.executor.shutdown(wait=True)
 
 
 class LineFile:

@@ -32,7 +32,8 @@ import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 
-from .base import Batch, EventCodec, GroupCommit, Sink
+from .base import Batch, EventCodec, Sink
+from .batching import GroupCommit
 from .config import SqliteSinkConfig
 
 __all__ = ["MAX_GROUP_ROWS", "SqliteSink"]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ...errors import CollectorClosed, Overloaded
-from ...generic import new_ids
+from ...ids import new_ids
 from ..bodies import ENCODINGS, TooLarge, inflate, json_depth
 from ..protocol import Request, Response, error
 from ..schemas import BatchRequest, BatchResponse, EventResponse, ItemResult, json_encoder

@@ -1,0 +1,147 @@
+"""Coalescing many small submissions into few operations.
+
+::
+
+    request A ─ submit([e1])      ┐
+    request B ─ submit([e2, e3])  ├─ same loop iteration ─► one ahandle([e1, e2, e3, ...])
+    request C ─ submit([e4])      ┘                            │
+         ▲                                                     ▼
+         └──────────── each caller gets its own slice of the result ◄──┘
+
+An operation costs the supervisor tens of microseconds whatever its size, so an HTTP
+server that turned every request into its own operation would spend its CPU on
+bookkeeping. :class:`Coalescer` merges what concurrent callers submit within one loop
+iteration (up to ``max_batch`` events) into one operation and hands each caller the
+part of the result that is its own, with error indexes relative to what it submitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..errors import Overloaded
+from ..results import ErrorItem
+
+if TYPE_CHECKING:
+    from ..engine import Collector
+
+__all__ = ["Coalescer", "SliceResult"]
+
+
+class SliceResult(msgspec.Struct, frozen=True):
+    """One caller's share of a coalesced operation."""
+
+    handled_events: int
+    failed_events: int
+    errors: list[ErrorItem]
+    events: list[Any] | None = None
+
+
+class Coalescer:
+    """Merge concurrent ``submit()`` calls on one loop into shared operations.
+
+    ``block=False`` (the default) makes a full collector raise
+    :class:`~collector.Overloaded` in every caller of the batch, which an HTTP server
+    turns into 429/503 with ``Retry-After``.
+    """
+
+    def __init__(
+        self, collector: Collector, *, max_batch: int = 8192, block: bool = False, max_ops: int = 0
+    ) -> None:
+        self.collector = collector
+        self.max_batch = max_batch
+        self.block = block
+        self.max_ops = max_ops
+        self._pending: list[tuple[list[Any], list[Any] | None, asyncio.Future[SliceResult]]] = []
+        self._count = 0
+        self._scheduled: asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        # the loop of the first submit: one coalescer serves one loop. Cached because
+        # asyncio.get_running_loop() makes a getpid() system call on Python 3.11 (fork
+        # detection): 0.25 us per request saved
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.operations = 0  # operations started (for the events-per-operation figure)
+
+    async def submit(self, items: list[Any], keys: list[Any] | None = None) -> SliceResult:
+        """Submit events; returns when they are done.
+
+        Items are Structs, dicts, or the raw JSON text of event objects (``bytes`` or
+        ``msgspec.Raw``, sent on unparsed). With raw items, ``keys`` may give each
+        item's shard key (see ``Collector.ahandle``). One coalescer carries one kind:
+        raw items are not mixed with objects, nor keyed with unkeyed submissions.
+        """
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[SliceResult] = loop.create_future()
+        self._pending.append((items, keys, fut))
+        self._count += len(items)
+        if self._count >= self.max_batch:
+            self._flush()
+        elif self._scheduled is None and not (self.max_ops and len(self._tasks) >= self.max_ops):
+            self._scheduled = loop.call_soon(self._flush)
+        # else: max_ops operations are running; the next starts when one finishes, with
+        # everything submitted meanwhile (the busier the engine, the larger the batches)
+        return await fut
+
+    def _flush(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        if not self._pending:
+            return
+        batch, self._pending, self._count = self._pending, [], 0
+        self.operations += 1
+        assert self._loop is not None
+        t = self._loop.create_task(self._run(batch))
+        self._tasks.add(t)
+        t.add_done_callback(self._finished)
+
+    def _finished(self, t: asyncio.Task[None]) -> None:
+        self._tasks.discard(t)
+        if self._pending and self._scheduled is None:
+            assert self._loop is not None
+            self._scheduled = self._loop.call_soon(self._flush)
+
+    async def _run(self, batch: list[tuple[list[Any], list[Any] | None, asyncio.Future[SliceResult]]]) -> None:
+        merged: list[Any] = []
+        keys: list[Any] | None = [] if batch and batch[0][1] is not None else None
+        bounds = []
+        for items, ks, _ in batch:
+            bounds.append((len(merged), len(merged) + len(items)))
+            merged.extend(items)
+            if keys is not None and ks is not None:
+                keys.extend(ks)
+        payload: Any = merged
+        if keys is None and merged and isinstance(merged[0], (bytes, msgspec.Raw)):
+            # raw JSON objects without keys: one JSON array, which the supervisor parses
+            payload = b"[" + b",".join(merged) + b"]"
+        try:
+            op = await self.collector.ahandle(payload, block=self.block, keys=keys)
+            res = await op
+        except (Overloaded, Exception) as exc:
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        # errors are sorted by index: walk them once alongside the callers' ranges
+        errs = res.errors
+        k = 0
+        for (lo, hi), (*_, fut) in zip(bounds, batch, strict=True):
+            mine = []
+            while k < len(errs) and errs[k].index < hi:
+                err = errs[k]
+                mine.append(ErrorItem(err.index - lo, err.path, err.reason, err.kind))
+                k += 1
+            failed = sum(1 for m in mine if m.kind in ("invalid", "lost", "error", "retry"))
+            if not fut.done():
+                fut.set_result(SliceResult(hi - lo - failed, failed, mine))
+
+    async def aclose(self) -> None:
+        """Flush what is pending and wait for the operations in flight."""
+        self._flush()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

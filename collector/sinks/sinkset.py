@@ -1,0 +1,244 @@
+"""SinkSet: every sink of one worker, written concurrently, plus the dead-letter sink.
+
+::
+
+    worker ── commit(events) ──► SinkSet ──┬─► sink 0 .write(batch) ─ retry w/ backoff+jitter ─┐
+                                           ├─► sink 1 .write(batch) ─ ...                       ├─► return
+                                           ├─► data error: halve the batch until the refused   │
+                                           │   events stand alone ─► dead-letter sink           │
+                                           └─► ...  (budget spent) ─► dead-letter sink ─────────┘
+    worker ── reject(records) ─► dead-letter sink (or nothing)
+
+``commit`` returns only when every sink stored the chunk, or when a sink spent its
+retry budget and the chunk went to the dead-letter sink; a store outage never raises
+out of it (only ``CancelledError`` does), so the chunk stays unacknowledged and the
+engine's in-flight bound turns the outage into backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from .. import stats as S
+from .base import Batch, DeadLetter, EventCodec, Sink
+
+__all__ = ["SinkSet"]
+
+log = logging.getLogger("collector.sinks")
+
+
+class _NullSlot:
+    """Stands in for a stats slot when the caller has none."""
+
+    def sink_add(self, sink: int, **kw: Any) -> None:
+        pass
+
+    def add(self, word: int, n: int = 1) -> None:
+        pass
+
+
+class SinkSet:
+    """Every sink of one worker, written concurrently, plus the dead-letter sink."""
+
+    def __init__(
+        self,
+        sinks: Sequence[Sink],
+        deadletter: Any | None,
+        codec: EventCodec,
+        slot: Any | None,
+        worker: int,
+    ) -> None:
+        self.sinks = list(sinks)
+        self.deadletter = deadletter  # a DeadLetterSink or None
+        self.codec = codec
+        self.slot = slot if slot is not None else _NullSlot()
+        self.worker = worker
+        self.deadlettered = 0  # events this sinkset sent to the dead-letter sink
+        self._dl_index = len(self.sinks)  # metrics of the dead-letter sink go after the sinks
+        self._opened = False
+
+    def __bool__(self) -> bool:
+        return bool(self.sinks) or self.deadletter is not None
+
+    async def open(self) -> None:
+        """Open every sink (concurrently)."""
+        parts: list[Sink] = [*self.sinks]
+        if self.deadletter is not None:
+            parts.append(self.deadletter)
+        if parts:
+            await asyncio.gather(*(s.open() for s in parts))
+        self._opened = True
+
+    async def commit(self, events: Sequence[Any]) -> None:
+        """Store ``events`` in every sink; return when all hold them (or dead-lettered).
+
+        Never raises for a store failure: a failing sink retries with exponential
+        backoff and jitter until it succeeds or its retry budget is spent (then the
+        chunk goes to the dead-letter sink and is counted). Only cancellation escapes.
+        """
+        sinks = self.sinks
+        if not sinks or not events:
+            return
+        batch = Batch(events, self.codec)
+        if len(sinks) == 1:
+            await self._deliver(0, sinks[0], batch)
+        else:
+            await asyncio.gather(*(self._deliver(i, s, batch) for i, s in enumerate(sinks)))
+
+    async def _deliver(self, index: int, sink: Sink, batch: Batch) -> None:
+        cfg = sink.config
+        slot = self.slot
+        attempt = 0
+        while True:
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(cfg.timeout):
+                    rejected = await sink.write(batch)
+            except Exception as e:  # every store failure is retried; CancelledError is not an Exception
+                attempt += 1
+                slot.sink_add(index, errors=1)
+                why = sink.describe_error(e)
+                if sink.is_data_error(e) and (len(batch) > 1 or self.deadletter is not None):
+                    # the store refuses something in this chunk's data: the same rows would
+                    # fail every retry and take the whole chunk to the dead-letter sink (or,
+                    # without one, block it for ever). Halve it until the refused events
+                    # stand alone; they go to the dead-letter sink, the rest is stored.
+                    await self._isolate(index, sink, batch, why)
+                    return
+                sink.healthy = False
+                if self.deadletter is not None and 0 <= cfg.retries < attempt:
+                    log.error(
+                        "sink %s: chunk of %d events failed %d times (last: %s); sending it to the dead-letter sink",
+                        sink.name, len(batch), attempt, why,
+                    )
+                    await self._deadletter_chunk(sink, batch, f"sink {sink.name} failed {attempt} times; last error: {why}")
+                    return
+                delay = min(cfg.backoff_max, cfg.backoff * 2.0 ** min(attempt - 1, 30))
+                # equal jitter: never hammer a recovering store in lockstep with the
+                # other workers, never retry much sooner than the backoff says
+                delay = delay / 2 + random.random() * delay / 2
+                if attempt == 1 or attempt % 10 == 0:
+                    log.warning(
+                        "sink %s: write of %d events failed (attempt %d): %s; retrying in %.2fs",
+                        sink.name, len(batch), attempt, why, delay,
+                    )
+                slot.sink_add(index, retries=1)
+                await asyncio.sleep(delay)
+                continue
+            if attempt:
+                log.info("sink %s: write succeeded after %d failed attempts", sink.name, attempt)
+            sink.healthy = True
+            slot.sink_add(index, rows=len(batch), batches=1, latency_s=time.perf_counter() - t0)
+            if rejected:
+                await self._to_deadletter(rejected, count=True)
+            return
+
+    async def _isolate(self, index: int, sink: Sink, batch: Batch, why: str) -> None:
+        if len(batch) == 1:
+            log.error("sink %s: the store refuses an event (%s); sending it to the dead-letter sink", sink.name, why)
+            await self._deadletter_chunk(sink, batch, f"sink {sink.name} refused this event: {why}")
+            return
+        mid = len(batch) // 2
+        for part in (batch.events[:mid], batch.events[mid:]):
+            await self._deliver(index, sink, Batch(part, self.codec))
+
+    async def _deadletter_chunk(self, sink: Sink, batch: Batch, reason: str) -> None:
+        now = time.time()
+        stage = f"sink:{sink.name}"
+        w = self.worker
+        await self._to_deadletter(
+            [DeadLetter(t, reason, "$", stage, now, w) for t in batch.texts], count=True
+        )
+
+    async def _to_deadletter(self, records: list[DeadLetter], count: bool) -> None:
+        dl = self.deadletter
+        if dl is None:
+            # without a dead-letter sink nothing may be dropped silently: say so loudly
+            log.error("no dead-letter sink configured; %d records dropped: %s", len(records), records[0].reason)
+            return
+        attempt = 0
+        idx = self._dl_index
+        while True:
+            t0 = time.perf_counter()
+            try:
+                await dl.write_records(records)
+            except Exception as e:
+                # the dead-letter sink is the last resort: it retries for ever, so the
+                # chunk stays unacknowledged rather than lost
+                attempt += 1
+                self.slot.sink_add(idx, errors=1, retries=1)
+                delay = min(5.0, 0.05 * 2.0 ** min(attempt - 1, 30))
+                delay = delay / 2 + random.random() * delay / 2
+                if attempt == 1 or attempt % 10 == 0:
+                    log.error("dead-letter sink: write failed (attempt %d): %s", attempt, dl.describe_error(e))
+                await asyncio.sleep(delay)
+                continue
+            self.slot.sink_add(idx, rows=len(records), batches=1, latency_s=time.perf_counter() - t0)
+            if count:
+                self.deadlettered += len(records)
+                self.slot.add(S.DEADLETTERED, len(records))
+            return
+
+    async def reject(self, records: Sequence[DeadLetter]) -> None:
+        """Write invalid events to the dead-letter sink (no-op without one).
+
+        The caller counts them (the worker adds them to its ``deadlettered`` stat).
+        """
+        if self.deadletter is None or not records:
+            return
+        fixed = [
+            r if type(r.payload) is str and r.worker is not None
+            else msgspec.structs.replace(
+                r,
+                payload=r.payload if isinstance(r.payload, str) else bytes(r.payload).decode("utf-8", "replace"),
+                worker=self.worker if r.worker is None else r.worker,
+            )
+            for r in records
+        ]
+        await self._to_deadletter(fixed, count=False)
+
+    async def flush(self) -> None:
+        """Flush every sink (buffered writes reach their store)."""
+        parts: list[Any] = [*self.sinks]
+        if self.deadletter is not None:
+            parts.append(self.deadletter)
+        for s in parts:
+            try:
+                await s.flush()
+            except Exception as e:
+                log.error("sink %s: flush failed: %s", s.name, s.describe_error(e))
+
+    async def close(self) -> None:
+        """Flush, then close every sink; errors are logged, not raised."""
+        await self.flush()
+        parts: list[Any] = [*self.sinks]
+        if self.deadletter is not None:
+            parts.append(self.deadletter)
+        for s in parts:
+            try:
+                await s.close()
+            except Exception as e:
+                log.error("sink %s: close failed: %s", s.name, s.describe_error(e))
+
+    async def health(self) -> dict[str, bool]:
+        """Each sink's name → whether it is writing (probes run concurrently, bounded)."""
+        parts: list[Any] = [*self.sinks]
+        if self.deadletter is not None:
+            parts.append(self.deadletter)
+
+        async def probe(s: Any) -> bool:
+            try:
+                async with asyncio.timeout(2.0):
+                    return bool(await s.health())
+            except Exception:
+                return False
+
+        results = await asyncio.gather(*(probe(s) for s in parts))
+        return {s.name: ok for s, ok in zip(parts, results, strict=True)}

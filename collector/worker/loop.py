@@ -1,0 +1,125 @@
+"""WorkerLoop: the worker's side of its channel.
+
+::
+
+    channel (socketpair, frames) ──► read Chunk ──► task per CHUNK (never per event)
+        ──► PipelineRunner.run_chunk ──► Ack ──► FrameWriter (one write per loop turn)
+    Stop or EOF ──► drain: wait for the chunk tasks, close the sinks, flush the acks
+    heartbeat task ──► stamps the shared-memory slot; exits if the parent is gone
+
+A pipeline that cannot be built is reported once as ``BootFailed`` (with its
+traceback) and the loop returns :data:`BOOT_FAILURE`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import socket
+import traceback
+
+from .. import stats as S
+from ..pipeline import Pipeline
+from ..protocol import BootFailed, Chunk, FrameWriter, Ready, Stop, encode_frame, read_frames
+from .runner import PipelineRunner
+
+__all__ = ["BOOT_FAILURE", "WorkerLoop"]
+
+BOOT_FAILURE = 3  # exit code: the pipeline could not be built; do not respawn
+log = logging.getLogger("collector.worker")
+
+
+class WorkerLoop:
+    """One worker's channel loop: boot the runner, one task per chunk, heartbeat, drain."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        pipeline: Pipeline | str,
+        slot: S.Slot,
+        index: int,
+        parent_pid: int,
+        heartbeat_interval: float,
+    ) -> None:
+        self.sock = sock
+        self.pipeline = pipeline
+        self.slot = slot
+        self.index = index
+        self.parent_pid = parent_pid
+        self.heartbeat_interval = heartbeat_interval
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def main(self) -> int:
+        """Boot, serve the channel until Stop or EOF, drain; the process exit code."""
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_unix_connection(sock=self.sock, limit=1 << 20)
+        self.writer = writer
+        self.out = FrameWriter(writer)
+        try:
+            self.runner = PipelineRunner(self.pipeline, self.slot, self.index, self.out.send)
+            await self.runner.open()
+        except Exception as e:  # every boot failure is reported, then we exit
+            writer.write(
+                encode_frame(BootFailed(os.getpid(), f"{type(e).__name__}: {e}", traceback.format_exc()))
+            )
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.drain(), 5)
+            return BOOT_FAILURE
+        hb = loop.create_task(self.heartbeat())
+        # the pipeline, its clients and the modules live as long as the worker: frozen out
+        # of the cyclic GC, a full collection walks only what the chunks made
+        gc.collect()
+        gc.freeze()
+        self.slot.set(S.READY, 1)
+        writer.write(encode_frame(Ready(os.getpid())))
+        try:
+            await self.serve(reader)
+        finally:
+            hb.cancel()
+            if self.tasks:
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+            await self.runner.close_sinks()
+            with contextlib.suppress(Exception):
+                self.out.flush()
+                await writer.drain()
+                writer.close()
+            self.runner.close()
+        return 0
+
+    async def heartbeat(self) -> None:
+        """Stamp the slot every interval; exit at once when the supervisor is gone."""
+        interval = self.heartbeat_interval
+        parent = self.parent_pid
+        while True:
+            self.slot.heartbeat()
+            if os.getppid() != parent:
+                log.error("supervisor (pid %d) is gone; exiting", parent)
+                os._exit(1)
+            await asyncio.sleep(interval)
+
+    async def serve(self, reader: asyncio.StreamReader) -> None:
+        """Start a task per chunk until Stop, or until the supervisor closes the channel."""
+        loop = asyncio.get_running_loop()
+        async for msg in read_frames(reader):
+            if type(msg) is Chunk:
+                t = loop.create_task(self.guarded(msg))
+                self.tasks.add(t)
+                t.add_done_callback(self.tasks.discard)
+            elif type(msg) is Stop:
+                return
+
+    async def guarded(self, chunk: Chunk) -> None:
+        """Run a chunk; a bug in pipeline code fails the chunk's events, not the worker."""
+        try:
+            await self.runner.run_chunk(chunk)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # reported in the ack, logged with traceback
+            log.exception("chunk %d failed in pipeline code", chunk.id)
+            self.runner.fail(chunk, e)
+            return
+        if self.out.pending() > (4 << 20):
+            await self.writer.drain()

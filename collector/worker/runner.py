@@ -1,0 +1,275 @@
+"""PipelineRunner: one chunk through the pipeline, from bytes to an ``Ack``.
+
+::
+
+    Chunk.payload ──► decode (msgspec, whole chunk; per item only when something is invalid)
+        ─► pipeline.stages in order (dedup, filters; a stage may await another chunk)
+        ─► enrich (cache inline, distinct misses concurrently) ─► count (batch statistics)
+        ─► sinks commit (invalid items to the dead-letter sink) ─► settle ─► Ack
+
+Stages that remember what passed them (dedup) have a ``settle(events, ok)``: it is
+called with ``ok=True`` once the sinks committed the chunk, and with ``ok=False`` when
+the chunk failed anywhere on the way, so a retried event is not dropped as a duplicate.
+Input never fails a chunk: every decode error becomes an :class:`ErrorRecord`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from operator import attrgetter
+from typing import Any
+
+import msgspec
+
+from .. import stats as S
+from ..enrich import Enricher, build_enricher
+from ..pipeline import Pipeline, resolve_pipeline
+from ..protocol import Ack, Chunk, ChunkSummary, ErrorRecord, Message
+from ..registry import import_string
+
+__all__ = ["PipelineRunner", "error_path"]
+
+
+def error_path(msg: str) -> tuple[str, str]:
+    """Split msgspec's "Expected `int`, got `str` - at `$.start_at`" into path, reason."""
+    reason, sep, rest = msg.rpartition(" - at `")
+    if sep:
+        return rest.rstrip("`"), reason
+    return "$", msg
+
+
+class PipelineRunner:
+    """The running form of a pipeline in one worker: decoders, stages, enricher, sinks.
+
+    Built once at boot (the constructor raises when the pipeline cannot be built: the
+    worker reports a boot failure); :meth:`run_chunk` then runs each chunk and hands its
+    ``Ack`` to ``send``.
+    """
+
+    def __init__(self, pipeline: Pipeline | str, slot: S.Slot, worker: int, send: Callable[[Message], None]) -> None:
+        self.slot = slot
+        self.worker = worker
+        self.send = send
+        self.sinkset: Any = None
+        self.enricher: Enricher | None = None
+        self.counted: dict[int, int] = {}  # chunk id → events it added to INFLIGHT
+        self.seen_keys: dict[int, set[Any]] = {}  # op → keys reported (shard="chunk")
+        p = resolve_pipeline(pipeline)
+        self.pipeline = p
+        T = p.event_type
+        self.dec = msgspec.json.Decoder(list[T])  # type: ignore[valid-type]
+        self.dec_one = msgspec.json.Decoder(T)
+        self.report_keys = p.shard == "chunk"
+        self.keyget = attrgetter(p.key)
+        self.dec_raw = msgspec.json.Decoder(list[msgspec.Raw])
+        self.enc = msgspec.json.Encoder()
+        self.executor = ThreadPoolExecutor(p.blocking_threads, thread_name_prefix="collector-blocking")
+        client = p.client
+        if isinstance(client, str):
+            factory = import_string(client, "client factory")
+            client = factory() if callable(factory) else factory
+        self.client = client
+        self.enricher = build_enricher(p.lookups, client, self.executor, p.event_type) if p.lookups else None
+        self.stages = []
+        for st in p.stages:
+            run = st.build()
+            self.stages.append((run, getattr(run, "settle", None)))
+        self.counters = [(f, attrgetter(f)) for f in p.count_by]
+
+    async def open(self) -> None:
+        """Build and open the sinks (raises: a boot failure)."""
+        if self.pipeline.sinks or self.pipeline.deadletter is not None:
+            from ..sinks import build_sinkset
+
+            self.sinkset = build_sinkset(
+                list(self.pipeline.sinks),
+                deadletter=self.pipeline.deadletter,
+                event_type=self.pipeline.event_type,
+                id_field=self.pipeline.id_field,
+                slot=self.slot,
+                worker=self.worker,
+            )
+            await self.sinkset.open()
+
+    async def close_sinks(self) -> None:
+        """Close the sinks and the sources' pools and sessions; errors are ignored (exiting)."""
+        if self.sinkset is not None:
+            with contextlib.suppress(Exception):
+                await self.sinkset.close()
+        if self.enricher is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.enricher.close(), 5)
+
+    def close(self) -> None:
+        """Drop the blocking-call threads and what is queued for them."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def op_keys(self, op: int) -> set[Any]:
+        """Keys already reported for operation ``op`` (the last 64 operations are kept)."""
+        seen = self.seen_keys.get(op)
+        if seen is None:
+            if len(self.seen_keys) >= 64:
+                del self.seen_keys[next(iter(self.seen_keys))]
+            seen = self.seen_keys[op] = set()
+        return seen
+
+    def items(self, payload: bytes, ndjson: bool) -> list[Any]:
+        """The raw JSON text of each item of a chunk."""
+        if ndjson:
+            return payload.split(b"\n")
+        return self.dec_raw.decode(payload)
+
+    def decode(self, payload: bytes, ndjson: bool = False) -> tuple[list[Any], list[int] | None, list[ErrorRecord]]:
+        """Events of a chunk; ``kept`` maps event index → chunk position when some failed."""
+        try:
+            if ndjson:
+                # one array parse beats decode_lines; a blank line makes it fail (",,")
+                # and the slow path below reports it as an item of its own
+                return self.dec.decode(b"[" + payload.replace(b"\n", b",") + b"]"), None, []
+            else:
+                return self.dec.decode(payload), None, []
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            pass
+        # slow path, only for chunks that hold an invalid event: item by item
+        errors: list[ErrorRecord] = []
+        try:
+            raws = self.items(payload, ndjson)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            # the supervisor validated the JSON structure; this is a bug, not input
+            raise RuntimeError(f"chunk payload is not a JSON array: {e}") from e
+        events = []
+        kept: list[int] = []
+        dec_one = self.dec_one
+        for i, raw in enumerate(raws):
+            try:
+                events.append(dec_one.decode(raw))
+                kept.append(i)
+            except msgspec.ValidationError as e:
+                path, reason = error_path(str(e))
+                errors.append(ErrorRecord(i, path, reason, "invalid"))
+            except msgspec.DecodeError as e:
+                errors.append(ErrorRecord(i, "$", f"malformed JSON: {e}", "invalid"))
+        return events, kept, errors
+
+    def fail(self, chunk: Chunk, e: Exception) -> None:
+        """A bug in pipeline code fails the chunk's events (not the worker): ack them as errors."""
+        self.slot.add(S.INFLIGHT, -self.counted.pop(chunk.id, 0))
+        try:
+            n = len(self.items(chunk.payload, chunk.ndjson))
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            n = 0
+        reason = f"pipeline error: {type(e).__name__}: {e}"
+        errors = [ErrorRecord(i, "$", reason, "error") for i in range(n)]
+        self.send(Ack(chunk.id, 0, n, errors, ChunkSummary(counts={}, lookups={})))
+        self.slot.count_processed(n, n, 0.0)
+
+    async def run_chunk(self, chunk: Chunk) -> None:
+        """Decode, run and commit one chunk, then send its ack (raises on a pipeline bug)."""
+        t0 = time.perf_counter()
+        slot = self.slot
+        events, kept, errors = self.decode(chunk.payload, chunk.ndjson)
+        n_total = len(events) + len(errors)
+        slot.add(S.INFLIGHT, n_total)
+        self.counted[chunk.id] = n_total
+        failed = len(errors)
+        invalid = list(errors)
+        # stages that remember what passed them (dedup) learn the chunk's fate after the
+        # sinks: committed → remembered, failed → released, so a retry is not dropped
+        settles: list[tuple[Any, list[Any]]] = []
+        try:
+            await self.process(chunk, t0, events, kept, errors, failed, invalid, settles)
+        finally:
+            for settle, passed in settles:  # left only when the chunk failed
+                settle(passed, False)
+
+    async def process(
+        self,
+        chunk: Chunk,
+        t0: float,
+        events: list[Any],
+        kept: list[int] | None,
+        errors: list[ErrorRecord],
+        failed: int,
+        invalid: list[ErrorRecord],
+        settles: list[tuple[Any, list[Any]]],
+    ) -> None:
+        """Stages, enrichment, counts and sinks for a decoded chunk, then its ack."""
+        slot = self.slot
+        n_total = len(events) + len(errors)
+        for stage, settle in self.stages:
+            dropped = stage(events)
+            if settle is not None:
+                settles.append((settle, events))
+            if type(dropped) is not list:  # a stage waiting for another chunk's outcome
+                dropped = await dropped
+            if not dropped:
+                continue
+            drop = {d.pos for d in dropped}
+            for d in dropped:
+                d.pos = kept[d.pos] if kept is not None else d.pos
+                errors.append(d)
+                if d.kind == "duplicate":
+                    slot.add(S.DROPPED_DUP, 1)
+                elif d.kind == "retry":  # not stored: the caller must send it again
+                    failed += 1
+            if kept is None:
+                kept = list(range(len(events)))
+            kept = [p for i, p in enumerate(kept) if i not in drop]
+            events = [e for i, e in enumerate(events) if i not in drop]
+        summary = ChunkSummary(counts={}, lookups={})
+        if self.enricher is not None:
+            summary.lookups = await self.enricher.enrich(events)
+            for ls in summary.lookups.values():
+                slot.add(S.LOOKUP_CALLS, ls.calls)
+                slot.add(S.CACHE_HITS, ls.hits)
+                slot.add(S.COALESCED, ls.coalesced)
+                slot.add(S.LOOKUP_FAILURES, ls.failures)
+        if self.report_keys:
+            seen = self.op_keys(chunk.op)
+            try:
+                new = set(map(self.keyget, events)) - seen
+            except TypeError:  # unhashable keys are not counted
+                new = set()
+            seen |= new
+            summary.keys = list(new)
+        for name, get in self.counters:
+            summary.counts[name] = {
+                (k if type(k) is str else str(k)): v for k, v in Counter(map(get, events)).items()
+            }
+        if self.sinkset is not None:
+            if invalid:
+                from ..sinks import DeadLetter
+
+                raws = self.items(chunk.payload, chunk.ndjson)
+                await self.sinkset.reject(
+                    [
+                        DeadLetter(
+                            payload=bytes(raws[r.pos]).decode("utf-8", "replace"),
+                            reason=r.reason,
+                            path=r.path,
+                            stage="validate",
+                            time=time.time(),
+                        )
+                        for r in invalid
+                    ]
+                )
+                slot.add(S.DEADLETTERED, len(invalid))
+            if events:
+                await self.sinkset.commit(events)
+        for settle, passed in settles:  # stored: now (and only now) remembered as seen
+            settle(passed, True)
+        settles.clear()
+        out = self.enc.encode(events) if chunk.want_events else None
+        if errors and len(errors) > 1:
+            errors.sort(key=attrgetter("pos"))
+        latency = time.perf_counter() - t0
+        ack = Ack(chunk.id, n_total - failed, failed, errors, summary, out, latency)
+        self.send(ack)
+        slot.add(S.INFLIGHT, -n_total)
+        del self.counted[chunk.id]
+        slot.count_processed(n_total, failed, latency)
