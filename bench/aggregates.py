@@ -33,10 +33,10 @@ from typing import Any
 
 import msgspec
 
-from collector.aggregates import Aggregate
-from collector.pairing import Pair
 from collector.playback import PlaybackEvent, generate_events, model_of, region_of
-from collector.windows import Sliding
+from collector.stages.aggregates import Aggregate
+from collector.stages.pairing import Pair
+from collector.stages.windows import Sliding
 
 CHUNK = 2048
 

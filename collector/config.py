@@ -120,6 +120,11 @@ class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
              "before it is answered `failed` (503, retry later)"),
     ] = 30.0
     cache_ttl: Annotated[float, Meta(ge=0, description="registered packs: seconds an enrichment answer is cached")] = 300.0
+    options: Annotated[
+        dict[str, typing.Any],
+        Meta(description="`[pipeline.options]`: the pack's own settings, checked by the pack (casino: "
+             "`rates_url`, `rates_max_age`, `players_dsn`, `players_dsn_env`, `players_schema`, `stdout`)"),
+    ] = msgspec.field(default_factory=dict)
 
 
 class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -17,10 +17,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from collector.aggregates import Aggregate, AggregateResult, merge, read
 from collector.errors import ConfigError
-from collector.materialized import seed001
-from collector.windows import Global, Hopping, Sliding, Tumbling
+from collector.stages.aggregates import Aggregate, AggregateResult, merge, read
+from collector.stages.materialized import seed001
+from collector.stages.windows import Global, Hopping, Sliding, Tumbling
 
 T0 = 1_700_000_000.0
 
@@ -164,7 +164,7 @@ def test_distinct_exact_below_its_bound_then_hyperloglog_within_stated_error() -
     want = {r: len({e.user for e in es}) for r, es in ref_groups(evs, lambda e: e.region).items()}
     assert read(exact) == want
     pytest.importorskip("datasketches")
-    from collector.aggregators import HLL_RELATIVE_ERROR
+    from collector.stages.aggregators import HLL_RELATIVE_ERROR
 
     est = run(Aggregate("d", "distinct", value="user", exact_distinct=1000), evs, by_key=False)
     n = len({e.user for e in evs})
@@ -206,7 +206,7 @@ def test_windows_match_brute_force_and_iso_times() -> None:
     w = Hopping(120.0, hop=30.0, time_field="t", lateness=60.0, retention=1e9)
     res = run(Aggregate("h", "sum", value="amount", by="region", window=w), sorted(evs, key=lambda e: e.id))
     assert res.counters["late"] == 0
-    from collector.windows import parse_time
+    from collector.stages.windows import parse_time
 
     for win in read(res):
         inside = [e for e in evs if win["start"] <= parse_time(e.t) < win["end"]]  # type: ignore[operator]

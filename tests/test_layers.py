@@ -22,9 +22,7 @@ LAYERS = {
     ),
     "stats": ("stats", 2.0),
     **{name: (name, 2.1) for name in ("sources", "enrich", "stages", "sinks")},
-    # stateful stages, flat modules until they move into stages/
-    **dict.fromkeys(("windows", "aggregators", "aggregates", "pairing", "materialized"), ("stages", 2.1)),
-    **dict.fromkeys(("packs", "playback", "generic"), ("packs", 2.2)),  # playback, generic: facades
+    **dict.fromkeys(("packs", "playback", "generic", "casino"), ("packs", 2.2)),  # playback, generic, casino: facades
     "worker": ("worker", 3.0),
     "http": ("http", 3.0),
     **dict.fromkeys(("engine", "supervisor"), ("engine", 4.0)),

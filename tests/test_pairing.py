@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from collector.errors import ConfigError
-from collector.pairing import Pair, PairRecord, PairRuntime
+from collector.stages.pairing import Pair, PairRecord, PairRuntime
 
 T0 = 1_700_000_000.0
 

@@ -90,7 +90,7 @@ def committed(run: Any, events: list[Any]) -> list[Any]:
 
 def test_dedup_window_with_per_type_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr("collector.stages.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("collector.stages.dedup.time.monotonic", lambda: now[0])
 
     class E(msgspec.Struct):
         id: str
@@ -135,7 +135,7 @@ def test_lookup_cache_ttl_sweep_and_size_bound() -> None:
 
 def test_dedup_window_is_bounded_forgets_oldest_first_and_keeps_re_remembered_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr("collector.stages.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("collector.stages.dedup.time.monotonic", lambda: now[0])
 
     class E(msgspec.Struct):
         id: str

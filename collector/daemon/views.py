@@ -91,6 +91,18 @@ class Views:
         """One item refused before the engine: counted as received and failed."""
         self.rejected += 1
 
+    def aggregates(self) -> dict[str, Any]:
+        """Every aggregate of the engine now serving (a reload starts them afresh)."""
+        return self.collector.aggregates()
+
+    def aggregate(self, name: str, key: Any = None, **window: Any) -> Any:
+        """One aggregate of the engine now serving."""
+        return self.collector.aggregate(name, key, **window)
+
+    def view(self, name: str) -> dict[str, Any]:
+        """A materialized view of the engine now serving."""
+        return self.collector.view(name)
+
     def stats(self) -> Stats:
         """The serving engine's statistics."""
         return self.collector.stats()

@@ -181,8 +181,13 @@ class WorkerPool:
             log_level=logging.getLogger("collector").getEffectiveLevel(),
         )
         p = self.ctx.Process(target=worker_main, args=(spec,), name=f"collector-worker-{w.index}", daemon=True)
-        p.start()
-        theirs.close()
+        try:
+            p.start()  # raises when the pipeline cannot be pickled for the spawn
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
         w.process = p
         w.pid = p.pid or 0
         w.ready = False

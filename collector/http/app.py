@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from .backend import Backend
 from .bodies import ENCODINGS
 from .protocol import Handler, HttpServer, Request, Response, error
+from .routes.aggregates import AggregateRoutes
 from .routes.ingest import IngestRoutes
 from .routes.status import StatusRoutes
 from .schemas import ErrorResponse, json_encoder
@@ -42,6 +43,7 @@ class App:
         self.cfg: ServerConfig = config.server
         self.ingest = IngestRoutes(backend, config.server)
         self.status = StatusRoutes(backend, config.server)
+        self.aggregates = AggregateRoutes(backend)
         self.routes: dict[tuple[str, str], Handler] = {
             ("POST", "/events"): self.ingest.post_event,
             ("POST", "/events/batch"): self.ingest.post_batch,
@@ -50,6 +52,9 @@ class App:
             ("GET", "/health"): self.status.get_health,
             ("GET", "/ready"): self.status.get_ready,
             ("GET", "/openapi.json"): self.status.get_openapi,
+            ("GET", "/aggregates"): self.aggregates.get_aggregates,
+            ("GET", "/processor/aggregation"): self.aggregates.get_aggregation,
+            ("GET", "/materialized"): self.aggregates.get_materialized,
         }
         self._paths = {p for _, p in self.routes}
         self.configure(config)

@@ -4,6 +4,7 @@
 
     routes/ingest.py ── pipeline(), submit(items, keys), count_rejected(), stopping ──┐
     routes/status.py ── metrics(), health(), ready(), stats(), sink_names() ──────────┤
+    routes/aggregates.py ── aggregates(), aggregate(name, key), view(name) ───────────┤
                                                                                       ▼
                                                    Backend (the daemon's: collector.daemon.views)
 
@@ -75,4 +76,16 @@ class Backend(Protocol):
 
     def sink_names(self) -> dict[int, str]:
         """Sink index in the stats → its name."""
+        ...
+
+    def aggregates(self) -> dict[str, Any]:
+        """Every aggregate stage's plain values, merged over the workers."""
+        ...
+
+    def aggregate(self, name: str, key: Any = None, **window: Any) -> Any:
+        """One aggregate's plain values (KeyError naming the known ones)."""
+        ...
+
+    def view(self, name: str) -> dict[str, Any]:
+        """A materialized view of the pipeline rendered now (KeyError when it has none)."""
         ...

@@ -98,12 +98,33 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
                                                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/health": {"get": {"summary": "Liveness", "responses": health}},
             "/ready": {"get": {"summary": "Readiness (workers up, sinks reachable)", "responses": health}},
+            "/aggregates": {"get": {"summary": "Every aggregate stage's values, merged over the workers",
+                                    "responses": {"200": {"description": "name → value", **_obj()}}}},
+            "/processor/aggregation": {"get": {
+                "summary": "One aggregate (seed 003), optionally one group and a time range",
+                "parameters": [
+                    {"name": "aggregator", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1}},
+                    {"name": "key", "in": "query", "required": False, "schema": {"type": "string"}},
+                    {"name": "start", "in": "query", "required": False, "schema": {"type": "number"}},
+                    {"name": "end", "in": "query", "required": False, "schema": {"type": "number"}},
+                ],
+                "responses": {"200": {"description": "the value", **_obj()},
+                              "400": {"description": "a missing or malformed parameter", **_json("ErrorResponse")},
+                              "404": {"description": "no such aggregate", **_json("ErrorResponse")}}}},
+            "/materialized": {"get": {"summary": "The pack's materialized view (seed 001's casino figures)",
+                                      "responses": {"200": {"description": "the view", **_obj()},
+                                                    "404": {"description": "the pack declares no such view",
+                                                            **_json("ErrorResponse")}}}},
         },
         "components": {
             "schemas": components,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+def _obj() -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": {"type": "object"}}}}
 
 
 def _version() -> str:

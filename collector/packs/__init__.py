@@ -25,6 +25,7 @@ __all__ = ["PACKS", "build_pipeline"]
 PACKS = {
     "generic": "collector.packs.generic:pack_pipeline",
     "playback": "collector.packs.playback:pack_pipeline",
+    "casino": "collector.packs.casino:pack_pipeline",
 }
 
 

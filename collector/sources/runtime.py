@@ -53,7 +53,9 @@ def compile_fill(key: str, target: str, skip: bool = False, key_fields: tuple[st
     Field names were checked against the Struct's fields, so they are identifiers.
     With ``skip``, a cached ``SKIP`` (not found) or ``FAIL`` (failed recently) is a hit
     that leaves the field alone, and the function returns ``(hits, failed)``; with
-    ``key_fields`` the key is the tuple ``(e.<key>, e.<f>, ...)``.
+    ``key_fields`` the key is the tuple ``(e.<key>, e.<f>, ...)``. With ``skip``, an event
+    whose key field is None is not looked up at all (a deposit has no game, a game_start
+    no currency): its field keeps its default and nothing is counted.
     """
     names = (key, *key_fields)
     assert all(n.isidentifier() for n in names) and target.isidentifier()
@@ -69,7 +71,8 @@ def compile_fill(key: str, target: str, skip: bool = False, key_fields: tuple[st
         "def fill(events, get, MISS, misses):\n"
         "    hits = failed = 0\n"
         "    for e in events:\n"
-        f"        k = {kexpr}\n"
+        + (f"        if e.{key} is None:\n            continue\n" if skip else "")
+        + f"        k = {kexpr}\n"
         "        v = get(k, MISS)\n"
         "        if v is MISS:\n"
         "            m = misses.get(k)\n"

@@ -6,6 +6,8 @@
         ──► PipelineRunner.run_chunk ──► Ack ──► FrameWriter (one write per loop turn)
     Stop or EOF ──► drain: wait for the chunk tasks, close the sinks, flush the acks
     heartbeat task ──► stamps the shared-memory slot; exits if the parent is gone
+    publish task ──► every SNAPSHOT_INTERVAL: Snapshot(stage, partial) of each stateful
+                     stage whose state changed (aggregates), and once more at the drain
 
 A pipeline that cannot be built is reported once as ``BootFailed`` (with its
 traceback) and the loop returns :data:`BOOT_FAILURE`.
@@ -19,16 +21,27 @@ import gc
 import logging
 import os
 import socket
+import time
 import traceback
 
 from .. import stats as S
 from ..pipeline import Pipeline
-from ..protocol import BootFailed, Chunk, FrameWriter, Ready, Stop, encode_frame, read_frames
+from ..protocol import (
+    BootFailed,
+    Chunk,
+    FrameWriter,
+    Ready,
+    Snapshot,
+    Stop,
+    encode_frame,
+    read_frames,
+)
 from .runner import PipelineRunner
 
 __all__ = ["BOOT_FAILURE", "WorkerLoop"]
 
 BOOT_FAILURE = 3  # exit code: the pipeline could not be built; do not respawn
+SNAPSHOT_INTERVAL = 0.25  # seconds between partials: an aggregate read is at most this behind
 log = logging.getLogger("collector.worker")
 
 
@@ -51,6 +64,7 @@ class WorkerLoop:
         self.parent_pid = parent_pid
         self.heartbeat_interval = heartbeat_interval
         self.tasks: set[asyncio.Task[None]] = set()
+        self.published: dict[str, bytes] = {}
 
     async def main(self) -> int:
         """Boot, serve the channel until Stop or EOF, drain; the process exit code."""
@@ -69,6 +83,7 @@ class WorkerLoop:
                 await asyncio.wait_for(writer.drain(), 5)
             return BOOT_FAILURE
         hb = loop.create_task(self.heartbeat())
+        pub = loop.create_task(self.publish()) if self.runner.stateful else None
         # the pipeline, its clients and the modules live as long as the worker: frozen out
         # of the cyclic GC, a full collection walks only what the chunks made
         gc.collect()
@@ -79,8 +94,11 @@ class WorkerLoop:
             await self.serve(reader)
         finally:
             hb.cancel()
+            if pub is not None:
+                pub.cancel()
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
+            self.publish_once()  # the drained chunks are in the last partials
             await self.runner.close_sinks()
             with contextlib.suppress(Exception):
                 self.out.flush()
@@ -99,6 +117,27 @@ class WorkerLoop:
                 log.error("supervisor (pid %d) is gone; exiting", parent)
                 os._exit(1)
             await asyncio.sleep(interval)
+
+    def publish_once(self) -> None:
+        """Send the partials that changed since the last ones sent (same bytes: unchanged)."""
+        now = time.time()
+        for name, data in self.runner.snapshots():
+            if self.published.get(name) is not data:
+                self.published[name] = data
+                self.out.send(Snapshot(name, data, now))
+
+    async def publish(self) -> None:
+        """Publish partial state every SNAPSHOT_INTERVAL; a stage that fails is logged once."""
+        failing = False
+        while True:
+            await asyncio.sleep(SNAPSHOT_INTERVAL)
+            try:
+                self.publish_once()
+                failing = False
+            except Exception:
+                if not failing:
+                    log.exception("publishing stage partials failed; retrying every %.2f s", SNAPSHOT_INTERVAL)
+                failing = True
 
     async def serve(self, reader: asyncio.StreamReader) -> None:
         """Start a task per chunk until Stop, or until the supervisor closes the channel."""

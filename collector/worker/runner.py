@@ -75,11 +75,34 @@ class PipelineRunner:
             client = factory() if callable(factory) else factory
         self.client = client
         self.enricher = build_enricher(p.lookups, client, self.executor, p.event_type) if p.lookups else None
-        self.stages = []
+        # the steps in pipeline order; enrichment runs where an Enrich() stage stands, or
+        # after every stage when the pipeline names none (the order before Enrich existed)
+        self.steps: list[tuple[Any, Any] | None] = []
+        self.stateful: list[tuple[str, Any]] = []  # (name, runtime) of stages with partial state
         for st in p.stages:
+            if getattr(st, "is_enrich", False):
+                self.steps.append(None)
+                continue
             run = st.build()
-            self.stages.append((run, getattr(run, "settle", None)))
+            self.steps.append((run, getattr(run, "settle", None)))
+            if hasattr(run, "snapshot"):
+                self.stateful.append((st.name, run))
+        if None not in self.steps:
+            self.steps.append(None)
         self.counters = [(f, attrgetter(f)) for f in p.count_by]
+
+    def count_lookups(self, summary: ChunkSummary) -> None:
+        """Add a chunk's lookup figures to the worker's shared-memory slot."""
+        slot = self.slot
+        for ls in summary.lookups.values():
+            slot.add(S.LOOKUP_CALLS, ls.calls)
+            slot.add(S.CACHE_HITS, ls.hits)
+            slot.add(S.COALESCED, ls.coalesced)
+            slot.add(S.LOOKUP_FAILURES, ls.failures)
+
+    def snapshots(self) -> list[tuple[str, bytes]]:
+        """The partial state of every stateful stage (their bytes are reused while idle)."""
+        return [(name, run.snapshot()) for name, run in self.stateful]
 
     async def open(self) -> None:
         """Build and open the sinks (raises: a boot failure)."""
@@ -201,7 +224,14 @@ class PipelineRunner:
         """Stages, enrichment, counts and sinks for a decoded chunk, then its ack."""
         slot = self.slot
         n_total = len(events) + len(errors)
-        for stage, settle in self.stages:
+        summary = ChunkSummary(counts={}, lookups={})
+        for step in self.steps:
+            if step is None:
+                if self.enricher is not None:
+                    summary.lookups = await self.enricher.enrich(events)
+                    self.count_lookups(summary)
+                continue
+            stage, settle = step
             dropped = stage(events)
             if settle is not None:
                 settles.append((settle, events))
@@ -221,14 +251,6 @@ class PipelineRunner:
                 kept = list(range(len(events)))
             kept = [p for i, p in enumerate(kept) if i not in drop]
             events = [e for i, e in enumerate(events) if i not in drop]
-        summary = ChunkSummary(counts={}, lookups={})
-        if self.enricher is not None:
-            summary.lookups = await self.enricher.enrich(events)
-            for ls in summary.lookups.values():
-                slot.add(S.LOOKUP_CALLS, ls.calls)
-                slot.add(S.CACHE_HITS, ls.hits)
-                slot.add(S.COALESCED, ls.coalesced)
-                slot.add(S.LOOKUP_FAILURES, ls.failures)
         if self.report_keys:
             seen = self.op_keys(chunk.op)
             try:

@@ -23,7 +23,7 @@ from itertools import compress
 from operator import attrgetter
 from typing import Any
 
-from .errors import missing
+from ..errors import missing
 
 __all__ = [
     "FUNCTIONS",

@@ -1,38 +1,25 @@
-"""Per-worker stages that run between decode and enrichment: dedup and filters.
+"""Dedup: drop events whose id was stored within a TTL (ack after commit).
 
-A stage sees a chunk's valid events and returns the positions it drops, each with a
-reason and a kind; the worker removes them before enrichment and sinks and reports
-them in the operation's ``errors``. Stages run inline on the worker loop (no Task per
-event). Keyed state (the dedup window) lives in the worker that owns the key, so a
-stage that remembers ids should use a pipeline sharded by that id or by a key that
-determines it.
+::
+
+    chunk ─► seen (committed ids)? duplicate │ claimed by a chunk in flight? wait for it
+          ─► new: claimed by this chunk ─► sinks commit ─► settle(ok) ─► seen (or released)
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from operator import attrgetter
 from typing import Any
 
-from .protocol import ErrorRecord
+from ..protocol import ErrorRecord
+from .base import Stage
 
-__all__ = ["Dedup", "DedupWindow", "Filter", "Render", "Stage"]
-
-
-class Stage:
-    """Base class: ``build()`` returns the running form, built once in each worker."""
-
-    name = "stage"
-
-    def build(self) -> Callable[[list[Any]], list[ErrorRecord]]:
-        """The function the worker calls with each chunk's events."""
-        raise NotImplementedError
+__all__ = ["Dedup", "DedupWindow"]
 
 
 @dataclass(frozen=True)
@@ -214,74 +201,3 @@ class DedupWindow:
             while len(seen) > self.cap and order:
                 self._forget(order.popleft())
         claim.fut.set_result(ok)
-
-
-@dataclass(frozen=True)
-class Filter(Stage):
-    """Keep events for which ``predicate(event)`` is true; drop the rest as ``filtered``.
-
-    ``predicate`` is a picklable callable or a ``"module:function"`` import string.
-    """
-
-    predicate: Any = None
-    reason: str = "filtered out"
-    name: str = "filter"
-    options: dict[str, Any] = dc_field(default_factory=dict)
-
-    def build(self) -> Callable[[list[Any]], list[ErrorRecord]]:
-        """The filter function for one worker."""
-        from .registry import import_string
-
-        pred = self.predicate
-        if isinstance(pred, str):
-            pred = import_string(pred, "filter predicate")
-        reason = self.reason
-
-        def run(events: list[Any]) -> list[ErrorRecord]:
-            return [ErrorRecord(i, "$", reason, "filtered") for i, e in enumerate(events) if not pred(e)]
-
-        return run
-
-
-@dataclass(frozen=True)
-class Render(Stage):
-    """Set ``target`` to a string rendered from each event by a template.
-
-    ``templates`` maps a value of the field ``by`` to its template (``"*"``: any other
-    value); with ``by=None`` the single template under ``"*"`` is used. ``maps`` are
-    the static mappings ``{field:map:NAME}`` reads (game titles). Templates are
-    compiled once per worker (:mod:`collector.template`); an event whose template is
-    missing, or whose rendering fails (a date that does not parse), keeps ``target``
-    as it was and is counted, never dropped.
-    """
-
-    target: str = "description"
-    templates: dict[str, str] = dc_field(default_factory=dict)
-    by: str | None = None
-    maps: dict[str, dict[Any, Any]] = dc_field(default_factory=dict)
-    name: str = "render"
-
-    def build(self) -> Callable[[list[Any]], list[ErrorRecord]]:
-        """The compiled templates for one worker."""
-        from .template import compile_template
-
-        compiled = {
-            k: compile_template(t, self.maps, name=f"render {self.target!r} template {k!r}")
-            for k, t in self.templates.items()
-        }
-        default = compiled.get("*")
-        by, target = self.by, self.target
-        log = logging.getLogger("collector.stages")
-
-        def run(events: list[Any]) -> list[ErrorRecord]:
-            for e in events:
-                tpl = compiled.get(getattr(e, by), default) if by else default
-                if tpl is None:
-                    continue
-                try:
-                    setattr(e, target, tpl(e))
-                except (ValueError, TypeError, KeyError, ArithmeticError) as ex:
-                    log.warning("render %s: %s: %s", target, type(ex).__name__, ex)
-            return []
-
-        return run

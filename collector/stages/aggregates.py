@@ -39,9 +39,9 @@ from typing import Any
 
 import msgspec
 
+from ..errors import ConfigError
+from ..protocol import ErrorRecord
 from . import aggregators as F
-from .errors import ConfigError
-from .protocol import ErrorRecord
 from .windows import Global, Window, WindowShape, times_of
 
 __all__ = [

@@ -28,8 +28,8 @@ from typing import Any
 
 import msgspec
 
-from .errors import ConfigError
-from .protocol import ErrorRecord
+from ..errors import ConfigError
+from ..protocol import ErrorRecord
 from .windows import parse_time
 
 __all__ = ["Pair", "PairRecord", "PairRuntime"]

@@ -1,0 +1,236 @@
+"""The casino pack (seed 001): casino events enriched with EUR amounts, player rows and a
+description, counted into seed 001's ``/materialized`` view, logged to standard output.
+
+::
+
+    CasinoEvent (validated) ─► Enrich: amount_eur ◄─ rates source (exchangerate.host format,
+                                                      table reused ≤ 60 s)
+                                       player     ◄─ PostgreSQL ``players`` (never cached: one
+                                                      query per chunk), or the seed rows in memory
+                             ─► Render description (templates per type, game titles)
+                             ─► Aggregates: events_total, rates, top players ─► /materialized
+                             ─► stdout sink: one JSON object per line, the event's own keys
+
+Built only from the generic parts (a Struct, sources, a Render stage, Aggregate stages,
+a View): a new domain costs no engine change. Sharded by ``player_id``, so the top-player
+aggregates are exact.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import msgspec
+
+from ..errors import ConfigError
+from ..pipeline import Lookup, Pipeline
+from ..stages import Enrich, Render
+from ..stages.materialized import seed001
+from ..template import compile_template
+
+__all__ = [
+    "CURRENCIES",
+    "GAMES",
+    "TEMPLATES",
+    "CasinoEvent",
+    "CasinoOptions",
+    "Player",
+    "builtin_rates_url",
+    "casino_pipeline",
+    "describe",
+    "generate_casino",
+    "pack_pipeline",
+    "seed_players",
+]
+
+GAMES: dict[int, str] = {
+    100: "Rocket Dice", 101: "It's bananas!", 102: "Wild Spin", 103: "Book of Dead", 104: "Pirate Jackpots",
+    105: "Western Gold 2", 106: "Super Rainbow Megaways", 107: "#BarsAndBells", 108: "Fortune Three",
+    109: "ChilliPop",
+}
+CURRENCIES = ("EUR", "USD", "GBP", "NZD", "BTC")
+EventType = Literal["game_start", "bet", "deposit", "game_stop"]
+Currency = Literal["EUR", "USD", "GBP", "NZD", "BTC"]
+
+
+class Player(msgspec.Struct, omit_defaults=True):
+    """A row of the ``players`` table (seed 001)."""
+
+    id: int = 0
+    email: str = ""
+    last_signed_in_at: datetime | None = None
+
+
+class CasinoEvent(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """Seed 001's event, with its JSON keys; zero values are omitted on output, as the
+    original's ``omitempty`` does (``game_id``, ``has_won``, ``amount_eur``, ``player``)."""
+
+    id: int
+    player_id: int
+    type: EventType
+    created_at: str  # RFC 3339; the seed's "+00" offsets are accepted too, and kept as sent
+    game_id: int = 0
+    amount: int = 0
+    currency: Currency | None = None
+    has_won: bool = False
+    amount_eur: int = 0
+    player: Player | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            datetime.fromisoformat(self.created_at)
+        except ValueError:
+            raise ValueError(f"created_at {self.created_at!r} is not an RFC 3339 timestamp") from None
+        if self.type in ("bet", "deposit"):
+            if self.currency is None:
+                raise ValueError(f"a {self.type} needs a currency (one of {', '.join(CURRENCIES)})")
+            if self.amount <= 0:
+                raise ValueError(f"a {self.type} needs a positive amount in minor units")
+        if self.type != "deposit" and not self.game_id:
+            raise ValueError(f"a {self.type} needs a game_id")
+        if self.has_won and self.type != "bet":
+            raise ValueError("has_won applies to bets only")
+
+
+# Descriptions in the seed's style. game_stop and won bets are not in the seed; their
+# wording follows the same pattern. The EUR amount is shown for other currencies only,
+# and the e-mail only for known players.
+_WHO = "Player #{player_id}[ ({player.email})]"
+_WHEN = "on {created_at:date}."
+_MONEY = "{amount:money:currency}[currency!=EUR| ({amount_eur:money:EUR})]"
+TEMPLATES: dict[str, str] = {
+    "game_start": f'{_WHO} started playing a game "{{game_id:map:games}}" {_WHEN}',
+    "game_stop": f'{_WHO} stopped playing a game "{{game_id:map:games}}" {_WHEN}',
+    "bet": f'{_WHO} placed a bet of {_MONEY} on a game "{{game_id:map:games}}"[has_won==True| and won] {_WHEN}',
+    "deposit": f"{_WHO} made a deposit of {_MONEY} {_WHEN}",
+}
+_compiled = {k: compile_template(t, {"games": GAMES}, name=f"casino {k}") for k, t in TEMPLATES.items()}
+
+
+def describe(event: Any) -> str:
+    """The seed's human-friendly description of one event (enriched or not)."""
+    return _compiled[event.type if not isinstance(event, dict) else event["type"]](event)
+
+
+class CasinoOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[pipeline.options]`` of the casino pack."""
+
+    rates_url: str = ""  # empty: the built-in rates service, started in the daemon
+    rates_max_age: float = 60.0
+    players_dsn: str = ""  # PostgreSQL DSN with a players table; empty: the seed rows in memory
+    players_dsn_env: str = ""
+    players_schema: str = "public"
+    stdout: bool = True  # log final events to standard output
+
+
+def seed_players(now: datetime | None = None) -> dict[int, dict[str, Any]]:
+    """The five seeded players, signed in 1 h, 3 h, 2 days, 5 h and 1 day before ``now``."""
+    now = now or datetime.now(UTC)
+    ago = {10: timedelta(hours=1), 11: timedelta(hours=3), 12: timedelta(days=2), 13: timedelta(hours=5),
+           14: timedelta(days=1)}
+    emails = {10: "john", 11: "jane", 12: "bob", 13: "rick", 14: "morty"}
+    return {i: {"id": i, "email": f"{emails[i]}@example.com", "last_signed_in_at": (now - ago[i]).isoformat()}
+            for i in ago}
+
+
+def casino_pipeline(
+    rates_url: str,
+    *,
+    players_dsn: str = "",
+    players_dsn_env: str = "",
+    players_schema: str = "public",
+    rates_max_age: float = 60.0,
+    sinks: tuple[Any, ...] = (),
+    deadletter: Any = None,
+    window: float = 60.0,
+) -> Pipeline:
+    """Seed 001's pipeline on ``rates_url`` and PostgreSQL ``players`` (or the seed rows)."""
+    from ..sources.config import RatesSourceConfig
+
+    rates = RatesSourceConfig(url=rates_url, max_age=rates_max_age)
+    if players_dsn or players_dsn_env:
+        from ..sources.config import PostgresSourceConfig
+
+        players: Any = PostgresSourceConfig(
+            dsn=players_dsn, dsn_env=players_dsn_env, table="players", schema=players_schema,
+            columns=("id", "email", "last_signed_in_at"), log_not_found=True)
+    else:
+        from ..sources.config import MapSourceConfig
+
+        players = MapSourceConfig(data=seed_players(), log_not_found=True)
+    aggs, view = seed001()
+    return Pipeline(
+        name="casino",
+        event_type=CasinoEvent,
+        key="player_id",
+        id_field="id",
+        lookups=(
+            Lookup(name="amount_eur", key="currency", key_fields=("amount",), target="amount_eur", source=rates),
+            Lookup(name="player", key="player_id", target="player", source=players),
+        ),
+        stages=(
+            Enrich(),
+            Render(target="description", by="type", templates=TEMPLATES, maps={"games": GAMES}),
+            *aggs,
+        ),
+        views=(view,),
+        sinks=sinks,
+        deadletter=deadletter,
+    )
+
+
+def pack_pipeline(cfg: Any, sinks: tuple[Any, ...], deadletter: Any) -> Pipeline:
+    """``[pipeline] pack = "casino"``: :func:`casino_pipeline` from ``[pipeline.options]``."""
+    try:
+        opts = msgspec.convert(getattr(cfg, "options", None) or {}, CasinoOptions)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"`$.pipeline.options`: {e} (casino options: {', '.join(CasinoOptions.__struct_fields__)})") from None
+    url = opts.rates_url or builtin_rates_url()
+    if opts.stdout:
+        from ..sinks import StdoutSinkConfig
+
+        sinks = (StdoutSinkConfig(), *sinks) if not any(type(s) is StdoutSinkConfig for s in sinks) else sinks
+    return casino_pipeline(url, players_dsn=opts.players_dsn, players_dsn_env=opts.players_dsn_env,
+                           players_schema=opts.players_schema, rates_max_age=opts.rates_max_age, sinks=sinks, deadletter=deadletter)
+
+
+_BUILTIN: list[Any] = []  # the built-in rates service of this process, started once
+
+
+def builtin_rates_url() -> str:
+    """The URL of the built-in deterministic rates service, started in this process on
+    first use on a free 127.0.0.1 port and kept for the process's life (no internet)."""
+    if not _BUILTIN:
+        from ..sources.rates import RatesService
+
+        svc = RatesService()
+        cm = svc.running()
+        cm.__enter__()
+        _BUILTIN.extend((svc, cm))
+    svc = _BUILTIN[0]
+    return str(svc.url)
+
+
+def generate_casino(n: int, *, seed: int = 0, start_id: int = 1) -> list[dict[str, Any]]:
+    """``n`` events as the seed's generator makes them (players 10 to 19, games 100 to 109, ...)."""
+    rnd = random.Random(seed)
+    out = []
+    now = time.time()
+    for i in range(n):
+        t = rnd.choice(("game_start", "bet", "deposit", "game_stop"))
+        ev: dict[str, Any] = {"id": start_id + i, "player_id": rnd.randint(10, 19), "type": t,
+                              "created_at": datetime.fromtimestamp(now + i * 0.05, UTC).isoformat()}
+        if t != "deposit":
+            ev["game_id"] = rnd.randint(100, 109)
+        if t in ("bet", "deposit"):
+            cur = rnd.choice(CURRENCIES)
+            ev["currency"] = cur
+            ev["amount"] = rnd.randint(1, 99_999 if cur == "BTC" else 1_999)
+        if t == "bet" and rnd.random() < 0.05:
+            ev["has_won"] = True
+        out.append(ev)
+    return out

@@ -1,0 +1,50 @@
+"""The stage contract: a description in ``Pipeline.stages``, built once per worker.
+
+::
+
+    Stage (frozen description, picklable) ──build()──► runtime in each worker
+    runtime(events) ─► drops [ErrorRecord(pos, path, reason, kind)], or a coroutine of them
+    runtime.settle(events, ok)   optional: the chunk's fate after the sinks (dedup)
+    runtime.snapshot() -> bytes  optional: partial state the supervisor merges (aggregates);
+                                 the description then has merge(partials) and read(result, key)
+
+Stages run inline on the worker loop, in pipeline order (no Task per event). Keyed state
+lives in the worker that owns the key. ``Enrich()`` marks where enrichment runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..protocol import ErrorRecord
+
+__all__ = ["Enrich", "Stage"]
+
+
+class Stage:
+    """Base class: ``build()`` returns the running form, built once in each worker."""
+
+    name = "stage"
+
+    def build(self) -> Callable[[list[Any]], list[ErrorRecord]]:
+        """The function the worker calls with each chunk's events."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Enrich(Stage):
+    """Where the pipeline's lookups run among its stages.
+
+    Without it, enrichment runs after every stage (dedup and filters first, so dropped
+    events cost no lookups); put it before stages that read enriched fields (a
+    description, an aggregate by region).
+    """
+
+    name: str = "enrich"
+    is_enrich: bool = True
+
+    def build(self) -> Callable[[list[Any]], list[ErrorRecord]]:
+        """Not built: the worker runs its enricher at this position."""
+        raise TypeError("Enrich marks a position; the worker runs its lookups there")
