@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
+import sqlite3
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -395,3 +398,100 @@ def test_a_poison_event_is_failed_after_three_deliveries_and_the_rest_is_stored(
         assert verdict.duplicated <= 3 * load.conns * load.size, verdict
     finally:
         assert d.stop() == 0
+
+
+# ------------------------------------------------------------------ full filesystem
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on ``where`` (root only; skips when mount is refused)."""
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+def fill(path: Path) -> int:
+    """Write ``path`` until the filesystem is full; the bytes written."""
+    n = 0
+    with open(path, "wb") as f:
+        block = b"\0" * 65536
+        while True:
+            try:
+                n += f.write(block)
+                f.flush()
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                break
+    with contextlib.suppress(OSError), open(path, "ab") as f:  # the last few bytes
+        for _ in range(65536):
+            f.write(b"\0")
+            f.flush()
+    return n
+
+
+def sqlite_ids(db: Path) -> list[str]:
+    """The ids the SQLite sink committed; the database must pass its integrity check."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        return [r[0] for r in conn.execute('SELECT id FROM "events"')]
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_full_filesystem_stops_acknowledgements_and_the_daemon_recovers(tmp_path: Path, no_leaks: None) -> None:
+    """JSONL and SQLite sinks (and the dead-letter file) on a full 4 MiB tmpfs.
+
+    The sinks give up after 3 retries and dead-letter the chunk; the dead-letter sink
+    retries for ever, so the request is never acknowledged while the disk is full.
+    Before the fix in the worker, dedup remembered a dead-lettered chunk's ids as
+    stored, and a retry once space was back was answered ``duplicate``: 100 ids
+    acknowledged and in no store.
+    """
+    with small_tmpfs(tmp_path / "data", "4m") as data:
+        cfg = ('[pipeline]\nenrich_latency = 0.001\n'
+               '[[sinks]]\nkind = "jsonl"\nname = "events"\npath = "events-{worker}.jsonl"\n'
+               'retries = 3\nbackoff = 0.05\nbackoff_max = 0.2\n'
+               '[[sinks]]\nkind = "sqlite"\nname = "db"\n'
+               'retries = 3\nbackoff = 0.05\nbackoff_max = 0.2\n')
+        d = start_daemon(tmp_path, cfg)
+        ledger = Ledger()
+        try:
+            warm = [f"warm-{i}" for i in range(50)]
+            ledger.send(warm)
+            resend(d, ledger, warm, "a first batch")
+            filler = data / "filler"
+            fill(filler)
+            load = Load(d.port, ledger, "f", conns=2, size=50, timeout=5)
+            asyncio.run(load.run(3))
+            refused = load.statuses[503] + load.statuses[507] + load.statuses[-1]
+            full = ledger.check(jsonl_ids(data))
+            print(f"LEDGER full fs (full): statuses {dict(load.statuses)} answers {dict(ledger.answers)} "
+                  f"jsonl {full} sqlite {ledger.check(sqlite_ids(data / 'collector.db'))}")
+            # nothing unwritten was acknowledged, and the files stayed whole
+            full.assert_clean()
+            ledger.check(sqlite_ids(data / "collector.db")).assert_clean()
+            assert refused or ledger.answers["failed"], (load.statuses, ledger.answers)
+            assert d.get("/health")[0] == 200
+            # space again: the daemon recovers and takes what it refused
+            filler.unlink()
+            after = [f"after-{i}" for i in range(50)]
+            ledger.send(after)
+            resend(d, ledger, after, "a batch to be stored once space is back")
+            resend(d, ledger, sorted(ledger.sent - ledger.acked), "the refused ids to be stored")
+        finally:
+            code = d.stop()
+        assert code == 0, d.log.read_text()[-3000:]
+        print(f"LEDGER full fs answers {dict(ledger.answers)} deadlettered {len(d.deadletters())}")
+        for stored, name in ((jsonl_ids(data), "jsonl"), (sqlite_ids(data / "collector.db"), "sqlite")):
+            verdict = ledger.check(stored)
+            print(f"LEDGER full fs ({name}): {verdict}")
+            verdict.assert_clean()
+            assert verdict.stored == verdict.sent, verdict
