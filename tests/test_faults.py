@@ -19,8 +19,10 @@ import errno
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
+import threading
 import time
 import uuid
 from collections import Counter
@@ -495,3 +497,54 @@ def test_a_full_filesystem_stops_acknowledgements_and_the_daemon_recovers(tmp_pa
             print(f"LEDGER full fs ({name}): {verdict}")
             verdict.assert_clean()
             assert verdict.stored == verdict.sent, verdict
+
+
+# ------------------------------------------------------------------ slowloris
+def test_a_well_behaved_clients_p99_during_a_slowloris_of_200_connections(tmp_path: Path, no_leaks: None) -> None:
+    d = start_daemon(tmp_path, "[pipeline]\nenrich_latency = 0.001\n[server]\nheader_timeout = 2.0\nbody_timeout = 2.0\n")
+    ledger = Ledger()
+    slow: list[socket.socket] = []
+    try:
+        for i in range(200):
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            # half of them never finish the headers, half never finish the body
+            if i % 2:
+                s.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\n")
+            else:
+                s.sendall(b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 1000\r\n\r\n{")
+            slow.append(s)
+        stop = threading.Event()
+
+        def trickle() -> None:  # a byte now and then, as slowloris does
+            while not stop.wait(0.5):
+                for i, s in enumerate(slow):
+                    with contextlib.suppress(OSError):
+                        s.sendall(b"X" if i % 2 else b" ")
+
+        t = threading.Thread(target=trickle, daemon=True)
+        t.start()
+        load = Load(d.port, ledger, "l", conns=1, size=10, timeout=10)
+        asyncio.run(load.run(3))
+        stop.set()
+        t.join(5)
+        lat = sorted(load.latencies)
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        answers = []
+        for s in slow:
+            try:
+                answers.append(s.recv(64)[:12])
+            except OSError as e:
+                answers.append(repr(e).encode())
+        verdict = ledger.check(jsonl_ids(d.data))
+        print(f"LEDGER slowloris: p99 {p99 * 1000:.1f} ms over {len(lat)} requests; {verdict}; "
+              f"slow answers {Counter(answers)}")
+        assert set(load.statuses) == {202}, load.statuses
+        assert p99 < 1.0, p99
+        assert answers.count(b"HTTP/1.1 408") == 200, Counter(answers)
+        verdict.assert_clean()
+        assert verdict.acked == verdict.sent
+    finally:
+        for s in slow:
+            s.close()
+        assert d.stop() == 0
