@@ -221,6 +221,29 @@ BAD: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
      400, "bad_encoding"),
     ("gzip claimed, plain sent", "/events", json.dumps(EVENT).encode(), {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
     ("unknown encoding", "/events", b"{}", {"Content-Encoding": "br"}, 415, "gzip, deflate"),
+    # the fault suite's classes (issue 10, section 3)
+    ("invalid UTF-8", "/events", b'{"type": "user_action", "source": "web", "user_id": "\xff\xfe"}', {}, 422,
+     "Invalid UTF-8"),
+    ("truncated UTF-8 sequence", "/events", b'{"type": "user_action", "source": "web", "data": {"k": "\xc3"}}', {},
+     422, "Invalid UTF-8"),
+    ("lone high surrogate", "/events", b'{"type": "user_action", "source": "web", "user_id": "\\ud800"}', {}, 400,
+     "malformed_json"),
+    ("lone low surrogate", "/events", b'{"type": "user_action", "source": "web", "data": {"k": "\\udc00x"}}', {},
+     400, "surrogate"),
+    ("NaN literal", "/events", b'{"type": "user_action", "source": "web", "data": {"v": NaN}}', {}, 400,
+     "malformed_json"),
+    ("Infinity literal", "/events", b'{"type": "user_action", "source": "web", "data": {"v": -Infinity}}', {}, 400,
+     "malformed_json"),
+    ("NaN in a batch item", "/events/batch", b'{"events": [{"type": "user_action", "source": "web", "data": {"v": NaN}}]}',
+     {}, 400, "malformed_json"),
+    ("number out of range", "/events", b'{"type": "user_action", "source": "web", "data": {"v": 1e999}}', {}, 422,
+     "out of range"),
+    ("wrong type: int for str", "/events", b'{"type": "user_action", "source": 5}', {}, 422, "$.source"),
+    ("wrong type: array for str", "/events", b'{"type": "user_action", "source": "web", "user_id": ["a"]}', {}, 422,
+     "$.user_id"),
+    ("wrong type: str for object", "/events", b'{"type": "user_action", "source": "web", "data": "x"}', {}, 422,
+     "$.data"),
+    ("wrong type: events an object", "/events/batch", b'{"events": {"a": 1}}', {}, 422, "$.events"),
 ]
 
 
@@ -237,6 +260,62 @@ def test_bad_input_gets_its_status_and_reason_and_kills_nothing(daemon: Daemon, 
     assert daemon.post("/events", EVENT)[0] == 202
     assert daemon.worker_pids() == pids
     assert daemon.get("/metrics")[1]["worker_restarts"] == 0
+
+
+def _raw_exchange(port: int, request: bytes, timeout: float = 10) -> bytes:
+    """Send ``request`` as is and read until the server closes (or ``timeout``)."""
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                got = s.recv(65536)
+            except OSError:
+                break
+            if not got:
+                break
+            data += got
+    return data
+
+
+def _framing_cases() -> list[tuple[str, bytes, list[int], str]]:
+    """(name, raw request, statuses in order, text in the answer) of lying framing."""
+    body = json.dumps(EVENT).encode()
+    head = b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    big = b'{"x": "' + b"a" * (2 << 20) + b'"}'
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(big[i:i + 65536]), big[i:i + 65536]) for i in range(0, len(big), 65536))
+    return [
+        # the first 10 bytes are missing: that body is cut JSON; the rest is no request
+        ("Content-Length shorter than the body", head + b"Content-Length: %d\r\n\r\n%s" % (len(body) - 10, body),
+         [400, 400], "malformed_json"),
+        # the server waits for bytes that never come: body_timeout, then 408
+        ("Content-Length longer than the body", head + b"Content-Length: %d\r\n\r\n%s" % (len(body) + 10, body),
+         [408], "body"),
+        ("oversize chunked body", head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked + b"0\r\n\r\n",
+         [413], "body_too_large"),
+        ("chunked and Content-Length", head + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+         + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body), [400], "Content-Length"),
+        ("two Content-Lengths", head + b"Content-Length: 5\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+         [400], "Content-Length"),
+        ("negative Content-Length", head + b"Content-Length: -5\r\n\r\n" + body, [400], "Content-Length"),
+    ]
+
+
+def test_lying_framing_gets_4xx_and_kills_nothing(tmp_path: Path, no_leaks: None) -> None:
+    d = start_daemon(tmp_path, "[server]\nbody_timeout = 1.0\n")
+    try:
+        pids = d.worker_pids()
+        for name, request, statuses, text in _framing_cases():
+            data = _raw_exchange(d.port, request)
+            got = [int(part[:3]) for part in data.split(b"HTTP/1.1 ")[1:]]
+            assert got == statuses, (name, data[:500])
+            assert text.encode() in data, (name, data[:500])
+            assert d.post("/events", EVENT)[0] == 202, name
+        assert d.worker_pids() == pids
+        assert d.get("/metrics")[1]["worker_restarts"] == 0
+    finally:
+        assert d.stop() == 0
 
 
 def test_batch_mixes_results_per_item_and_invalid_events_reach_the_deadletter_file(daemon: Daemon) -> None:
