@@ -11,6 +11,8 @@ import gzip
 import http.client
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,15 +101,18 @@ class Daemon:
 
 
 def start_daemon(tmp: Path, config: str = "", env: dict[str, str] | None = None, ready: bool = True,
-                 workers: int = 2) -> Daemon:
-    """Start ``python -m collector serve`` on a free port with ``config`` (TOML text)."""
+                 workers: int = 2, wrap: list[str] | None = None) -> Daemon:
+    """Start ``python -m collector serve`` on a free port with ``config`` (TOML text).
+
+    ``wrap``: a command line that execs the rest (the daemon's argv follows it).
+    """
     data = tmp / "data"
     cfg = tmp / "collector.toml"
     cfg.write_text(config)
     port_file = tmp / "port"
     port_file.unlink(missing_ok=True)  # a daemon restarted in the same dir: not the old port
     log = tmp / "daemon.log"
-    cmd = [sys.executable, "-m", "collector", "serve", "--config", str(cfg), "--port", "0",
+    cmd = [*(wrap or []), sys.executable, "-m", "collector", "serve", "--config", str(cfg), "--port", "0",
            "--data-dir", str(data), "--port-file", str(port_file), "--workers", str(workers)]
     with open(log, "wb") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=lf, start_new_session=True, env={**os.environ, **(env or {})})
@@ -676,6 +681,46 @@ def test_shipped_config_and_unit_file() -> None:
         problems = [ln for ln in (out.stdout + out.stderr).splitlines()
                     if ln.strip() and "is not executable" not in ln and "No such file" not in ln]
         assert not problems, problems
+
+
+# the kernel's MemoryDenyWriteExecute (PR_SET_MDWE, Linux 6.3+), inherited by the
+# workers, then exec the daemon: what the unit's MemoryDenyWriteExecute=yes asks
+_MDWE_EXEC = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.prctl(65, 1, 0, 0, 0) != 0:\n"  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    "    sys.exit(99)\n"
+    "os.umask(0o077)\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+def test_the_unit_is_hardened_to_an_exposure_of_2_or_less_and_the_daemon_runs_so(
+    tmp_path: Path, no_leaks: None
+) -> None:
+    unit = Path(__file__).resolve().parents[1] / "packaging" / "systemd" / "collector.service"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    out = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(unit)],
+                         capture_output=True, text=True, timeout=120)
+    found = re.search(r"Overall exposure level for collector\.service: ([0-9.]+)", out.stdout)
+    assert found, out.stdout[-2000:] + out.stderr[-2000:]
+    assert float(found.group(1)) <= 2.0, out.stdout
+    # the settings a process can check without systemd: no W^X memory, umask 077
+    text = unit.read_text()
+    assert "MemoryDenyWriteExecute=yes" in text and "UMask=0077" in text
+    probe = subprocess.run([sys.executable, "-c", _MDWE_EXEC, sys.executable, "-c", "pass"], timeout=60)
+    if probe.returncode == 99:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+): MemoryDenyWriteExecute not checked")
+    d = start_daemon(tmp_path, "[pipeline]\nenrich_latency = 0.001\n", wrap=[sys.executable, "-c", _MDWE_EXEC])
+    try:
+        status, body = d.post("/events/batch", {"events": [{**EVENT, "id": f"mdwe-{i}"} for i in range(20)]})
+        assert status == 202 and body["accepted"] == 20, body
+        assert sorted(r["id"] for r in d.stored()) == sorted(f"mdwe-{i}" for i in range(20))
+        assert d.get("/metrics")[1]["worker_restarts"] == 0
+    finally:
+        assert d.stop() == 0, d.log.read_text()[-3000:]
 
 
 def test_ready_reports_an_unreachable_sink_while_health_stays_ok(tmp_path: Path, no_leaks: None) -> None:
