@@ -548,3 +548,35 @@ def test_a_well_behaved_clients_p99_during_a_slowloris_of_200_connections(tmp_pa
         for s in slow:
             s.close()
         assert d.stop() == 0
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10 section 2, first bullet, not done: a chunk a sink gave up on "
+                   "(retries spent) is dead-lettered and still answered `accepted`, so with the dead-letter file on "
+                   "another disk a full events disk acknowledges unwritten events")
+def test_a_full_events_disk_with_the_deadletter_file_elsewhere_acknowledges_nothing_unwritten(
+    tmp_path: Path, no_leaks: None
+) -> None:
+    with small_tmpfs(tmp_path / "data", "2m") as data:
+        cfg = ('[pipeline]\nenrich_latency = 0.001\n'
+               '[[sinks]]\nkind = "jsonl"\nname = "events"\npath = "events-{worker}.jsonl"\n'
+               'retries = 1\nbackoff = 0.05\nbackoff_max = 0.1\n'
+               f'[deadletter]\npath = "{tmp_path}/deadletter-{{worker}}.jsonl"\n')
+        d = start_daemon(tmp_path, cfg)
+        ledger = Ledger()
+        try:
+            warm = [f"warm-{i}" for i in range(50)]
+            ledger.send(warm)
+            resend(d, ledger, warm, "a first batch")
+            filler = data / "filler"
+            fill(filler)
+            ids = [f"x-{i}" for i in range(50)]
+            ledger.send(ids)
+            got = post_batch(d, ids, 15)
+            ledger.answer(got[1] if got else None, ids)
+            filler.unlink()
+        finally:
+            code = d.stop()
+        assert code == 0, d.log.read_text()[-3000:]
+        verdict = ledger.check(jsonl_ids(data))
+        print(f"LEDGER full events disk, dead-letter elsewhere: {verdict} {dict(ledger.answers)}")
+        verdict.assert_clean()
