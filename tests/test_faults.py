@@ -108,14 +108,16 @@ def store_config(store: PgFault | MysqlFault, port: int) -> str:
     )
 
 
-@pytest.fixture(params=["postgres", "mysql"])
+FAULT_STORES: dict[str, tuple[type[PgFault] | type[MysqlFault], str]] = {
+    "postgres": (PgFault, "pg_dsn"), "mysql": (MysqlFault, "mysql_dsn"),
+}
+
+
+@pytest.fixture(params=list(FAULT_STORES))
 def fault_store(request: pytest.FixtureRequest) -> Iterator[PgFault | MysqlFault]:
     """Each SQL store the daemon can write to, on its real server (a fresh table)."""
-    store: PgFault | MysqlFault
-    if request.param == "postgres":
-        store = PgFault(request.getfixturevalue("pg_dsn"))
-    else:
-        store = MysqlFault(request.getfixturevalue("mysql_dsn"))
+    cls, dsn_fixture = FAULT_STORES[request.param]
+    store = cls(request.getfixturevalue(dsn_fixture))
     try:
         yield store
     finally:
@@ -437,6 +439,21 @@ def fill(path: Path) -> int:
     return n
 
 
+def start_then_fill(tmp_path: Path, data: Path, cfg: str, ledger: Ledger) -> tuple[Daemon, Path]:
+    """A daemon whose first batch is stored, then its data filesystem filled: (daemon, filler)."""
+    d = start_daemon(tmp_path, cfg)
+    try:
+        warm = [f"warm-{i}" for i in range(50)]
+        ledger.send(warm)
+        resend(d, ledger, warm, "a first batch")
+        filler = data / "filler"
+        fill(filler)
+    except BaseException:
+        with_kill(d.proc)
+        raise
+    return d, filler
+
+
 def sqlite_ids(db: Path) -> list[str]:
     """The ids the SQLite sink committed; the database must pass its integrity check."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
@@ -463,14 +480,9 @@ def test_a_full_filesystem_stops_acknowledgements_and_the_daemon_recovers(tmp_pa
                'retries = 3\nbackoff = 0.05\nbackoff_max = 0.2\n'
                '[[sinks]]\nkind = "sqlite"\nname = "db"\n'
                'retries = 3\nbackoff = 0.05\nbackoff_max = 0.2\n')
-        d = start_daemon(tmp_path, cfg)
         ledger = Ledger()
+        d, filler = start_then_fill(tmp_path, data, cfg, ledger)
         try:
-            warm = [f"warm-{i}" for i in range(50)]
-            ledger.send(warm)
-            resend(d, ledger, warm, "a first batch")
-            filler = data / "filler"
-            fill(filler)
             load = Load(d.port, ledger, "f", conns=2, size=50, timeout=5)
             asyncio.run(load.run(3))
             refused = load.statuses[503] + load.statuses[507] + load.statuses[-1]
@@ -561,14 +573,9 @@ def test_a_full_events_disk_with_the_deadletter_file_elsewhere_acknowledges_noth
                '[[sinks]]\nkind = "jsonl"\nname = "events"\npath = "events-{worker}.jsonl"\n'
                'retries = 1\nbackoff = 0.05\nbackoff_max = 0.1\n'
                f'[deadletter]\npath = "{tmp_path}/deadletter-{{worker}}.jsonl"\n')
-        d = start_daemon(tmp_path, cfg)
         ledger = Ledger()
+        d, filler = start_then_fill(tmp_path, data, cfg, ledger)
         try:
-            warm = [f"warm-{i}" for i in range(50)]
-            ledger.send(warm)
-            resend(d, ledger, warm, "a first batch")
-            filler = data / "filler"
-            fill(filler)
             ids = [f"x-{i}" for i in range(50)]
             ledger.send(ids)
             got = post_batch(d, ids, 15)
