@@ -11,6 +11,8 @@ import gzip
 import http.client
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -99,15 +101,18 @@ class Daemon:
 
 
 def start_daemon(tmp: Path, config: str = "", env: dict[str, str] | None = None, ready: bool = True,
-                 workers: int = 2) -> Daemon:
-    """Start ``python -m collector serve`` on a free port with ``config`` (TOML text)."""
+                 workers: int = 2, wrap: list[str] | None = None) -> Daemon:
+    """Start ``python -m collector serve`` on a free port with ``config`` (TOML text).
+
+    ``wrap``: a command line that execs the rest (the daemon's argv follows it).
+    """
     data = tmp / "data"
     cfg = tmp / "collector.toml"
     cfg.write_text(config)
     port_file = tmp / "port"
     port_file.unlink(missing_ok=True)  # a daemon restarted in the same dir: not the old port
     log = tmp / "daemon.log"
-    cmd = [sys.executable, "-m", "collector", "serve", "--config", str(cfg), "--port", "0",
+    cmd = [*(wrap or []), sys.executable, "-m", "collector", "serve", "--config", str(cfg), "--port", "0",
            "--data-dir", str(data), "--port-file", str(port_file), "--workers", str(workers)]
     with open(log, "wb") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=lf, start_new_session=True, env={**os.environ, **(env or {})})
@@ -221,6 +226,29 @@ BAD: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
      400, "bad_encoding"),
     ("gzip claimed, plain sent", "/events", json.dumps(EVENT).encode(), {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
     ("unknown encoding", "/events", b"{}", {"Content-Encoding": "br"}, 415, "gzip, deflate"),
+    # the fault suite's classes (issue 10, section 3)
+    ("invalid UTF-8", "/events", b'{"type": "user_action", "source": "web", "user_id": "\xff\xfe"}', {}, 422,
+     "Invalid UTF-8"),
+    ("truncated UTF-8 sequence", "/events", b'{"type": "user_action", "source": "web", "data": {"k": "\xc3"}}', {},
+     422, "Invalid UTF-8"),
+    ("lone high surrogate", "/events", b'{"type": "user_action", "source": "web", "user_id": "\\ud800"}', {}, 400,
+     "malformed_json"),
+    ("lone low surrogate", "/events", b'{"type": "user_action", "source": "web", "data": {"k": "\\udc00x"}}', {},
+     400, "surrogate"),
+    ("NaN literal", "/events", b'{"type": "user_action", "source": "web", "data": {"v": NaN}}', {}, 400,
+     "malformed_json"),
+    ("Infinity literal", "/events", b'{"type": "user_action", "source": "web", "data": {"v": -Infinity}}', {}, 400,
+     "malformed_json"),
+    ("NaN in a batch item", "/events/batch", b'{"events": [{"type": "user_action", "source": "web", "data": {"v": NaN}}]}',
+     {}, 400, "malformed_json"),
+    ("number out of range", "/events", b'{"type": "user_action", "source": "web", "data": {"v": 1e999}}', {}, 422,
+     "out of range"),
+    ("wrong type: int for str", "/events", b'{"type": "user_action", "source": 5}', {}, 422, "$.source"),
+    ("wrong type: array for str", "/events", b'{"type": "user_action", "source": "web", "user_id": ["a"]}', {}, 422,
+     "$.user_id"),
+    ("wrong type: str for object", "/events", b'{"type": "user_action", "source": "web", "data": "x"}', {}, 422,
+     "$.data"),
+    ("wrong type: events an object", "/events/batch", b'{"events": {"a": 1}}', {}, 422, "$.events"),
 ]
 
 
@@ -237,6 +265,62 @@ def test_bad_input_gets_its_status_and_reason_and_kills_nothing(daemon: Daemon, 
     assert daemon.post("/events", EVENT)[0] == 202
     assert daemon.worker_pids() == pids
     assert daemon.get("/metrics")[1]["worker_restarts"] == 0
+
+
+def _raw_exchange(port: int, request: bytes, timeout: float = 10) -> bytes:
+    """Send ``request`` as is and read until the server closes (or ``timeout``)."""
+    data = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                got = s.recv(65536)
+            except OSError:
+                break
+            if not got:
+                break
+            data += got
+    return data
+
+
+def _framing_cases() -> list[tuple[str, bytes, list[int], str]]:
+    """(name, raw request, statuses in order, text in the answer) of lying framing."""
+    body = json.dumps(EVENT).encode()
+    head = b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    big = b'{"x": "' + b"a" * (2 << 20) + b'"}'
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(big[i:i + 65536]), big[i:i + 65536]) for i in range(0, len(big), 65536))
+    return [
+        # the first 10 bytes are missing: that body is cut JSON; the rest is no request
+        ("Content-Length shorter than the body", head + b"Content-Length: %d\r\n\r\n%s" % (len(body) - 10, body),
+         [400, 400], "malformed_json"),
+        # the server waits for bytes that never come: body_timeout, then 408
+        ("Content-Length longer than the body", head + b"Content-Length: %d\r\n\r\n%s" % (len(body) + 10, body),
+         [408], "body"),
+        ("oversize chunked body", head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked + b"0\r\n\r\n",
+         [413], "body_too_large"),
+        ("chunked and Content-Length", head + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+         + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body), [400], "Content-Length"),
+        ("two Content-Lengths", head + b"Content-Length: 5\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+         [400], "Content-Length"),
+        ("negative Content-Length", head + b"Content-Length: -5\r\n\r\n" + body, [400], "Content-Length"),
+    ]
+
+
+def test_lying_framing_gets_4xx_and_kills_nothing(tmp_path: Path, no_leaks: None) -> None:
+    d = start_daemon(tmp_path, "[server]\nbody_timeout = 1.0\n")
+    try:
+        pids = d.worker_pids()
+        for name, request, statuses, text in _framing_cases():
+            data = _raw_exchange(d.port, request)
+            got = [int(part[:3]) for part in data.split(b"HTTP/1.1 ")[1:]]
+            assert got == statuses, (name, data[:500])
+            assert text.encode() in data, (name, data[:500])
+            assert d.post("/events", EVENT)[0] == 202, name
+        assert d.worker_pids() == pids
+        assert d.get("/metrics")[1]["worker_restarts"] == 0
+    finally:
+        assert d.stop() == 0
 
 
 def test_batch_mixes_results_per_item_and_invalid_events_reach_the_deadletter_file(daemon: Daemon) -> None:
@@ -597,6 +681,46 @@ def test_shipped_config_and_unit_file() -> None:
         problems = [ln for ln in (out.stdout + out.stderr).splitlines()
                     if ln.strip() and "is not executable" not in ln and "No such file" not in ln]
         assert not problems, problems
+
+
+# the kernel's MemoryDenyWriteExecute (PR_SET_MDWE, Linux 6.3+), inherited by the
+# workers, then exec the daemon: what the unit's MemoryDenyWriteExecute=yes asks
+_MDWE_EXEC = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.prctl(65, 1, 0, 0, 0) != 0:\n"  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    "    sys.exit(99)\n"
+    "os.umask(0o077)\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+def test_the_unit_is_hardened_to_an_exposure_of_2_or_less_and_the_daemon_runs_so(
+    tmp_path: Path, no_leaks: None
+) -> None:
+    unit = Path(__file__).resolve().parents[1] / "packaging" / "systemd" / "collector.service"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    out = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(unit)],
+                         capture_output=True, text=True, timeout=120)
+    found = re.search(r"Overall exposure level for collector\.service: ([0-9.]+)", out.stdout)
+    assert found, out.stdout[-2000:] + out.stderr[-2000:]
+    assert float(found.group(1)) <= 2.0, out.stdout
+    # the settings a process can check without systemd: no W^X memory, umask 077
+    text = unit.read_text()
+    assert "MemoryDenyWriteExecute=yes" in text and "UMask=0077" in text
+    probe = subprocess.run([sys.executable, "-c", _MDWE_EXEC, sys.executable, "-c", "pass"], timeout=60)
+    if probe.returncode == 99:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+): MemoryDenyWriteExecute not checked")
+    d = start_daemon(tmp_path, "[pipeline]\nenrich_latency = 0.001\n", wrap=[sys.executable, "-c", _MDWE_EXEC])
+    try:
+        status, body = d.post("/events/batch", {"events": [{**EVENT, "id": f"mdwe-{i}"} for i in range(20)]})
+        assert status == 202 and body["accepted"] == 20, body
+        assert sorted(r["id"] for r in d.stored()) == sorted(f"mdwe-{i}" for i in range(20))
+        assert d.get("/metrics")[1]["worker_restarts"] == 0
+    finally:
+        assert d.stop() == 0, d.log.read_text()[-3000:]
 
 
 def test_ready_reports_an_unreachable_sink_while_health_stays_ok(tmp_path: Path, no_leaks: None) -> None:

@@ -197,7 +197,7 @@ def test_ledger_keeps_the_window_maps_errors_to_input_positions_and_releases_roo
     assert adm.inflight == 0
 
 
-def test_ledger_redelivers_a_dead_workers_chunks_first_then_fails_them_as_lost() -> None:
+def test_ledger_redelivers_a_dead_workers_chunks_first_one_at_a_time_then_fails_the_killer_as_lost() -> None:
     ledger, chans, adm, planner = ledger_with(window=2, max_attempts=2)
     op = feed(ledger, planner, adm, 12)
     held = sorted(ledger.inflight[0])
@@ -207,10 +207,14 @@ def test_ledger_redelivers_a_dead_workers_chunks_first_then_fails_them_as_lost()
     assert len(ledger.queues[0]) == queued_before + 2 and op.acc.redelivered == 2
     chans[0].sent.clear()
     ledger.pump(0)
-    assert [m.id for m in chans[0].sent] == held and all(m.attempt == 1 for m in chans[0].sent)
+    # a redelivered chunk goes alone: a second death blames it, not its window-mates
+    assert [(m.id, m.attempt) for m in chans[0].sent] == [(held[0], 1)]
     ledger.requeue(0, ledger.take_back(0), "killed by SIGKILL")  # second death: lost
     lost = [e for e in op.errors if e.kind == "lost"]
-    assert len(lost) == 4 and "killed its worker 2 times" in lost[0].reason
+    assert len(lost) == 2 and "killed its worker 2 times" in lost[0].reason
+    chans[0].sent.clear()
+    ledger.pump(0)
+    assert [(m.id, m.attempt) for m in chans[0].sent] == [(held[1], 1)]  # the other one, alone again
 
 
 def test_ledger_fails_every_open_operation_on_a_fatal_error() -> None:

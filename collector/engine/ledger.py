@@ -63,6 +63,9 @@ class Ledger:
         self.queues: list[collections.deque[Entry]] = [collections.deque() for _ in range(n)]
         self.inflight: list[dict[int, Entry]] = [{} for _ in range(n)]
         self.shared: collections.deque[Entry] = collections.deque()  # shard="chunk": any worker
+        # per worker: the id of a redelivered chunk in flight there (0: none). It goes
+        # alone, so if it kills the worker again it alone is blamed, not its window-mates
+        self.suspect: list[int] = [0] * n
         self.ops: set[Operation] = set()
         self.counters: S.Slot | None = None  # the supervisor's stats slot, once started
 
@@ -104,9 +107,13 @@ class Ledger:
         q = self.queues[i]
         shared = self.shared
         inflight = self.inflight[i]
+        if self.suspect[i]:
+            return
         while len(inflight) < self.window and limit > 0:
             limit -= 1
             if q:
+                if q[0].attempt and inflight:
+                    break  # a redelivered chunk waits for an empty window
                 e = q.popleft()
             elif shared:
                 e = shared.popleft()
@@ -126,8 +133,12 @@ class Ledger:
                     continue
             e.sent_at = time.monotonic()
             inflight[e.id] = e
+            if e.attempt:
+                self.suspect[i] = e.id
             if not ch.send(Chunk(e.id, e.payload, op.events is not None, e.attempt, plan.ndjson, op.id)):
                 break  # no channel (the worker is going): take_back() finds the chunk
+            if e.attempt:
+                break  # nothing else goes with it
 
     # -- out --------------------------------------------------------------------------
     def on_ack(self, i: int, ack: Ack) -> bool:
@@ -135,6 +146,8 @@ class Ledger:
         e = self.inflight[i].pop(ack.id, None)
         if e is None:
             return False
+        if self.suspect[i] == ack.id:
+            self.suspect[i] = 0
         op = e.op
         if ack.errors:
             pos = e.positions
@@ -163,13 +176,16 @@ class Ledger:
         """Worker ``i`` died: the chunks it held and did not acknowledge, oldest first."""
         lost = sorted(self.inflight[i].values(), key=attrgetter("id"))
         self.inflight[i].clear()
+        self.suspect[i] = 0
         return lost
 
     def requeue(self, i: int, entries: list[Entry], cause: str) -> None:
         """Give a dead worker's chunks to its replacement first, in their order.
 
         A chunk delivered ``max_attempts`` times (it kills every worker that reads it)
-        fails as ``lost`` instead.
+        fails as ``lost`` instead. A redelivered chunk is then sent alone (see
+        :meth:`pump`): only the first death blames every chunk the worker held, so the
+        chunks that merely shared a window with a poison chunk are stored, not lost.
         """
         counters = self.counters
         for e in reversed(entries):

@@ -76,23 +76,28 @@ class SinkSet:
             await asyncio.gather(*(s.open() for s in parts))
         self._opened = True
 
-    async def commit(self, events: Sequence[Any]) -> None:
+    async def commit(self, events: Sequence[Any]) -> bool:
         """Store ``events`` in every sink; return when all hold them (or dead-lettered).
 
         Never raises for a store failure: a failing sink retries with exponential
         backoff and jitter until it succeeds or its retry budget is spent (then the
         chunk goes to the dead-letter sink and is counted). Only cancellation escapes.
+        True when every sink holds every event; False when a sink failed or refused
+        some and they went to the dead-letter sink instead: the caller must not
+        remember those as stored (dedup), or a client's retry would be dropped.
         """
         sinks = self.sinks
         if not sinks or not events:
-            return
+            return True
         batch = Batch(events, self.codec)
+        dead = [0]  # events of this commit a sink did not store
         if len(sinks) == 1:
-            await self._deliver(0, sinks[0], batch)
+            await self._deliver(0, sinks[0], batch, dead)
         else:
-            await asyncio.gather(*(self._deliver(i, s, batch) for i, s in enumerate(sinks)))
+            await asyncio.gather(*(self._deliver(i, s, batch, dead) for i, s in enumerate(sinks)))
+        return dead[0] == 0
 
-    async def _deliver(self, index: int, sink: Sink, batch: Batch) -> None:
+    async def _deliver(self, index: int, sink: Sink, batch: Batch, dead: list[int]) -> None:
         cfg = sink.config
         slot = self.slot
         attempt = 0
@@ -110,7 +115,7 @@ class SinkSet:
                     # fail every retry and take the whole chunk to the dead-letter sink (or,
                     # without one, block it for ever). Halve it until the refused events
                     # stand alone; they go to the dead-letter sink, the rest is stored.
-                    await self._isolate(index, sink, batch, why)
+                    await self._isolate(index, sink, batch, why, dead)
                     return
                 sink.healthy = False
                 if self.deadletter is not None and 0 <= cfg.retries < attempt:
@@ -118,7 +123,7 @@ class SinkSet:
                         "sink %s: chunk of %d events failed %d times (last: %s); sending it to the dead-letter sink",
                         sink.name, len(batch), attempt, why,
                     )
-                    await self._deadletter_chunk(sink, batch, f"sink {sink.name} failed {attempt} times; last error: {why}")
+                    await self._deadletter_chunk(sink, batch, f"sink {sink.name} failed {attempt} times; last error: {why}", dead)
                     return
                 delay = min(cfg.backoff_max, cfg.backoff * 2.0 ** min(attempt - 1, 30))
                 # equal jitter: never hammer a recovering store in lockstep with the
@@ -137,19 +142,21 @@ class SinkSet:
             sink.healthy = True
             slot.sink_add(index, rows=len(batch), batches=1, latency_s=time.perf_counter() - t0)
             if rejected:
+                dead[0] += len(rejected)
                 await self._to_deadletter(rejected, count=True)
             return
 
-    async def _isolate(self, index: int, sink: Sink, batch: Batch, why: str) -> None:
+    async def _isolate(self, index: int, sink: Sink, batch: Batch, why: str, dead: list[int]) -> None:
         if len(batch) == 1:
             log.error("sink %s: the store refuses an event (%s); sending it to the dead-letter sink", sink.name, why)
-            await self._deadletter_chunk(sink, batch, f"sink {sink.name} refused this event: {why}")
+            await self._deadletter_chunk(sink, batch, f"sink {sink.name} refused this event: {why}", dead)
             return
         mid = len(batch) // 2
         for part in (batch.events[:mid], batch.events[mid:]):
-            await self._deliver(index, sink, Batch(part, self.codec))
+            await self._deliver(index, sink, Batch(part, self.codec), dead)
 
-    async def _deadletter_chunk(self, sink: Sink, batch: Batch, reason: str) -> None:
+    async def _deadletter_chunk(self, sink: Sink, batch: Batch, reason: str, dead: list[int]) -> None:
+        dead[0] += len(batch)
         now = time.time()
         stage = f"sink:{sink.name}"
         w = self.worker

@@ -281,10 +281,14 @@ class PipelineRunner:
                     ]
                 )
                 slot.add(S.DEADLETTERED, len(invalid))
-            if events:
-                await self.sinkset.commit(events)
-        for settle, passed in settles:  # stored: now (and only now) remembered as seen
-            settle(passed, True)
+            stored = await self.sinkset.commit(events) if events else True
+        else:
+            stored = True
+        # stored: now (and only now) remembered as seen. Dead-lettered by a sink (store
+        # full, down past its retries, refused a row) is not stored: a retry must not be
+        # answered ``duplicate`` (the fault suite's full-filesystem case lost data so)
+        for settle, passed in settles:
+            settle(passed, stored)
         settles.clear()
         out = self.enc.encode(events) if chunk.want_events else None
         if errors and len(errors) > 1:
