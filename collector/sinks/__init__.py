@@ -6,7 +6,8 @@
                                       ├─► jsonl     rotated JSON-lines files, fsync policy
                                       ├─► sqlite    embedded default (WAL, stdlib, on a thread, group commit)
                                       ├─► postgres  asyncpg binary COPY (via staging + ON CONFLICT after a conflict)
-                                      └─► mysql     aiomysql multi-row INSERT IGNORE (seed 004 table)
+                                      ├─► mysql     aiomysql multi-row INSERT IGNORE (seed 004 table)
+                                      └─► nats      JetStream publish, Nats-Msg-Id = event id, PubAcks awaited
            SinkSet.reject(records) ───► deadletter  JSON lines: payload, reason, path, stage, time
 
 Sinks are configured with the frozen structs of :mod:`collector.sinks.config` (a
@@ -34,6 +35,7 @@ from .config import (
     DeadLetterConfig,
     JsonlSinkConfig,
     MysqlSinkConfig,
+    NatsSinkConfig,
     PostgresSinkConfig,
     SinkConfig,
     SqliteSinkConfig,
@@ -48,6 +50,7 @@ __all__ = [
     "DeadLetterConfig",
     "JsonlSinkConfig",
     "MysqlSinkConfig",
+    "NatsSinkConfig",
     "PostgresSinkConfig",
     "Sink",
     "SinkConfig",
@@ -100,6 +103,10 @@ def build_sink(cfg: SinkConfig, *, index: int, codec: EventCodec, worker: int) -
         from .mysql import MysqlSink
 
         return MysqlSink(cfg, name=name, codec=codec, worker=worker)
+    if isinstance(cfg, NatsSinkConfig):
+        from .nats import NatsSink
+
+        return NatsSink(cfg, name=name, codec=codec, worker=worker)
     raise ConfigError(f"sinks[{index}]: not a sink config: {cfg!r}")
 
 
