@@ -1,0 +1,376 @@
+"""NATS JetStream end to end, against the real server (nothing mocked).
+
+Each test makes its own stream and subjects (a random suffix) and deletes them after.
+The ledger is the set of ids sent against the ids a sink file or table holds: 0 lost,
+0 unexpected. The server's address comes from ``COLLECTOR_NATS_URL`` (default
+``nats://127.0.0.1:4222``); absent server → skip, or fail under
+``COLLECTOR_REQUIRE_SERVICES=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from conftest import _need
+
+from collector import Collector
+from collector.generic import GenericEvent, generate_generic, generic_pipeline
+from collector.ingress.nats import NatsIngress
+from collector.sinks import (
+    DeadLetterConfig,
+    JsonlSinkConfig,
+    NatsSinkConfig,
+    SqliteSinkConfig,
+    build_sink,
+)
+from collector.sinks.base import Batch, EventCodec
+
+nats = pytest.importorskip("nats")
+
+pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def nurl() -> str:
+    """The NATS server's URL (COLLECTOR_NATS_URL, else COLLECTOR_TEST_NATS, else the default)."""
+    url = os.environ.get("COLLECTOR_NATS_URL") or os.environ.get("COLLECTOR_TEST_NATS") or "nats://127.0.0.1:4222"
+    return _need(url, 4222, "NATS")
+
+
+class Names:
+    """One test's stream, subject prefix and consumer, unique on the server."""
+
+    def __init__(self) -> None:
+        s = uuid.uuid4().hex[:10]
+        self.stream = f"TEST_{s}"
+        self.prefix = f"t{s}"
+        self.subjects = [f"{self.prefix}.>"]
+        self.durable = f"c{s}"
+
+
+@asynccontextmanager
+async def jetstream(url: str, names: Names) -> AsyncIterator[Any]:
+    """A JetStream context; the test's stream is deleted afterwards."""
+    nc = await nats.connect(url, connect_timeout=5)
+    try:
+        yield nc.jetstream()
+    finally:
+        with suppress(Exception):
+            await nc.jetstream().delete_stream(names.stream)
+        await nc.close()
+
+
+async def add_stream(js: Any, names: Names, window: float = 120.0) -> None:
+    await js.add_stream(name=names.stream, subjects=names.subjects, duplicate_window=window)
+
+
+async def until(pred: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> None:
+    """Poll ``pred`` every 50 ms; fail after ``timeout`` seconds (every wait is bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        v = pred()
+        if not isinstance(v, bool):
+            v = await v
+        if v:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def events(n: int) -> list[dict[str, Any]]:
+    """``n`` generic events with ids no other test run uses."""
+    evs = generate_generic(n, seed=int.from_bytes(os.urandom(3), "big"))
+    tag = uuid.uuid4().hex[:8]
+    for i, e in enumerate(evs):
+        e["id"] = f"{tag}-{i:06d}"
+    return evs
+
+
+async def publish(url: str, subject: str, evs: list[dict[str, Any]], mode: str = "event") -> Any:
+    """Publish through the nats sink (as a worker would); returns the sink (for its counters)."""
+    codec = EventCodec(GenericEvent, "id")
+    sink = build_sink(NatsSinkConfig(url=url, subject=subject, mode=mode), index=0, codec=codec, worker=0)  # type: ignore[arg-type]
+    await sink.open()
+    await sink.write(Batch(msgspec.convert(evs, list[GenericEvent]), codec))
+    await sink.close()
+    return sink
+
+
+def jsonl_ids(pattern: str) -> list[str]:
+    out = []
+    for p in glob.glob(pattern):
+        with open(p, "rb") as f:
+            out += [json.loads(ln)["id"] for ln in f if ln.strip()]
+    return out
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+async def consumer_state(js: Any, names: Names) -> Any:
+    return await js.consumer_info(names.stream, names.durable)
+
+
+# ---------------------------------------------------------------------- the sink
+
+
+def test_sink_retry_is_a_counted_duplicate_and_stored_once(nurl: str) -> None:
+    names = Names()
+
+    async def main() -> None:
+        async with jetstream(nurl, names) as js:
+            await add_stream(js, names)
+            evs = events(50)
+            codec = EventCodec(GenericEvent, "id")
+            cfg = NatsSinkConfig(url=nurl, subject=f"{names.prefix}.{{type}}")
+            sink = build_sink(cfg, index=0, codec=codec, worker=0)
+            await sink.open()
+            batch = Batch(msgspec.convert(evs, list[GenericEvent]), codec)
+            await sink.write(batch)
+            assert (sink.published, sink.duplicates) == (50, 0)  # type: ignore[attr-defined]
+            await sink.write(batch)  # the retry of a chunk whose PubAcks were lost
+            assert (sink.published, sink.duplicates) == (100, 50)  # type: ignore[attr-defined]
+            await sink.close()
+            info = await js.stream_info(names.stream)
+            assert info.state.messages == 50
+            # keyed by event type, the id in Nats-Msg-Id
+            sub = await js.pull_subscribe(f"{names.prefix}.>", durable="check", stream=names.stream)
+            got = await sub.fetch(50, timeout=5)
+            assert {m.headers["Nats-Msg-Id"] for m in got} == {e["id"] for e in evs}
+            assert all(m.subject == f"{names.prefix}.{json.loads(m.data)['type']}" for m in got)
+
+            # chunk mode: one NDJSON message per subject, its id a hash of the ids
+            sink2 = await publish(nurl, f"{names.prefix}.chunk", evs, mode="chunk")
+            sink3 = await publish(nurl, f"{names.prefix}.chunk", evs, mode="chunk")
+            assert (sink2.duplicates, sink3.duplicates) == (0, 1)
+            assert (await js.stream_info(names.stream)).state.messages == 51
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- the ingress
+
+
+def _pipeline(tmp: Path, **kw: Any) -> Any:
+    return generic_pipeline(
+        enrich_latency=0,
+        sinks=(JsonlSinkConfig(path=str(tmp / "events-{worker}.jsonl"), fsync="never"),),
+        deadletter=DeadLetterConfig(path=str(tmp / "dead-{worker}.jsonl")),
+        **kw,
+    )
+
+
+def _ingress(c: Collector, url: str, names: Names, **kw: Any) -> NatsIngress:
+    opts: dict[str, Any] = dict(ack_wait=10.0, lag_interval=0.1, nak_delay=0.2, drain_timeout=5.0)
+    opts.update(kw)
+    return NatsIngress(c, url, stream=names.stream, subjects=names.subjects, durable=names.durable, **opts)
+
+
+@asynccontextmanager
+async def consuming(ing: NatsIngress) -> AsyncIterator[NatsIngress]:
+    task = asyncio.create_task(ing.run())
+    try:
+        await asyncio.wait_for(ing.ready.wait(), 15)
+        yield ing
+    finally:
+        ing.stop()
+        await asyncio.wait_for(task, 30)
+
+
+def test_round_trip_ledger(nurl: str, tmp_path: Path) -> None:
+    """publish → stream → NatsIngress → Collector → JSONL sink: 0 lost, 0 unexpected."""
+    names = Names()
+    single = events(1500)
+    ndjson = events(500)  # 25 messages of 20 events
+
+    async def main() -> None:
+        async with jetstream(nurl, names) as js:
+            async with Collector(_pipeline(tmp_path), workers=2) as c:
+                ing = _ingress(c, nurl, names, batch=128)
+                async with consuming(ing):
+                    await publish(nurl, f"{names.prefix}.{{type}}", single)
+                    for lo in range(0, len(ndjson), 20):
+                        await publish(nurl, f"{names.prefix}.ndjson", ndjson[lo : lo + 20], mode="chunk")
+                    await until(lambda: ing.stats().acked == 1525, 60, "every message acked")
+                    await until(lambda: ing.stats().num_pending == 0 and ing.stats().num_ack_pending == 0, 10, "lag 0")
+                st = ing.stats()
+            assert (st.fetched, st.acked, st.nakked, st.terminated, st.deadlettered) == (1525, 1525, 0, 0, 0)
+            assert st.events == 2000
+            info = await consumer_state(js, names)
+            assert (info.num_pending, info.num_ack_pending) == (0, 0)
+        sent = {e["id"] for e in single + ndjson}
+        stored = jsonl_ids(str(tmp_path / "events-*.jsonl"))
+        assert len(stored) == len(set(stored)), "no event stored twice"
+        assert set(stored) - sent == set(), "0 unexpected"
+        assert sent - set(stored) == set(), "0 lost"
+
+    asyncio.run(main())
+
+
+def test_invalid_and_poison_messages_are_dead_lettered_and_the_rest_flow(nurl: str, tmp_path: Path) -> None:
+    """Malformed JSON and schema-invalid events are acked and dead-lettered with their
+    subject and stream sequence; a message failing in pipeline code is terminated and
+    dead-lettered on its max_deliver-th delivery; everything else is stored."""
+    from nats_support import Explode
+
+    names = Names()
+    good = events(40)
+    poison = events(1)[0] | {"user_id": "poison"}
+    invalid_event = events(1)[0] | {"type": "bogus"}
+    mixed = events(3)
+    mixed_lines = [json.dumps(mixed[0]), "{not json", json.dumps(mixed[1]), json.dumps(mixed[2])]
+
+    async def main() -> None:
+        async with jetstream(nurl, names) as js:
+            await add_stream(js, names)
+            # dedup off: the generic pack's Dedup marks an id seen before the chunk commits,
+            # so the poison message's redelivery would be dropped as a duplicate and acked
+            base = _pipeline(tmp_path, dedup_ttl=0)
+            import dataclasses
+
+            pipeline = dataclasses.replace(base, stages=(*base.stages, Explode("poison")))
+            async with Collector(pipeline, workers=2) as c:
+                # batch=1: the poison message fails alone, not the chunk it shares
+                ing = _ingress(c, nurl, names, batch=1, max_deliver=3)
+                async with consuming(ing):
+                    nc = await nats.connect(nurl)
+                    p = names.prefix
+                    acks = [await js.publish(f"{p}.bad", b"{not json at all")]
+                    acks.append(await js.publish(f"{p}.bad", json.dumps(invalid_event).encode()))
+                    acks.append(await js.publish(f"{p}.mixed", "\n".join(mixed_lines).encode()))
+                    acks.append(await js.publish(f"{p}.poison", json.dumps(poison).encode()))
+                    await nc.close()
+                    await publish(nurl, f"{p}.{{type}}", good)
+                    await until(lambda: ing.stats().acked == 43 and ing.stats().terminated == 1, 60, "settled")
+                    await until(lambda: ing.stats().num_ack_pending == 0, 10, "nothing pending")
+                st = ing.stats()
+            assert st.terminated == 1
+            assert st.nakked == 2  # the poison message's first two deliveries
+            assert st.redelivered == 2
+            assert st.deadlettered == 4  # 2 malformed here, 1 invalid in a worker, 1 poison
+            seq = {"bad": acks[0].seq, "mixed": acks[2].seq, "poison": acks[3].seq}
+        stored = set(jsonl_ids(str(tmp_path / "events-*.jsonl")))
+        assert stored == {e["id"] for e in good + mixed}
+        ingress_dl = records(tmp_path / "dead-nats.jsonl")
+        by_subject = {(r["subject"], r["sequence"], r["index"]): r for r in ingress_dl}
+        assert set(by_subject) == {
+            (f"{names.prefix}.bad", seq["bad"], 0),
+            (f"{names.prefix}.mixed", seq["mixed"], 1),
+            (f"{names.prefix}.poison", seq["poison"], 0),
+        }
+        assert by_subject[(f"{names.prefix}.bad", seq["bad"], 0)]["reason"].startswith("malformed JSON")
+        pr = by_subject[(f"{names.prefix}.poison", seq["poison"], 0)]
+        assert pr["deliveries"] == 3 and "poison message" in pr["reason"] and json.loads(pr["payload"])["id"] == poison["id"]
+        worker_dl = [r for p in glob.glob(str(tmp_path / "dead-[0-9]*.jsonl")) for r in records(Path(p))]
+        assert [json.loads(r["payload"])["id"] for r in worker_dl] == [invalid_event["id"]]
+
+    asyncio.run(main())
+
+
+def test_message_whose_sink_commit_fails_is_not_acked_and_is_redelivered(nurl: str, tmp_path: Path) -> None:
+    """The SQLite sink cannot commit (another connection holds the write lock): nothing
+    is acked; the collector stops; a second one gets every message again and stores
+    each event once."""
+    names = Names()
+    evs = events(60)
+    db = tmp_path / "events.db"
+
+    def pipeline() -> Any:
+        return generic_pipeline(
+            enrich_latency=0,
+            dedup_ttl=0,
+            sinks=(SqliteSinkConfig(path=str(db), busy_timeout=0.05, backoff=0.05, backoff_max=0.2),),
+        )
+
+    async def main() -> None:
+        async with jetstream(nurl, names) as js:
+            await add_stream(js, names)
+            async with Collector(pipeline(), workers=1) as c:
+                await asyncio.sleep(0.5)  # the sink opened and made its table
+                lock = sqlite3.connect(str(db), isolation_level=None)
+                lock.execute("BEGIN EXCLUSIVE")
+                try:
+                    ing = _ingress(c, nurl, names, batch=20, drain_timeout=1.0)
+                    async with consuming(ing):
+                        await publish(nurl, f"{names.prefix}.{{type}}", evs)
+                        await until(lambda: ing.stats().fetched == 60, 20, "all fetched")
+                        await asyncio.sleep(1.5)  # the sink keeps failing meanwhile
+                        assert ing.stats().acked == 0
+                        info = await consumer_state(js, names)
+                        assert info.num_ack_pending == 60
+                    assert ing.stats().acked == 0
+                    await c.aclose(timeout=2)
+                finally:
+                    lock.execute("ROLLBACK")
+                    lock.close()
+            async with Collector(pipeline(), workers=1) as c2:
+                ing2 = _ingress(c2, nurl, names, batch=20)
+                async with consuming(ing2):
+                    await until(lambda: ing2.stats().acked == 60, 30, "every message acked after recovery")
+                    await until(lambda: ing2.stats().num_ack_pending == 0, 10, "nothing pending")
+                st = ing2.stats()
+            assert st.redelivered == 60 and st.fetched == 60
+        with sqlite3.connect(str(db)) as conn:
+            ids = [r[0] for r in conn.execute("SELECT id FROM events")]
+        assert sorted(ids) == sorted(e["id"] for e in evs)
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- the CLI
+
+
+def test_collector_publish_from_the_command_line(nurl: str, tmp_path: Path) -> None:
+    names = Names()
+    nd = tmp_path / "in.ndjson"
+    file_events = events(30)
+    nd.write_text("\n".join(json.dumps(e) for e in file_events) + "\n")
+
+    async def main() -> None:
+        async with jetstream(nurl, names) as js:
+            await add_stream(js, names)
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            cmd = [sys.executable, "-m", "collector", "publish", "generic", "--to", nurl,
+                   "--subject", f"{names.prefix}.{{type}}", "--count", "250", "--rate", "2000"]
+            r = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=60, env=env)
+            assert r.returncode == 0, r.stderr
+            assert "published 250 events in 250 messages" in r.stdout
+            assert "published 250 events" in r.stderr  # the progress line
+            cmd = [sys.executable, "-m", "collector", "publish", "--file", str(nd), "--to", nurl,
+                   "--subject", f"{names.prefix}.file", "--per-message", "10"]
+            for _ in range(2):  # the second run is all duplicates
+                r = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=60, env=env)
+                assert r.returncode == 0, r.stderr
+            assert "30 events in 3 messages" in r.stdout and "(3 duplicates)" in r.stdout
+            assert (await js.stream_info(names.stream)).state.messages == 253
+            sub = await js.pull_subscribe(f"{names.prefix}.>", durable="check", stream=names.stream)
+            got: list[Any] = []
+            while len(got) < 253:
+                got += await sub.fetch(253 - len(got), timeout=5)
+            gen = [m for m in got if not m.subject.endswith(".file")]
+            assert len({m.headers["Nats-Msg-Id"] for m in gen}) == 250
+            assert all(m.headers["Nats-Msg-Id"] == json.loads(m.data)["id"] for m in gen)
+            lines = [json.loads(ln)["id"] for m in got if m.subject.endswith(".file") for ln in m.data.splitlines()]
+            assert lines == [e["id"] for e in file_events]
+
+    asyncio.run(main())
