@@ -68,6 +68,7 @@ class NatsIngressConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     ] = "collector"
     batch: Annotated[int, Meta(ge=1, description="messages per fetch (one engine operation)")] = 256
     max_batches: Annotated[int, Meta(ge=1, description="fetched batches not yet settled, at most")] = 4
+    fetchers: Annotated[int, Meta(ge=1, description="fetch requests outstanding at once (one subscription each)")] = 2
     fetch_timeout: Annotated[float, Meta(gt=0, description="seconds one fetch waits for messages")] = 1.0
     create: Annotated[
         bool, Meta(description="create the stream and the consumer when missing (existing ones are used as they are)")
@@ -130,6 +131,11 @@ class NatsDeadLetter(DeadLetter, frozen=True):
     sequence: int = 0
     deliveries: int = 0
     index: int = 0  # the event's line in its message
+
+
+def _lines(data: bytes) -> list[bytes]:
+    """The non-blank lines of a stripped message: one JSON event, or NDJSON."""
+    return [data] if b"\n" not in data else [ln for ln in data.split(b"\n") if ln.strip()]
 
 
 class _Span:
@@ -231,16 +237,23 @@ class NatsIngress:
         try:
             self.js = self.nc.jetstream()
             await self._ensure()
-            sub = await self.js.pull_subscribe_bind(durable=cfg.durable, stream=cfg.stream)
+            # one subscription per fetcher: a fetch is a request and its replies share
+            # the subscription's inbox, so concurrent fetches need their own
+            subs = [
+                await self.js.pull_subscribe_bind(durable=cfg.durable, stream=cfg.stream)
+                for _ in range(cfg.fetchers)
+            ]
             self.ready.set()
             lag = asyncio.create_task(self._watch_lag())
+            room = asyncio.Semaphore(cfg.max_batches)
             try:
-                await self._consume(sub)
+                await asyncio.gather(*(self._consume(sub, room) for sub in subs))
             finally:
                 lag.cancel()
                 await self._drain()
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+                for sub in subs:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
         finally:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
@@ -304,11 +317,10 @@ class NatsIngress:
             await asyncio.sleep(cfg.lag_interval)
 
     # ------------------------------------------------------------------ the loop
-    async def _consume(self, sub: Any) -> None:
+    async def _consume(self, sub: Any, room: asyncio.Semaphore) -> None:
         cfg = self.cfg
         stop = self._stop
         assert stop is not None
-        room = asyncio.Semaphore(cfg.max_batches)
         failures = 0
         while not stop.is_set():
             await room.acquire()
@@ -317,7 +329,7 @@ class NatsIngress:
                 break
             try:
                 msgs = await sub.fetch(cfg.batch, timeout=cfg.fetch_timeout)
-            except self.nats.errors.TimeoutError:
+            except TimeoutError:  # no message within fetch_timeout (nats-py's is a TimeoutError too)
                 room.release()
                 continue
             except Exception as e:  # disconnected, server restarting: nats-py reconnects
@@ -439,7 +451,7 @@ class NatsIngress:
     def _split(self, m: Any, md: Any, items: list[Any], keys: list[Any]) -> list[NatsDeadLetter]:
         """Append the message's events (raw JSON objects) and their shard keys; the bad ones back."""
         data = m.data.strip()
-        lines = [data] if b"\n" not in data else [ln for ln in data.split(b"\n") if ln.strip()]
+        lines = _lines(data)
         key = self.key
         dec = self._dec_key.decode
         if len(lines) > 1:
@@ -462,8 +474,6 @@ class NatsIngress:
                 continue
             items.append(msgspec.Raw(ln))
             keys.append(getattr(k, key))
-        if not lines:
-            bad.append(self._record(m, md, b"", "empty message", 0))
         return bad
 
     def _record(self, m: Any, md: Any, payload: bytes, reason: str, index: int) -> NatsDeadLetter:
@@ -503,8 +513,7 @@ class NatsIngress:
 
     async def _poison(self, m: Any, md: Any, why: str) -> None:
         """Dead-letter every event of the message, then terminate it (no more deliveries)."""
-        data = m.data.strip()
-        lines = [ln for ln in data.split(b"\n") if ln.strip()] or [b""]
+        lines = _lines(m.data.strip()) or [b""]
         await self._deadletter([self._record(m, md, ln, f"poison message: {why}", i) for i, ln in enumerate(lines)])
         log.error("NATS message %s seq %d is poison (%s): dead-lettered and terminated", m.subject, md.sequence.stream, why)
         self._stats.terminated += 1
