@@ -133,6 +133,28 @@ class NatsDeadLetter(DeadLetter, frozen=True):
     index: int = 0  # the event's line in its message
 
 
+async def _acquire(room: asyncio.Semaphore, stop: asyncio.Event) -> bool:
+    """Take a slot of ``room``; False (and no slot) once ``stop`` is set.
+
+    With every slot held by batches whose sinks are down, a plain ``acquire`` would
+    keep ``stop()`` waiting for ever.
+    """
+    if not room.locked():
+        await room.acquire()
+    else:
+        acq = asyncio.ensure_future(room.acquire())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({acq, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not acq.done():
+            acq.cancel()
+            return False
+    if stop.is_set():
+        room.release()
+        return False
+    return True
+
+
 def _lines(data: bytes) -> list[bytes]:
     """The non-blank lines of a stripped message: one JSON event, or NDJSON."""
     return [data] if b"\n" not in data else [ln for ln in data.split(b"\n") if ln.strip()]
@@ -323,9 +345,7 @@ class NatsIngress:
         assert stop is not None
         failures = 0
         while not stop.is_set():
-            await room.acquire()
-            if stop.is_set():
-                room.release()
+            if not await _acquire(room, stop):
                 break
             try:
                 msgs = await sub.fetch(cfg.batch, timeout=cfg.fetch_timeout)
