@@ -168,6 +168,31 @@ def test_sink_retry_is_a_counted_duplicate_and_stored_once(nurl: str) -> None:
     asyncio.run(main())
 
 
+def test_pipeline_with_the_nats_sink_stores_each_event_once_when_sent_twice(nurl: str) -> None:
+    """Workers publish through the sink; the same batch again (a retry, a replay) adds nothing."""
+    names = Names()
+    evs = events(300)
+
+    async def main() -> None:
+        async with jetstream(nurl, names) as js:
+            await add_stream(js, names)
+            sink = NatsSinkConfig(url=nurl, subject=f"{names.prefix}.{{type}}")
+            async with Collector(generic_pipeline(enrich_latency=0, dedup_ttl=0, sinks=(sink,)), workers=2) as c:
+                for _ in range(2):
+                    res = await (await c.ahandle(evs))
+                    assert (res.handled_events, res.failed_events) == (300, 0)
+            info = await js.stream_info(names.stream)
+            assert info.state.messages == 300
+            sub = await js.pull_subscribe(f"{names.prefix}.>", durable="check", stream=names.stream)
+            got: list[Any] = []
+            while len(got) < 300:
+                got += await sub.fetch(300 - len(got), timeout=5)
+            assert {m.subject for m in got} == {f"{names.prefix}.{t}" for t in ("user_action", "sensor_data", "system_log")}
+            assert sorted(m.headers["Nats-Msg-Id"] for m in got) == sorted(e["id"] for e in evs)
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------------- the ingress
 
 
