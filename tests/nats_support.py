@@ -28,3 +28,18 @@ class Explode(Stage):
             return []
 
         return run
+
+
+def jsonl_pipeline() -> Any:
+    """The generic pipeline (no dedup, ``$NATS_TEST_LATENCY`` s per uncached lookup) into ``$NATS_TEST_SINK``."""
+    import os
+
+    from collector.generic import generic_pipeline
+    from collector.sinks import JsonlSinkConfig
+
+    return generic_pipeline(
+        enrich_latency=float(os.environ.get("NATS_TEST_LATENCY", "0")),
+        cache_ttl=0,
+        dedup_ttl=0,
+        sinks=(JsonlSinkConfig(path=os.environ["NATS_TEST_SINK"], fsync="never"),)
+    )

@@ -362,6 +362,73 @@ def test_message_whose_sink_commit_fails_is_not_acked_and_is_redelivered(nurl: s
     asyncio.run(main())
 
 
+def test_two_consumers_share_a_durable_and_a_sigkill_loses_nothing(nurl: str, tmp_path: Path) -> None:
+    """Scale-out: two `collector consume` processes on one durable consumer; one is
+    killed with SIGKILL mid-run; its unacked messages are delivered to the other after
+    ack_wait. Ledger across both sinks: 0 lost, 0 unexpected, duplicates at most what
+    the killed one had in flight."""
+    import signal
+
+    names = Names()
+    evs = events(3000)
+    batch, max_batches = 50, 4  # the killed consumer holds at most 200 unacked messages
+
+    def start(tag: str) -> subprocess.Popen[bytes]:
+        # 0.1 s of enrichment per chunk: the killed one surely holds unacked messages
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+                   NATS_TEST_SINK=str(tmp_path / f"{tag}-{{worker}}.jsonl"), NATS_TEST_LATENCY="0.1")
+        cmd = [sys.executable, "-m", "collector", "consume", "--from", nurl, "--stream", names.stream,
+               "--subject", names.subjects[0], "--durable", names.durable, "--batch", str(batch),
+               "--ack-wait", "2", "--pipeline", "nats_support:jsonl_pipeline", "--workers", "1",
+               "--stats-interval", "0.5"]
+        with open(tmp_path / f"{tag}.log", "wb") as err:
+            return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+
+    def log(tag: str) -> str:
+        return (tmp_path / f"{tag}.log").read_text(errors="replace")
+
+    async def main() -> None:
+        async with jetstream(nurl, names) as js:
+            await add_stream(js, names)
+            a = start("a")
+            b = None
+            try:
+                await until(lambda: "consuming" in log("a"), 60, "consumer a ready")
+                b = start("b")
+                await until(lambda: "consuming" in log("b"), 60, "consumer b ready")
+                sent = 0
+                killed_at = None
+                for lo in range(0, len(evs), 100):
+                    await publish(nurl, f"{names.prefix}.{{type}}", evs[lo : lo + 100])
+                    sent += 100
+                    await asyncio.sleep(0.05)
+                    if killed_at is None and sent >= 1200 and glob.glob(str(tmp_path / "a-*.jsonl")):
+                        a.send_signal(signal.SIGKILL)
+                        killed_at = sent
+                assert killed_at is not None, "consumer a stored nothing before the kill"
+                a.wait(10)
+                want = {e["id"] for e in evs}
+                await until(lambda: want <= set(jsonl_ids(str(tmp_path / "*-*.jsonl"))), 60, "every event stored")
+                b.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(b.wait, 30) == 0, log("b")
+            finally:
+                for p in (a, b):
+                    if p is not None and p.poll() is None:
+                        p.kill()
+                        p.wait(10)
+            info = await consumer_state(js, names)
+            assert (info.num_pending, info.num_ack_pending) == (0, 0)
+        stored = jsonl_ids(str(tmp_path / "*-*.jsonl"))
+        assert set(stored) == {e["id"] for e in evs}, "0 lost, 0 unexpected"
+        dups = len(stored) - len(set(stored))
+        assert dups <= batch * max_batches, f"{dups} duplicates, more than the killed consumer held"
+        assert jsonl_ids(str(tmp_path / "a-*.jsonl")) and jsonl_ids(str(tmp_path / "b-*.jsonl")), "both did work"
+        final = json.loads(log("b").strip().splitlines()[-1])
+        assert final["redelivered"] >= 1  # what a had fetched and not acked came to b
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------------- the CLI
 
 
