@@ -429,6 +429,61 @@ def test_two_consumers_share_a_durable_and_a_sigkill_loses_nothing(nurl: str, tm
     asyncio.run(main())
 
 
+def test_ingress_reconnects_after_the_server_restarts(tmp_path: Path) -> None:
+    """A private nats-server (its own port and store) is stopped and started again under
+    the ingress: it reconnects and resumes; every event is stored."""
+    import shutil
+    import signal
+    import socket
+
+    exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if not os.path.exists(exe):
+        if os.environ.get("COLLECTOR_REQUIRE_SERVICES") == "1":
+            pytest.fail("nats-server binary not found (COLLECTOR_REQUIRE_SERVICES=1)")
+        pytest.skip("nats-server binary not found")
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    url = f"nats://127.0.0.1:{port}"
+    store = tmp_path / "js"
+
+    def server() -> subprocess.Popen[bytes]:
+        cmd = [exe, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)]
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up() -> bool:
+        with socket.socket() as sk:
+            return sk.connect_ex(("127.0.0.1", port)) == 0
+
+    names = Names()
+    first, second = events(300), events(300)
+
+    async def main() -> None:
+        srv = server()
+        try:
+            await until(up, 15, "private nats-server up")
+            async with Collector(_pipeline(tmp_path), workers=1) as c:
+                ing = _ingress(c, url, names, batch=50)
+                async with consuming(ing):
+                    await publish(url, f"{names.prefix}.{{type}}", first)
+                    await until(lambda: ing.stats().acked == 300, 30, "first half acked")
+                    srv.send_signal(signal.SIGTERM)
+                    await asyncio.to_thread(srv.wait, 15)
+                    await asyncio.sleep(1.0)  # fetches fail meanwhile
+                    srv = server()
+                    await until(up, 15, "private nats-server up again")
+                    await publish(url, f"{names.prefix}.{{type}}", second)
+                    await until(lambda: ing.stats().acked == 600, 60, "second half acked after the restart")
+        finally:
+            if srv.poll() is None:
+                srv.terminate()
+                srv.wait(15)
+        stored = jsonl_ids(str(tmp_path / "events-*.jsonl"))
+        assert sorted(stored) == sorted(e["id"] for e in first + second)
+
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------------- the CLI
 
 
