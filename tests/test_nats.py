@@ -131,6 +131,26 @@ async def consumer_state(js: Any, names: Names) -> Any:
     return await js.consumer_info(names.stream, names.durable)
 
 
+# ---------------------------------------------------------------------- pure parts
+
+
+def test_subject_template() -> None:
+    from collector.errors import ConfigError
+    from collector.sinks.nats import SubjectTemplate
+
+    t = SubjectTemplate("events.{type}.{source}")
+    assert t.fields == ["type", "source"]
+    assert t.render({"type": "a.b c*>", "source": None}) == "events.a_b_c__._"
+    assert t.of_objects([{"type": "x", "source": "web"}]) == ["events.x.web"]
+    assert SubjectTemplate("events.all").of_objects([{}, {}]) == ["events.all", "events.all"]
+    for bad in ("", "events.{0}", "events.{a.b}", "a b"):
+        with pytest.raises(ConfigError):
+            SubjectTemplate(bad)
+    codec = EventCodec(GenericEvent, "id")
+    with pytest.raises(ConfigError, match="does not have"):
+        build_sink(NatsSinkConfig(subject="events.{colour}"), index=0, codec=codec, worker=0)
+
+
 # ---------------------------------------------------------------------- the sink
 
 
@@ -308,6 +328,44 @@ def test_invalid_and_poison_messages_are_dead_lettered_and_the_rest_flow(nurl: s
         assert pr["deliveries"] == 3 and "poison message" in pr["reason"] and json.loads(pr["payload"])["id"] == poison["id"]
         worker_dl = [r for p in glob.glob(str(tmp_path / "dead-[0-9]*.jsonl")) for r in records(Path(p))]
         assert [json.loads(r["payload"])["id"] for r in worker_dl] == [invalid_event["id"]]
+
+    asyncio.run(main())
+
+
+def test_a_batch_waiting_for_its_sink_is_kept_in_progress_past_ack_wait(nurl: str, tmp_path: Path) -> None:
+    """ack_wait 1 s, the sink blocked for 3 s: in_progress keeps every message from
+    being delivered again; each is acked once, after the commit."""
+    names = Names()
+    evs = events(40)
+    db = tmp_path / "events.db"
+    pipeline = generic_pipeline(
+        enrich_latency=0, dedup_ttl=0,
+        sinks=(SqliteSinkConfig(path=str(db), busy_timeout=0.05, backoff=0.05, backoff_max=0.2),),
+    )
+
+    async def main() -> None:
+        async with jetstream(nurl, names) as js:
+            await add_stream(js, names)
+            async with Collector(pipeline, workers=1) as c:
+                await asyncio.sleep(0.5)  # the sink opened and made its table
+                lock = sqlite3.connect(str(db), isolation_level=None)
+                lock.execute("BEGIN EXCLUSIVE")
+                try:
+                    ing = _ingress(c, nurl, names, batch=20, ack_wait=1.0)
+                    async with consuming(ing):
+                        await publish(nurl, f"{names.prefix}.{{type}}", evs)
+                        await until(lambda: ing.stats().fetched == 40, 20, "all fetched")
+                        await asyncio.sleep(3.0)
+                        assert ing.stats().acked == 0
+                        lock.execute("ROLLBACK")
+                        await until(lambda: ing.stats().acked == 40, 30, "every message acked")
+                        await asyncio.sleep(1.5)  # a redelivery would show up now
+                        st = ing.stats()
+                finally:
+                    lock.close()
+            assert (st.fetched, st.redelivered, st.nakked) == (40, 0, 0)
+            info = await consumer_state(js, names)
+            assert (info.num_ack_pending, info.num_redelivered) == (0, 0)
 
     asyncio.run(main())
 
