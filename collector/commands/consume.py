@@ -81,5 +81,13 @@ def run(args: argparse.Namespace) -> int:
     """Consume until SIGTERM/SIGINT."""
     import uvloop
 
-    result: Any = uvloop.run(_main(args))
+    from collector.errors import CollectorError
+
+    try:
+        result: Any = uvloop.run(_main(args))
+    except CollectorError:
+        raise
+    except Exception as e:  # NATS unreachable, stream refused, ...: one line, not a traceback
+        print(f"collector consume: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     return int(result)

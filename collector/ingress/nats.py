@@ -43,7 +43,7 @@ from msgspec import Meta
 
 from ..errors import CollectorError, Overloaded
 from ..sinks.base import DeadLetter
-from ..sinks.nats import nats_module
+from ..sinks.nats import connection_callbacks, nats_module
 
 if TYPE_CHECKING:
     from ..supervisor import Collector
@@ -66,6 +66,9 @@ class NatsIngressConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     durable: Annotated[
         str, Meta(description="durable consumer name: collectors sharing it share the messages")
     ] = "collector"
+    connect_timeout: Annotated[
+        float, Meta(gt=0, description="seconds to reach the server at start (later outages are retried for ever)")
+    ] = 10.0
     batch: Annotated[int, Meta(ge=1, description="messages per fetch (one engine operation)")] = 256
     max_batches: Annotated[int, Meta(ge=1, description="fetched batches not yet settled, at most")] = 4
     fetchers: Annotated[int, Meta(ge=1, description="fetch requests outstanding at once (one subscription each)")] = 2
@@ -250,12 +253,24 @@ class NatsIngress:
         self._stop = asyncio.Event()
         if self._stopped_early:
             return
-        self.nc = await self.nats.connect(
-            servers=cfg.url.split(","),
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            allow_reconnect=True,
+        # nats-py retries the first connect for ever too: bound it (a wrong URL is an
+        # error at start) and let stop() end it; once connected, outages are retried
+        connect = asyncio.ensure_future(
+            self.nats.connect(
+                servers=cfg.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.5, allow_reconnect=True,
+                **connection_callbacks("ingress"),
+            )
         )
+        stopped = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({connect, stopped}, timeout=cfg.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not connect.done():
+            connect.cancel()
+            await asyncio.wait({connect}, timeout=1)
+            if self._stop.is_set():
+                return
+            raise CollectorError(f"NATS not reachable at {cfg.url} within {cfg.connect_timeout}s")
+        self.nc = connect.result()
         try:
             self.js = self.nc.jetstream()
             await self._ensure()

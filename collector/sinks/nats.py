@@ -18,18 +18,19 @@ sink counts those answers (``duplicates``) instead of hiding them. The same
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 import string
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from ..errors import ConfigError, missing
 from .base import Batch, EventCodec, Sink
 from .config import NatsSinkConfig
 
-__all__ = ["NatsSink", "Publisher", "SubjectTemplate", "chunk_id", "nats_module"]
+__all__ = ["NatsSink", "Publisher", "SubjectTemplate", "chunk_id", "connection_callbacks", "nats_module"]
 
 log = logging.getLogger("collector.sinks")
 
@@ -120,13 +121,16 @@ class Publisher:
             self._lock = asyncio.Lock()
         async with self._lock:
             if self.js is None:
-                nc = await self.nats.connect(
-                    servers=self.url.split(","),
-                    connect_timeout=self.connect_timeout,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    allow_reconnect=True,
-                )
+                # bounded: nats-py would retry a first connect for ever
+                async with _reach(self.url, self.connect_timeout * 2):
+                    nc = await self.nats.connect(
+                        servers=self.url.split(","),
+                        connect_timeout=self.connect_timeout,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.5,
+                        allow_reconnect=True,
+                        **connection_callbacks("publisher"),
+                    )
                 self.nc = nc
                 self.js = nc.jetstream(publish_async_max_pending=self.max_pending)
         return self.js
@@ -162,6 +166,30 @@ class Publisher:
                 await nc.drain()
             except Exception:
                 await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def _reach(url: str, seconds: float) -> AsyncIterator[None]:
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise ConnectionError(f"NATS not reachable at {url} within {seconds:g}s") from None
+
+
+def connection_callbacks(what: str) -> dict[str, Any]:
+    """nats-py callbacks that log through ``collector`` loggers instead of printing tracebacks."""
+
+    async def error_cb(e: Exception) -> None:
+        log.debug("%s: NATS connection error: %s: %s", what, type(e).__name__, e)
+
+    async def disconnected_cb() -> None:
+        log.warning("%s: disconnected from NATS; reconnecting", what)
+
+    async def reconnected_cb() -> None:
+        log.warning("%s: reconnected to NATS", what)
+
+    return {"error_cb": error_cb, "disconnected_cb": disconnected_cb, "reconnected_cb": reconnected_cb}
 
 
 def chunk_id(ids: Sequence[Any]) -> str:
