@@ -351,7 +351,7 @@ def test_a_batch_waiting_for_its_sink_is_kept_in_progress_past_ack_wait(nurl: st
                 lock = sqlite3.connect(str(db), isolation_level=None)
                 lock.execute("BEGIN EXCLUSIVE")
                 try:
-                    ing = _ingress(c, nurl, names, batch=20, ack_wait=1.0)
+                    ing = _ingress(c, nurl, names, batch=20, max_batches=40, ack_wait=1.0)
                     async with consuming(ing):
                         await publish(nurl, f"{names.prefix}.{{type}}", evs)
                         await until(lambda: ing.stats().fetched == 40, 20, "all fetched")
@@ -373,7 +373,8 @@ def test_a_batch_waiting_for_its_sink_is_kept_in_progress_past_ack_wait(nurl: st
 def test_message_whose_sink_commit_fails_is_not_acked_and_is_redelivered(nurl: str, tmp_path: Path) -> None:
     """The SQLite sink cannot commit (another connection holds the write lock): nothing
     is acked; the collector stops; a second one gets every message again and stores
-    each event once."""
+    each event once. (max_batches: a fetch may return fewer than `batch` messages, and
+    every batch stays unsettled while the sink is down.)"""
     names = Names()
     evs = events(60)
     db = tmp_path / "events.db"
@@ -393,7 +394,7 @@ def test_message_whose_sink_commit_fails_is_not_acked_and_is_redelivered(nurl: s
                 lock = sqlite3.connect(str(db), isolation_level=None)
                 lock.execute("BEGIN EXCLUSIVE")
                 try:
-                    ing = _ingress(c, nurl, names, batch=20, drain_timeout=1.0)
+                    ing = _ingress(c, nurl, names, batch=20, max_batches=60, drain_timeout=1.0)
                     async with consuming(ing):
                         await publish(nurl, f"{names.prefix}.{{type}}", evs)
                         await until(lambda: ing.stats().fetched == 60, 20, "all fetched")
