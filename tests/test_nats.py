@@ -332,29 +332,50 @@ def test_invalid_and_poison_messages_are_dead_lettered_and_the_rest_flow(nurl: s
     asyncio.run(main())
 
 
+def _sqlite_pipeline(db: Path) -> Any:
+    """The generic pipeline into SQLite, failing fast while another connection holds the lock."""
+    return generic_pipeline(
+        enrich_latency=0,
+        dedup_ttl=0,
+        sinks=(SqliteSinkConfig(path=str(db), busy_timeout=0.05, backoff=0.05, backoff_max=0.2),),
+    )
+
+
+async def _sink_down(c: Collector, db: Path) -> sqlite3.Connection:
+    """Once the sink opened (and made its table), hold SQLite's write lock on ``db``:
+    the sink's writes fail until ROLLBACK."""
+    await asyncio.sleep(0.5)
+    return _write_lock(db)
+
+
+async def _all_fetched(ing: NatsIngress, url: str, names: Names, evs: list[dict[str, Any]]) -> None:
+    await publish(url, f"{names.prefix}.{{type}}", evs)
+    await until(lambda: ing.stats().fetched == len(evs), 20, "all fetched")
+
+
+def _write_lock(db: Path) -> sqlite3.Connection:
+    """Hold SQLite's write lock on ``db`` (the sink's writes fail until ROLLBACK)."""
+    lock = sqlite3.connect(str(db), isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    return lock
+
+
 def test_a_batch_waiting_for_its_sink_is_kept_in_progress_past_ack_wait(nurl: str, tmp_path: Path) -> None:
     """ack_wait 1 s, the sink blocked for 3 s: in_progress keeps every message from
     being delivered again; each is acked once, after the commit."""
     names = Names()
     evs = events(40)
     db = tmp_path / "events.db"
-    pipeline = generic_pipeline(
-        enrich_latency=0, dedup_ttl=0,
-        sinks=(SqliteSinkConfig(path=str(db), busy_timeout=0.05, backoff=0.05, backoff_max=0.2),),
-    )
 
     async def main() -> None:
         async with jetstream(nurl, names) as js:
             await add_stream(js, names)
-            async with Collector(pipeline, workers=1) as c:
-                await asyncio.sleep(0.5)  # the sink opened and made its table
-                lock = sqlite3.connect(str(db), isolation_level=None)
-                lock.execute("BEGIN EXCLUSIVE")
+            async with Collector(_sqlite_pipeline(db), workers=1) as c:
+                lock = await _sink_down(c, db)
                 try:
                     ing = _ingress(c, nurl, names, batch=20, max_batches=40, ack_wait=1.0)
                     async with consuming(ing):
-                        await publish(nurl, f"{names.prefix}.{{type}}", evs)
-                        await until(lambda: ing.stats().fetched == 40, 20, "all fetched")
+                        await _all_fetched(ing, nurl, names, evs)
                         await asyncio.sleep(3.0)
                         assert ing.stats().acked == 0
                         lock.execute("ROLLBACK")
@@ -379,25 +400,15 @@ def test_message_whose_sink_commit_fails_is_not_acked_and_is_redelivered(nurl: s
     evs = events(60)
     db = tmp_path / "events.db"
 
-    def pipeline() -> Any:
-        return generic_pipeline(
-            enrich_latency=0,
-            dedup_ttl=0,
-            sinks=(SqliteSinkConfig(path=str(db), busy_timeout=0.05, backoff=0.05, backoff_max=0.2),),
-        )
-
     async def main() -> None:
         async with jetstream(nurl, names) as js:
             await add_stream(js, names)
-            async with Collector(pipeline(), workers=1) as c:
-                await asyncio.sleep(0.5)  # the sink opened and made its table
-                lock = sqlite3.connect(str(db), isolation_level=None)
-                lock.execute("BEGIN EXCLUSIVE")
+            async with Collector(_sqlite_pipeline(db), workers=1) as c:
+                lock = await _sink_down(c, db)
                 try:
                     ing = _ingress(c, nurl, names, batch=20, max_batches=60, drain_timeout=1.0)
                     async with consuming(ing):
-                        await publish(nurl, f"{names.prefix}.{{type}}", evs)
-                        await until(lambda: ing.stats().fetched == 60, 20, "all fetched")
+                        await _all_fetched(ing, nurl, names, evs)
                         await asyncio.sleep(1.5)  # the sink keeps failing meanwhile
                         assert ing.stats().acked == 0
                         info = await consumer_state(js, names)
@@ -407,7 +418,7 @@ def test_message_whose_sink_commit_fails_is_not_acked_and_is_redelivered(nurl: s
                 finally:
                     lock.execute("ROLLBACK")
                     lock.close()
-            async with Collector(pipeline(), workers=1) as c2:
+            async with Collector(_sqlite_pipeline(db), workers=1) as c2:
                 ing2 = _ingress(c2, nurl, names, batch=20)
                 async with consuming(ing2):
                     await until(lambda: ing2.stats().acked == 60, 30, "every message acked after recovery")
