@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("collector.commands.bench", "run a benchmark scenario (inmem, slow-service, seed-000, stats, http, service)"),
     "migrate": ("collector.commands.migrate", "create the tables the configured SQL sinks write to"),
     "replay": ("collector.commands.replay", "send dead-lettered events back through the pipeline"),
+    "publish": ("collector.commands.publish", "send a pack's generated events, or NDJSON, to NATS JetStream"),
+    "consume": ("collector.commands.consume", "run a collector fed by a NATS JetStream durable consumer (no HTTP)"),
 }
 
 

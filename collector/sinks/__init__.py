@@ -6,7 +6,8 @@
                                       ├─► jsonl     rotated JSON-lines files, fsync policy
                                       ├─► sqlite    embedded default (WAL, stdlib, on a thread, group commit)
                                       ├─► postgres  asyncpg binary COPY (via staging + ON CONFLICT after a conflict)
-                                      └─► mysql     aiomysql multi-row INSERT IGNORE (seed 004 table)
+                                      ├─► mysql     aiomysql multi-row INSERT IGNORE (seed 004 table)
+                                      └─► nats      JetStream publish, Nats-Msg-Id = event id, PubAcks awaited
            SinkSet.reject(records) ───► deadletter  JSON lines: payload, reason, path, stage, time
 
 Sinks are configured with the frozen structs of :mod:`collector.sinks.config` (a
@@ -37,6 +38,7 @@ from .config import (
     DeadLetterConfig,
     JsonlSinkConfig,
     MysqlSinkConfig,
+    NatsSinkConfig,
     PostgresSinkConfig,
     SinkConfig,
     SqliteSinkConfig,
@@ -54,6 +56,7 @@ SINKS = {
     "sqlite": "collector.sinks.sqlite:SqliteSink",
     "postgres": "collector.sinks.postgres:PostgresSink",
     "mysql": "collector.sinks.mysql:MysqlSink",
+    "nats": "collector.sinks.nats:NatsSink",
 }
 
 __all__ = [
@@ -63,6 +66,7 @@ __all__ = [
     "DeadLetterConfig",
     "JsonlSinkConfig",
     "MysqlSinkConfig",
+    "NatsSinkConfig",
     "PostgresSinkConfig",
     "Sink",
     "SinkConfig",

@@ -30,6 +30,7 @@ __all__ = [
     "DeadLetterConfig",
     "JsonlSinkConfig",
     "MysqlSinkConfig",
+    "NatsSinkConfig",
     "PostgresSinkConfig",
     "SinkConfig",
     "SqliteSinkConfig",
@@ -177,7 +178,40 @@ class MysqlSinkConfig(_SinkBase, frozen=True, forbid_unknown_fields=True, tag="m
     create_table: Annotated[bool, Meta(description="run the table migration when the sink opens")] = True
 
 
-SinkConfig = StdoutSinkConfig | JsonlSinkConfig | SqliteSinkConfig | PostgresSinkConfig | MysqlSinkConfig
+class NatsSinkConfig(_SinkBase, frozen=True, forbid_unknown_fields=True, tag="nats"):
+    """NATS JetStream: each event (or chunk) published with its id as `Nats-Msg-Id`; PubAcks awaited."""
+
+    url: Annotated[
+        str, Meta(description="server URL(s), comma-separated (`nats://host:4222`); prefer `url_env` if it holds a token")
+    ] = "nats://127.0.0.1:4222"
+    url_env: Annotated[
+        str | None, Meta(description="name of the environment variable holding the URL (wins over `url`)")
+    ] = None
+    subject: Annotated[
+        str,
+        Meta(
+            description="subject template: `{field}` is replaced by the event's top-level field "
+            "(`events.{type}`: keyed by event type); the stream must capture these subjects"
+        ),
+    ] = "events.{type}"
+    mode: Annotated[
+        Literal["event", "chunk"],
+        Meta(
+            description="`event`: one message per event, `Nats-Msg-Id` = the event id; `chunk`: one NDJSON "
+            "message per subject and chunk, id = a hash of its event ids"
+        ),
+    ] = "event"
+    stream: Annotated[
+        str | None, Meta(description="expected stream name (`Nats-Expected-Stream`): a publish to another stream fails")
+    ] = None
+    max_pending: Annotated[
+        int, Meta(ge=1, description="published messages awaiting their PubAck at most, per worker")
+    ] = 4096
+
+
+SinkConfig = (
+    StdoutSinkConfig | JsonlSinkConfig | SqliteSinkConfig | PostgresSinkConfig | MysqlSinkConfig | NatsSinkConfig
+)
 """Any sink's configuration; decodes from a table whose ``kind`` picks the type."""
 
 SINK_KINDS: tuple[type[_SinkBase], ...] = typing.get_args(SinkConfig)
