@@ -22,6 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="override [engine].workers")
     p.add_argument("--data-dir", help="override data_dir (where default file sinks write)")
     p.add_argument("--pack", help="override [pipeline].pack: a registered pack (generic, playback) or module:attr")
+    p.add_argument("--source", metavar="URL", help="also consume a NATS JetStream stream: nats://HOST:PORT "
+                   "(sets [source].url; stream, subjects, durable from [source] or the flags below)")
+    p.add_argument("--stream", metavar="NAME", help="override [source].stream (the JetStream stream)")
+    p.add_argument("--subject", metavar="SUBJ", action="append",
+                   help="override [source].subjects (repeatable), e.g. 'events.>'")
+    p.add_argument("--durable", metavar="NAME", help="override [source].durable (the durable consumer name)")
     p.add_argument("--port-file", metavar="PATH", help="write the bound port to this file once listening")
 
 
@@ -30,5 +36,6 @@ def run(args: argparse.Namespace) -> int:
     from collector.daemon import run_daemon
 
     overrides = {"host": args.host, "port": args.port, "workers": args.workers, "data_dir": args.data_dir,
-                 "pack": args.pack}
+                 "pack": args.pack, "source": args.source, "stream": args.stream, "subject": args.subject,
+                 "durable": args.durable}
     return run_daemon(args.config, overrides=overrides, port_file=args.port_file)
