@@ -3,8 +3,10 @@
 With no ``--config`` it runs on embedded defaults: the ``generic`` pack (``--pack`` picks
 another registered one, e.g. ``playback``), a JSONL sink
 and a dead-letter file in ``./collector-data`` (``$STATE_DIRECTORY`` under systemd),
-127.0.0.1:8080. Exit codes: 0 after a clean stop, 1 when the drain ran out of time or
-the engine halted, 78 (EX_CONFIG) when the config or the workers' boot failed.
+127.0.0.1:8080. ``--source nats://HOST:PORT`` (or a ``[source]`` table) also consumes a
+JetStream stream. Exit codes: 0 after a clean stop, 1 when the drain ran out of time,
+the engine halted or the ``[source]`` could not start, 78 (EX_CONFIG) when the config
+or the workers' boot failed.
 """
 
 from __future__ import annotations
