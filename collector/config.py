@@ -21,7 +21,7 @@ import os
 import tomllib
 import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -33,6 +33,7 @@ __all__ = [
     "DaemonConfig",
     "EngineConfig",
     "LogConfig",
+    "NatsIngressConfig",
     "PipelineConfig",
     "ServerConfig",
     "default_config",
@@ -138,6 +139,65 @@ class LogConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ] = 60.0
 
 
+class NatsIngressConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The JetStream source: where to read, how the stream and consumer are made, the bounds.
+
+    The daemon's ``[source]`` table; :mod:`collector.ingress.nats` consumes it.
+    """
+
+    kind: Annotated[Literal["nats"], Meta(description="the source kind (only `nats`: a JetStream pull consumer)")] = "nats"
+    url: Annotated[str, Meta(description="server URL(s), comma-separated")] = "nats://127.0.0.1:4222"
+    stream: Annotated[str, Meta(description="stream name")] = "EVENTS"
+    subjects: Annotated[
+        list[str], Meta(description="subjects the stream captures (and the consumer reads) when they are created")
+    ] = msgspec.field(default_factory=lambda: ["events.>"])
+    durable: Annotated[
+        str, Meta(description="durable consumer name: collectors sharing it share the messages")
+    ] = "collector"
+    connect_timeout: Annotated[
+        float, Meta(gt=0, description="seconds to reach the server at start (later outages are retried for ever)")
+    ] = 10.0
+    batch: Annotated[int, Meta(ge=1, description="messages per fetch (one engine operation)")] = 256
+    max_batches: Annotated[int, Meta(ge=1, description="fetched batches not yet settled, at most")] = 4
+    fetchers: Annotated[int, Meta(ge=1, description="fetch requests outstanding at once (one subscription each)")] = 2
+    fetch_timeout: Annotated[float, Meta(gt=0, description="seconds one fetch waits for messages")] = 1.0
+    create: Annotated[
+        bool, Meta(description="create the stream and the consumer when missing (existing ones are used as they are)")
+    ] = True
+    retention: Annotated[
+        Literal["limits", "workqueue", "interest"],
+        Meta(description="stream retention when created: `limits` keeps messages for `max_age`; `workqueue` "
+             "deletes a message once acknowledged"),
+    ] = "limits"
+    max_age: Annotated[float, Meta(ge=0, description="stream: seconds a message is kept (0: no limit)")] = 7 * 86400.0
+    duplicate_window: Annotated[
+        float, Meta(gt=0, description="stream: seconds a `Nats-Msg-Id` is remembered (a repeated id is dropped)")
+    ] = 120.0
+    ack_wait: Annotated[
+        float, Meta(gt=0, description="consumer: seconds before an unacknowledged delivery is delivered again")
+    ] = 30.0
+    max_deliver: Annotated[
+        int, Meta(ge=1, description="deliveries of a message before it is terminated and dead-lettered (poison)")
+    ] = 5
+    max_ack_pending: Annotated[
+        int, Meta(ge=1, description="consumer: delivered and unacknowledged messages at most (backpressure)")
+    ] = 20_000
+    nak_delay: Annotated[float, Meta(ge=0, description="seconds before a nakked message is delivered again")] = 1.0
+    work_timeout: Annotated[
+        float,
+        Meta(ge=0, description="seconds a fetched batch may wait for its sinks before its messages are nakked "
+             "(0: no limit; they stay in progress while the sinks retry, and are delivered again only if this "
+             "collector dies)"),
+    ] = 0.0
+    lag_interval: Annotated[float, Meta(gt=0, description="seconds between consumer-lag (`num_pending`) reads")] = 1.0
+    drain_timeout: Annotated[float, Meta(gt=0, description="seconds `stop()` waits for batches in flight")] = 30.0
+    deadletter: Annotated[
+        str | None,
+        Meta(description="dead-letter file of the ingress (default: the pipeline's, `{worker}` → `nats`; "
+             "without either, dead letters are logged)"),
+    ] = None
+
+
 class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The whole daemon configuration (the top level of the TOML file)."""
 
@@ -157,6 +217,21 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         DeadLetterConfig | None,
         Meta(description="`[deadletter]` table; default: `deadletter-{worker}.jsonl` in `data_dir`"),
     ] = None
+    source: Annotated[
+        NatsIngressConfig | None,
+        Meta(description="`[source]` table: also consume a NATS JetStream stream (see NATS JetStream); "
+             "`collector serve --source nats://…` sets it"),
+    ] = None
+    sources: Annotated[
+        list[dict[str, Any]],
+        Meta(description="`[[sources]]` tables: enrichment sources, each with a `name` and a `kind` (see Enrichment "
+             "sources); checked when the pipeline is built"),
+    ] = msgspec.field(default_factory=list)
+    enrich: Annotated[
+        list[dict[str, Any]],
+        Meta(description="`[[enrich]]` steps (`source`, `key`, `key_fields`, `target`, `name`): each adds a lookup "
+             "of a named source to the pack's pipeline, `target` a field of its event type"),
+    ] = msgspec.field(default_factory=list)
 
     def resolved_data_dir(self) -> Path:
         """``data_dir``, or ``$STATE_DIRECTORY`` (systemd), or ``./collector-data``; absolute."""
@@ -256,8 +331,10 @@ def options_table() -> str:
         ("`[engine]`", EngineConfig),
         ("`[pipeline]`", PipelineConfig),
         ("`[log]`", LogConfig),
+        ("`[source]`", NatsIngressConfig),
     ]
-    tables = {"sinks": "array of tables", "deadletter": "table"}
+    tables = {"sinks": "array of tables", "deadletter": "table", "source": "table", "sources": "array of tables",
+              "enrich": "array of tables"}
     for label, cls in sections:
         for f in msgspec.structs.fields(cls):
             if f.name not in ("server", "engine", "pipeline", "log"):

@@ -101,10 +101,11 @@ class Daemon:
 
 
 def start_daemon(tmp: Path, config: str = "", env: dict[str, str] | None = None, ready: bool = True,
-                 workers: int = 2, wrap: list[str] | None = None) -> Daemon:
+                 workers: int = 2, wrap: list[str] | None = None, args: list[str] | None = None) -> Daemon:
     """Start ``python -m collector serve`` on a free port with ``config`` (TOML text).
 
-    ``wrap``: a command line that execs the rest (the daemon's argv follows it).
+    ``wrap``: a command line that execs the rest (the daemon's argv follows it);
+    ``args``: more options of ``collector serve``.
     """
     data = tmp / "data"
     cfg = tmp / "collector.toml"
@@ -113,7 +114,7 @@ def start_daemon(tmp: Path, config: str = "", env: dict[str, str] | None = None,
     port_file.unlink(missing_ok=True)  # a daemon restarted in the same dir: not the old port
     log = tmp / "daemon.log"
     cmd = [*(wrap or []), sys.executable, "-m", "collector", "serve", "--config", str(cfg), "--port", "0",
-           "--data-dir", str(data), "--port-file", str(port_file), "--workers", str(workers)]
+           "--data-dir", str(data), "--port-file", str(port_file), "--workers", str(workers), *(args or [])]
     with open(log, "wb") as lf:
         proc = subprocess.Popen(cmd, stdout=lf, stderr=lf, start_new_session=True, env={**os.environ, **(env or {})})
     try:

@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Exit 0 and summarise when valid; exit 2 with the offending path otherwise."""
     from collector.config import load_config, options_table, resolved_sinks
+    from collector.errors import ConfigError
     from collector.packs import build_pipeline
 
     if args.options:
@@ -26,7 +27,10 @@ def run(args: argparse.Namespace) -> int:
         print("collector check-config: give a config file (or --options for the table of options)", file=sys.stderr)
         return 2
     cfg = load_config(args.path)  # ConfigError → "collector check-config: error: ..." and exit 2
-    p = build_pipeline(cfg)  # also imports a pack given as module:attr
+    try:
+        p = build_pipeline(cfg)  # also imports a pack given as module:attr; decodes [[sources]], [[enrich]]
+    except ConfigError as e:
+        raise ConfigError(f"{args.path}: {e}") from None
     sinks, dl = resolved_sinks(cfg)
     s = cfg.server
     print(f"{args.path}: ok", file=sys.stdout)
@@ -34,4 +38,9 @@ def run(args: argparse.Namespace) -> int:
     for sk in sinks:
         print(f"  sink {sk!r}")
     print(f"  deadletter {dl.path}")
+    for lk in p.lookups:
+        print(f"  lookup {lk.name}: {lk.target} from {lk.key}" + (f" via {lk.source.name!r}" if lk.source is not None else ""))
+    if cfg.source is not None:
+        src = cfg.source
+        print(f"  source {src.kind} {src.url} stream {src.stream} ({', '.join(src.subjects)}) durable {src.durable}")
     return 0

@@ -15,11 +15,16 @@ accepting, finish in-flight requests, drain the engine and its sinks, exit 0 (1 
 changes that need new workers start a new collector, switch new requests to it, then
 drain the old one, so no request fails during a reload. A config that does not load is
 logged and the running one kept.
+
+With a ``[source]`` (``--source nats://…``) a JetStream ingress feeds the engine too:
+started once the engine is up, stopped (its batches settled) before the engine drains
+on SIGTERM, and before the swap on a reload, then started again on the new engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -30,11 +35,12 @@ from typing import Any
 
 import msgspec
 
-from ..config import DaemonConfig, engine_options, load_config
+from ..config import DaemonConfig, NatsIngressConfig, engine_options, load_config
 from ..engine import Collector
 from ..errors import ConfigError, WorkerBootError
 from ..http import App, HttpServer
 from ..ingress.coalescer import Coalescer
+from ..ingress.nats import NatsIngress, run_ingress
 from ..packs import build_pipeline
 from .notify import Notifier
 from .views import Views
@@ -62,6 +68,7 @@ class Daemon:
         self.views = Views()  # the engine serving, as the HTTP routes see it
         self.port = 0
         self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        self.ingress: NatsIngress | None = None  # the [source] consumer feeding the serving engine
 
     # ------------------------------------------------------------------ engine
     async def _new_engine(self, cfg: DaemonConfig) -> tuple[Collector, Coalescer]:
@@ -70,6 +77,41 @@ class Daemon:
         c = Collector(pipeline, **engine_options(cfg))
         await c.astart()
         return c, Coalescer(c, max_batch=cfg.engine.chunk_size * 4, max_ops=cfg.engine.coalesce_ops)
+
+    # ------------------------------------------------------------------ ingress
+    async def _start_ingress(self, collector: Collector, cfg: DaemonConfig) -> None:
+        """Consume ``cfg.source`` into ``collector`` (returns once consuming; raises if it cannot start)."""
+        if cfg.source is None:
+            return
+        s = cfg.source
+        self.ingress = self.views.ingress = await run_ingress(collector, s)
+        log.info("consuming %s stream %s (%s) as durable %s", s.url, s.stream, ",".join(s.subjects), s.durable,
+                 extra={"fields": {"event": "ingress_started", "stream": s.stream, "durable": s.durable}})
+
+    async def _stop_ingress(self, timeout: float) -> bool:
+        """Stop the ingress and wait (at most ``timeout`` s) for its batches to settle; True if in time."""
+        ing, self.ingress = self.ingress, None
+        if ing is None or ing.task is None:
+            return True
+        ing.stop()
+        clean = True
+        try:
+            await asyncio.wait_for(asyncio.shield(ing.task), timeout)
+        except TimeoutError:
+            clean = False
+            log.error("the ingress did not stop within %.1f s; its unsettled messages are delivered again", timeout,
+                      extra={"fields": {"event": "ingress_stop_timeout"}})
+            ing.task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(ing.task, 5.0)
+        except Exception as e:  # it had failed already: logged, nothing left to settle here
+            log.error("the ingress ended with an error: %s", e, extra={"fields": {"event": "ingress_failed"}})
+        self.views.retire_ingress(ing)
+        return clean
+
+    def _ingress_timeout(self, left: float) -> float:
+        src = self.config.source
+        return max(1.0, min(left, src.drain_timeout if src is not None else left))
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> int:
@@ -94,6 +136,14 @@ class Daemon:
                       extra={"fields": {"event": "bind_failed"}})
             await self.views.collector.aclose(timeout=5)
             return EX_CONFIG
+        try:
+            await self._start_ingress(self.views.collector, self.config)
+        except Exception as e:  # the server unreachable: 1, so systemd tries again (78 would stop it)
+            log.error("cannot start the [source] ingress: %s", e, extra={"fields": {"event": "ingress_failed"}})
+            self.server.stop_accepting()
+            await self.server.drain(1.0)
+            await self.views.collector.aclose(timeout=5)
+            return 1
         if self.port_file:
             Path(self.port_file).write_text(str(self.port))
         n = self.views.collector.nworkers
@@ -138,6 +188,11 @@ class Daemon:
             if every and now - last_stats >= every:
                 last_stats = now
                 self.log_stats()
+            ing = self.ingress
+            if ing is not None and ing.task is not None and ing.task.done():  # run() never returns by itself
+                err = ing.task.exception() if not ing.task.cancelled() else None
+                log.error("the ingress stopped: %s", err, extra={"fields": {"event": "ingress_failed"}})
+                await self._stop_ingress(1.0)
             if not c.running:  # halted after a fatal error (a worker keeps dying)
                 log.error("the engine stopped: %s", c.fatal_error,
                           extra={"fields": {"event": "engine_halted"}})
@@ -154,7 +209,9 @@ class Daemon:
         log.info("%s: stopping; %d events in flight", sig.name, st.inflight_events,
                  extra={"fields": {"event": "stopping", "signal": sig.name, "inflight": st.inflight_events}})
         self.server.stop_accepting()
-        clean = await self.server.drain(timeout)
+        # the ingress first: its fetched batches settle (acked) while the engine still runs
+        clean = await self._stop_ingress(self._ingress_timeout(timeout))
+        clean = await self.server.drain(max(1.0, timeout - (time.monotonic() - t0))) and clean
         left = max(1.0, timeout - (time.monotonic() - t0))
         await self.views.coalescer.aclose()
         await self.views.close_probes()
@@ -185,8 +242,10 @@ class Daemon:
         if (new.server.host, new.server.port) != (old.server.host, old.server.port):
             log.warning("server.host/port changed: that needs a restart; the other changes apply now")
         self.app.configure(new)
-        engine_changed = (new.engine, new.pipeline, new.sinks, new.deadletter, new.data_dir) != (
-            old.engine, old.pipeline, old.sinks, old.deadletter, old.data_dir)
+        engine_changed = (new.engine, new.pipeline, new.sinks, new.deadletter, new.data_dir, new.sources,
+                          new.enrich) != (old.engine, old.pipeline, old.sinks, old.deadletter, old.data_dir,
+                                          old.sources, old.enrich)
+        source_changed = engine_changed or new.source != old.source
         self.config = new
         if engine_changed:
             try:
@@ -198,9 +257,12 @@ class Daemon:
                 self.app.configure(old)
                 self.notify.ready(self.status_line())
                 return
+            # the old ingress settles its batches on the old engine, then stops
+            await self._stop_ingress(self._ingress_timeout(new.engine.shutdown_timeout))
             # new requests go to the new engine from here; /metrics sums the draining
             # engine too, so no counter dips during a reload
             retired, retired_co = self.views.swap(*fresh)
+            await self._restart_ingress(new)
             await self.views.close_probes()
             await retired_co.aclose()
             deadline = time.monotonic() + new.engine.shutdown_timeout
@@ -208,9 +270,18 @@ class Daemon:
                 await asyncio.sleep(0.02)
             self.views.retire(retired)
             await retired.aclose(timeout=max(1.0, deadline - time.monotonic()))
+        elif source_changed:
+            await self._stop_ingress(self._ingress_timeout(new.engine.shutdown_timeout))
+            await self._restart_ingress(new)
         log.info("reloaded %s (%s)", self.config_path, "new workers" if engine_changed else "server options only",
                  extra={"fields": {"event": "reloaded", "engine_replaced": engine_changed}})
         self.notify.ready(self.status_line())
+
+    async def _restart_ingress(self, cfg: DaemonConfig) -> None:
+        try:
+            await self._start_ingress(self.views.collector, cfg)
+        except Exception as e:  # HTTP ingest goes on; the next reload tries again
+            log.error("reload: the [source] ingress did not start: %s", e, extra={"fields": {"event": "ingress_failed"}})
 
     # ------------------------------------------------------------------ status
     def log_stats(self) -> None:
@@ -230,7 +301,8 @@ class Daemon:
 
 
 def apply_overrides(cfg: DaemonConfig, o: dict[str, Any]) -> DaemonConfig:
-    """``cfg`` with the command line's ``--host``, ``--port``, ``--workers``, ``--data-dir`` and ``--pack`` applied."""
+    """``cfg`` with the command line's ``--host``, ``--port``, ``--workers``, ``--data-dir``, ``--pack``
+    and ``--source``/``--stream``/``--subject``/``--durable`` applied."""
     server = cfg.server
     engine = cfg.engine
     if o.get("host") is not None:
@@ -244,4 +316,13 @@ def apply_overrides(cfg: DaemonConfig, o: dict[str, Any]) -> DaemonConfig:
         out = msgspec.structs.replace(out, data_dir=o["data_dir"])
     if o.get("pack") is not None:
         out = msgspec.structs.replace(out, pipeline=msgspec.structs.replace(out.pipeline, pack=o["pack"]))
+    src = {k: o[f] for k, f in (("url", "source"), ("stream", "stream"), ("subjects", "subject"),
+                                 ("durable", "durable")) if o.get(f)}
+    if src:
+        if "url" in src and not str(src["url"]).startswith(("nats://", "tls://")):
+            raise ConfigError(f"--source {src['url']!r}: only NATS JetStream is supported (nats://HOST:PORT)")
+        if out.source is None and "url" not in src:
+            raise ConfigError("--stream, --subject and --durable need --source nats://… or a [source] table")
+        base = out.source or NatsIngressConfig()
+        out = msgspec.structs.replace(out, source=msgspec.structs.replace(base, **src))
     return out

@@ -29,14 +29,16 @@ if TYPE_CHECKING:
     from ..engine import Collector
     from ..http import HttpServer
     from ..ingress.coalescer import Coalescer, SliceResult
+    from ..ingress.nats import NatsIngress
     from ..pipeline import Pipeline
     from ..sinks.sinkset import SinkSet
     from ..stats import Stats
 
-__all__ = ["COUNTERS", "Views"]
+__all__ = ["COUNTERS", "INGRESS_GAUGES", "Views"]
 
 COUNTERS = ("events_received", "events_processed", "events_failed", "duplicates_dropped",
             "deadlettered", "redelivered_chunks", "worker_restarts")
+INGRESS_GAUGES = ("batches_inflight", "num_pending", "num_ack_pending")  # the rest of its figures are counters
 
 
 class Views:
@@ -56,6 +58,8 @@ class Views:
         self._probe_cache: tuple[float, dict[str, bool]] | None = None
         self._sink_prev: dict[str, tuple[int, int]] = {}  # name → (batches, errors) at the last /ready
         self._names: dict[int, str] = {}
+        self.ingress: NatsIngress | None = None  # the daemon's [source] consumer, if any
+        self.ingress_base: dict[str, int] = {}  # counters of ingresses stopped by reloads
 
     # ------------------------------------------------------------------ the engine serving
     def serve(self, collector: Collector, coalescer: Coalescer) -> None:
@@ -77,6 +81,24 @@ class Views:
         for k in COUNTERS:
             self.base[k] += last[k]
         self.retiring.remove(collector)
+
+    def retire_ingress(self, ing: NatsIngress) -> None:
+        """A stopped ingress: keep its counters (not its gauges) for ``/metrics``."""
+        for k, v in ing.stats_dict().items():
+            if k not in INGRESS_GAUGES:
+                self.ingress_base[k] = self.ingress_base.get(k, 0) + v
+        if self.ingress is ing:
+            self.ingress = None
+
+    def ingress_metrics(self) -> dict[str, int] | None:
+        """The ingress counters summed over the ingresses this daemon ran, the running one's gauges."""
+        if self.ingress is None and not self.ingress_base:
+            return None
+        cur = self.ingress.stats_dict() if self.ingress is not None else {}
+        out = dict.fromkeys(cur, 0) | self.ingress_base
+        for k, v in cur.items():
+            out[k] = v if k in INGRESS_GAUGES else out[k] + v
+        return out
 
     # ------------------------------------------------------------------ Backend
     def pipeline(self) -> Pipeline:
@@ -158,6 +180,7 @@ class Views:
                      for w in st.workers],
             sinks=[{"name": self._names.get(s.index, str(s.index)), "rows": s.rows, "batches": s.batches,
                     "errors": s.errors, "retries": s.retries, "last_commit_ms": s.last_commit_ms} for s in st.sinks],
+            ingress=self.ingress_metrics(),
         )
 
     def health(self) -> Health:

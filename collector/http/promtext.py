@@ -92,6 +92,10 @@ def render(backend: Backend, server: HttpServer | None) -> str:
     o.histogram("collector_stage_latency_seconds",
                 "Latency per stage: worker_chunk = decode to sink commit of one chunk; http_request = request to answer.",
                 series)
+    for k, v in (m.ingress or {}).items():  # the NATS [source]: messages unless the name says events
+        gauge = k in ("batches_inflight", "num_pending", "num_ack_pending")
+        o.metric(f"collector_ingress_{k}" + ("" if gauge else "_total"), "gauge" if gauge else c,
+                 f"NATS ingress: {k.replace('_', ' ')}.", [({}, v)])
     if server is not None:
         o.metric("collector_http_responses_total", c, "HTTP answers by status code.",
                  [({"code": k}, v) for k, v in sorted(server.by_status.items())])

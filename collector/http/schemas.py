@@ -81,6 +81,7 @@ class Metrics(msgspec.Struct):
     http_requests: dict[str, int]
     workers: list[dict[str, Any]]
     sinks: list[dict[str, Any]]
+    ingress: dict[str, int] | None = None  # the [source] consumer's counters (fetched, acked, ...); null without one
 
 
 class Health(msgspec.Struct, omit_defaults=True):

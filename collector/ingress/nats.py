@@ -36,11 +36,11 @@ import bisect
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-from msgspec import Meta
 
+from ..config import NatsIngressConfig
 from ..errors import CollectorError, Overloaded
 from ..sinks.base import DeadLetter
 from ..sinks.nats import connection_callbacks, nats_module
@@ -53,61 +53,6 @@ __all__ = ["IngressStats", "NatsDeadLetter", "NatsIngress", "NatsIngressConfig",
 log = logging.getLogger("collector.ingress")
 
 FAILED_KINDS = frozenset({"lost", "error"})  # result kinds after which a message is delivered again
-
-
-class NatsIngressConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The JetStream source: where to read, how the stream and consumer are made, the bounds."""
-
-    url: Annotated[str, Meta(description="server URL(s), comma-separated")] = "nats://127.0.0.1:4222"
-    stream: Annotated[str, Meta(description="stream name")] = "EVENTS"
-    subjects: Annotated[
-        list[str], Meta(description="subjects the stream captures (and the consumer reads) when they are created")
-    ] = msgspec.field(default_factory=lambda: ["events.>"])
-    durable: Annotated[
-        str, Meta(description="durable consumer name: collectors sharing it share the messages")
-    ] = "collector"
-    connect_timeout: Annotated[
-        float, Meta(gt=0, description="seconds to reach the server at start (later outages are retried for ever)")
-    ] = 10.0
-    batch: Annotated[int, Meta(ge=1, description="messages per fetch (one engine operation)")] = 256
-    max_batches: Annotated[int, Meta(ge=1, description="fetched batches not yet settled, at most")] = 4
-    fetchers: Annotated[int, Meta(ge=1, description="fetch requests outstanding at once (one subscription each)")] = 2
-    fetch_timeout: Annotated[float, Meta(gt=0, description="seconds one fetch waits for messages")] = 1.0
-    create: Annotated[
-        bool, Meta(description="create the stream and the consumer when missing (existing ones are used as they are)")
-    ] = True
-    retention: Annotated[
-        Literal["limits", "workqueue", "interest"],
-        Meta(description="stream retention when created: `limits` keeps messages for `max_age`; `workqueue` "
-             "deletes a message once acknowledged"),
-    ] = "limits"
-    max_age: Annotated[float, Meta(ge=0, description="stream: seconds a message is kept (0: no limit)")] = 7 * 86400.0
-    duplicate_window: Annotated[
-        float, Meta(gt=0, description="stream: seconds a `Nats-Msg-Id` is remembered (a repeated id is dropped)")
-    ] = 120.0
-    ack_wait: Annotated[
-        float, Meta(gt=0, description="consumer: seconds before an unacknowledged delivery is delivered again")
-    ] = 30.0
-    max_deliver: Annotated[
-        int, Meta(ge=1, description="deliveries of a message before it is terminated and dead-lettered (poison)")
-    ] = 5
-    max_ack_pending: Annotated[
-        int, Meta(ge=1, description="consumer: delivered and unacknowledged messages at most (backpressure)")
-    ] = 20_000
-    nak_delay: Annotated[float, Meta(ge=0, description="seconds before a nakked message is delivered again")] = 1.0
-    work_timeout: Annotated[
-        float,
-        Meta(ge=0, description="seconds a fetched batch may wait for its sinks before its messages are nakked "
-             "(0: no limit; they stay in progress while the sinks retry, and are delivered again only if this "
-             "collector dies)"),
-    ] = 0.0
-    lag_interval: Annotated[float, Meta(gt=0, description="seconds between consumer-lag (`num_pending`) reads")] = 1.0
-    drain_timeout: Annotated[float, Meta(gt=0, description="seconds `stop()` waits for batches in flight")] = 30.0
-    deadletter: Annotated[
-        str | None,
-        Meta(description="dead-letter file of the ingress (default: the pipeline's, `{worker}` → `nats`; "
-             "without either, dead letters are logged)"),
-    ] = None
 
 
 class IngressStats(msgspec.Struct):

@@ -6,6 +6,9 @@
     collector serve --pack NAME  ──┘                        │
     [pipeline] pack = "mod:attr" ──► a Pipeline or factory ─┴──► Pipeline (+ the config's sinks)
 
+``[[sources]]`` and ``[[enrich]]`` (decoded here, by :func:`collector.sources.config.decode_sources`,
+since the config loader may not import sources) add lookups to whichever pipeline that is.
+
 A new pack is one module here with a ``pack_pipeline(cfg: PipelineConfig, sinks,
 deadletter) -> Pipeline`` and one ``PACKS`` line; the config loader never imports a pack.
 """
@@ -18,9 +21,9 @@ from typing import Any
 from .. import registry
 from ..config import DaemonConfig, resolved_sinks
 from ..errors import ConfigError
-from ..pipeline import Pipeline, resolve_pipeline
+from ..pipeline import Lookup, Pipeline, resolve_pipeline
 
-__all__ = ["PACKS", "build_pipeline"]
+__all__ = ["PACKS", "build_pipeline", "enrich_lookups"]
 
 PACKS = {
     "generic": "collector.packs.generic:pack_pipeline",
@@ -33,18 +36,39 @@ def build_pipeline(cfg: DaemonConfig) -> Pipeline:
     """The configured :class:`~collector.Pipeline`, with its sinks and dead-letter sink."""
     sinks, dl = resolved_sinks(cfg)
     pc = cfg.pipeline
+    extra = enrich_lookups(cfg)  # config errors first, before a pack is imported or built
+    changes: dict[str, Any] = {}
     if ":" not in pc.pack:
         try:
             factory: Any = registry.load(PACKS, pc.pack, "pack")
         except ConfigError as e:
             raise ConfigError(f"`$.pipeline.pack`: {e}") from None
         p: Pipeline = factory(pc, sinks, dl)
-        return p
-    p = resolve_pipeline(pc.pack)
-    # the config's sinks and dead-letter sink win; the pack's own stay when none is given
-    changes: dict[str, Any] = {}
-    if cfg.sinks or not p.sinks:
-        changes["sinks"] = sinks
-    if cfg.deadletter is not None or p.deadletter is None:
-        changes["deadletter"] = dl
-    return dataclasses.replace(p, **changes)
+    else:
+        p = resolve_pipeline(pc.pack)
+        # the config's sinks and dead-letter sink win; the pack's own stay when none is given
+        if cfg.sinks or not p.sinks:
+            changes["sinks"] = sinks
+        if cfg.deadletter is not None or p.deadletter is None:
+            changes["deadletter"] = dl
+    if extra:
+        fields = p.event_type.__struct_fields__
+        for i, lk in enumerate(extra):
+            for what, f in (("target", lk.target), ("key", lk.key), *(("key_fields", k) for k in lk.key_fields)):
+                if f not in fields:
+                    raise ConfigError(f"`$.enrich[{i}].{what}`: {f!r} is not a field of {p.event_type.__name__} "
+                                      f"(pack {pc.pack!r}; its fields: {', '.join(fields)})")
+        # a step filling a field one of the pack's lookups fills replaces that lookup
+        mine = {lk.target for lk in extra}
+        changes["lookups"] = tuple(lk for lk in p.lookups if lk.target not in mine) + extra
+    return dataclasses.replace(p, **changes) if changes else p
+
+
+def enrich_lookups(cfg: DaemonConfig) -> tuple[Lookup, ...]:
+    """The lookups of the config's ``[[sources]]`` and ``[[enrich]]`` tables (errors name the path)."""
+    if not cfg.sources and not cfg.enrich:
+        return ()
+    from ..sources.config import decode_sources
+
+    lookups: tuple[Lookup, ...] = decode_sources({"sources": cfg.sources, "enrich": cfg.enrich})
+    return lookups
