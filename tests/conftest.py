@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlparse
 
 import psutil
 import pytest
+
+# tests live in tiers (unit/, integration/, e2e/) and share modules from support/; a test
+# imports them by name, and so do the worker and daemon processes it starts (spawned
+# processes inherit sys.path)
+_HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE / d) for d in ("support", "unit", "integration", "e2e")]
 
 REQUIRE = os.environ.get("COLLECTOR_REQUIRE_SERVICES") == "1"
 

@@ -1,4 +1,4 @@
-"""Faults on real processes and real servers, judged by a ledger (tests/ledger.py).
+"""Faults on real processes and real servers, judged by a ledger (tests/support/ledger.py).
 
 * A PostgreSQL or MariaDB outage (the test runs on each) with an at-least-once client that times out and resends the same
   ids while the first attempt is still in the sink's retry loop, then the daemon
@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import wait_until
 from ledger import Ledger
+from paths import SUPPORT
 from test_daemon import Daemon, start_daemon, with_kill
 from test_sinks import MysqlStore, PostgresStore, TcpProxy
 
@@ -357,7 +358,7 @@ def test_a_stopped_worker_is_killed_on_heartbeat_timeout_and_replaced_losing_not
 def test_a_poison_event_is_failed_after_three_deliveries_and_the_rest_is_stored(
     tmp_path: Path, no_leaks: None
 ) -> None:
-    tests_dir = str(Path(__file__).resolve().parent)
+    tests_dir = str(SUPPORT)
     d = start_daemon(tmp_path, '[pipeline]\npack = "fault_packs:poison_pipeline"\n',
                      env={"PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))})
     ledger = Ledger()

@@ -1,4 +1,4 @@
-"""Helpers for tests/test_sinks.py that other processes import (spawn keeps sys.path).
+"""Helpers for tests/integration/test_sinks.py that other processes import (spawn keeps sys.path).
 
 * :func:`replay_pipeline` is the ``--pipeline`` of ``collector replay`` and
   ``collector migrate`` in the tests: the playback pipeline writing to the sink whose
@@ -90,7 +90,7 @@ if __name__ == "__main__":
         run_stdout(int(sys.argv[2]), sys.argv[3], len(sys.argv) > 4 and sys.argv[4] == "kill")
 
 
-# ---------------------------------------------------------------- stdout outages (tests/test_sink_outages.py)
+# ---------------------------------------------------------------- stdout outages (tests/integration/test_sink_outages.py)
 def _put_json(path: str, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (the test polls the file)."""
     with open(path + ".tmp", "wb") as f:
@@ -172,7 +172,7 @@ if __name__ == "__main__" and sys.argv[1] == "stdout-outage":
     run_stdout_outage(sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5]) if len(sys.argv) > 5 else 30.0)
 
 
-# ---------------------------------------------------------------- a pack with its own id field (tests/test_daemon.py)
+# ---------------------------------------------------------------- a pack with its own id field (tests/e2e/test_daemon.py)
 class Reading(msgspec.Struct, forbid_unknown_fields=True):
     """An event whose id field is ``reading_id`` (text: the daemon makes one when absent)."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "collector"
+ROOT = Path(__file__).resolve().parents[2] / "collector"
 
 # top-level name under collector/ → (group, rank); the same group may always import itself
 LAYERS = {
@@ -67,7 +67,7 @@ def imports(mod: str, path: Path, known: dict[str, Path]) -> list[tuple[str, str
 
 def layer(mod: str) -> tuple[str, float]:
     head = mod.split(".")[1] if "." in mod else ""
-    assert head in LAYERS, f"{mod}: place it in a layer (tests/test_layers.py LAYERS)"
+    assert head in LAYERS, f"{mod}: place it in a layer (tests/unit/test_layers.py LAYERS)"
     return LAYERS[head]
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import wait_until
+from paths import ROOT, SUPPORT
 
 from collector.commands.demo import HttpClient
 
@@ -623,7 +624,7 @@ def test_check_config_names_the_path_of_a_typo(tmp_path: Path) -> None:
 def test_readme_configuration_table_is_generated_from_the_structs() -> None:
     from collector.config import options_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "docs" / "daemon.md").read_text()
     assert options_table() in readme, "README's daemon options table is stale: paste collector.config.options_table()"
 
 
@@ -666,7 +667,7 @@ def test_demo_runs_the_daemon_and_stops_it_cleanly(tmp_path: Path, no_leaks: Non
 
 
 def test_shipped_config_and_unit_file() -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     r = _cli("check-config", str(root / "packaging" / "collector.toml"))
     assert r.returncode == 0, r.stderr
     unit = (root / "packaging" / "systemd" / "collector.service").read_text()
@@ -699,7 +700,7 @@ _MDWE_EXEC = (
 def test_the_unit_is_hardened_to_an_exposure_of_2_or_less_and_the_daemon_runs_so(
     tmp_path: Path, no_leaks: None
 ) -> None:
-    unit = Path(__file__).resolve().parents[1] / "packaging" / "systemd" / "collector.service"
+    unit = ROOT / "packaging" / "systemd" / "collector.service"
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
@@ -763,7 +764,7 @@ def test_another_pack_keeps_its_ids_and_is_sharded_by_its_own_key(tmp_path: Path
 
 
 def test_ids_are_generated_under_the_packs_own_id_field(tmp_path: Path, no_leaks: None) -> None:
-    tests_dir = str(Path(__file__).resolve().parent)
+    tests_dir = str(SUPPORT)
     d = start_daemon(tmp_path, '[pipeline]\npack = "sink_helpers:reading_pipeline"\n',
                      env={"PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))})
     try:

@@ -27,7 +27,7 @@ from collector.sources.rates import DEFAULT_RATES, RatesService
 
 pytestmark = pytest.mark.timeout(180)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SOURCES = """
 [[sources]]

@@ -42,7 +42,7 @@ nats = pytest.importorskip("nats")
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -444,7 +444,7 @@ def test_two_consumers_share_a_durable_and_a_sigkill_loses_nothing(nurl: str, tm
 
     def start(tag: str) -> subprocess.Popen[bytes]:
         # 0.1 s of enrichment per chunk: the killed one surely holds unacked messages
-        env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'support'}",
                    NATS_TEST_SINK=str(tmp_path / f"{tag}-{{worker}}.jsonl"), NATS_TEST_LATENCY="0.1")
         cmd = [sys.executable, "-m", "collector", "consume", "--from", nurl, "--stream", names.stream,
                "--subject", names.subjects[0], "--durable", names.durable, "--batch", str(batch),
