@@ -56,6 +56,35 @@ def test_a_failed_chunk_releases_its_ids_so_a_retry_is_stored() -> None:
     run(main())
 
 
+def test_events_a_sink_dead_lettered_are_released_and_the_rest_remembered() -> None:
+    async def main() -> None:
+        for w in (Dedup(ttl=60).build(), Dedup(ttl=60, type_field="type", ttl_by_type={"buy": 600}).build()):
+            first = [Ev("a"), Ev("b", "buy"), Ev("c")]
+            assert await drops(w, first) == []
+            w.settle(first, True, [first[1]])  # a sink refused "b": the dead-letter sink holds it
+            retry = [Ev("a"), Ev("b", "buy"), Ev("c")]
+            assert await drops(w, retry) == [(0, "duplicate"), (2, "duplicate")]
+            w.settle(retry, True)
+
+    run(main())
+
+
+def test_a_copy_waiting_for_an_original_a_sink_dead_lettered_is_stored_in_its_place() -> None:
+    async def main() -> None:
+        w = Dedup(ttl=60, wait=5).build()
+        original = [Ev("a")]
+        assert await drops(w, original) == []
+        copy = [Ev("a")]
+        waiting = asyncio.ensure_future(drops(w, copy))
+        await asyncio.sleep(0.01)
+        w.settle(original, True, original)
+        assert await waiting == []  # claimed by the copy now
+        w.settle(copy, True)
+        assert await drops(w, [Ev("a")]) == [(0, "duplicate")]
+
+    run(main())
+
+
 def test_a_copy_waits_for_its_original_and_is_a_duplicate_once_that_is_stored() -> None:
     async def main() -> None:
         w = Dedup(ttl=60, wait=5).build()
