@@ -25,8 +25,8 @@ class ErrorItem(msgspec.Struct, frozen=True):
     ``filtered`` (a filter stage dropped it), ``retry`` (a copy of an id whose original
     was still being stored when the dedup wait ran out: not stored, send it again),
     ``deadlettered`` (a sink did not store it: ``reason`` is ``sink NAME: refused this
-    event: ...`` when the store refused its data, ``sink NAME: gave up after N
-    attempts: ...`` when the sink spent its retry budget; the dead-letter sink holds
+    event: ...`` when the store refused its data, ``sink NAME: gave up: failed
+    N times; ...`` when the sink spent its retry budget; the dead-letter sink holds
     it and ``collector replay`` stores it later; not remembered by dedup),
     ``error`` (pipeline code raised) or ``lost`` (a chunk that killed its worker on
     every delivery).

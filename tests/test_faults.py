@@ -586,4 +586,4 @@ def test_a_full_events_disk_with_the_deadletter_file_elsewhere_acknowledges_noth
         verdict.assert_clean()
         # what the events sink gave up on is said so, naming the sink
         assert got is not None and any(r["status"] == "deadlettered" for r in got[1]), got
-        assert all(r["reason"].startswith("sink events: gave up after") for r in got[1] if r["status"] == "deadlettered")
+        assert all(r["reason"].startswith("sink events: gave up: failed ") for r in got[1] if r["status"] == "deadlettered")

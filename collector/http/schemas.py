@@ -28,7 +28,7 @@ class ItemResult(msgspec.Struct, omit_defaults=True, gc=False):
     ``duplicate`` (its id was already accepted; not stored again), ``invalid``
     (``path`` and ``reason`` say why), ``deadlettered`` (a sink did not store it and
     the dead-letter sink holds it; ``reason`` names the sink: ``refused this event``
-    when the store refused its data, ``gave up after N attempts`` when the sink spent
+    when the store refused its data, ``gave up: failed N times`` when the sink spent
     its retries; ``collector replay`` stores it later, and a retry is stored, not
     answered ``duplicate``) or ``failed`` (the engine could not process it; retry)."""
 

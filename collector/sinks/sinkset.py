@@ -139,7 +139,7 @@ class SinkSet:
                         "sink %s: chunk of %d events failed %d times (last: %s); sending it to the dead-letter sink",
                         sink.name, len(batch), attempt, why,
                     )
-                    await self._deadletter_chunk(sink, batch, at, f"{GAVE_UP} after {attempt} attempts: {why}", dead)
+                    await self._deadletter_chunk(sink, batch, at, f"{GAVE_UP}: failed {attempt} times; last error: {why}", dead)
                     return
                 delay = min(cfg.backoff_max, cfg.backoff * 2.0 ** min(attempt - 1, 30))
                 # equal jitter: never hammer a recovering store in lockstep with the
