@@ -24,6 +24,10 @@ class ErrorItem(msgspec.Struct, frozen=True):
     one of ``invalid`` (schema or malformed), ``duplicate`` (dedup stage dropped it),
     ``filtered`` (a filter stage dropped it), ``retry`` (a copy of an id whose original
     was still being stored when the dedup wait ran out: not stored, send it again),
+    ``deadlettered`` (a sink did not store it: ``reason`` is ``sink NAME: refused this
+    event: ...`` when the store refused its data, ``sink NAME: gave up: failed
+    N times; ...`` when the sink spent its retry budget; the dead-letter sink holds
+    it and ``collector replay`` stores it later; not remembered by dedup),
     ``error`` (pipeline code raised) or ``lost`` (a chunk that killed its worker on
     every delivery).
     """
@@ -158,7 +162,9 @@ class OperationResult(msgspec.Struct, frozen=True):
 
     ``handled_events + failed_events == len(input)``. ``handled_events`` counts the
     events that went through the pipeline (including those dropped as duplicates or
-    filtered, which are listed in ``errors`` with their kind but are not failures);
+    filtered, which are listed in ``errors`` with their kind but are not failures, and
+    those a sink dead-lettered, kind ``deadlettered``: held by the dead-letter sink,
+    not by every configured sink, so not stored in the sense of an ``accepted``);
     ``failed_events`` counts the ones not stored (kinds ``invalid``, ``retry``,
     ``error`` and ``lost``).
     ``events`` (when asked for) is aligned with the input: the enriched event at each

@@ -44,7 +44,7 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
         [event_type, EventBatch, EventResponse, BatchResponse, ItemResult, ErrorResponse, Metrics, Health],
         ref_template=_REF,
     )
-    # a batch is validated item by item (per-item results, 202 when any is stored), so
+    # a batch is validated item by item (per-item results in a 202), so
     # the array admits anything and says that each item is meant to be an event
     components["EventBatch"]["properties"]["events"]["items"] = {
         "anyOf": [_ref(ev), {"description": "anything else is reported as `invalid` in `results`"}]
@@ -54,7 +54,9 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
     def ingest(req: str, ok: str, many: bool) -> dict[str, Any]:
         item = "BatchResponse" if many else "EventResponse"
         responses: dict[str, Any] = {
-            "202": {"description": "stored (batch: answered per item in `results`, whatever each item's fate)", **_json(item)},
+            "202": {"description": "stored: every configured sink holds the event (batch: answered per item in "
+                    "`results`, whatever each item's fate; only `accepted` items are stored in every sink, "
+                    "`deadlettered` ones are held by the dead-letter sink)", **_json(item)},
             "400": {"description": "malformed JSON, empty body, nesting deeper than the limit, or a body that is "
                     "not valid for its Content-Encoding", **_json("ErrorResponse")},
             "401": {"description": "missing or unknown bearer token (when auth is on)", **_json("ErrorResponse")},
@@ -62,9 +64,13 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
                     **_json("ErrorResponse")},
             "415": {"description": "Content-Type is not application/json, or Content-Encoding is not gzip, "
                     "deflate or identity", **_json("ErrorResponse")},
-            "422": {"description": "schema errors, each naming its field (batch: only an invalid envelope)",
+            "422": {"description": "schema errors, each naming its field (batch: only an invalid envelope); "
+                    "`POST /events`: status `deadlettered` when a store refused the event's data (the reason names "
+                    "the sink; the dead-letter sink holds it; resent unchanged it would be refused again)",
                     **_json(item, "ErrorResponse")},
-            "503": {"description": "overloaded or stopping: retry after Retry-After", "headers": retry, **_json(item, "ErrorResponse")},
+            "503": {"description": "overloaded or stopping: retry after Retry-After; `POST /events`: status "
+                    "`deadlettered` when the sink gave up after its retries (the dead-letter sink holds it; a "
+                    "retry after Retry-After is stored)", "headers": retry, **_json(item, "ErrorResponse")},
         }
         if not many:
             responses["200"] = {"description": "an event with this id was already accepted", **_json(item)}

@@ -29,9 +29,17 @@ import msgspec
 from .. import stats as S
 from .base import Batch, DeadLetter, EventCodec, Sink
 
-__all__ = ["SinkSet"]
+__all__ = ["GAVE_UP", "REFUSED", "SinkSet"]
 
 log = logging.getLogger("collector.sinks")
+
+REFUSED = "refused this event"
+"""How a dead-letter reason starts when the store refused the event's data (a NUL
+character in PostgreSQL's JSONB, a value over a column limit): sent again unchanged,
+the event would be refused again."""
+GAVE_UP = "gave up"
+"""How a dead-letter reason starts when the sink spent its retry budget on the chunk
+(a store down, a full disk): the event itself may be fine; sent again later, it is stored."""
 
 
 class _NullSlot:
@@ -76,28 +84,36 @@ class SinkSet:
             await asyncio.gather(*(s.open() for s in parts))
         self._opened = True
 
-    async def commit(self, events: Sequence[Any]) -> bool:
+    async def commit(self, events: Sequence[Any]) -> list[tuple[int, str, str]]:
         """Store ``events`` in every sink; return when all hold them (or dead-lettered).
 
         Never raises for a store failure: a failing sink retries with exponential
         backoff and jitter until it succeeds or its retry budget is spent (then the
         chunk goes to the dead-letter sink and is counted). Only cancellation escapes.
-        True when every sink holds every event; False when a sink failed or refused
-        some and they went to the dead-letter sink instead: the caller must not
-        remember those as stored (dedup), or a client's retry would be dropped.
+        Returns what a sink did not store: ``(position in events, sink name, reason)``
+        for each event a sink refused or gave up on (it went to the dead-letter sink
+        instead; one entry per sink, so an event two sinks refused appears twice).
+        Empty when every sink holds every event. The caller must not remember those
+        events as stored (dedup), or a client's retry would be dropped; ``reason``
+        starts with :data:`REFUSED` when the store refused the event's data (the
+        same event would be refused again) and with :data:`GAVE_UP` when the sink
+        spent its retry budget on the chunk (a store outage, a full disk).
         """
         sinks = self.sinks
         if not sinks or not events:
-            return True
+            return []
         batch = Batch(events, self.codec)
-        dead = [0]  # events of this commit a sink did not store
+        dead: list[tuple[int, str, str]] = []  # events of this commit a sink did not store
         if len(sinks) == 1:
-            await self._deliver(0, sinks[0], batch, dead)
+            await self._deliver(0, sinks[0], batch, 0, dead)
         else:
-            await asyncio.gather(*(self._deliver(i, s, batch, dead) for i, s in enumerate(sinks)))
-        return dead[0] == 0
+            await asyncio.gather(*(self._deliver(i, s, batch, 0, dead) for i, s in enumerate(sinks)))
+        if len(dead) > 1:
+            dead.sort()
+        return dead
 
-    async def _deliver(self, index: int, sink: Sink, batch: Batch, dead: list[int]) -> None:
+    async def _deliver(self, index: int, sink: Sink, batch: Batch, at: int, dead: list[tuple[int, str, str]]) -> None:
+        """One sink writes ``batch``, which starts at position ``at`` of the commit."""
         cfg = sink.config
         slot = self.slot
         attempt = 0
@@ -115,7 +131,7 @@ class SinkSet:
                     # fail every retry and take the whole chunk to the dead-letter sink (or,
                     # without one, block it for ever). Halve it until the refused events
                     # stand alone; they go to the dead-letter sink, the rest is stored.
-                    await self._isolate(index, sink, batch, why, dead)
+                    await self._isolate(index, sink, batch, at, why, dead)
                     return
                 sink.healthy = False
                 if self.deadletter is not None and 0 <= cfg.retries < attempt:
@@ -123,7 +139,7 @@ class SinkSet:
                         "sink %s: chunk of %d events failed %d times (last: %s); sending it to the dead-letter sink",
                         sink.name, len(batch), attempt, why,
                     )
-                    await self._deadletter_chunk(sink, batch, f"sink {sink.name} failed {attempt} times; last error: {why}", dead)
+                    await self._deadletter_chunk(sink, batch, at, f"{GAVE_UP}: failed {attempt} times; last error: {why}", dead)
                     return
                 delay = min(cfg.backoff_max, cfg.backoff * 2.0 ** min(attempt - 1, 30))
                 # equal jitter: never hammer a recovering store in lockstep with the
@@ -142,24 +158,38 @@ class SinkSet:
             sink.healthy = True
             slot.sink_add(index, rows=len(batch), batches=1, latency_s=time.perf_counter() - t0)
             if rejected:
-                dead[0] += len(rejected)
+                # a sink that checks rows itself (MySQL) returns the refused ones: find
+                # their positions by their text, the very strings of ``batch.texts``
+                texts = batch.texts
+                where = {id(t): i for i, t in enumerate(texts)}
+                for r in rejected:
+                    i = where.get(id(r.payload))
+                    if i is None:
+                        i = texts.index(r.payload) if r.payload in texts else 0
+                    dead.append((at + i, sink.name, f"{REFUSED}: {r.path}: {r.reason}"))
                 await self._to_deadletter(rejected, count=True)
             return
 
-    async def _isolate(self, index: int, sink: Sink, batch: Batch, why: str, dead: list[int]) -> None:
+    async def _isolate(
+        self, index: int, sink: Sink, batch: Batch, at: int, why: str, dead: list[tuple[int, str, str]]
+    ) -> None:
         if len(batch) == 1:
             log.error("sink %s: the store refuses an event (%s); sending it to the dead-letter sink", sink.name, why)
-            await self._deadletter_chunk(sink, batch, f"sink {sink.name} refused this event: {why}", dead)
+            await self._deadletter_chunk(sink, batch, at, f"{REFUSED}: {why}", dead)
             return
         mid = len(batch) // 2
-        for part in (batch.events[:mid], batch.events[mid:]):
-            await self._deliver(index, sink, Batch(part, self.codec), dead)
+        await self._deliver(index, sink, Batch(batch.events[:mid], self.codec), at, dead)
+        await self._deliver(index, sink, Batch(batch.events[mid:], self.codec), at + mid, dead)
 
-    async def _deadletter_chunk(self, sink: Sink, batch: Batch, reason: str, dead: list[int]) -> None:
-        dead[0] += len(batch)
+    async def _deadletter_chunk(
+        self, sink: Sink, batch: Batch, at: int, why: str, dead: list[tuple[int, str, str]]
+    ) -> None:
+        name = sink.name
+        dead.extend((at + i, name, why) for i in range(len(batch)))
         now = time.time()
-        stage = f"sink:{sink.name}"
+        stage = f"sink:{name}"
         w = self.worker
+        reason = f"sink {name}: {why}"
         await self._to_deadletter(
             [DeadLetter(t, reason, "$", stage, now, w) for t in batch.texts], count=True
         )

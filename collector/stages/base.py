@@ -4,7 +4,8 @@
 
     Stage (frozen description, picklable) ──build()──► runtime in each worker
     runtime(events) ─► drops [ErrorRecord(pos, path, reason, kind)], or a coroutine of them
-    runtime.settle(events, ok)   optional: the chunk's fate after the sinks (dedup)
+    runtime.settle(events, ok, failed)  optional: the chunk's fate after the sinks (dedup);
+                                 ``failed``: the events a sink dead-lettered instead
     runtime.snapshot() -> bytes  optional: partial state the supervisor merges (aggregates);
                                  the description then has merge(partials) and read(result, key)
 

@@ -3,7 +3,8 @@
 ::
 
     chunk ─► seen (committed ids)? duplicate │ claimed by a chunk in flight? wait for it
-          ─► new: claimed by this chunk ─► sinks commit ─► settle(ok) ─► seen (or released)
+          ─► new: claimed by this chunk ─► sinks commit ─► settle(ok) ─► seen (or released;
+             so are the ids of events a sink dead-lettered)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from operator import attrgetter
@@ -175,12 +177,19 @@ class DedupWindow:
         dropped.sort(key=attrgetter("pos"))
         return dropped
 
-    def settle(self, events: list[Any], ok: bool) -> None:
-        """The sinks committed ``events`` (``ok``) or failed them: remember or release."""
+    def settle(self, events: list[Any], ok: bool, failed: Collection[Any] = ()) -> None:
+        """The sinks committed ``events`` (``ok``) or failed them: remember or release.
+
+        ``failed`` lists events of a committed chunk that a sink did not store (it
+        dead-lettered them): their ids are released, not remembered, so a client's
+        retry is stored rather than answered ``duplicate``.
+        """
         claim = self.claims.pop(id(events), None)
         if claim is None:
             return
         keys = claim.keys
+        if ok and failed:
+            keys = keys - set(map(self.get, failed))
         if ok and keys:
             now = time.monotonic()
             seen, order = self.seen, self.order

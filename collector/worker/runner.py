@@ -7,9 +7,12 @@
         ─► enrich (cache inline, distinct misses concurrently) ─► count (batch statistics)
         ─► sinks commit (invalid items to the dead-letter sink) ─► settle ─► Ack
 
-Stages that remember what passed them (dedup) have a ``settle(events, ok)``: it is
-called with ``ok=True`` once the sinks committed the chunk, and with ``ok=False`` when
-the chunk failed anywhere on the way, so a retried event is not dropped as a duplicate.
+Stages that remember what passed them (dedup) have a ``settle(events, ok, failed)``: it
+is called with ``ok=True`` once the sinks committed the chunk (``failed``: the events a
+sink dead-lettered instead of storing, not remembered), and with ``ok=False`` when the
+chunk failed anywhere on the way, so a retried event is not dropped as a duplicate.
+An event a sink dead-lettered is answered with kind ``deadlettered`` (the sink and its
+reason); it counts as handled, not failed: the dead-letter sink holds it.
 Input never fails a chunk: every decode error becomes an :class:`ErrorRecord`.
 """
 
@@ -281,14 +284,29 @@ class PipelineRunner:
                     ]
                 )
                 slot.add(S.DEADLETTERED, len(invalid))
-            stored = await self.sinkset.commit(events) if events else True
+            dead = await self.sinkset.commit(events) if events else []
         else:
-            stored = True
+            dead = []
         # stored: now (and only now) remembered as seen. Dead-lettered by a sink (store
         # full, down past its retries, refused a row) is not stored: a retry must not be
-        # answered ``duplicate`` (the fault suite's full-filesystem case lost data so)
+        # answered ``duplicate`` (the fault suite's full-filesystem case lost data so),
+        # and the answer says ``deadlettered``, not ``accepted``
+        unstored: list[Any] = []
+        if dead:
+            recs: dict[int, ErrorRecord] = {}
+            for pos, sink, why in dead:
+                rec = recs.get(pos)
+                if rec is not None:  # a second sink did not store it either: one record, both reasons
+                    rec.reason += f"; sink {sink}: {why}"
+                    continue
+                unstored.append(events[pos])
+                rec = recs[pos] = ErrorRecord(kept[pos] if kept is not None else pos, "$", f"sink {sink}: {why}", "deadlettered")
+                errors.append(rec)
         for settle, passed in settles:
-            settle(passed, stored)
+            if unstored:
+                settle(passed, True, unstored)
+            else:
+                settle(passed, True)
         settles.clear()
         out = self.enc.encode(events) if chunk.want_events else None
         if errors and len(errors) > 1:

@@ -741,6 +741,51 @@ def test_ready_reports_an_unreachable_sink_while_health_stays_ok(tmp_path: Path,
         assert d.stop() == 0
 
 
+def test_an_event_postgres_refuses_is_answered_deadlettered_not_accepted(
+    tmp_path: Path, no_leaks: None, pg_dsn: str
+) -> None:
+    """A NUL character in ``data`` (JSONB cannot hold U+0000): that item is answered
+    ``deadlettered`` naming the sink and the reason, the others ``accepted``; the
+    dead-letter file holds it, ``/metrics`` counts it, and ``POST /events`` answers 422."""
+    from test_sinks import PostgresStore
+
+    pg = PostgresStore(pg_dsn)
+    cfg = ('[pipeline]\nenrich_latency = 0.001\n'
+           f'[[sinks]]\nkind = "postgres"\nname = "pg"\ndsn = "{pg.dsn}"\ntable = "{pg.table}"\n')
+    d = start_daemon(tmp_path, cfg, workers=1)
+    try:
+        nul = {**EVENT, "data": {"note": "a\u0000b"}}
+        events = [{**EVENT, "id": "dl-0"}, {**nul, "id": "dl-1"}, {**EVENT, "id": "dl-2"}]
+        status, body = d.post("/events/batch", {"events": events}, timeout=30)
+        assert status == 202, body
+        got = {r["id"]: r for r in body["results"]}
+        assert got["dl-0"]["status"] == got["dl-2"]["status"] == "accepted"
+        bad = got["dl-1"]
+        assert bad["status"] == "deadlettered" and bad["path"] == "$.events[1]"
+        assert bad["reason"].startswith("sink pg: refused this event") and "0000" in bad["reason"], bad
+        assert (body["accepted"], body["deadlettered"], body["failed"], body["duplicates"]) == (2, 1, 0, 0)
+        stored = sorted(r[0] for r in pg._run(f'SELECT id FROM "{pg.table}"'))
+        assert stored == ["dl-0", "dl-2"]
+        held = [json.loads(r["payload"])["id"] for r in d.deadletters()]
+        assert held == ["dl-1"]
+        assert d.deadletters()[0]["stage"] == "sink:pg"
+
+        # not remembered by dedup: the same event again is refused again, not a duplicate
+        status, one = d.post("/events", {**nul, "id": "dl-1"}, timeout=30)
+        assert status == 422 and one["status"] == "deadlettered" and one["id"] == "dl-1", one
+        assert one["reason"].startswith("sink pg: refused this event"), one
+        assert [json.loads(r["payload"])["id"] for r in d.deadletters()] == ["dl-1", "dl-1"]
+
+        # metrics have no cache in front: the JSON and the Prometheus text both count them
+        assert d.get("/metrics")[1]["deadlettered"] == 2
+        status, _, text = d.request("GET", "/metrics", headers={"Accept": "text/plain"})
+        assert status == 200 and re.search(rb"^collector_deadlettered_total 2(\.0)?$", text, re.M), text[-2000:]
+    finally:
+        code = d.stop()
+        pg.cleanup()
+    assert code == 0, d.log.read_text()[-3000:]
+
+
 def test_another_pack_keeps_its_ids_and_is_sharded_by_its_own_key(tmp_path: Path, no_leaks: None) -> None:
     d = start_daemon(tmp_path, '[pipeline]\npack = "collector.playback:playback_pipeline"\n')
     try:

@@ -11,6 +11,7 @@ import asyncio
 from typing import Any
 
 import msgspec
+import pytest
 
 from collector.stages import Dedup
 
@@ -56,6 +57,19 @@ def test_a_failed_chunk_releases_its_ids_so_a_retry_is_stored() -> None:
     run(main())
 
 
+def test_events_a_sink_dead_lettered_are_released_and_the_rest_remembered() -> None:
+    async def main() -> None:
+        for w in (Dedup(ttl=60).build(), Dedup(ttl=60, type_field="type", ttl_by_type={"buy": 600}).build()):
+            first = [Ev("a"), Ev("b", "buy"), Ev("c")]
+            assert await drops(w, first) == []
+            w.settle(first, True, [first[1]])  # a sink refused "b": the dead-letter sink holds it
+            retry = [Ev("a"), Ev("b", "buy"), Ev("c")]
+            assert await drops(w, retry) == [(0, "duplicate"), (2, "duplicate")]
+            w.settle(retry, True)
+
+    run(main())
+
+
 def test_a_copy_waits_for_its_original_and_is_a_duplicate_once_that_is_stored() -> None:
     async def main() -> None:
         w = Dedup(ttl=60, wait=5).build()
@@ -71,7 +85,8 @@ def test_a_copy_waits_for_its_original_and_is_a_duplicate_once_that_is_stored() 
     run(main())
 
 
-def test_a_copy_is_stored_in_place_of_an_original_that_failed() -> None:
+@pytest.mark.parametrize("how", ["chunk failed", "a sink dead-lettered it"])
+def test_a_copy_is_stored_in_place_of_an_original_that_failed(how: str) -> None:
     async def main() -> None:
         w = Dedup(ttl=60, wait=5).build()
         original = [Ev("a")]
@@ -79,7 +94,10 @@ def test_a_copy_is_stored_in_place_of_an_original_that_failed() -> None:
         copy = [Ev("a")]
         waiting = asyncio.ensure_future(drops(w, copy))
         await asyncio.sleep(0.05)
-        w.settle(original, False)
+        if how == "chunk failed":
+            w.settle(original, False)
+        else:  # the chunk was committed, but a sink dead-lettered this event
+            w.settle(original, True, original)
         assert await asyncio.wait_for(waiting, 2) == []  # claimed by the copy now
         third = [Ev("a")]
         pending = asyncio.ensure_future(drops(w, third))

@@ -6,12 +6,14 @@
          ─► empty? too deep? (bodies.json_depth)
          ─► envelope: list[Raw] (C)  ─► IdReader: id and shard key of each event, one C pass
          ─► id injected where absent ─► backend.submit(items, keys) (one coalesced operation)
-         ─► per-item results (accepted / duplicate / invalid / failed)
+         ─► per-item results (accepted / duplicate / invalid / deadlettered / failed)
 
 The supervisor parses each body once as raw items (no Python objects per field) and
 looks at one field, the id; validation against the schema happens in the workers, as
 for ``handle()``, so the serial part stays small. A request is answered only after its
-events are committed by the sinks (or rejected), so a 202 means stored.
+events are committed by the sinks (or rejected), so a 202 means stored: ``accepted``
+means every configured sink holds the event; one a sink dead-lettered is answered
+``deadlettered`` (the batch's item status; 422 or 503 for ``POST /events``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import msgspec
 
 from ...errors import CollectorClosed, Overloaded
 from ...ids import new_ids
+from ...sinks.sinkset import REFUSED
 from ..bodies import ENCODINGS, TooLarge, inflate, json_depth
 from ..protocol import Request, Response, error
 from ..schemas import BatchRequest, BatchResponse, EventResponse, ItemResult, json_encoder
@@ -33,7 +36,13 @@ if TYPE_CHECKING:
     from ...pipeline import Pipeline
     from ..backend import Backend
 
-__all__ = ["IdReader", "IngestRoutes"]
+__all__ = ["IdReader", "IngestRoutes", "refused"]
+
+
+def refused(reason: str) -> bool:
+    """Whether a ``deadlettered`` reason says a store refused the event's data (not gave up)."""
+    return f": {REFUSED}" in reason
+
 
 class IdReader:
     """What the server reads of each event of one pipeline, in one C pass (other
@@ -178,7 +187,16 @@ class IngestRoutes:
         return error(503, "overloaded", f"{e}; retry after {ra} s", retry_after=ra)
 
     async def post_event(self, req: Request) -> Response:
-        """``POST /events``: one event → 202 stored, 200 duplicate, 422 invalid."""
+        """``POST /events``: one event → 202 stored, 200 duplicate, 422 invalid.
+
+        A sink that did not store it (it went to the dead-letter sink) is answered
+        ``deadlettered`` with the sink and reason, never 202: 422 when a store refused
+        its data (sent again unchanged it would be refused again: fix the event, or
+        leave it to ``collector replay`` after the store is changed), 503 with
+        Retry-After when every sink that did not store it gave up after its retries
+        (an outage, a full disk: sent again later it is stored, and dedup did not
+        remember it).
+        """
         bad = self._decoded(req) or self._check_body(req.body)
         if bad is not None:
             return bad
@@ -202,6 +220,11 @@ class IngestRoutes:
                 return Response(200, json_encoder.encode(EventResponse("duplicate", eid)))
             if err.kind == "invalid":
                 return Response(422, json_encoder.encode(EventResponse("invalid", eid, err.path, err.reason)))
+            if err.kind == "deadlettered":
+                body = json_encoder.encode(EventResponse("deadlettered", eid, err.path, err.reason))
+                if refused(err.reason):
+                    return Response(422, body)
+                return Response(503, body, headers=[("Retry-After", str(self.cfg.retry_after))])
             return Response(503, json_encoder.encode(EventResponse("failed", eid, err.path, err.reason)),
                             headers=[("Retry-After", str(self.cfg.retry_after))])
         return Response(202, json_encoder.encode(EventResponse("accepted", eid)))
@@ -260,14 +283,16 @@ class IngestRoutes:
             for err in res.errors:
                 i = where[err.index]
                 r = results[i]
-                r.status = "failed" if err.kind not in ("invalid", "duplicate") else err.kind
+                r.status = err.kind if err.kind in ("invalid", "duplicate", "deadlettered") else "failed"
                 if err.kind != "duplicate":
                     r.path = f"$.events[{i}]" + err.path[1:]
                     r.reason = err.reason
-        counts = {"accepted": 0, "duplicate": 0, "invalid": 0, "failed": 0}
+        counts = {"accepted": 0, "duplicate": 0, "invalid": 0, "failed": 0, "deadlettered": 0}
         for r in results:
             counts[r.status] += 1
-        body = json_encoder.encode(BatchResponse(counts["accepted"], counts["duplicate"], counts["invalid"], counts["failed"], results))
+        body = json_encoder.encode(BatchResponse(
+            counts["accepted"], counts["duplicate"], counts["invalid"], counts["failed"], results, counts["deadlettered"]
+        ))
         if counts["failed"] and not (counts["accepted"] or counts["duplicate"]):
             return Response(503, body, headers=[("Retry-After", str(self.cfg.retry_after))])
         # a well-formed batch is answered per item, even when no item was valid: the
