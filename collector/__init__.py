@@ -19,8 +19,7 @@ from .errors import (
 )
 from .pipeline import Lookup, Pipeline
 from .stats import Stats, WorkerStats
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "BatchStats",

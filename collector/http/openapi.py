@@ -134,6 +134,6 @@ def _obj() -> dict[str, Any]:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
