@@ -8,6 +8,8 @@
       │     a live line: events/s, request latency, queue, per worker
       ├─► GET /metrics: the final figures; where the events went
       └─► SIGTERM: the daemon drains and exits 0
+
+``collector demo casino`` runs seed 001's pack the same way (collector/commands/demo_casino.py).
 """
 
 from __future__ import annotations
@@ -21,21 +23,30 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-__all__ = ["HttpClient", "add_arguments", "run"]
+__all__ = ["HttpClient", "add_arguments", "drive", "get_json", "live_line", "run", "start_daemon", "stop_daemon"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``collector demo``."""
+    p.add_argument("pack", nargs="?", default="generic", choices=("generic", "casino"),
+                   help="generic (seed 004, default) or casino (seed 001: events and descriptions on stdout)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds of load (default 5)")
     p.add_argument("--connections", type=int, default=8, help="concurrent keep-alive connections (default 8)")
     p.add_argument("--batch", type=int, default=100, help="events per POST /events/batch (default 100)")
     p.add_argument("--workers", type=int, default=None, help="daemon workers (default: one per CPU)")
-    p.add_argument("--data-dir", default="collector-data", help="where the daemon writes (default ./collector-data)")
+    p.add_argument("--data-dir", default=None,
+                   help="where the daemon writes (default ./collector-data; casino: a new temporary folder)")
     p.add_argument("--invalid-every", type=int, default=500,
-                   help="one event in this many is invalid, to show validation and the dead-letter file (0: none)")
+                   help="generic: one event in this many is invalid, to show validation and the dead-letter file (0: none)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="events per second sent (0: as fast as the daemon answers; default 0, casino 5000)")
+    p.add_argument("--nats", metavar="URL", help="casino: publish to NATS JetStream and have the daemon consume it")
+    p.add_argument("--pg", metavar="DSN", help="casino: players from this PostgreSQL database (migrated first)")
+    p.add_argument("--pg-schema", default="public", help="casino: the players' schema with --pg (default public)")
 
 
 class HttpClient:
@@ -98,19 +109,30 @@ def _bodies(batch: int, invalid_every: int, n: int = 64) -> list[bytes]:
     return out
 
 
-async def _drive(port: int, args: argparse.Namespace, out: Any) -> dict[str, Any]:
-    bodies = _bodies(args.batch, args.invalid_every)
+async def drive(port: int, args: argparse.Namespace, out: Any, body: Callable[[int], bytes],
+                rate: float = 0.0) -> dict[str, Any]:
+    """``args.connections`` keep-alive connections POSTing ``body(j)`` (request j, j = 0, 1, ...
+    across the connections, ``args.batch`` events each) for ``args.duration`` seconds, at
+    most ``rate`` events/s (0: no limit), with the live line; the counts and latencies."""
     lat: list[float] = []
     counts = {"accepted": 0, "invalid": 0, "requests": 0, "errors": 0}
-    stop = time.monotonic() + args.duration
+    t_start = time.monotonic()
+    stop = t_start + args.duration
+    sent = [0]  # events sent, for the pace
 
     async def conn(i: int) -> None:
         c = HttpClient("127.0.0.1", port)
         j = i
         try:
             while time.monotonic() < stop:
+                if rate > 0:
+                    ahead = t_start + sent[0] / rate - time.monotonic()
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                        continue
+                sent[0] += args.batch
                 t0 = time.perf_counter()
-                status, _, data = await c.request("POST", "/events/batch", bodies[j % len(bodies)])
+                status, _, data = await c.request("POST", "/events/batch", body(j))
                 lat.append(time.perf_counter() - t0)
                 j += args.connections
                 counts["requests"] += 1
@@ -124,62 +146,86 @@ async def _drive(port: int, args: argparse.Namespace, out: Any) -> dict[str, Any
         finally:
             await c.close()
 
-    async def status_line() -> None:
-        c = HttpClient("127.0.0.1", port)
-        t_start = time.monotonic()
-        seen = 0
-        try:
-            while time.monotonic() < stop:
-                await asyncio.sleep(0.5)
-                _, _, data = await c.request("GET", "/metrics")
-                m = json.loads(data)
-                recent = sorted(lat[seen:]) or [0.0]
-                seen = len(lat)
-                per = " ".join(f"w{w['index']} {w['events_per_second']:,.0f}/s" for w in m["workers"])
-                print(f"\r  {time.monotonic() - t_start:4.1f}s  {m['events_per_second']:>9,.0f} events/s  "
-                      f"request p50 {recent[len(recent) // 2] * 1000:5.1f} ms p99 "
-                      f"{recent[int(len(recent) * 0.99)] * 1000:5.1f} ms  queue {m['current_queue_depth']:>6}  {per}   ",
-                      end="", file=out, flush=True)
-        finally:
-            await c.close()
-            print(file=out)
-
     t0 = time.monotonic()
-    await asyncio.gather(status_line(), *(conn(i) for i in range(args.connections)))
+    await asyncio.gather(live_line(port, stop, out, lat), *(conn(i) for i in range(args.connections)))
     wall = time.monotonic() - t0
     lat.sort()
     return {"wall": wall, "latency": lat, **counts}
+
+
+async def live_line(port: int, stop: float, out: Any, lat: list[float] | None = None) -> None:
+    """Every 0.5 s until ``stop`` (monotonic), one line rewritten in place: events/s, request
+    latency (from ``lat``, if given), events in flight, the stream's lag (with a NATS
+    source), events/s per worker."""
+    c = HttpClient("127.0.0.1", port)
+    t_start = time.monotonic()
+    seen = 0
+    try:
+        while time.monotonic() < stop:
+            await asyncio.sleep(0.5)
+            _, _, data = await c.request("GET", "/metrics")
+            m = json.loads(data)
+            req = ""
+            if lat is not None:
+                recent = sorted(lat[seen:]) or [0.0]
+                seen = len(lat)
+                req = (f"request p50 {recent[len(recent) // 2] * 1000:5.1f} ms p99 "
+                       f"{recent[int(len(recent) * 0.99)] * 1000:5.1f} ms  ")
+            lag = f"stream lag {m['ingress'].get('num_pending', 0):>6}  " if m.get("ingress") else ""
+            per = " ".join(f"w{w['index']} {w['events_per_second']:,.0f}/s" for w in m["workers"])
+            print(f"\r  {time.monotonic() - t_start:4.1f}s  {m['events_per_second']:>9,.0f} events/s  {req}"
+                  f"in flight {m['current_queue_depth']:>6}  {lag}{per}   ", end="", file=out, flush=True)
+    finally:
+        await c.close()
+        print(file=out)
+
+
+def start_daemon(serve_args: list[str], data_dir: Path, log_path: Path, out: Any,
+                 stdout_path: Path | None = None) -> tuple[subprocess.Popen[bytes], int] | None:
+    """``collector serve --port 0 SERVE_ARGS`` in its own session, its logs (and its standard
+    output, unless ``stdout_path``) in ``log_path``; (process, port) once ready, else None
+    (the daemon stopped, the end of its log printed)."""
+    port_file = Path(tempfile.mkdtemp(prefix="collector-demo-")) / "port"
+    cmd = [sys.executable, "-m", "collector", "serve", "--port", "0", "--data-dir", str(data_dir),
+           "--port-file", str(port_file), *serve_args]
+    print(f"collector demo: starting the daemon: {' '.join(cmd[1:])}", file=out)
+    with open(log_path, "wb") as log_file, contextlib.ExitStack() as files:
+        stdout: IO[bytes] = files.enter_context(open(stdout_path, "wb")) if stdout_path else log_file
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=log_file, start_new_session=True)
+    port = _wait_ready(proc, port_file, timeout=60)
+    if port is None:
+        stop_daemon(proc)
+        print(f"collector demo: the daemon did not become ready; its log: {log_path}", file=out)
+        print(log_path.read_text()[-3000:], file=out)
+        return None
+    return proc, port
 
 
 def run(args: argparse.Namespace) -> int:
     """Start the daemon, drive it, print what happened, stop it."""
     import uvloop
 
+    if args.pack == "casino":
+        from collector.commands.demo_casino import run_casino
+
+        return run_casino(args)
     out = sys.stderr
-    data_dir = Path(args.data_dir).resolve()
+    data_dir = Path(args.data_dir or "collector-data").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    port_file = Path(tempfile.mkdtemp(prefix="collector-demo-")) / "port"
-    cmd = [sys.executable, "-m", "collector", "serve", "--port", "0", "--data-dir", str(data_dir),
-           "--port-file", str(port_file)]
-    if args.workers:
-        cmd += ["--workers", str(args.workers)]
     log_path = data_dir / "demo-daemon.log"
-    print(f"collector demo: starting the daemon: {' '.join(cmd[1:])}", file=out)
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=log_file, start_new_session=True)
-        try:
-            port = _wait_ready(proc, port_file, timeout=60)
-            if port is None:
-                print(f"collector demo: the daemon did not become ready; its log: {log_path}", file=out)
-                print(log_path.read_text()[-3000:], file=out)
-                return 1
-            print(f"collector demo: daemon pid {proc.pid} ready on http://127.0.0.1:{port}; "
-                  f"{args.connections} connections x {args.batch}-event batches for {args.duration:.0f} s", file=out)
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                res = runner.run(_drive(port, args, out))
-                m = runner.run(_metrics(port))
-        finally:
-            code = _stop(proc)
+    started = start_daemon(["--workers", str(args.workers)] if args.workers else [], data_dir, log_path, out)
+    if started is None:
+        return 1
+    proc, port = started
+    try:
+        print(f"collector demo: daemon pid {proc.pid} ready on http://127.0.0.1:{port}; "
+              f"{args.connections} connections x {args.batch}-event batches for {args.duration:.0f} s", file=out)
+        bodies = _bodies(args.batch, args.invalid_every)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            res = runner.run(drive(port, args, out, lambda j: bodies[j % len(bodies)], args.rate or 0.0))
+            m = runner.run(get_json(port, "/metrics"))
+    finally:
+        code = stop_daemon(proc)
     lat = res["latency"] or [0.0]
     print(f"\nsent {res['requests']:,} requests in {res['wall']:.1f} s: {res['accepted']:,} events accepted "
           f"({res['accepted'] / res['wall']:,.0f} events/s), {res['invalid']:,} invalid, "
@@ -217,16 +263,18 @@ def _wait_ready(proc: subprocess.Popen[bytes], port_file: Path, timeout: float) 
     return None
 
 
-async def _metrics(port: int) -> dict[str, Any]:
+async def get_json(port: int, path: str) -> dict[str, Any]:
+    """``GET path`` on the daemon, decoded."""
     c = HttpClient("127.0.0.1", port)
     try:
-        _, _, data = await c.request("GET", "/metrics")
+        _, _, data = await c.request("GET", path)
     finally:
         await c.close()
     return dict(json.loads(data))
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int:
+def stop_daemon(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, then wait for the drain (SIGKILL after 60 s); the exit code."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
