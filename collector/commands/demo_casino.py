@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from collector.commands.demo import drive, get_json, live_line, start_daemon, stop_daemon
+from collector.commands.demo_parts import drive, get_json, live_line, start_daemon, stop_daemon
 
 __all__ = ["run_casino"]
 
