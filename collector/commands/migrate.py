@@ -7,7 +7,12 @@ migration role, and see what was applied::
     collector migrate --config /etc/collector/collector.toml
     collector migrate --pipeline mypackage.pipelines:orders
 
-Running it again is a no-op: each sink reports ``up to date``.
+``--pack NAME`` instead creates the tables a pack reads from (the casino pack: the
+``players`` table, seeded with the five players of seed 001)::
+
+    collector migrate --pack casino --dsn postgresql://postgres@127.0.0.1:5432/test --schema public
+
+Running it again is a no-op: each sink (or the pack) reports ``up to date``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ __all__ = ["add_arguments", "pipeline_from_args", "run"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``collector migrate``."""
     add_pipeline_arguments(p)
+    p.add_argument("--pack", metavar="NAME", help="create and seed the tables this pack reads from (casino: players)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--dsn", metavar="URL", help="with --pack: the PostgreSQL database (postgresql://user@host:port/db)")
+    g.add_argument("--dsn-env", metavar="VAR", help="with --pack: the environment variable holding the DSN")
+    p.add_argument("--schema", default="public", help="with --pack: the schema to create the tables in (default public)")
 
 
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,8 +90,39 @@ async def _migrate(pipeline: Any) -> list[tuple[str, str, list[str] | str]]:
     return out
 
 
+def _migrate_pack(args: argparse.Namespace) -> int:
+    """``--pack NAME``: the pack module's ``migrate(dsn, schema)``; exit 1 if it failed."""
+    import importlib
+    import os
+
+    from collector.errors import ConfigError
+    from collector.packs import PACKS
+
+    if args.config or args.pipeline:
+        raise ConfigError("--pack migrates a pack's own tables: give it without --config or --pipeline")
+    if args.pack not in PACKS:
+        raise ConfigError(f"unknown pack {args.pack!r} (packs: {', '.join(sorted(PACKS))})")
+    migrate = getattr(importlib.import_module(PACKS[args.pack].partition(":")[0]), "migrate", None)
+    if migrate is None:
+        print(f"pack {args.pack}: no tables to create")
+        return 0
+    dsn = os.environ.get(args.dsn_env, "") if args.dsn_env else args.dsn
+    if not dsn:
+        raise ConfigError(f"--pack {args.pack} needs --dsn URL or --dsn-env VAR"
+                          + (f" (${args.dsn_env} is not set)" if args.dsn_env else ""))
+    try:
+        steps = asyncio.run(migrate(dsn, args.schema))
+    except Exception as e:  # the database's own message (the DSN is not printed)
+        print(f"pack {args.pack} (schema {args.schema}): FAILED: {type(e).__name__}: {e}")
+        return 1
+    print(f"pack {args.pack} (schema {args.schema}): " + (f"applied: {'; '.join(steps)}" if steps else "up to date"))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    """Migrate every sink of the pipeline; exit 1 if one failed."""
+    """Migrate every sink of the pipeline (or ``--pack``'s tables); exit 1 if one failed."""
+    if getattr(args, "pack", None):
+        return _migrate_pack(args)
     pipeline, _ = pipeline_from_args(args)
     results = asyncio.run(_migrate(pipeline))
     failed = False

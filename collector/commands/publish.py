@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "publish_events", "run"]
 
 PACKS = ("generic", "playback", "casino")
 SLICE = 1000  # events generated or read per step
@@ -154,7 +154,8 @@ class _Messages:
         return out
 
 
-async def _publish(args: argparse.Namespace) -> tuple[int, int, int, float]:
+async def publish_events(args: argparse.Namespace) -> tuple[int, int, int, float]:
+    """Publish what ``args`` (the options of ``collector publish``) name; (events, messages, duplicates, seconds)."""
     from collector.sinks.nats import Publisher
 
     source = _generated(args.pack, args.users) if args.pack else _from_file(args.file)
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pack and args.file:
         raise ConfigError("give a PACK or --file, not both")
     try:
-        events, messages, dups, wall = asyncio.run(_publish(args))
+        events, messages, dups, wall = asyncio.run(publish_events(args))
     except KeyboardInterrupt:
         return 130
     except Exception as e:

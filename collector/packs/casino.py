@@ -42,6 +42,7 @@ __all__ = [
     "casino_pipeline",
     "describe",
     "generate_casino",
+    "migrate",
     "pack_pipeline",
     "seed_players",
 ]
@@ -127,14 +128,54 @@ class CasinoOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stdout: bool = True  # log final events to standard output
 
 
+# the seeded players (casino-facts.md): id -> (e-mail, last sign-in this long before the seeding)
+SEED_PLAYERS: dict[int, tuple[str, timedelta]] = {
+    10: ("john@example.com", timedelta(hours=1)), 11: ("jane@example.com", timedelta(hours=3)),
+    12: ("bob@example.com", timedelta(days=2)), 13: ("rick@example.com", timedelta(hours=5)),
+    14: ("morty@example.com", timedelta(days=1)),
+}
+
+
 def seed_players(now: datetime | None = None) -> dict[int, dict[str, Any]]:
     """The five seeded players, signed in 1 h, 3 h, 2 days, 5 h and 1 day before ``now``."""
     now = now or datetime.now(UTC)
-    ago = {10: timedelta(hours=1), 11: timedelta(hours=3), 12: timedelta(days=2), 13: timedelta(hours=5),
-           14: timedelta(days=1)}
-    emails = {10: "john", 11: "jane", 12: "bob", 13: "rick", 14: "morty"}
-    return {i: {"id": i, "email": f"{emails[i]}@example.com", "last_signed_in_at": (now - ago[i]).isoformat()}
-            for i in ago}
+    return {i: {"id": i, "email": email, "last_signed_in_at": (now - ago).isoformat()}
+            for i, (email, ago) in SEED_PLAYERS.items()}
+
+
+async def migrate(dsn: str, schema: str = "public") -> list[str]:
+    """``collector migrate --pack casino``: create ``schema`` and its ``players`` table if
+    missing and insert the seed players that are not there (their last sign-in relative to
+    the database's ``now()``). Returns the steps applied: empty when all was in place."""
+    import asyncpg
+
+    q = '"' + schema.replace('"', '""') + '"'
+    table = f"{q}.players"
+    steps: list[str] = []
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            if not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema):
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {q}")
+                steps.append(f"created schema {schema}")
+            if await conn.fetchval("SELECT to_regclass($1)", table) is None:
+                await conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (id bigserial primary key, "
+                                   "email text not null, last_signed_in_at timestamptz)")
+                steps.append(f"created table {schema}.players")
+            ids = list(SEED_PLAYERS)
+            added = await conn.fetch(
+                f"INSERT INTO {table} (id, email, last_signed_in_at) "
+                "SELECT i, e, now() - a FROM unnest($1::bigint[], $2::text[], $3::interval[]) AS s(i, e, a) "
+                "ON CONFLICT (id) DO NOTHING RETURNING id",
+                ids, [SEED_PLAYERS[i][0] for i in ids], [SEED_PLAYERS[i][1] for i in ids])
+            if added:
+                # the serial goes on after the seeded ids, so a plain INSERT does not collide
+                await conn.execute(f"SELECT setval(pg_get_serial_sequence($1, 'id'), (SELECT max(id) FROM {table}))",
+                                   table)
+                steps.append("seeded players " + ", ".join(str(r["id"]) for r in sorted(added, key=lambda r: r["id"])))
+    finally:
+        await conn.close()
+    return steps
 
 
 def casino_pipeline(
