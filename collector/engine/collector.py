@@ -30,15 +30,17 @@ from ..pipeline import Pipeline, resolve_pipeline
 from ..protocol import Ack, Snapshot
 from .admission import Admission
 from .ledger import Ledger, events_decoder
+from .loop import LoopThread
 from .materialize import Materialized
 from .operation import Operation
 from .plan import Entry, Planner
 from .pool import WorkerPool
+from .reads import Reads
 
 __all__ = ["Collector"]
 
 
-class Collector:
+class Collector(Reads):
     """Shard batches over CPU-pinned worker processes, enrich, count, deliver.
 
     ``pipeline`` is a :class:`~collector.Pipeline` or a ``"module:attr"`` import string.
@@ -110,7 +112,7 @@ class Collector:
         self.materialized = Materialized(self.pipeline, n)
         self._block: S.StatsBlock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner: LoopThread | None = None  # the supervisor's own loop thread (sync use)
         self._loop_thread_id: int | None = None
         self._own_loop = False
         self._state = "new"  # new → running → closing → closed (or halted)
@@ -138,27 +140,10 @@ class Collector:
         """Start workers with the supervisor on its own uvloop thread; blocks until ready."""
         if self._state != "new":
             raise CollectorError(f"collector already {self._state}")
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-        self._loop = loop
+        self._runner = LoopThread("collector-supervisor")
+        loop = self._loop = self._runner.start()
+        self._loop_thread_id = self._runner.ident
         self._own_loop = True
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            self._loop_thread_id = threading.get_ident()
-            started.set()
-            try:
-                loop.run_forever()
-            finally:
-                with contextlib.suppress(Exception):
-                    loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="collector-supervisor", daemon=True)
-        self._thread.start()
-        started.wait()
         fut = asyncio.run_coroutine_threadsafe(self._start(), loop)
         try:
             fut.result()
@@ -224,11 +209,9 @@ class Collector:
 
     def _stop_thread(self) -> None:
         _RUNNING.discard(self)
-        if self._thread is not None and self._loop is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._thread = None
+        if self._runner is not None:
+            self._runner.stop()
+            self._runner = None
         self._state = "closed"
 
     async def _shutdown(self, drain: bool, timeout: float | None = None) -> None:
@@ -375,63 +358,6 @@ class Collector:
             self.ledger.op_done(op, self.fatal_error or CollectorClosed("the collector closed before this operation started"))
             return
         self.ledger.enqueue(op, per_worker, shared)
-
-    # ------------------------------------------------------------------ introspection
-    def stats(self) -> S.Stats:
-        """Collector statistics from shared memory: no lock, no message, microseconds."""
-        if self._block is None:
-            raise CollectorClosed("the collector is not running")
-        return self._block.read(self.workers_alive())
-
-    def workers_alive(self) -> list[bool]:
-        """Whether each worker slot has a live, ready worker."""
-        return self.pool.workers_alive()
-
-    def heartbeats_fresh(self, max_age: float | None = None) -> bool:
-        """True while every worker is ready and stamped its heartbeat recently."""
-        return self.pool.heartbeats_fresh(self.heartbeat_timeout if max_age is None else max_age)
-
-    def worker_pids(self) -> list[int]:
-        """The pid of each worker slot (0 while a slot has no process)."""
-        return self.pool.worker_pids()
-
-    # ------------------------------------------------------------------ aggregates
-    def aggregate(self, name: str, key: Any = None, **window: Any) -> Any:
-        """Plain values of the aggregate stage ``name``, merged over every worker.
-
-        Never waits for a worker: at most one snapshot interval behind
-        (``aggregate_staleness``). ``key`` picks one group; ``window`` passes
-        ``start``/``end``/``now`` to windowed aggregates.
-        """
-        return self.materialized.aggregate(name, key, **window)
-
-    def aggregates(self) -> dict[str, Any]:
-        """Every aggregate stage's plain values, by name."""
-        return self.materialized.aggregates()
-
-    def aggregate_staleness(self, name: str) -> float:
-        """Seconds since the oldest worker partial of ``name`` was taken."""
-        return self.materialized.partials.staleness(name)
-
-    def view(self, name: str) -> dict[str, Any]:
-        """A materialized view of the pipeline (``Pipeline.views``) rendered now."""
-        return self.materialized.view(name)
-
-    @property
-    def stats_block_name(self) -> str | None:
-        """The name of the shared-memory statistics block (None when not running)."""
-        return self._block.name if self._block is not None else None
-
-    @property
-    def inflight_events(self) -> int:
-        """Events accepted and not yet done."""
-        return self.admission.inflight
-
-    @property
-    def running(self) -> bool:
-        """True between start and close, unless a fatal error halted the collector."""
-        return self._state == "running"
-
 
 # collectors with their own supervisor thread that are still open; closed at exit so a
 # forgotten close() still stops the workers and unlinks the shared memory

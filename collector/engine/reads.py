@@ -1,0 +1,88 @@
+"""What a running collector lets you read, without messaging or waiting for any worker.
+
+::
+
+    stats() ─────────── sum of the shared-memory slots (a few microseconds, no lock)
+    workers_alive() ─── the pool's view of its slots; heartbeats_fresh(), worker_pids()
+    aggregate(name) ─── the workers' last partials merged (engine/materialize.py)
+    view(name) ──────── a pipeline view rendered from merged aggregates
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .. import stats as S
+from ..errors import CollectorClosed
+
+if TYPE_CHECKING:
+    from .admission import Admission
+    from .materialize import Materialized
+    from .pool import WorkerPool
+
+__all__ = ["Reads"]
+
+
+class Reads:
+    """The read side of :class:`~collector.Collector` (a mixin over its parts)."""
+
+    _block: S.StatsBlock | None
+    _state: str
+    pool: WorkerPool
+    admission: Admission
+    materialized: Materialized
+    heartbeat_timeout: float
+
+    def stats(self) -> S.Stats:
+        """Collector statistics from shared memory: no lock, no message, microseconds."""
+        if self._block is None:
+            raise CollectorClosed("the collector is not running")
+        return self._block.read(self.workers_alive())
+
+    def workers_alive(self) -> list[bool]:
+        """Whether each worker slot has a live, ready worker."""
+        return self.pool.workers_alive()
+
+    def heartbeats_fresh(self, max_age: float | None = None) -> bool:
+        """True while every worker is ready and stamped its heartbeat recently."""
+        return self.pool.heartbeats_fresh(self.heartbeat_timeout if max_age is None else max_age)
+
+    def worker_pids(self) -> list[int]:
+        """The pid of each worker slot (0 while a slot has no process)."""
+        return self.pool.worker_pids()
+
+    def aggregate(self, name: str, key: Any = None, **window: Any) -> Any:
+        """Plain values of the aggregate stage ``name``, merged over every worker.
+
+        Never waits for a worker: at most one snapshot interval behind
+        (``aggregate_staleness``). ``key`` picks one group; ``window`` passes
+        ``start``/``end``/``now`` to windowed aggregates.
+        """
+        return self.materialized.aggregate(name, key, **window)
+
+    def aggregates(self) -> dict[str, Any]:
+        """Every aggregate stage's plain values, by name."""
+        return self.materialized.aggregates()
+
+    def aggregate_staleness(self, name: str) -> float:
+        """Seconds since the oldest worker partial of ``name`` was taken."""
+        return self.materialized.partials.staleness(name)
+
+    def view(self, name: str) -> dict[str, Any]:
+        """A materialized view of the pipeline (``Pipeline.views``) rendered now."""
+        return self.materialized.view(name)
+
+    @property
+    def stats_block_name(self) -> str | None:
+        """The name of the shared-memory statistics block (None when not running)."""
+        return self._block.name if self._block is not None else None
+
+    @property
+    def inflight_events(self) -> int:
+        """Events accepted and not yet done."""
+        return self.admission.inflight
+
+    @property
+    def running(self) -> bool:
+        """True between start and close, unless a fatal error halted the collector."""
+        return self._state == "running"
