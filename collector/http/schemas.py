@@ -25,8 +25,9 @@ class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class ItemResult(msgspec.Struct, omit_defaults=True, gc=False):
     """What happened to one event: ``accepted`` (stored), ``duplicate`` (its id was
-    already accepted; not stored again), ``invalid`` (``path`` and ``reason`` say why)
-    or ``failed`` (the engine could not process it; retry)."""
+    already accepted; not stored again), ``invalid`` (``path`` and ``reason`` say why),
+    ``filtered`` (a filter or rule dropped it on purpose; ``reason`` names the rule; do
+    not retry) or ``failed`` (the engine could not process it; retry)."""
 
     index: int
     status: str
@@ -52,6 +53,7 @@ class BatchResponse(msgspec.Struct):
     invalid: int
     failed: int
     results: list[ItemResult]
+    filtered: int = 0
 
 
 class ErrorResponse(msgspec.Struct, omit_defaults=True):

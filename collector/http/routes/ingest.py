@@ -6,7 +6,7 @@
          ─► empty? too deep? (bodies.json_depth)
          ─► envelope: list[Raw] (C)  ─► IdReader: id and shard key of each event, one C pass
          ─► id injected where absent ─► backend.submit(items, keys) (one coalesced operation)
-         ─► per-item results (accepted / duplicate / invalid / failed)
+         ─► per-item results (accepted / duplicate / invalid / filtered / failed)
 
 The supervisor parses each body once as raw items (no Python objects per field) and
 looks at one field, the id; validation against the schema happens in the workers, as
@@ -178,7 +178,7 @@ class IngestRoutes:
         return error(503, "overloaded", f"{e}; retry after {ra} s", retry_after=ra)
 
     async def post_event(self, req: Request) -> Response:
-        """``POST /events``: one event → 202 stored, 200 duplicate, 422 invalid."""
+        """``POST /events``: one event → 202 stored, 200 duplicate or filtered, 422 invalid."""
         bad = self._decoded(req) or self._check_body(req.body)
         if bad is not None:
             return bad
@@ -202,6 +202,8 @@ class IngestRoutes:
                 return Response(200, json_encoder.encode(EventResponse("duplicate", eid)))
             if err.kind == "invalid":
                 return Response(422, json_encoder.encode(EventResponse("invalid", eid, err.path, err.reason)))
+            if err.kind == "filtered":  # dropped on purpose (a rule): answered, not to be retried
+                return Response(200, json_encoder.encode(EventResponse("filtered", eid, err.path, err.reason)))
             return Response(503, json_encoder.encode(EventResponse("failed", eid, err.path, err.reason)),
                             headers=[("Retry-After", str(self.cfg.retry_after))])
         return Response(202, json_encoder.encode(EventResponse("accepted", eid)))
@@ -260,15 +262,16 @@ class IngestRoutes:
             for err in res.errors:
                 i = where[err.index]
                 r = results[i]
-                r.status = "failed" if err.kind not in ("invalid", "duplicate") else err.kind
+                r.status = "failed" if err.kind not in ("invalid", "duplicate", "filtered") else err.kind
                 if err.kind != "duplicate":
                     r.path = f"$.events[{i}]" + err.path[1:]
                     r.reason = err.reason
-        counts = {"accepted": 0, "duplicate": 0, "invalid": 0, "failed": 0}
+        counts = {"accepted": 0, "duplicate": 0, "invalid": 0, "failed": 0, "filtered": 0}
         for r in results:
             counts[r.status] += 1
-        body = json_encoder.encode(BatchResponse(counts["accepted"], counts["duplicate"], counts["invalid"], counts["failed"], results))
-        if counts["failed"] and not (counts["accepted"] or counts["duplicate"]):
+        body = json_encoder.encode(BatchResponse(counts["accepted"], counts["duplicate"], counts["invalid"],
+                                                 counts["failed"], results, counts["filtered"]))
+        if counts["failed"] and not (counts["accepted"] or counts["duplicate"] or counts["filtered"]):
             return Response(503, body, headers=[("Retry-After", str(self.cfg.retry_after))])
         # a well-formed batch is answered per item, even when no item was valid: the
         # envelope was right, and `results` says what was wrong with each event
