@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from itertools import compress
+from itertools import compress, repeat
 from operator import attrgetter
 from typing import Any, Literal
 
@@ -239,15 +239,80 @@ Pred = Callable[[Any], bool]
 Edit = Callable[[Any], None]
 
 
-class _Compiled:
-    __slots__ = ("action", "counts", "edits", "index", "missing", "name", "on_error", "pred", "reason")
+class _P:
+    """A compiled condition: ``one(event)`` and ``many(events) -> mask``.
 
-    def __init__(self, index: int, rule: Rule, pred: Pred | None, edits: list[Edit], counts: list[int]) -> None:
+    ``many`` is the fast path over a chunk: C-level maps of getters and ``operator``
+    functions, every condition evaluated on every event; it raises when any event
+    lacks a field, has a value of another kind, or raises, and the chunk then goes
+    through ``one`` (short-circuit, missing fields and errors as the rule says).
+    """
+
+    __slots__ = ("many", "one")
+
+    def __init__(self, one: Pred, many: Many) -> None:
+        self.one = one
+        self.many = many
+
+
+Many = Callable[[list[Any], dict[str, Any]], list[Any]]
+
+
+class _Slow(Exception):
+    """The chunk cannot take the fast path (a missing field, a mixed container)."""
+
+
+_SLOW = _Slow()
+_GAP: list[Any] = []  # in a chunk's cache: this path has a gap (by identity)
+
+
+def _many_path(path: str) -> Many:
+    """The values of ``path`` in each event by C-level maps, shared through the chunk's
+    ``cache`` by every condition reading the path or a prefix; raises _Slow on a gap."""
+    head, _, last = path.rpartition(".")
+    attr = attrgetter(last)
+    parent = _many_path(head) if head else None
+    dict_get = dict.get
+
+    def get(events: list[Any], cache: dict[str, Any]) -> list[Any]:
+        vals = cache.get(path)
+        if vals is None:
+            try:
+                if parent is None:
+                    vals = list(map(attr, events))
+                else:
+                    up = parent(events, cache)
+                    kinds = cache.get(head + ".")  # the kinds of the parent's values, once per chunk
+                    if kinds is None:
+                        kinds = cache[head + "."] = set(map(type, up))
+                    if type(None) in kinds:
+                        raise _SLOW
+                    if kinds == {dict}:
+                        vals = list(map(dict_get, up, repeat(last, len(up))))
+                    elif dict in kinds:
+                        raise _SLOW
+                    else:
+                        vals = list(map(attr, up))
+            except (_Slow, AttributeError):
+                vals = _GAP
+            cache[path] = vals
+        if vals is _GAP:
+            raise _SLOW
+        return vals
+
+    return get
+
+
+class _Compiled:
+    __slots__ = ("action", "counts", "edits", "index", "many", "missing", "name", "on_error", "pred", "reason")
+
+    def __init__(self, index: int, rule: Rule, pred: _P | None, edits: list[Edit], counts: list[int]) -> None:
         self.counts = counts  # this rule's counters (COUNTERS order), shared with its leaves
         self.index = index
         self.name = rule.name
         self.action = rule.action
-        self.pred = pred
+        self.pred = pred.one if pred is not None else None
+        self.many = pred.many if pred is not None else None
         self.edits = edits
         self.missing = rule.missing
         self.on_error = rule.on_error
@@ -273,6 +338,7 @@ class RulesRuntime:
         pos = list(range(len(events)))
         alive = events
         drops: list[ErrorRecord] = []
+        cache: dict[str, Any] = {}  # path → its values in `alive` (for the fast paths)
         for r in self.compiled:
             if not alive:
                 break
@@ -282,12 +348,15 @@ class RulesRuntime:
             if r.pred is None:
                 mask = [True] * len(alive)
             else:
-                missing = c[_MI]
-                try:  # the fast path: no event raises
-                    mask = list(map(r.pred, alive))
+                try:  # the fast path over the chunk
+                    mask = r.many(alive, cache)  # type: ignore[misc]
                 except Exception:
-                    c[_MI] = missing  # counted again below
-                    mask = self._one_by_one(r, alive, c)
+                    missing = c[_MI]
+                    try:  # one event at a time, no event raises
+                        mask = list(map(r.pred, alive))
+                    except Exception:
+                        c[_MI] = missing  # counted again below
+                        mask = self._one_by_one(r, alive, c)
                 if not any(mask):
                     continue
             matched = [i for i, m in enumerate(mask) if m and m is not _BLOCK]
@@ -295,9 +364,10 @@ class RulesRuntime:
             drop = [i for i, m in enumerate(mask) if m is _BLOCK]  # raised, and on_error = block
             if r.action == "block":
                 drop = sorted(drop + matched)
-            elif r.edits:  # transform, or allow with a mark
+            elif r.edits and matched:  # transform, or allow with a mark
                 for i in matched:
                     self._edit(r, alive[i], c)
+                cache.clear()
             if r.action == "allow":
                 c[_AL] += len(matched)
             if drop:
@@ -310,6 +380,7 @@ class RulesRuntime:
                 keep = [i not in decided for i in range(len(alive))]
                 alive = list(compress(alive, keep))
                 pos = list(compress(pos, keep))
+                cache.clear()
         drops.sort(key=attrgetter("pos"))
         return drops
 
@@ -437,7 +508,7 @@ def _path(p: Any, at: str) -> Callable[[Any], Any]:
     return get
 
 
-def _cond(c: Any, at: str, miss: Any, counts: list[int]) -> Pred:
+def _cond(c: Any, at: str, miss: Any, counts: list[int]) -> _P:
     """The predicate of condition ``c``; a leaf reading a missing field gives ``miss``
     (False, True, or "error": raise) and counts it in ``counts``."""
     if not isinstance(c, Cond):
@@ -453,14 +524,15 @@ def _cond(c: Any, at: str, miss: Any, counts: list[int]) -> Pred:
             raise ConfigError(f"{at}.path: {op} combines conditions; put the path in each of them")
         if op == "not":
             inner = _cond(c.not_, at_op, miss, counts)
-            return lambda e: not inner(e)
+            one, many = inner.one, inner.many
+            return _P(lambda e: not one(e), lambda es, cache: list(map(operator.not_, many(es, cache))))
         subs = c.all if op == "all" else c.any
         if not isinstance(subs, list | tuple) or not subs:
             raise ConfigError(f"{at_op}: needs a non-empty list of conditions")
         preds = [_cond(s, f"{at_op}[{j}]", miss, counts) for j, s in enumerate(subs)]
         if len(preds) == 1:
             return preds[0]
-        return _all(preds) if op == "all" else _any(preds)
+        return _combine(preds, op)
     if c.path is _U:
         raise ConfigError(f"{at}.path: {op} needs the path of the field it reads")
     get = _path(c.path, f"{at}.path")
@@ -476,7 +548,14 @@ def _cond(c: Any, at: str, miss: Any, counts: list[int]) -> Pred:
                 return not arg
             return arg
 
-        return exists
+        mget = _many_path(c.path)
+        same = operator.is_not if arg else operator.is_
+
+        def all_exist(events: list[Any], cache: dict[str, Any]) -> list[Any]:
+            vals = mget(events, cache)
+            return list(map(same, vals, repeat(None, len(vals))))
+
+        return _P(exists, all_exist)
     if op in ("gt", "ge", "lt", "le"):
         if isinstance(arg, bool) or not isinstance(arg, _ORDERED):
             raise ConfigError(f"{at_op}: expected a number or a string, got {type(arg).__name__} {arg!r}")
@@ -490,7 +569,13 @@ def _cond(c: Any, at: str, miss: Any, counts: list[int]) -> Pred:
             rx = re.compile(arg)
         except re.error as ex:
             raise ConfigError(f"{at_op}: bad regular expression {arg!r}: {ex}") from None
-        return _leaf(get, _memo_search(rx), None, miss, counts)
+        test, memo = _memo_search(rx)
+
+        def searched(vals: list[Any]) -> list[Any]:
+            hits = list(map(memo.get, vals))  # TypeError on an unhashable value: the slow path
+            return list(map(test, repeat(None, len(vals)), vals)) if None in hits else hits
+
+        return _leaf(c.path, get, test, None, miss, counts, searched)
     elif op == "in":
         if not isinstance(arg, list | tuple | set | frozenset):
             raise ConfigError(f"{at_op}: expected a list of values, got {type(arg).__name__} {arg!r}")
@@ -498,7 +583,7 @@ def _cond(c: Any, at: str, miss: Any, counts: list[int]) -> Pred:
             values: Any = frozenset(arg)
         except TypeError:
             values = tuple(arg)
-        return _leaf(get, operator.contains, values, miss, counts)
+        return _leaf(c.path, get, operator.contains, values, miss, counts)
     elif op == "range":
         if (
             not isinstance(arg, list | tuple) or len(arg) != 2
@@ -511,12 +596,39 @@ def _cond(c: Any, at: str, miss: Any, counts: list[int]) -> Pred:
                 raise ConfigError(f"{at_op}: low {lo!r} is above high {hi!r}")
         except TypeError:
             raise ConfigError(f"{at_op}: low and high must be of one kind, got {lo!r} and {hi!r}") from None
-        return _leaf(get, lambda _, v: lo <= v <= hi, None, miss, counts)
-    return _leaf(get, _CMP[op], arg, miss, counts)
+        le, ge = operator.le, operator.ge
+
+        def within(vals: list[Any]) -> list[Any]:
+            n = len(vals)
+            return list(map(operator.and_, map(le, repeat(lo, n), vals), map(ge, repeat(hi, n), vals)))
+
+        return _leaf(c.path, get, lambda _, v: lo <= v <= hi, None, miss, counts, within)
+    if op == "contains":
+        return _leaf(c.path, get, _CMP[op], arg, miss, counts,
+                     lambda vals: list(map(operator.contains, vals, repeat(arg, len(vals)))))
+    return _leaf(c.path, get, _CMP[op], arg, miss, counts)
 
 
-def _leaf(get: Callable[[Any], Any], test: Callable[[Any, Any], Any], arg: Any, miss: Any, counts: list[int]) -> Pred:
-    """``test(arg, field value)``; a missing field gives ``miss`` (or raises on "error")."""
+def _leaf(
+    path: str, get: Callable[[Any], Any], test: Callable[[Any, Any], Any], arg: Any, miss: Any, counts: list[int],
+    vec: Callable[[list[Any]], list[Any]] | None = None,
+) -> _P:
+    """``test(arg, field value)``; a missing field gives ``miss`` (or raises on "error").
+
+    ``vec(values)`` is the test over a chunk's values (default: ``test`` mapped in C).
+    """
+    mget = _many_path(path)
+    if vec is None:
+        def vec(vals: list[Any]) -> list[Any]:
+            return list(map(test, repeat(arg, len(vals)), vals))
+    test_all = vec
+
+    def many(events: list[Any], cache: dict[str, Any]) -> list[Any]:
+        vals = mget(events, cache)
+        if None in vals:
+            raise _SLOW
+        return test_all(vals)
+
     if miss == "error":
         def strict(e: Any) -> bool:
             try:
@@ -526,7 +638,7 @@ def _leaf(get: Callable[[Any], Any], test: Callable[[Any, Any], Any], arg: Any, 
                 raise
             return test(arg, v)
 
-        return strict
+        return _P(strict, many)
     missing = bool(miss)
 
     def leaf(e: Any) -> bool:
@@ -537,10 +649,10 @@ def _leaf(get: Callable[[Any], Any], test: Callable[[Any, Any], Any], arg: Any, 
             return missing
         return test(arg, v)
 
-    return leaf
+    return _P(leaf, many)
 
 
-def _memo_search(rx: re.Pattern[str]) -> Callable[[Any, Any], bool]:
+def _memo_search(rx: re.Pattern[str]) -> tuple[Callable[[Any, Any], bool], dict[str, bool]]:
     """``rx.search(value) is not None``, remembered per value (user agents repeat: a
     dict hit is several times cheaper than a case-insensitive alternation)."""
     search = rx.search
@@ -555,7 +667,22 @@ def _memo_search(rx: re.Pattern[str]) -> Callable[[Any, Any], bool]:
             memo[v] = r
         return r
 
-    return test
+    return test, memo
+
+
+def _combine(subs: list[_P], op: str) -> _P:
+    """``all`` or ``any`` of the conditions, one event at a time and over a chunk."""
+    one = _all([p.one for p in subs]) if op == "all" else _any([p.one for p in subs])
+    both = operator.and_ if op == "all" else operator.or_
+    manys = [p.many for p in subs]
+
+    def many(events: list[Any], cache: dict[str, Any]) -> list[Any]:
+        mask = manys[0](events, cache)
+        for m in manys[1:]:
+            mask = list(map(both, mask, m(events, cache)))  # bools from every condition
+        return mask
+
+    return _P(one, many)
 
 
 def _all(preds: list[Pred]) -> Pred:

@@ -253,3 +253,21 @@ def test_seed003_example_config_runs() -> None:
 def test_config_struct_forbids_unknown_fields() -> None:
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"name": "a", "extra": 1}, Rule)
+
+
+MIXED = [E, ev(None), ev(value="x", name=3, tags="ab", ua=None, score="s"), ev(value=7.5, ua="plain"),
+         GenericEvent(type="system_log", source="iot_device", data={"value": {"deeper": 1}})]
+
+
+@pytest.mark.parametrize("when", [c[0] for c in CASES] + TYPE_MISMATCHES, ids=str)
+@pytest.mark.parametrize("missing", [False, True, "error"])
+def test_a_chunk_decides_each_event_as_it_would_alone(when: dict[str, Any], missing: Any) -> None:
+    """The fast path over a chunk (and its fallbacks) agrees with one event at a time."""
+    stage = decode_rules({"rules": [{"name": "r", "when": when, "action": "block", "missing": missing}]})
+    together = stage.build()
+    drops = [d.pos for d in together(MIXED)]
+    alone = [stage.build() for _ in MIXED]
+    assert drops == [i for i, (rt, e) in enumerate(zip(alone, MIXED, strict=True)) if rt([e])]
+    assert stage.merge([together.snapshot()]) == stage.merge([rt.snapshot() for rt in alone])
+    healthy = stage.build()  # a chunk with no gap takes the fast path and agrees too
+    assert [d.pos for d in healthy([E, E])] == ([0, 1] if run_one(when, E, missing=missing)[0] else [])
