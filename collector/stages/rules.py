@@ -12,7 +12,10 @@ Rules run in order, one rule over the chunk's undecided events at a time. ``allo
 ``block`` decide an event (later rules do not see it); ``transform`` changes it and
 evaluation goes on with the next rule. An event no rule decides passes. Conditions are
 closures over ``operator`` functions and attribute getters: no parsing per event, no
-``eval``; regexes are compiled once. ``Filter`` (a Python predicate) is kept as it was.
+``eval``; regexes are compiled once. A rule first runs over the whole chunk by C-level
+maps (``_P.many``); a chunk with a missing field or a raising value runs that rule one
+event at a time (``_P.one``), with the rule's ``missing`` and ``on_error``. See
+docs/rules.md. ``Filter`` (a Python predicate) is kept as it was.
 """
 
 from __future__ import annotations
@@ -672,7 +675,7 @@ def _memo_search(rx: re.Pattern[str]) -> tuple[Callable[[Any, Any], bool], dict[
 
 def _combine(subs: list[_P], op: str) -> _P:
     """``all`` or ``any`` of the conditions, one event at a time and over a chunk."""
-    one = _all([p.one for p in subs]) if op == "all" else _any([p.one for p in subs])
+    one = _short([p.one for p in subs], op == "any")
     both = operator.and_ if op == "all" else operator.or_
     manys = [p.many for p in subs]
 
@@ -685,32 +688,19 @@ def _combine(subs: list[_P], op: str) -> _P:
     return _P(one, many)
 
 
-def _all(preds: list[Pred]) -> Pred:
+def _short(preds: list[Pred], stop: bool) -> Pred:
+    """``all`` (``stop=False``: the first false decides) or ``any`` (``stop=True``: the first true)."""
     if len(preds) == 2:
         a, b = preds
-        return lambda e: bool(a(e) and b(e))
+        return (lambda e: bool(a(e) or b(e))) if stop else (lambda e: bool(a(e) and b(e)))
 
-    def every(e: Any) -> bool:
-        for p in preds:  # noqa: SIM110 (a loop: all() over a generator is slower)
-            if not p(e):
-                return False
-        return True
+    def short(e: Any) -> bool:
+        for p in preds:  # a loop: all()/any() over a generator is slower
+            if bool(p(e)) is stop:
+                return stop
+        return not stop
 
-    return every
-
-
-def _any(preds: list[Pred]) -> Pred:
-    if len(preds) == 2:
-        a, b = preds
-        return lambda e: bool(a(e) or b(e))
-
-    def some(e: Any) -> bool:
-        for p in preds:  # noqa: SIM110 (a loop: any() over a generator is slower)
-            if p(e):
-                return True
-        return False
-
-    return some
+    return short
 
 
 def _set_path(path: str, at: str) -> tuple[Callable[[Any], Any], str]:
