@@ -233,6 +233,12 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
              "of a named source to the pack's pipeline, `target` a field of its event type"),
     ] = msgspec.field(default_factory=list)
 
+    rules: Annotated[
+        list[dict[str, Any]],
+        Meta(description="`[[rules]]` tables: filter rules (`name`, `when`, `action`, ...; see docs/rules.md) run as "
+             "one `Rules` stage named `rules` after the pack's stages; checked when the pipeline is built"),
+    ] = msgspec.field(default_factory=list)
+
     def resolved_data_dir(self) -> Path:
         """``data_dir``, or ``$STATE_DIRECTORY`` (systemd), or ``./collector-data``; absolute."""
         d = self.data_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "collector-data"
@@ -334,7 +340,7 @@ def options_table() -> str:
         ("`[source]`", NatsIngressConfig),
     ]
     tables = {"sinks": "array of tables", "deadletter": "table", "source": "table", "sources": "array of tables",
-              "enrich": "array of tables"}
+              "enrich": "array of tables", "rules": "array of tables"}
     for label, cls in sections:
         for f in msgspec.structs.fields(cls):
             if f.name not in ("server", "engine", "pipeline", "log"):

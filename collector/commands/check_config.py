@@ -40,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  deadletter {dl.path}")
     for lk in p.lookups:
         print(f"  lookup {lk.name}: {lk.target} from {lk.key}" + (f" via {lk.source.name!r}" if lk.source is not None else ""))
+    for st in p.stages:
+        if getattr(st, "is_rules", False):
+            print(f"  rules {st.name}: {', '.join(f'{r.name} ({r.action})' for r in st.rules)}")
     if cfg.source is not None:
         src = cfg.source
         print(f"  source {src.kind} {src.url} stream {src.stream} ({', '.join(src.subjects)}) durable {src.durable}")

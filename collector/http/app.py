@@ -54,6 +54,7 @@ class App:
             ("GET", "/openapi.json"): self.status.get_openapi,
             ("GET", "/aggregates"): self.aggregates.get_aggregates,
             ("GET", "/processor/aggregation"): self.aggregates.get_aggregation,
+            ("GET", "/processor/filters"): self.aggregates.get_filters,
             ("GET", "/materialized"): self.aggregates.get_materialized,
         }
         self._paths = {p for _, p in self.routes}

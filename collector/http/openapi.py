@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from ..packs.generic import GenericEvent
+from ..stages.rules import COUNTERS as RULE_COUNTERS
 from .schemas import BatchResponse, ErrorResponse, EventResponse, Health, ItemResult, Metrics
 
 if TYPE_CHECKING:
@@ -49,6 +50,13 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
     components["EventBatch"]["properties"]["events"]["items"] = {
         "anyOf": [_ref(ev), {"description": "anything else is reported as `invalid` in `results`"}]
     }
+    counters = {"type": "object", "required": list(RULE_COUNTERS), "additionalProperties": False,
+                "properties": {c: {"type": "integer", "minimum": 0} for c in RULE_COUNTERS}}
+    components["FilterStats"] = {
+        "type": "object", "required": ["filters"], "additionalProperties": False,
+        "properties": {"filters": {"type": "object", "additionalProperties": {
+            "type": "object", "additionalProperties": counters}}},
+    }
     retry = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait before retrying"}}
 
     def ingest(req: str, ok: str, many: bool) -> dict[str, Any]:
@@ -73,7 +81,8 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
                     "retry after Retry-After is stored)", "headers": retry, **_json(item, "ErrorResponse")},
         }
         if not many:
-            responses["200"] = {"description": "an event with this id was already accepted", **_json(item)}
+            responses["200"] = {"description": "an event with this id was already accepted (`duplicate`), or a "
+                                "filter rule dropped it (`filtered`, `reason` names the rule)", **_json(item)}
         return {
             "summary": ok,
             # not a header parameter: the document cannot say that the body is then
@@ -117,6 +126,9 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
                 "responses": {"200": {"description": "the value", **_obj()},
                               "400": {"description": "a missing or malformed parameter", **_json("ErrorResponse")},
                               "404": {"description": "no such aggregate", **_json("ErrorResponse")}}}},
+            "/processor/filters": {"get": {
+                "summary": "Filter statistics (seed 003): per Rules stage, per rule, its counters summed over the workers",
+                "responses": {"200": {"description": "stage name → rule name → counters", **_json("FilterStats")}}}},
             "/materialized": {"get": {"summary": "The pack's materialized view (seed 001's casino figures)",
                                       "responses": {"200": {"description": "the view", **_obj()},
                                                     "404": {"description": "the pack declares no such view",

@@ -26,11 +26,12 @@ class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
 class ItemResult(msgspec.Struct, omit_defaults=True, gc=False):
     """What happened to one event: ``accepted`` (every configured sink stored it),
     ``duplicate`` (its id was already accepted; not stored again), ``invalid``
-    (``path`` and ``reason`` say why), ``deadlettered`` (a sink did not store it and
-    the dead-letter sink holds it; ``reason`` names the sink: ``refused this event``
-    when the store refused its data, ``gave up: failed N times`` when the sink spent
-    its retries; ``collector replay`` stores it later, and a retry is stored, not
-    answered ``duplicate``) or ``failed`` (the engine could not process it; retry)."""
+    (``path`` and ``reason`` say why), ``filtered`` (a filter or rule dropped it on
+    purpose; ``reason`` names the rule; do not retry), ``deadlettered`` (a sink did not
+    store it and the dead-letter sink holds it; ``reason`` names the sink: ``refused
+    this event`` when the store refused its data, ``gave up: failed N times`` when the
+    sink spent its retries; ``collector replay`` stores it later, and a retry is stored,
+    not answered ``duplicate``) or ``failed`` (the engine could not process it; retry)."""
 
     index: int
     status: str
@@ -57,6 +58,7 @@ class BatchResponse(msgspec.Struct):
     failed: int
     results: list[ItemResult]
     deadlettered: int = 0
+    filtered: int = 0
 
 
 class ErrorResponse(msgspec.Struct, omit_defaults=True):

@@ -7,7 +7,9 @@
     [pipeline] pack = "mod:attr" ──► a Pipeline or factory ─┴──► Pipeline (+ the config's sinks)
 
 ``[[sources]]`` and ``[[enrich]]`` (decoded here, by :func:`collector.sources.config.decode_sources`,
-since the config loader may not import sources) add lookups to whichever pipeline that is.
+since the config loader may not import sources) add lookups to whichever pipeline that is;
+``[[rules]]`` (decoded by :func:`collector.stages.rules.decode_rules`) adds a ``Rules``
+stage named ``rules`` after its stages.
 
 A new pack is one module here with a ``pack_pipeline(cfg: PipelineConfig, sinks,
 deadletter) -> Pipeline`` and one ``PACKS`` line; the config loader never imports a pack.
@@ -23,7 +25,7 @@ from ..config import DaemonConfig, resolved_sinks
 from ..errors import ConfigError
 from ..pipeline import Lookup, Pipeline, resolve_pipeline
 
-__all__ = ["PACKS", "build_pipeline", "enrich_lookups"]
+__all__ = ["PACKS", "build_pipeline", "enrich_lookups", "rules_stage"]
 
 PACKS = {
     "generic": "collector.packs.generic:pack_pipeline",
@@ -37,6 +39,7 @@ def build_pipeline(cfg: DaemonConfig) -> Pipeline:
     sinks, dl = resolved_sinks(cfg)
     pc = cfg.pipeline
     extra = enrich_lookups(cfg)  # config errors first, before a pack is imported or built
+    rules = rules_stage(cfg)
     changes: dict[str, Any] = {}
     if ":" not in pc.pack:
         try:
@@ -61,7 +64,22 @@ def build_pipeline(cfg: DaemonConfig) -> Pipeline:
         # a step filling a field one of the pack's lookups fills replaces that lookup
         mine = {lk.target for lk in extra}
         changes["lookups"] = tuple(lk for lk in p.lookups if lk.target not in mine) + extra
+    if rules is not None:
+        changes["stages"] = (*p.stages, rules)
     return dataclasses.replace(p, **changes) if changes else p
+
+
+def rules_stage(cfg: DaemonConfig) -> Any:
+    """The ``Rules`` stage of the config's ``[[rules]]`` tables (None without any)."""
+    if not cfg.rules:
+        return None
+    from ..stages.rules import decode_rules
+
+    try:
+        return decode_rules({"name": "rules", "rules": cfg.rules})
+    except ConfigError as e:
+        path, _, why = str(e).partition(": ")
+        raise ConfigError(f"`$.{path}`: {why}") from None
 
 
 def enrich_lookups(cfg: DaemonConfig) -> tuple[Lookup, ...]:

@@ -2,7 +2,7 @@
 
 ::
 
-    decoded events ─► Dedup ─► Filter ─► Enrich() (lookups) ─► Render ─► Aggregate/Pair ─► sinks
+    decoded events ─► Dedup ─► Filter/Rules ─► Enrich() (lookups) ─► Render ─► Aggregate/Pair ─► sinks
                        │ drops with a kind (duplicate, filtered, retry)     │ partials ─► supervisor
 
 ``base`` holds the contract; stateless stages (``rules``, ``render``), keyed state
@@ -15,6 +15,6 @@ from __future__ import annotations
 from .base import Enrich, Stage
 from .dedup import Dedup, DedupWindow
 from .render import Render
-from .rules import Filter
+from .rules import Filter, Rules
 
-__all__ = ["Dedup", "DedupWindow", "Enrich", "Filter", "Render", "Stage"]
+__all__ = ["Dedup", "DedupWindow", "Enrich", "Filter", "Render", "Rules", "Stage"]

@@ -1,16 +1,51 @@
-"""Filters: keep the events a predicate accepts; the rest are dropped as ``filtered``."""
+"""Filters and rules: keep, drop, mark or transform events by conditions on their fields.
+
+::
+
+    Rules(rules=[Rule(name, when=Cond, action, set/rename/remove/render, missing, on_error)])
+      ── __post_init__: compiled once to check (ConfigError naming rules[i].when.all[0].regex)
+      ── build(): compiled once per worker into closures ─► RulesRuntime(events) ─► drops
+                                                             snapshot() ─► msgpack counters
+    supervisor: Rules.merge(partials) ─► {rule: {evaluated, matched, ...}} ─► read(result, key)
+
+Rules run in order, one rule over the chunk's undecided events at a time. ``allow`` and
+``block`` decide an event (later rules do not see it); ``transform`` changes it and
+evaluation goes on with the next rule. An event no rule decides passes. Conditions are
+closures over ``operator`` functions and attribute getters: no parsing per event, no
+``eval``; regexes are compiled once. A rule first runs over the whole chunk by C-level
+maps (``_P.many``); a chunk with a missing field or a raising value runs that rule one
+event at a time (``_P.one``), with the rule's ``missing`` and ``on_error``. See
+docs/rules.md. ``Filter`` (a Python predicate) is kept as it was.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import operator
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import Any
+from itertools import compress, repeat
+from operator import attrgetter
+from typing import Any, Literal
 
+import msgspec
+
+from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from .base import Stage
 
-__all__ = ["Filter"]
+__all__ = ["COUNTERS", "Cond", "Filter", "Rule", "Rules", "RulesRuntime", "decode_rules"]
+
+log = logging.getLogger("collector.rules")
+
+# per rule, summed across workers by Rules.merge
+COUNTERS = ("evaluated", "matched", "allowed", "blocked", "transformed", "missing", "errors")
+_EV, _MA, _AL, _BL, _TR, _MI, _ER = range(len(COUNTERS))
+_U = msgspec.UNSET
+Unset = msgspec.UnsetType
+Scalar = int | float | str | bool
 
 
 @dataclass(frozen=True)
@@ -38,3 +73,684 @@ class Filter(Stage):
             return [ErrorRecord(i, "$", reason, "filtered") for i, e in enumerate(events) if not pred(e)]
 
         return run
+
+
+# ---------------------------------------------------------------------------- the config form
+class Cond(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A condition: one operator on ``path``, or one combinator (``all``, ``any``, ``not``).
+
+    ``{path = "user.type", eq = "premium"}``, ``{path = "data.score", range = [90, 100]}``,
+    ``{all = [{...}, {...}]}``, ``{not = {...}}``. ``range`` is inclusive at both ends;
+    ``contains`` is substring (strings) or membership (lists, dict keys); ``regex`` is a
+    search (anchor it with ``^...$``); ``in`` is membership of the field's value in the
+    list; ``exists`` is true when the path resolves to a value that is not None.
+    """
+
+    path: str | Unset = _U
+    eq: Any = _U
+    ne: Any = _U
+    gt: int | float | str | Unset = _U
+    ge: int | float | str | Unset = _U
+    lt: int | float | str | Unset = _U
+    le: int | float | str | Unset = _U
+    contains: Scalar | Unset = _U
+    regex: str | Unset = _U
+    in_: list[Any] | Unset = msgspec.field(default=_U, name="in")
+    range: tuple[int | float | str, int | float | str] | Unset = _U
+    exists: bool | Unset = _U
+    all: list[Cond] | Unset = _U
+    any: list[Cond] | Unset = _U
+    not_: Cond | Unset = msgspec.field(default=_U, name="not")
+
+
+class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A named rule: a condition (none: every event) and an action.
+
+    ``action``: ``allow`` (pass; decided), ``block`` (drop as ``filtered``, the reason
+    naming the rule; decided), ``transform`` (apply the edits, go on with the next rule).
+    The edits (``set`` path → value, ``render`` path → template, ``rename`` old path →
+    new path, ``remove`` paths) apply with ``transform`` and, as a mark, with ``allow``.
+    ``missing``: the value of a comparison whose field is missing (absent, None, or a
+    path through a value that has no such key or attribute): ``false`` (default) or
+    ``true``, then combined by ``all``/``any``/``not`` as usual (``not`` of a missing
+    comparison with ``missing = false`` is true), or ``"error"``: the rule raises on
+    that event (counted in ``errors``; ``on_error`` decides). ``exists`` never counts
+    as missing: it is the question.
+    ``on_error``: what happens to an event the rule raised on (a type mismatch):
+    ``allow`` (seed 003: filter failures let events through) or ``block``.
+    """
+
+    name: str
+    when: Cond | None = None
+    action: str = "allow"  # allow, block, transform (checked when compiled, with a hint for route)
+    set: dict[str, Any] = msgspec.field(default_factory=dict)
+    render: dict[str, str] = msgspec.field(default_factory=dict)
+    rename: dict[str, str] = msgspec.field(default_factory=dict)
+    remove: list[str] = msgspec.field(default_factory=list)
+    reason: str = ""
+    missing: bool | Literal["error"] = False
+    on_error: Literal["allow", "block"] = "allow"
+
+
+class RulesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The dict/TOML form of a :class:`Rules` stage."""
+
+    rules: list[Rule]
+    name: str = "rules"
+    maps: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`(?: - at `\$(.*)`)?")
+_AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$")
+
+
+def decode_rules(obj: Any, where: str = "") -> Rules:
+    """A :class:`Rules` stage from its dict form (TOML); errors name the path.
+
+    ``{"name": "filters", "rules": [{"name": ..., "when": {...}, "action": ...}]}``.
+    """
+    try:
+        cfg = msgspec.convert(obj, RulesConfig)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        m = _UNKNOWN.match(msg)
+        if m is not None:
+            at = _join(where, (m.group(2) or "").lstrip("."), m.group(1))
+            if ".when" in at or at.startswith("when"):
+                raise ConfigError(f"{at}: unknown operator {m.group(1)!r} (known: {', '.join(OPERATORS)})") from None
+            raise ConfigError(f"{at}: unknown key {m.group(1)!r}") from None
+        m = _AT.match(msg)
+        assert m is not None
+        raise ConfigError(f"{_join(where, (m.group(2) or '').lstrip('.'))}: {m.group(1)}") from None
+    return Rules(rules=tuple(cfg.rules), name=cfg.name, maps=cfg.maps)
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p).replace(".[", "[") or "$"
+
+
+# ---------------------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class Rules(Stage):
+    """An ordered list of :class:`Rule` (or their dicts), checked when constructed.
+
+    ``maps`` are the static mappings ``render`` templates read (``{game:map:titles}``).
+    Counters per rule (:data:`COUNTERS`) are the stage's partial state:
+    ``Collector.aggregate(name)`` gives ``{rule: {counter: n}}`` summed over workers.
+    """
+
+    rules: Sequence[Any] = ()
+    name: str = "rules"
+    maps: Mapping[str, Mapping[Any, Any]] = dc_field(default_factory=dict)
+    is_rules: bool = True
+
+    def __post_init__(self) -> None:
+        rules = tuple(
+            r if isinstance(r, Rule) else decode_rules({"rules": [r]}, "").rules[0] for r in self.rules
+        )
+        object.__setattr__(self, "rules", rules)
+        names = [r.name for r in rules]
+        for i, n in enumerate(names):
+            if not isinstance(n, str) or not n:
+                raise ConfigError(f"rules[{i}].name: a rule needs a name")
+            if n in names[:i]:
+                raise ConfigError(f"rules[{i}].name: {n!r} is the name of an earlier rule; names must be unique")
+        _compile_all(rules, self.maps)  # config errors now, not in a worker
+
+    def build(self) -> RulesRuntime:
+        """The compiled rules of one worker."""
+        return RulesRuntime(self)
+
+    def merge(self, partials: Sequence[bytes]) -> dict[str, dict[str, int]]:
+        """The workers' counters summed per rule (every rule listed, zeros without partials)."""
+        out = {r.name: dict.fromkeys(COUNTERS, 0) for r in self.rules}
+        for b in partials:
+            p = _decoder.decode(b)
+            for rname, row in zip(p.rules, p.counters, strict=True):
+                tgt = out.setdefault(rname, dict.fromkeys(COUNTERS, 0))
+                for c, v in zip(COUNTERS, row, strict=False):
+                    tgt[c] += v
+        return out
+
+    def read(self, result: dict[str, dict[str, int]], key: Any = None, **_: Any) -> Any:
+        """Every rule's counters, or one rule's (``key``: its name; None if unknown)."""
+        if key is None:
+            return {k: dict(v) for k, v in result.items()}
+        found = result.get(key)
+        return dict(found) if found is not None else None
+
+
+class RulesPartial(msgspec.Struct, array_like=True):
+    """One worker's counters: ``counters[i]`` are rule ``rules[i]``'s, in :data:`COUNTERS` order."""
+
+    stage: str
+    rules: list[str]
+    counters: list[list[int]]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(RulesPartial)
+
+
+class _Missing(Exception):
+    """A condition read a field that is absent or None."""
+
+
+_MISSING_EXC = _Missing()
+
+Pred = Callable[[Any], bool]
+Edit = Callable[[Any], None]
+
+
+class _P:
+    """A compiled condition: ``one(event)`` and ``many(events) -> mask``.
+
+    ``many`` is the fast path over a chunk: C-level maps of getters and ``operator``
+    functions, every condition evaluated on every event; it raises when any event
+    lacks a field, has a value of another kind, or raises, and the chunk then goes
+    through ``one`` (short-circuit, missing fields and errors as the rule says).
+    """
+
+    __slots__ = ("many", "one")
+
+    def __init__(self, one: Pred, many: Many) -> None:
+        self.one = one
+        self.many = many
+
+
+Many = Callable[[list[Any], dict[str, Any]], list[Any]]
+
+
+class _Slow(Exception):
+    """The chunk cannot take the fast path (a missing field, a mixed container)."""
+
+
+_SLOW = _Slow()
+_GAP: list[Any] = []  # in a chunk's cache: this path has a gap (by identity)
+
+
+def _many_path(path: str) -> Many:
+    """The values of ``path`` in each event by C-level maps, shared through the chunk's
+    ``cache`` by every condition reading the path or a prefix; raises _Slow on a gap."""
+    head, _, last = path.rpartition(".")
+    attr = attrgetter(last)
+    parent = _many_path(head) if head else None
+    dict_get = dict.get
+
+    def get(events: list[Any], cache: dict[str, Any]) -> list[Any]:
+        vals = cache.get(path)
+        if vals is None:
+            try:
+                if parent is None:
+                    vals = list(map(attr, events))
+                else:
+                    up = parent(events, cache)
+                    kinds = cache.get(head + ".")  # the kinds of the parent's values, once per chunk
+                    if kinds is None:
+                        kinds = cache[head + "."] = set(map(type, up))
+                    if type(None) in kinds:
+                        raise _SLOW
+                    if kinds == {dict}:
+                        vals = list(map(dict_get, up, repeat(last, len(up))))
+                    elif dict in kinds:
+                        raise _SLOW
+                    else:
+                        vals = list(map(attr, up))
+            except (_Slow, AttributeError):
+                vals = _GAP
+            cache[path] = vals
+        if vals is _GAP:
+            raise _SLOW
+        return vals
+
+    return get
+
+
+class _Compiled:
+    __slots__ = ("action", "counts", "edits", "index", "many", "missing", "name", "on_error", "pred", "reason")
+
+    def __init__(self, index: int, rule: Rule, pred: _P | None, edits: list[Edit], counts: list[int]) -> None:
+        self.counts = counts  # this rule's counters (COUNTERS order), shared with its leaves
+        self.index = index
+        self.name = rule.name
+        self.action = rule.action
+        self.pred = pred.one if pred is not None else None
+        self.many = pred.many if pred is not None else None
+        self.edits = edits
+        self.missing = rule.missing
+        self.on_error = rule.on_error
+        self.reason = rule.reason or f"blocked by rule {rule.name!r}"
+
+
+class RulesRuntime:
+    """One worker's compiled rules and counters; call it with a chunk's events."""
+
+    def __init__(self, spec: Rules) -> None:
+        self.spec = spec
+        self.compiled = _compile_all(spec.rules, spec.maps)
+        self.counters = [c.counts for c in self.compiled]
+        self.names = [c.name for c in self.compiled]
+        self._snap: bytes | None = None
+        self._logged: set[tuple[str, str]] = set()
+
+    def __call__(self, events: list[Any]) -> list[ErrorRecord]:
+        """Apply the rules to a chunk; the blocked events are returned as drops."""
+        if not events:
+            return []
+        self._snap = None
+        pos = list(range(len(events)))
+        alive = events
+        drops: list[ErrorRecord] = []
+        cache: dict[str, Any] = {}  # path → its values in `alive` (for the fast paths)
+        for r in self.compiled:
+            if not alive:
+                break
+            c = r.counts
+            c[_EV] += len(alive)
+            mask: list[Any]
+            if r.pred is None:
+                mask = [True] * len(alive)
+            else:
+                try:  # the fast path over the chunk
+                    mask = r.many(alive, cache)  # type: ignore[misc]
+                except Exception:
+                    missing = c[_MI]
+                    try:  # one event at a time, no event raises
+                        mask = list(map(r.pred, alive))
+                    except Exception:
+                        c[_MI] = missing  # counted again below
+                        mask = self._one_by_one(r, alive, c)
+                if not any(mask):
+                    continue
+            matched = [i for i, m in enumerate(mask) if m and m is not _BLOCK]
+            c[_MA] += len(matched)
+            drop = [i for i, m in enumerate(mask) if m is _BLOCK]  # raised, and on_error = block
+            if r.action == "block":
+                drop = sorted(drop + matched)
+            elif r.edits and matched:  # transform, or allow with a mark
+                for i in matched:
+                    self._edit(r, alive[i], c)
+                cache.clear()
+            if r.action == "allow":
+                c[_AL] += len(matched)
+            if drop:
+                c[_BL] += len(drop)
+                drops.extend(ErrorRecord(pos[i], "$", r.reason, "filtered") for i in drop)
+            decided = set(drop)
+            if r.action == "allow":
+                decided.update(matched)
+            if decided:
+                keep = [i not in decided for i in range(len(alive))]
+                alive = list(compress(alive, keep))
+                pos = list(compress(pos, keep))
+                cache.clear()
+        drops.sort(key=attrgetter("pos"))
+        return drops
+
+    def _one_by_one(self, r: _Compiled, alive: list[Any], c: list[int]) -> list[Any]:
+        """The slow path: each event on its own, a missing field or an error as the rule says."""
+        pred = r.pred
+        assert pred is not None
+        out: list[Any] = []
+        for e in alive:
+            try:
+                out.append(pred(e))
+                continue
+            except _Missing:  # only with missing = "error"
+                why = "a field the rule reads is missing"
+            except Exception as ex:
+                why = f"{type(ex).__name__}: {ex}"
+            c[_ER] += 1
+            self._log(r.name, why)
+            out.append(_BLOCK if r.on_error == "block" else False)
+        return out
+
+    def _edit(self, r: _Compiled, e: Any, c: list[int]) -> None:
+        try:
+            for ed in r.edits:
+                ed(e)
+        except Exception as ex:  # the event passes as far as it was edited
+            c[_ER] += 1
+            self._log(r.name, f"transform failed: {type(ex).__name__}: {ex}")
+            return
+        c[_TR] += 1
+
+    def _log(self, rule: str, why: str) -> None:
+        if (rule, why) not in self._logged and len(self._logged) < 1000:
+            self._logged.add((rule, why))
+            log.warning("rule %r: %s (counted in its errors; logged once)", rule, why)
+
+    def snapshot(self) -> bytes:
+        """The per-rule counters as msgpack; the same bytes object while nothing changed."""
+        if self._snap is None:
+            self._snap = _encoder.encode(RulesPartial(self.spec.name, self.names, self.counters))
+        return self._snap
+
+
+class _Block:
+    """Marks an event a rule raised on whose ``on_error`` is ``block`` (truthy, not a match)."""
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "<error: block>"
+
+
+_BLOCK: Any = _Block()
+
+
+# ---------------------------------------------------------------------------- compiling
+OPERATORS = ("eq", "ne", "gt", "ge", "lt", "le", "contains", "regex", "in", "range", "exists", "all", "any", "not")
+# test(arg, value): the comparisons mirrored (value > arg is arg < value)
+_CMP: dict[str, Callable[[Any, Any], Any]] = {
+    "eq": operator.eq, "ne": operator.ne, "gt": operator.lt, "ge": operator.le, "lt": operator.gt, "le": operator.ge,
+    "contains": lambda arg, v: arg in v,
+}
+_ORDERED = (int, float, str)
+
+
+def _compile_all(rules: Sequence[Rule], maps: Mapping[str, Mapping[Any, Any]]) -> list[_Compiled]:
+    out = []
+    for i, r in enumerate(rules):
+        at = f"rules[{i}]"
+        if not isinstance(r, Rule):
+            raise ConfigError(f"{at}: expected a Rule or its dict, got {type(r).__name__}")
+        if r.action not in ("allow", "block", "transform"):
+            hint = " (routing to sinks is not implemented yet)" if r.action == "route" else ""
+            raise ConfigError(f"{at}.action: unknown action {r.action!r}{hint}; known: allow, block, transform")
+        if r.missing not in (False, True, "error"):
+            raise ConfigError(f"{at}.missing: must be false, true or \"error\" (got {r.missing!r})")
+        if r.on_error not in ("allow", "block"):
+            raise ConfigError(f"{at}.on_error: must be \"allow\" or \"block\" (got {r.on_error!r})")
+        counts = [0] * len(COUNTERS)
+        pred = None if r.when is None else _cond(r.when, f"{at}.when", r.missing, counts)
+        edits = _edits(r, at, maps)
+        if r.action == "transform" and not edits:
+            raise ConfigError(f"{at}: a transform rule needs set, render, rename or remove")
+        if r.action == "block" and edits:
+            raise ConfigError(f"{at}: a block rule drops the event; set, render, rename and remove do not apply")
+        out.append(_Compiled(i, r, pred, edits, counts))
+    return out
+
+
+def _path(p: Any, at: str) -> Callable[[Any], Any]:
+    """A getter for a dotted path: attributes of Structs, keys of dicts; raises _Missing."""
+    if not isinstance(p, str) or not p or not all(s.isidentifier() for s in p.split(".")):
+        raise ConfigError(f"{at}: {p!r} is not a field path (names separated by dots: data.value)")
+    parts = p.split(".")
+    if len(parts) == 1:
+        (a,) = parts
+
+        def get1(e: Any) -> Any:
+            v = e.get(a) if type(e) is dict else getattr(e, a, None)
+            if v is None:
+                raise _MISSING_EXC
+            return v
+
+        return get1
+    if len(parts) == 2:
+        a, b = parts
+
+        def get2(e: Any) -> Any:  # the common case, unrolled: data.value
+            d = e.get(a) if type(e) is dict else getattr(e, a, None)
+            v = d.get(b) if type(d) is dict else getattr(d, b, None)
+            if v is None:
+                raise _MISSING_EXC
+            return v
+
+        return get2
+
+    def get(e: Any) -> Any:
+        for s in parts:
+            e = e.get(s) if isinstance(e, dict) else getattr(e, s, None)
+            if e is None:
+                raise _MISSING_EXC
+        return e
+
+    return get
+
+
+def _cond(c: Any, at: str, miss: Any, counts: list[int]) -> _P:
+    """The predicate of condition ``c``; a leaf reading a missing field gives ``miss``
+    (False, True, or "error": raise) and counts it in ``counts``."""
+    if not isinstance(c, Cond):
+        raise ConfigError(f"{at}: expected a condition (Cond or its dict), got {type(c).__name__}")
+    given = [op for op in OPERATORS if getattr(c, "in_" if op == "in" else "not_" if op == "not" else op) is not _U]
+    if len(given) != 1:
+        what = "no operator" if not given else f"several operators ({', '.join(given)})"
+        raise ConfigError(f"{at}: a condition needs exactly one operator, got {what}; known: {', '.join(OPERATORS)}")
+    op = given[0]
+    at_op = f"{at}.{op}"
+    if op in ("all", "any", "not"):
+        if c.path is not _U:
+            raise ConfigError(f"{at}.path: {op} combines conditions; put the path in each of them")
+        if op == "not":
+            inner = _cond(c.not_, at_op, miss, counts)
+            one, many = inner.one, inner.many
+            return _P(lambda e: not one(e), lambda es, cache: list(map(operator.not_, many(es, cache))))
+        subs = c.all if op == "all" else c.any
+        if not isinstance(subs, list | tuple) or not subs:
+            raise ConfigError(f"{at_op}: needs a non-empty list of conditions")
+        preds = [_cond(s, f"{at_op}[{j}]", miss, counts) for j, s in enumerate(subs)]
+        if len(preds) == 1:
+            return preds[0]
+        return _combine(preds, op)
+    if c.path is _U:
+        raise ConfigError(f"{at}.path: {op} needs the path of the field it reads")
+    get = _path(c.path, f"{at}.path")
+    arg = getattr(c, "in_" if op == "in" else op)
+    if op == "exists":
+        if not isinstance(arg, bool):
+            raise ConfigError(f"{at_op}: expected true or false, got {arg!r}")
+
+        def exists(e: Any) -> bool:
+            try:
+                get(e)
+            except _Missing:
+                return not arg
+            return arg
+
+        mget = _many_path(c.path)
+        same = operator.is_not if arg else operator.is_
+
+        def all_exist(events: list[Any], cache: dict[str, Any]) -> list[Any]:
+            vals = mget(events, cache)
+            return list(map(same, vals, repeat(None, len(vals))))
+
+        return _P(exists, all_exist)
+    if op in ("gt", "ge", "lt", "le"):
+        if isinstance(arg, bool) or not isinstance(arg, _ORDERED):
+            raise ConfigError(f"{at_op}: expected a number or a string, got {type(arg).__name__} {arg!r}")
+    elif op == "contains":
+        if isinstance(arg, list | dict | tuple):
+            raise ConfigError(f"{at_op}: expected one value (a string or a number), got {type(arg).__name__}")
+    elif op == "regex":
+        if not isinstance(arg, str):
+            raise ConfigError(f"{at_op}: expected a regular expression string, got {type(arg).__name__}")
+        try:
+            rx = re.compile(arg)
+        except re.error as ex:
+            raise ConfigError(f"{at_op}: bad regular expression {arg!r}: {ex}") from None
+        test, memo = _memo_search(rx)
+
+        def searched(vals: list[Any]) -> list[Any]:
+            hits = list(map(memo.get, vals))  # TypeError on an unhashable value: the slow path
+            return list(map(test, repeat(None, len(vals)), vals)) if None in hits else hits
+
+        return _leaf(c.path, get, test, None, miss, counts, searched)
+    elif op == "in":
+        if not isinstance(arg, list | tuple | set | frozenset):
+            raise ConfigError(f"{at_op}: expected a list of values, got {type(arg).__name__} {arg!r}")
+        try:
+            values: Any = frozenset(arg)
+        except TypeError:
+            values = tuple(arg)
+        return _leaf(c.path, get, operator.contains, values, miss, counts)
+    elif op == "range":
+        if (
+            not isinstance(arg, list | tuple) or len(arg) != 2
+            or any(isinstance(x, bool) or not isinstance(x, _ORDERED) for x in arg)
+        ):
+            raise ConfigError(f"{at_op}: expected [low, high] (numbers or strings), got {arg!r}")
+        lo, hi = arg
+        try:
+            if lo > hi:
+                raise ConfigError(f"{at_op}: low {lo!r} is above high {hi!r}")
+        except TypeError:
+            raise ConfigError(f"{at_op}: low and high must be of one kind, got {lo!r} and {hi!r}") from None
+        le, ge = operator.le, operator.ge
+
+        def within(vals: list[Any]) -> list[Any]:
+            n = len(vals)
+            return list(map(operator.and_, map(le, repeat(lo, n), vals), map(ge, repeat(hi, n), vals)))
+
+        return _leaf(c.path, get, lambda _, v: lo <= v <= hi, None, miss, counts, within)
+    if op == "contains":
+        return _leaf(c.path, get, _CMP[op], arg, miss, counts,
+                     lambda vals: list(map(operator.contains, vals, repeat(arg, len(vals)))))
+    return _leaf(c.path, get, _CMP[op], arg, miss, counts)
+
+
+def _leaf(
+    path: str, get: Callable[[Any], Any], test: Callable[[Any, Any], Any], arg: Any, miss: Any, counts: list[int],
+    vec: Callable[[list[Any]], list[Any]] | None = None,
+) -> _P:
+    """``test(arg, field value)``; a missing field gives ``miss`` (or raises on "error").
+
+    ``vec(values)`` is the test over a chunk's values (default: ``test`` mapped in C).
+    """
+    mget = _many_path(path)
+    if vec is None:
+        def vec(vals: list[Any]) -> list[Any]:
+            return list(map(test, repeat(arg, len(vals)), vals))
+    test_all = vec
+
+    def many(events: list[Any], cache: dict[str, Any]) -> list[Any]:
+        vals = mget(events, cache)
+        if None in vals:
+            raise _SLOW
+        return test_all(vals)
+
+    if miss == "error":
+        def strict(e: Any) -> bool:
+            try:
+                v = get(e)
+            except _Missing:
+                counts[_MI] += 1
+                raise
+            return test(arg, v)
+
+        return _P(strict, many)
+    missing = bool(miss)
+
+    def leaf(e: Any) -> bool:
+        try:
+            v = get(e)
+        except _Missing:
+            counts[_MI] += 1
+            return missing
+        return test(arg, v)
+
+    return _P(leaf, many)
+
+
+def _memo_search(rx: re.Pattern[str]) -> tuple[Callable[[Any, Any], bool], dict[str, bool]]:
+    """``rx.search(value) is not None``, remembered per value (user agents repeat: a
+    dict hit is several times cheaper than a case-insensitive alternation)."""
+    search = rx.search
+    memo: dict[str, bool] = {}
+
+    def test(_: Any, v: Any) -> bool:
+        r = memo.get(v)
+        if r is None:
+            r = search(v) is not None  # TypeError on a value that is not a string
+            if len(memo) >= 4096:
+                memo.clear()
+            memo[v] = r
+        return r
+
+    return test, memo
+
+
+def _combine(subs: list[_P], op: str) -> _P:
+    """``all`` or ``any`` of the conditions, one event at a time and over a chunk."""
+    one = _short([p.one for p in subs], op == "any")
+    both = operator.and_ if op == "all" else operator.or_
+    manys = [p.many for p in subs]
+
+    def many(events: list[Any], cache: dict[str, Any]) -> list[Any]:
+        mask = manys[0](events, cache)
+        for m in manys[1:]:
+            mask = list(map(both, mask, m(events, cache)))  # bools from every condition
+        return mask
+
+    return _P(one, many)
+
+
+def _short(preds: list[Pred], stop: bool) -> Pred:
+    """``all`` (``stop=False``: the first false decides) or ``any`` (``stop=True``: the first true)."""
+    if len(preds) == 2:
+        a, b = preds
+        return (lambda e: bool(a(e) or b(e))) if stop else (lambda e: bool(a(e) and b(e)))
+
+    def short(e: Any) -> bool:
+        for p in preds:  # a loop: all()/any() over a generator is slower
+            if bool(p(e)) is stop:
+                return stop
+        return not stop
+
+    return short
+
+
+def _set_path(path: str, at: str) -> tuple[Callable[[Any], Any], str]:
+    """The parent getter and the last name of a path that is written to."""
+    _path(path, at)  # checks the syntax
+    head, _, last = path.rpartition(".")
+    parent = _path(head, at) if head else (lambda e: e)
+    return parent, last
+
+
+def _put(obj: Any, name: str, value: Any) -> None:
+    if isinstance(obj, dict):
+        obj[name] = value
+    else:
+        setattr(obj, name, value)  # a Struct: only its own fields (AttributeError otherwise)
+
+
+def _drop(obj: Any, name: str) -> Any:
+    if isinstance(obj, dict):
+        return obj.pop(name, None)
+    v = getattr(obj, name)
+    setattr(obj, name, None)  # a Struct field cannot go away: it becomes None
+    return v
+
+
+def _const(v: Any) -> Callable[[Any], Any]:
+    return lambda e: v
+
+
+def _edits(r: Rule, at: str, maps: Mapping[str, Mapping[Any, Any]]) -> list[Edit]:
+    """The rule's edits in order: set, rename, remove, render (a template sees the rest)."""
+    from ..template import compile_template
+
+    def setter(path: str, where: str, value: Callable[[Any], Any]) -> Edit:
+        parent, name = _set_path(path, where)
+        return lambda e: _put(parent(e), name, value(e))
+
+    def remover(path: str, where: str) -> Callable[[Any], Any]:
+        parent, name = _set_path(path, where)
+        return lambda e: _drop(parent(e), name)
+
+    out: list[Edit] = []
+    for path, value in r.set.items():
+        out.append(setter(path, f"{at}.set.{path}", _const(value)))
+    for old, new in r.rename.items():
+        if not isinstance(new, str):
+            raise ConfigError(f"{at}.rename.{old}: expected the new path, got {new!r}")
+        out.append(setter(new, f"{at}.rename.{old}", remover(old, f"{at}.rename.{old}")))
+    for j, path in enumerate(r.remove):
+        out.append(remover(path, f"{at}.remove[{j}]"))
+    for path, text in r.render.items():
+        out.append(setter(path, f"{at}.render.{path}", compile_template(text, maps, name=f"{at}.render.{path}")))
+    return out

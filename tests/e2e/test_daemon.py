@@ -145,10 +145,14 @@ def with_kill(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
+PROBE_RULE = '[[rules]]\nname = "probe"\nwhen = { path = "data.probe", exists = true }\naction = "allow"\n'
+
+
 @pytest.fixture
 def daemon(tmp_path: Path, no_leaks: None) -> Iterator[Daemon]:
     """A daemon on embedded defaults (generic pack, JSONL sink), 2 workers."""
-    d = start_daemon(tmp_path, "[pipeline]\nenrich_latency = 0.001\n")
+    # a rule that matches only events carrying data.probe: /processor/filters has counters to show
+    d = start_daemon(tmp_path, "[pipeline]\nenrich_latency = 0.001\n" + PROBE_RULE)
     try:
         yield d
     finally:
@@ -619,6 +623,37 @@ def test_check_config_names_the_path_of_a_typo(tmp_path: Path) -> None:
     # serve refuses a bad config with EX_CONFIG (systemd: RestartPreventExitStatus=78)
     r = _cli("serve", "--config", str(bad))
     assert r.returncode == 78 and "tabel" in r.stderr
+
+
+def test_rules_from_the_config_filter_events_and_show_their_counters(tmp_path: Path, no_leaks: None) -> None:
+    rules = (ROOT / "examples" / "seed003-rules.toml").read_text().replace('name = "seed003"\n', "")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(rules.replace("regex = ", "regexp = "))
+    r = _cli("check-config", str(bad))
+    assert r.returncode == 2 and "`$.rules[0].when.regexp`: unknown operator 'regexp'" in r.stderr, r.stderr
+    good = tmp_path / "good.toml"
+    good.write_text(rules)
+    r = _cli("check-config", str(good))
+    assert r.returncode == 0 and "rules rules: bot-user-agents (block)" in r.stdout, r.stdout + r.stderr
+    d = start_daemon(tmp_path, "[pipeline]\nenrich_latency = 0.001\n" + rules)
+    try:
+        bot = {"type": "user_action", "source": "web", "data": {"user_agent": "Googlebot/2.1"}}
+        status, body = d.post("/events", bot)
+        assert status == 200 and body["status"] == "filtered" and "bot-user-agents" in body["reason"]
+        status, body = d.post("/events/batch", {"events": [bot, {**bot, "data": {"user_type": "premium"}}]})
+        assert status == 202 and body["filtered"] == 1 and body["accepted"] == 1
+        assert [x["status"] for x in body["results"]] == ["filtered", "accepted"]
+
+        def counters() -> Any:
+            return d.get("/processor/filters")[1]["filters"]["rules"]
+
+        wait_until(lambda: counters()["bot-user-agents"]["blocked"] == 2, 10, what="the rule counters")
+        c = counters()
+        assert c["bot-user-agents"]["evaluated"] == 3 and c["high-value-users"]["transformed"] == 1
+        stored = wait_until(d.stored, 10, what="the stored event")
+        assert [e["data"] for e in stored] == [{"user_type": "premium", "route": "high_value"}]
+    finally:
+        assert d.stop() == 0
 
 
 def test_readme_configuration_table_is_generated_from_the_structs() -> None:

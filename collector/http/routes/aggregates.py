@@ -1,8 +1,9 @@
-"""``GET /aggregates``, ``/processor/aggregation`` and ``/materialized``: aggregate reads.
+"""``GET /aggregates``, ``/processor/aggregation``, ``/processor/filters`` and ``/materialized``.
 
 ::
 
     GET /aggregates ─────────────────────────── backend.aggregates() ─► {name: value}
+    GET /processor/filters ── each Rules stage of backend.pipeline() ─► backend.aggregate(stage)
     GET /processor/aggregation?aggregator=N&key=K&start=S&end=E ─► backend.aggregate(...)
     GET /materialized (and /views/NAME) ─────── backend.view(name) ─► the view's JSON
 
@@ -69,6 +70,11 @@ class AggregateRoutes:
         except KeyError as e:
             return error(404, "unknown_aggregate", str(e.args[0]))
         return Response(200, json_encoder.encode({"aggregator": name, "key": key, "value": plain(value)}))
+
+    def get_filters(self, req: Request) -> Response:
+        """Seed 003's filter statistics: per ``Rules`` stage, per rule, its counters."""
+        stages = [st.name for st in self.backend.pipeline().stages if getattr(st, "is_rules", False)]
+        return Response(200, json_encoder.encode({"filters": {n: self.backend.aggregate(n) for n in stages}}))
 
     def get_view(self, name: str) -> Response:
         """A materialized view by name (404 when the pipeline declares none of that name)."""
