@@ -24,6 +24,12 @@ any point leaves it unacknowledged, and JetStream delivers it again after
 it. Several collectors on one durable consumer share the stream's messages (DESIGN
 principle 10).
 
+Where each part lives: this module holds the fetch loop (:class:`NatsIngress`) and
+:func:`run_ingress`; connecting, creating the stream and consumer and watching the lag
+are :mod:`.nats_setup`; splitting a batch, handing it to the engine and the ack / nak /
+term / dead-letter decisions are :mod:`.nats_settle`; the counters and the dead-letter
+record are :mod:`.nats_records` (re-exported here).
+
 Backpressure: at most ``max_batches`` fetched batches are unsettled at once, the
 consumer's ``max_ack_pending`` bounds what the server hands out, and
 ``Collector.ahandle`` awaits while the engine's ``max_inflight`` is reached.
@@ -32,18 +38,17 @@ consumer's ``max_ack_pending`` bounds what the server hands out, and
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from ..config import NatsIngressConfig
-from ..errors import CollectorError, Overloaded
-from ..sinks.base import DeadLetter
-from ..sinks.nats import connection_callbacks, nats_module
+from ..sinks.nats import nats_module
+from .nats_records import IngressStats, NatsDeadLetter
+from .nats_settle import BatchSettler
+from .nats_setup import connect, ensure, watch_lag
 
 if TYPE_CHECKING:
     from ..engine import Collector
@@ -51,34 +56,6 @@ if TYPE_CHECKING:
 __all__ = ["IngressStats", "NatsDeadLetter", "NatsIngress", "NatsIngressConfig", "run_ingress"]
 
 log = logging.getLogger("collector.ingress")
-
-FAILED_KINDS = frozenset({"lost", "error"})  # result kinds after which a message is delivered again
-
-
-class IngressStats(msgspec.Struct):
-    """The ingress's counters (messages unless said otherwise)."""
-
-    fetched: int = 0
-    events: int = 0  # events handed to the engine
-    acked: int = 0
-    nakked: int = 0
-    redelivered: int = 0  # fetched with a delivery count above 1
-    terminated: int = 0  # poison: delivered max_deliver times, dead-lettered
-    deadlettered: int = 0  # events: invalid here or in a worker, or in a poison message
-    fetch_errors: int = 0
-    batches_inflight: int = 0
-    num_pending: int = 0  # consumer lag: stream messages not yet delivered to the consumer
-    num_ack_pending: int = 0  # delivered, not yet acknowledged (all collectors on the consumer)
-
-
-class NatsDeadLetter(DeadLetter, frozen=True):
-    """A dead-letter record with the message's origin; ``collector replay`` reads it as a DeadLetter."""
-
-    subject: str = ""
-    stream: str = ""
-    sequence: int = 0
-    deliveries: int = 0
-    index: int = 0  # the event's line in its message
 
 
 async def _acquire(room: asyncio.Semaphore, stop: asyncio.Event) -> bool:
@@ -101,20 +78,6 @@ async def _acquire(room: asyncio.Semaphore, stop: asyncio.Event) -> bool:
         room.release()
         return False
     return True
-
-
-def _lines(data: bytes) -> list[bytes]:
-    """The non-blank lines of a stripped message: one JSON event, or NDJSON."""
-    return [data] if b"\n" not in data else [ln for ln in data.split(b"\n") if ln.strip()]
-
-
-class _Span:
-    __slots__ = ("lo", "md", "msg")
-
-    def __init__(self, msg: Any, md: Any, lo: int) -> None:
-        self.msg = msg
-        self.md = md
-        self.lo = lo
 
 
 class NatsIngress:
@@ -152,29 +115,15 @@ class NatsIngress:
     def _setup(self, collector: Collector) -> None:
         self.nats = nats_module()
         self.collector = collector
-        p = collector.pipeline
-        self.key = p.key
-        self.keyed = p.shard != "chunk"
-        T = msgspec.defstruct("NatsKey_" + p.key, [(p.key, Any, None)])
-        self._dec_key = msgspec.json.Decoder(T)
-        self._enc = msgspec.json.Encoder()
         self._stats = IngressStats()
+        self.settler = BatchSettler(collector, self.cfg, self._stats)
         self._stop: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.ready = asyncio.Event()
         self.nc: Any = None
         self.js: Any = None
-        self._dl_file: Any = None
-        self._dl_path = self._deadletter_path()
         self._stopped_early = False
         self.task: asyncio.Task[None] | None = None  # set by run_ingress
-
-    def _deadletter_path(self) -> str | None:
-        if self.cfg.deadletter:
-            return self.cfg.deadletter
-        dl = self.collector.pipeline.deadletter
-        path = dl.get("path") if isinstance(dl, dict) else getattr(dl, "path", None)
-        return str(path).replace("{worker}", "nats") if path else None
 
     # ------------------------------------------------------------------ public
     def stats(self) -> IngressStats:
@@ -198,27 +147,13 @@ class NatsIngress:
         self._stop = asyncio.Event()
         if self._stopped_early:
             return
-        # nats-py retries the first connect for ever too: bound it (a wrong URL is an
-        # error at start) and let stop() end it; once connected, outages are retried
-        connect = asyncio.ensure_future(
-            self.nats.connect(
-                servers=cfg.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.5, allow_reconnect=True,
-                **connection_callbacks("ingress"),
-            )
-        )
-        stopped = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait({connect, stopped}, timeout=cfg.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        if not connect.done():
-            connect.cancel()
-            await asyncio.wait({connect}, timeout=1)
-            if self._stop.is_set():
-                return
-            raise CollectorError(f"NATS not reachable at {cfg.url} within {cfg.connect_timeout}s")
-        self.nc = connect.result()
+        nc = await connect(self.nats, cfg, self._stop)
+        if nc is None:  # stopped while connecting
+            return
+        self.nc = nc
         try:
             self.js = self.nc.jetstream()
-            await self._ensure()
+            await ensure(self.nats, self.js, cfg)
             # one subscription per fetcher: a fetch is a request and its replies share
             # the subscription's inbox, so concurrent fetches need their own
             subs = [
@@ -226,7 +161,7 @@ class NatsIngress:
                 for _ in range(cfg.fetchers)
             ]
             self.ready.set()
-            lag = asyncio.create_task(self._watch_lag())
+            lag = asyncio.create_task(watch_lag(self.js, cfg, self._stats))
             room = asyncio.Semaphore(cfg.max_batches)
             try:
                 await asyncio.gather(*(self._consume(sub, room) for sub in subs))
@@ -239,64 +174,7 @@ class NatsIngress:
         finally:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
-            if self._dl_file is not None:
-                self._dl_file.close()
-                self._dl_file = None
-
-    # ------------------------------------------------------------------ setup
-    async def _ensure(self) -> None:
-        """Create the stream and the durable consumer if missing (else use them as they are)."""
-        api = self.nats.js.api
-        cfg = self.cfg
-        jsm = self.js
-        try:
-            await jsm.stream_info(cfg.stream)
-        except self.nats.js.errors.NotFoundError:
-            if not cfg.create:
-                raise CollectorError(f"NATS stream {cfg.stream!r} does not exist (create = false)") from None
-            await jsm.add_stream(
-                api.StreamConfig(
-                    name=cfg.stream,
-                    subjects=list(cfg.subjects),
-                    retention=api.RetentionPolicy(cfg.retention),
-                    max_age=cfg.max_age or None,
-                    duplicate_window=cfg.duplicate_window,
-                    storage=api.StorageType.FILE,
-                )
-            )
-            log.info("created NATS stream %s on %s", cfg.stream, cfg.subjects)
-        try:
-            await jsm.consumer_info(cfg.stream, cfg.durable)
-        except self.nats.js.errors.NotFoundError:
-            if not cfg.create:
-                raise CollectorError(f"NATS consumer {cfg.durable!r} on {cfg.stream!r} does not exist") from None
-            await jsm.add_consumer(
-                cfg.stream,
-                api.ConsumerConfig(
-                    durable_name=cfg.durable,
-                    ack_policy=api.AckPolicy.EXPLICIT,
-                    deliver_policy=api.DeliverPolicy.ALL,
-                    ack_wait=cfg.ack_wait,
-                    # one delivery more than ours: the ingress terminates and dead-letters a
-                    # message on its max_deliver-th failure, or on any later delivery
-                    max_deliver=cfg.max_deliver + 1,
-                    max_ack_pending=cfg.max_ack_pending,
-                    filter_subjects=list(cfg.subjects) if len(cfg.subjects) > 1 else None,
-                    filter_subject=cfg.subjects[0] if len(cfg.subjects) == 1 else None,
-                ),
-            )
-            log.info("created NATS durable consumer %s on stream %s", cfg.durable, cfg.stream)
-
-    async def _watch_lag(self) -> None:
-        cfg = self.cfg
-        while True:
-            try:
-                info = await self.js.consumer_info(cfg.stream, cfg.durable)
-                self._stats.num_pending = int(info.num_pending or 0)
-                self._stats.num_ack_pending = int(info.num_ack_pending or 0)
-            except Exception as e:
-                log.debug("consumer info failed: %s", e)
-            await asyncio.sleep(cfg.lag_interval)
+            self.settler.close()
 
     # ------------------------------------------------------------------ the loop
     async def _consume(self, sub: Any, room: asyncio.Semaphore) -> None:
@@ -322,7 +200,7 @@ class NatsIngress:
                 continue
             failures = 0
             self._stats.batches_inflight += 1
-            t = asyncio.create_task(self._settle(msgs))
+            t = asyncio.create_task(self.settler.settle(msgs))
             self._tasks.add(t)
             t.add_done_callback(lambda t: self._batch_done(t, room))
 
@@ -341,180 +219,6 @@ class NatsIngress:
             t.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5)
-
-    # ------------------------------------------------------------------ one batch
-    async def _settle(self, msgs: list[Any]) -> None:
-        st = self._stats
-        cfg = self.cfg
-        st.fetched += len(msgs)
-        items: list[Any] = []
-        keys: list[Any] = []
-        spans: list[_Span] = []
-        dead: list[NatsDeadLetter] = []
-        for m in msgs:
-            md = m.metadata
-            if md.num_delivered > 1:
-                st.redelivered += 1
-            if md.num_delivered > cfg.max_deliver:
-                await self._poison(m, md, f"delivered {md.num_delivered} times (max_deliver {cfg.max_deliver})")
-                continue
-            spans.append(_Span(m, md, len(items)))
-            dead.extend(self._split(m, md, items, keys))
-        if dead:
-            await self._deadletter(dead)
-        if not items:
-            for sp in spans:
-                await self._ack(sp.msg)
-            return
-        st.events += len(items)
-        keeper = asyncio.create_task(self._keep_alive([sp.msg for sp in spans]))
-        failed: dict[int, str] = {}  # span index → why
-        delay = cfg.nak_delay
-        invalid: dict[int, list[Any]] = {}
-        settled = False
-        try:
-            try:
-                async with asyncio.timeout(cfg.work_timeout or None):
-                    # block=False: a full engine hands the messages back (nak) for another
-                    # collector on the consumer to take, rather than sitting on them
-                    op = await self.collector.ahandle(items, keys=keys if self.keyed else None, block=False)
-                    res = await op
-            except TimeoutError:
-                failed = dict.fromkeys(range(len(spans)), f"not committed within work_timeout ({cfg.work_timeout}s)")
-            except Overloaded as e:
-                delay = max(cfg.nak_delay, e.retry_after)
-                failed = dict.fromkeys(range(len(spans)), f"engine overloaded: {e}")
-            except CollectorError as e:
-                failed = dict.fromkeys(range(len(spans)), f"{type(e).__name__}: {e}")
-            else:
-                los = [sp.lo for sp in spans]
-                for err in res.errors:
-                    j = bisect.bisect_right(los, err.index) - 1
-                    if err.kind in FAILED_KINDS:
-                        failed.setdefault(j, f"{err.kind}: {err.reason}")
-                    elif err.kind == "invalid":
-                        invalid.setdefault(j, []).append(err)
-            keeper.cancel()
-            # the worker writes an invalid event (payload, path, reason) to the pipeline's
-            # dead-letter sink; this log line ties it to its subject and stream sequence
-            where = (
-                "dead-lettered by the workers" if self.collector.pipeline.deadletter is not None
-                else "dropped (the pipeline has no dead-letter sink)"
-            )
-            for j, sp in enumerate(spans):
-                why = failed.get(j)
-                if why is None:
-                    bad = invalid.get(j)
-                    if bad:
-                        st.deadlettered += len(bad)
-                        e0 = bad[0]
-                        log.warning(
-                            "NATS message %s seq %d: %d invalid events %s (first: event %d, %s: %s); "
-                            "message acknowledged",
-                            sp.msg.subject, sp.md.sequence.stream, len(bad), where, e0.index - sp.lo, e0.path,
-                            e0.reason,
-                        )
-                    await self._ack(sp.msg)
-                elif sp.md.num_delivered >= cfg.max_deliver:
-                    await self._poison(sp.msg, sp.md, f"failed on delivery {sp.md.num_delivered} of {cfg.max_deliver}: {why}")
-                else:
-                    await self._nak(sp.msg, sp.md, why, delay)
-            settled = True
-        finally:
-            keeper.cancel()
-            if not settled:  # cancelled (stop ran out of time): deliver them again soon
-                for sp in spans:
-                    self._stats.nakked += 1
-                    with contextlib.suppress(Exception):
-                        await sp.msg.nak(delay=cfg.nak_delay)
-
-    def _split(self, m: Any, md: Any, items: list[Any], keys: list[Any]) -> list[NatsDeadLetter]:
-        """Append the message's events (raw JSON objects) and their shard keys; the bad ones back."""
-        data = m.data.strip()
-        lines = _lines(data)
-        key = self.key
-        dec = self._dec_key.decode
-        if len(lines) > 1:
-            try:
-                found = self._dec_key.decode_lines(data)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                pass
-            else:
-                if len(found) == len(lines):
-                    items.extend(map(msgspec.Raw, lines))
-                    keys.extend(getattr(k, key) for k in found)
-                    return []
-        bad = []
-        for i, ln in enumerate(lines):
-            try:
-                k = dec(ln)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                reason = f"malformed JSON: {e}" if isinstance(e, msgspec.DecodeError) else f"not an event object: {e}"
-                bad.append(self._record(m, md, ln, reason, i))
-                continue
-            items.append(msgspec.Raw(ln))
-            keys.append(getattr(k, key))
-        return bad
-
-    def _record(self, m: Any, md: Any, payload: bytes, reason: str, index: int) -> NatsDeadLetter:
-        return NatsDeadLetter(
-            payload=payload.decode("utf-8", "replace"),
-            reason=reason,
-            stage="nats",
-            time=time.time(),
-            subject=m.subject,
-            stream=md.stream,
-            sequence=md.sequence.stream,
-            deliveries=md.num_delivered,
-            index=index,
-        )
-
-    async def _keep_alive(self, msgs: list[Any]) -> None:
-        """Tell JetStream the batch is being worked on, so ack_wait does not expire meanwhile."""
-        while True:
-            await asyncio.sleep(self.cfg.ack_wait / 3)
-            for m in msgs:
-                with contextlib.suppress(Exception):
-                    await m.in_progress()
-
-    async def _ack(self, m: Any) -> None:
-        try:
-            await m.ack()
-            self._stats.acked += 1
-        except Exception as e:  # not acknowledged: it comes again (a counted redelivery)
-            log.warning("NATS ack of %s failed: %s", m.subject, e)
-
-    async def _nak(self, m: Any, md: Any, why: str, delay: float) -> None:
-        self._stats.nakked += 1
-        log.warning("NATS message %s seq %d not committed (%s): nak, redelivery in %.1fs",
-                    m.subject, md.sequence.stream, why, delay)
-        with contextlib.suppress(Exception):
-            await m.nak(delay=delay)
-
-    async def _poison(self, m: Any, md: Any, why: str) -> None:
-        """Dead-letter every event of the message, then terminate it (no more deliveries)."""
-        lines = _lines(m.data.strip()) or [b""]
-        await self._deadletter([self._record(m, md, ln, f"poison message: {why}", i) for i, ln in enumerate(lines)])
-        log.error("NATS message %s seq %d is poison (%s): dead-lettered and terminated", m.subject, md.sequence.stream, why)
-        self._stats.terminated += 1
-        with contextlib.suppress(Exception):
-            await m.term()
-
-    async def _deadletter(self, records: list[NatsDeadLetter]) -> None:
-        self._stats.deadlettered += len(records)
-        if self._dl_path is None:
-            for r in records:
-                log.error("dead letter (no dead-letter file configured): %s", self._enc.encode(r).decode())
-            return
-        blob = self._enc.encode_lines(records)
-        await asyncio.to_thread(self._write_dl, blob)
-
-    def _write_dl(self, blob: bytes) -> None:
-        if self._dl_file is None:
-            from ..sinks.files import LineFile
-
-            self._dl_file = LineFile(self._dl_path or "", fsync="always")
-        self._dl_file.write(blob)
 
 
 async def run_ingress(collector: Collector, cfg: NatsIngressConfig) -> NatsIngress:

@@ -1,7 +1,7 @@
 """The ``client`` kind: today's "object with methods" path as a Source.
 
 ``Lookup(method="get_region")`` with ``Pipeline(client=obj)`` keeps its own runtime
-(:class:`~collector.sources.runtime.LookupRuntime`: one call per distinct key, async
+(:class:`~collector.sources.lookup.LookupRuntime`: one call per distinct key, async
 or on the worker's thread pool) and behaves as it always did. :class:`ClientSource`
 puts the same kind of method behind the Source contract, so it gets the source
 runtime's caches, breaker and counters: ``ClientSource(client="pkg.mod:factory",

@@ -1,0 +1,65 @@
+"""``compile_fill``: the generated per-lookup cache pass over a chunk's events.
+
+::
+
+    events ─► fill(events, get, MISS, misses) ─► hit: e.<target> = v
+                                               └► miss: misses[key].append(e)
+
+Both runtimes (:mod:`.lookup` for client methods, :mod:`.source_runtime` for sources)
+build one per lookup; :class:`~collector.sources.runtime.Enricher` calls it per chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .cache import FAIL, SKIP
+
+__all__ = ["compile_fill"]
+
+
+def compile_fill(key: str, target: str, skip: bool = False, key_fields: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """``for e in events: hit → e.<target> = v, miss → misses[k].append(e)``.
+
+    Generated once per lookup (as dataclasses does) because attribute access with
+    a constant name is several times cheaper than getattr/setattr on the hot path.
+    Field names were checked against the Struct's fields, so they are identifiers.
+    With ``skip``, a cached ``SKIP`` (not found) or ``FAIL`` (failed recently) is a hit
+    that leaves the field alone, and the function returns ``(hits, failed)``; with
+    ``key_fields`` the key is the tuple ``(e.<key>, e.<f>, ...)``. With ``skip``, an event
+    whose key field is None is not looked up at all (a deposit has no game, a game_start
+    no currency): its field keeps its default and nothing is counted.
+    """
+    names = (key, *key_fields)
+    assert all(n.isidentifier() for n in names) and target.isidentifier()
+    kexpr = f"e.{key}" if not key_fields else "(" + ", ".join(f"e.{n}" for n in names) + ")"
+    setter = f"            e.{target} = v\n"
+    if skip:
+        setter = (
+            "            if v is SKIP:\n                pass\n"
+            "            elif v is FAIL:\n                failed += 1\n"
+            f"            else:\n                e.{target} = v\n"
+        )
+    src = (
+        "def fill(events, get, MISS, misses):\n"
+        "    hits = failed = 0\n"
+        "    for e in events:\n"
+        + (f"        if e.{key} is None:\n            continue\n" if skip else "")
+        + f"        k = {kexpr}\n"
+        "        v = get(k, MISS)\n"
+        "        if v is MISS:\n"
+        "            m = misses.get(k)\n"
+        "            if m is None:\n"
+        "                misses[k] = [e]\n"
+        "            else:\n"
+        "                m.append(e)\n"
+        "        else:\n"
+        f"{setter}"
+        "            hits += 1\n"
+        f"    return {'hits, failed' if skip else 'hits'}\n"
+    )
+    ns: dict[str, Any] = {"SKIP": SKIP, "FAIL": FAIL}
+    exec(src, ns)
+    fill: Callable[..., Any] = ns["fill"]
+    return fill
