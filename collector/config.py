@@ -233,6 +233,12 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
              "of a named source to the pack's pipeline, `target` a field of its event type"),
     ] = msgspec.field(default_factory=list)
 
+    stages: Annotated[
+        list[dict[str, Any]],
+        Meta(description="`[[stages]]` tables: stages added after the pack's (`kind` = `dedup`, `filter`, "
+             "`enrich`, `render`, `aggregate`, `pair` or `module:attr`, then the stage's fields); checked when the "
+             "pipeline is built"),
+    ] = msgspec.field(default_factory=list)
     rules: Annotated[
         list[dict[str, Any]],
         Meta(description="`[[rules]]` tables: filter rules (`name`, `when`, `action`, ...; see docs/rules.md) run as "
@@ -340,7 +346,7 @@ def options_table() -> str:
         ("`[source]`", NatsIngressConfig),
     ]
     tables = {"sinks": "array of tables", "deadletter": "table", "source": "table", "sources": "array of tables",
-              "enrich": "array of tables", "rules": "array of tables"}
+              "enrich": "array of tables", "rules": "array of tables", "stages": "array of tables"}
     for label, cls in sections:
         for f in msgspec.structs.fields(cls):
             if f.name not in ("server", "engine", "pipeline", "log"):

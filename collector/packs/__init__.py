@@ -8,8 +8,9 @@
 
 ``[[sources]]`` and ``[[enrich]]`` (decoded here, by :func:`collector.sources.config.decode_sources`,
 since the config loader may not import sources) add lookups to whichever pipeline that is;
-``[[rules]]`` (decoded by :func:`collector.stages.rules.decode_rules`) adds a ``Rules``
-stage named ``rules`` after its stages.
+``[[stages]]`` (built by :func:`collector.stages.build_stage` through the ``STAGES``
+table) and ``[[rules]]`` (decoded by :func:`collector.stages.rules.decode_rules`, one
+``Rules`` stage named ``rules``) are added after the pack's stages, in that order.
 
 A new pack is one module here with a ``pack_pipeline(cfg: PipelineConfig, sinks,
 deadletter) -> Pipeline`` and one ``PACKS`` line; the config loader never imports a pack.
@@ -25,7 +26,7 @@ from ..config import DaemonConfig, resolved_sinks
 from ..errors import ConfigError
 from ..pipeline import Lookup, Pipeline, resolve_pipeline
 
-__all__ = ["PACKS", "build_pipeline", "enrich_lookups", "rules_stage"]
+__all__ = ["PACKS", "build_pipeline", "config_stages", "enrich_lookups", "rules_stage"]
 
 PACKS = {
     "generic": "collector.packs.generic:pack_pipeline",
@@ -40,6 +41,7 @@ def build_pipeline(cfg: DaemonConfig) -> Pipeline:
     pc = cfg.pipeline
     extra = enrich_lookups(cfg)  # config errors first, before a pack is imported or built
     rules = rules_stage(cfg)
+    more = config_stages(cfg)
     changes: dict[str, Any] = {}
     if ":" not in pc.pack:
         try:
@@ -64,9 +66,16 @@ def build_pipeline(cfg: DaemonConfig) -> Pipeline:
         # a step filling a field one of the pack's lookups fills replaces that lookup
         mine = {lk.target for lk in extra}
         changes["lookups"] = tuple(lk for lk in p.lookups if lk.target not in mine) + extra
-    if rules is not None:
-        changes["stages"] = (*p.stages, rules)
+    if rules is not None or more:
+        changes["stages"] = (*p.stages, *more, *([rules] if rules is not None else []))
     return dataclasses.replace(p, **changes) if changes else p
+
+
+def config_stages(cfg: DaemonConfig) -> list[Any]:
+    """The stages of the config's ``[[stages]]`` tables, in order."""
+    from ..stages import build_stage
+
+    return [build_stage(t, f"$.stages[{i}]") for i, t in enumerate(cfg.stages)]
 
 
 def rules_stage(cfg: DaemonConfig) -> Any:

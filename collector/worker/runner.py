@@ -84,7 +84,8 @@ class PipelineRunner:
         self.stateful: list[tuple[str, Any]] = []  # (name, runtime) of stages with partial state
         for st in p.stages:
             if getattr(st, "is_enrich", False):
-                self.steps.append(None)
+                if None not in self.steps:  # a second Enrich() is ignored: lookups run once
+                    self.steps.append(None)
                 continue
             run = st.build()
             self.steps.append((run, getattr(run, "settle", None)))

@@ -189,3 +189,27 @@ def test_serve_with_a_nats_source_stores_every_published_id(tmp_path: Path) -> N
                     with_kill(d.proc)
 
     asyncio.run(main())
+
+
+def test_aggregate_stages_from_the_toml_are_read_over_http(tmp_path: Path) -> None:
+    """[[stages]] adds an aggregate to the generic pack; GET /aggregates and
+    /processor/aggregation read it merged over both workers (at most 0.25 s behind)."""
+    cfg = ('[[stages]]\nkind = "aggregate"\nname = "by_type"\nfn = "count"\nby = "type"\n'
+           '[[stages]]\nkind = "aggregate"\nname = "top_users"\nfn = "top_k"\nby = "user_id"\nk = 2\n'
+           "[pipeline]\nenrich_latency = 0\n")
+    d = start_daemon(tmp_path, cfg, workers=2)
+    try:
+        types = ["user_action"] * 30 + ["sensor_data"] * 20 + ["system_log"] * 10
+        evs = [{"type": t, "source": "web", "user_id": f"u{i % 3}", "data": {}} for i, t in enumerate(types)]
+        for i in range(0, len(evs), 20):
+            status, body = d.post("/events/batch", {"events": evs[i:i + 20]})
+            assert status == 202 and body["accepted"] == 20, body
+        wait_until(lambda: d.get("/aggregates")[1].get("by_type") == {"user_action": 30, "sensor_data": 20,
+                                                                       "system_log": 10}, 10, what="the partials")
+        status, one = d.get("/processor/aggregation?aggregator=by_type&key=sensor_data")
+        assert status == 200 and one["value"] == 20
+        status, top = d.get("/processor/aggregation?aggregator=top_users")
+        assert status == 200 and [n for _, n in top["value"]] == [20, 20]
+        assert d.get("/processor/aggregation?aggregator=nope")[0] == 404
+    finally:
+        assert d.stop() == 0
