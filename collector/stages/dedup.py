@@ -58,13 +58,23 @@ class Dedup(Stage):
 
 
 class _Claim:
-    """The ids one chunk claimed, and the future its waiting copies await."""
+    """The ids one chunk claimed, and the future its waiting copies await.
+
+    The future is made only when a copy waits (rare): a chunk nobody waits for costs a
+    set, not a future (a one-event chunk is the daemon's single-event path).
+    """
 
     __slots__ = ("fut", "keys")
 
-    def __init__(self, fut: asyncio.Future[bool], keys: set[Any]) -> None:
-        self.fut = fut
+    def __init__(self, keys: set[Any]) -> None:
+        self.fut: asyncio.Future[bool] | None = None
         self.keys = keys
+
+    def waiter(self) -> asyncio.Future[bool]:
+        """The future settle() resolves with the chunk's outcome."""
+        if self.fut is None:
+            self.fut = asyncio.get_running_loop().create_future()
+        return self.fut
 
 
 class DedupWindow:
@@ -121,11 +131,12 @@ class DedupWindow:
             self._forget(order.popleft())
         keys = list(map(self.get, events))
         seen = self.seen
-        mine = _Claim(asyncio.get_running_loop().create_future(), set(keys))
+        mine = _Claim(set(keys))
+        claims = self.claims
         if (
             len(mine.keys) == len(keys)
             and seen.keys().isdisjoint(keys)
-            and all(c.keys.isdisjoint(keys) for c in self.claims.values())
+            and (not claims or all(c.keys.isdisjoint(keys) for c in claims.values()))
         ):
             # the common case, all new and distinct: claimed in C calls
             self.claims[id(events)] = mine
@@ -153,7 +164,7 @@ class DedupWindow:
     ) -> list[ErrorRecord]:
         deadline = time.monotonic() + self.wait
         while waits:
-            holders = {h.fut for _, k in waits if (h := self._holder(k)) is not None and h is not mine}
+            holders = {h.waiter() for _, k in waits if (h := self._holder(k)) is not None and h is not mine}
             left = deadline - time.monotonic()
             if holders and left > 0:
                 await asyncio.wait(holders, timeout=left)
@@ -209,4 +220,5 @@ class DedupWindow:
                         order.append((exp, [k]))
             while len(seen) > self.cap and order:
                 self._forget(order.popleft())
-        claim.fut.set_result(ok)
+        if claim.fut is not None:
+            claim.fut.set_result(ok)
