@@ -1,9 +1,11 @@
-"""One backoff policy for every retry loop: exponential, capped, with FULL jitter.
+"""One backoff policy for every retry loop: exponential, capped, jittered.
 
-Try ``n`` (0-based) waits a uniform random time in ``[0, min(cap, base * 2**n)]``
-("full jitter", as in the AWS architecture note on backoff): after a shared outage the
-retries of many keys, workers and daemons spread over the whole window instead of
-arriving together at ``base * 2**n``. Enrichment sources use it; sinks can move to it.
+Try ``n`` (0-based) waits a random time below ``min(cap, base * 2**n)``: uniform in
+``[0, ceiling]`` with ``jitter="full"`` (as in the AWS architecture note on backoff:
+after a shared outage the retries of many keys, workers and daemons spread over the
+whole window), or in ``[ceiling/2, ceiling]`` with ``jitter="equal"`` (sinks: never
+hammer a recovering store in lockstep, never retry much sooner than the backoff says).
+Enrichment sources use full jitter, sinks and the dead-letter sink equal jitter.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 __all__ = ["Backoff"]
 
@@ -25,15 +27,18 @@ class Backoff:
 
     base: float = 0.05
     cap: float = 10.0
-    retries: int = 2
+    retries: int = 2  # -1: for ever (run() then never gives up)
+    jitter: Literal["full", "equal"] = "full"
 
     def ceiling(self, attempt: int) -> float:
         """The longest wait after failed try ``attempt`` (0-based)."""
-        return min(self.cap, self.base * (2**attempt))
+        # the exponent is capped: a loop that retries for ever must not overflow a float
+        return min(self.cap, self.base * 2.0 ** min(attempt, 60))
 
     def delay(self, attempt: int, rand: Callable[[float, float], float] = random.uniform) -> float:
-        """A wait drawn uniformly from ``[0, ceiling(attempt)]`` (full jitter)."""
-        return rand(0.0, self.ceiling(attempt))
+        """A wait drawn from ``[0, ceiling]`` (full jitter) or ``[ceiling/2, ceiling]`` (equal)."""
+        top = self.ceiling(attempt)
+        return rand(top / 2 if self.jitter == "equal" else 0.0, top)
 
     async def run(
         self,
@@ -54,7 +59,7 @@ class Backoff:
             except Exception as e:
                 if on_error is not None:
                     on_error(attempt, e)
-                if attempt >= self.retries or not retry_if(e):
+                if 0 <= self.retries <= attempt or not retry_if(e):
                     raise
             await asyncio.sleep(self.delay(attempt))
             attempt += 1

@@ -25,6 +25,7 @@ A template that names an unknown formatter or map, or is malformed, raises
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -33,7 +34,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["DECIMALS", "FORMATTERS", "compile_template", "format_date", "format_money", "get_path"]
+__all__ = ["DECIMALS", "FORMATTERS", "compile_template", "format_date", "format_money", "get_path", "path_getter"]
 
 DECIMALS = {"BTC": 8}  # minor-unit digits by currency; others have 2
 _MISSING = object()
@@ -41,11 +42,25 @@ _MISSING = object()
 
 def get_path(obj: Any, path: str) -> Any:
     """``obj.a.b`` or ``obj["a"]["b"]``, whichever each step has; ``None`` if absent."""
-    for part in path.split("."):
-        if obj is None:
-            return None
-        obj = obj.get(part) if isinstance(obj, Mapping) else getattr(obj, part, None)
-    return obj
+    return path_getter(path)(obj)
+
+
+@functools.lru_cache(maxsize=1024)
+def path_getter(path: str) -> Callable[[Any], Any]:
+    """:func:`get_path` for one path, split once and kept (templates read fields per event)."""
+    parts = tuple(path.split("."))
+    if len(parts) == 1:
+        (name,) = parts
+        return lambda obj: obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+    def get(obj: Any) -> Any:
+        for part in parts:
+            if obj is None:
+                return None
+            obj = obj.get(part) if isinstance(obj, Mapping) else getattr(obj, part, None)
+        return obj
+
+    return get
 
 
 def format_money(minor: int, currency: str, decimals: Mapping[str, int] = DECIMALS) -> str:
@@ -124,9 +139,10 @@ def compile_template(text: str, maps: Mapping[str, Mapping[Any, Any]] | None = N
             raise fail(pos, "money needs the currency: {amount:money:currency} or {amount:money:EUR}")
         f = FORMATTERS.get(fmt) if fmt else None
         a = arg or None
+        get = path_getter(path)
 
         def part(event: Any, seen: list[Any]) -> str:
-            v = get_path(event, path)
+            v = get(event)
             seen.append(v)
             if v is None:
                 return ""
@@ -184,9 +200,10 @@ def _literal(text: str) -> Part:
 
 
 def _guard(path: str, op: str, lit: str) -> Callable[[Any], bool]:
+    get = path_getter(path)
     if op == "==":
-        return lambda e: str(get_path(e, path)) == lit
-    return lambda e: str(get_path(e, path)) != lit
+        return lambda e: str(get(e)) == lit
+    return lambda e: str(get(e)) != lit
 
 
 def _section(inner: list[Part], guard: Callable[[Any], bool] | None) -> Part:

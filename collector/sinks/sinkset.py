@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,11 +26,14 @@ from typing import Any
 import msgspec
 
 from .. import stats as S
+from ..retry import Backoff
 from .base import Batch, DeadLetter, EventCodec, Sink
 
 __all__ = ["GAVE_UP", "REFUSED", "SinkSet"]
 
 log = logging.getLogger("collector.sinks")
+# the dead-letter sink is the last resort and retries for ever, never longer than 5 s apart
+_DEADLETTER_BACKOFF = Backoff(0.05, 5.0, retries=-1, jitter="equal")
 
 REFUSED = "refused this event"
 """How a dead-letter reason starts when the store refused the event's data (a NUL
@@ -141,10 +143,7 @@ class SinkSet:
                     )
                     await self._deadletter_chunk(sink, batch, at, f"{GAVE_UP}: failed {attempt} times; last error: {why}", dead)
                     return
-                delay = min(cfg.backoff_max, cfg.backoff * 2.0 ** min(attempt - 1, 30))
-                # equal jitter: never hammer a recovering store in lockstep with the
-                # other workers, never retry much sooner than the backoff says
-                delay = delay / 2 + random.random() * delay / 2
+                delay = Backoff(cfg.backoff, cfg.backoff_max, jitter="equal").delay(attempt - 1)
                 if attempt == 1 or attempt % 10 == 0:
                     log.warning(
                         "sink %s: write of %d events failed (attempt %d): %s; retrying in %.2fs",
@@ -211,8 +210,7 @@ class SinkSet:
                 # chunk stays unacknowledged rather than lost
                 attempt += 1
                 self.slot.sink_add(idx, errors=1, retries=1)
-                delay = min(5.0, 0.05 * 2.0 ** min(attempt - 1, 30))
-                delay = delay / 2 + random.random() * delay / 2
+                delay = _DEADLETTER_BACKOFF.delay(attempt - 1)
                 if attempt == 1 or attempt % 10 == 0:
                     log.error("dead-letter sink: write failed (attempt %d): %s", attempt, dl.describe_error(e))
                 await asyncio.sleep(delay)

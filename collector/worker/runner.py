@@ -197,6 +197,17 @@ class PipelineRunner:
 
     async def run_chunk(self, chunk: Chunk) -> None:
         """Decode, run and commit one chunk, then send its ack (raises on a pipeline bug)."""
+        # stages that remember what passed them (dedup) learn the chunk's fate after the
+        # sinks: committed → remembered, failed → released, so a retry is not dropped
+        settles: list[tuple[Any, list[Any]]] = []
+        try:
+            await self.process(chunk, settles)
+        finally:
+            for settle, passed in settles:  # left only when the chunk failed
+                settle(passed, False)
+
+    async def process(self, chunk: Chunk, settles: list[tuple[Any, list[Any]]]) -> None:
+        """Decode, stages, enrichment, counts and sinks for a chunk, then its ack."""
         t0 = time.perf_counter()
         slot = self.slot
         events, kept, errors = self.decode(chunk.payload, chunk.ndjson)
@@ -205,29 +216,6 @@ class PipelineRunner:
         self.counted[chunk.id] = n_total
         failed = len(errors)
         invalid = list(errors)
-        # stages that remember what passed them (dedup) learn the chunk's fate after the
-        # sinks: committed → remembered, failed → released, so a retry is not dropped
-        settles: list[tuple[Any, list[Any]]] = []
-        try:
-            await self.process(chunk, t0, events, kept, errors, failed, invalid, settles)
-        finally:
-            for settle, passed in settles:  # left only when the chunk failed
-                settle(passed, False)
-
-    async def process(
-        self,
-        chunk: Chunk,
-        t0: float,
-        events: list[Any],
-        kept: list[int] | None,
-        errors: list[ErrorRecord],
-        failed: int,
-        invalid: list[ErrorRecord],
-        settles: list[tuple[Any, list[Any]]],
-    ) -> None:
-        """Stages, enrichment, counts and sinks for a decoded chunk, then its ack."""
-        slot = self.slot
-        n_total = len(events) + len(errors)
         summary = ChunkSummary(counts={}, lookups={})
         for step in self.steps:
             if step is None:
@@ -304,10 +292,7 @@ class PipelineRunner:
                 rec = recs[pos] = ErrorRecord(kept[pos] if kept is not None else pos, "$", f"sink {sink}: {why}", "deadlettered")
                 errors.append(rec)
         for settle, passed in settles:
-            if unstored:
-                settle(passed, True, unstored)
-            else:
-                settle(passed, True)
+            settle(passed, True, unstored)
         settles.clear()
         out = self.enc.encode(events) if chunk.want_events else None
         if errors and len(errors) > 1:

@@ -16,8 +16,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-import msgspec
-
 from ..protocol import Request, Response, error
 from ..schemas import json_encoder
 
@@ -82,10 +80,7 @@ class AggregateRoutes:
             doc = self.backend.view(name)
         except KeyError as e:
             return error(404, "unknown_view", str(e.args[0]))
-        try:
-            return Response(200, json_encoder.encode(doc))
-        except (TypeError, msgspec.EncodeError):
-            return Response(200, json_encoder.encode(plain(doc)))
+        return Response(200, json_encoder.encode(plain(doc)))
 
     def get_materialized(self, req: Request) -> Response:
         """Seed 001's ``GET /materialized``: the view named ``materialized``."""
