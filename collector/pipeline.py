@@ -22,7 +22,9 @@ import msgspec
 from .errors import ConfigError
 from .registry import import_string  # kept here: pipeline.import_string was its first home
 
-__all__ = ["Lookup", "Pipeline", "import_string", "resolve_pipeline"]
+__all__ = [
+    "Lookup", "Pipeline", "event_fields", "event_structs", "event_type_name", "import_string", "resolve_pipeline",
+]
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class Pipeline:
     """
 
     name: str
-    event_type: type[msgspec.Struct]
+    event_type: Any  # a msgspec Struct, or a tagged union of Structs (see event_structs)
     key: str
     id_field: str | None = "id"
     lookups: tuple[Lookup, ...] = ()
@@ -117,14 +119,14 @@ class Pipeline:
     def __post_init__(self) -> None:
         if self.shard not in ("key", "chunk"):
             raise ConfigError(f"pipeline {self.name!r}: shard must be 'key' or 'chunk' (got {self.shard!r})")
-        fields = set(self.event_type.__struct_fields__)
+        fields = set(event_fields(self.event_type))
         for name, where in [(self.key, "key")] + [
             (f, f"count_by[{i}]") for i, f in enumerate(self.count_by)
         ]:
             if name not in fields:
                 raise ConfigError(
                     f"pipeline {self.name!r}: {where} names field {name!r}, which "
-                    f"{self.event_type.__name__} does not have (fields: {sorted(fields)})"
+                    f"{event_type_name(self.event_type)} does not have (fields: {sorted(fields)})"
                 )
         if self.client is not None and not isinstance(self.client, str):
             for lk in self.lookups:
@@ -139,7 +141,7 @@ class Pipeline:
                 if f not in fields:
                     raise ConfigError(
                         f"pipeline {self.name!r}: lookup {lk.name!r} names field {f!r}, "
-                        f"which {self.event_type.__name__} does not have"
+                        f"which {event_type_name(self.event_type)} does not have"
                     )
 
     def with_sinks(self, *sinks: Any) -> Pipeline:
@@ -170,3 +172,40 @@ def field_getter(names: Sequence[str]) -> Callable[[Any], Any]:
     from operator import attrgetter
 
     return attrgetter(*names)
+
+
+def event_structs(event_type: Any) -> tuple[type[msgspec.Struct], ...]:
+    """The Struct types an event type stands for: itself, or each member of a tagged
+    union (``ClickEvent = ElementClick | PageViewStart | ...``, tagged on one field)."""
+    import types
+    import typing
+
+    if isinstance(event_type, type) and issubclass(event_type, msgspec.Struct):
+        return (event_type,)
+    if typing.get_origin(event_type) in (typing.Union, types.UnionType):
+        members = typing.get_args(event_type)
+        if members and all(isinstance(m, type) and issubclass(m, msgspec.Struct) for m in members):
+            return tuple(members)
+    raise ConfigError(f"an event type is a msgspec Struct or a tagged union of Structs (got {event_type!r})")
+
+
+def event_fields(event_type: Any) -> tuple[str, ...]:
+    """The top-level fields every event of ``event_type`` has, in declaration order.
+
+    For a tagged union: the fields all members share, plus the tag field (each member
+    exposes it, e.g. as a read-only property, so ``event.<tag field>`` reads it)."""
+    structs = event_structs(event_type)
+    first = structs[0]
+    common = [f for f in first.__struct_fields__ if all(f in s.__struct_fields__ for s in structs[1:])]
+    tag_field = first.__struct_config__.tag_field
+    if len(structs) > 1 and tag_field and tag_field not in common:
+        common.append(tag_field)
+    return tuple(common)
+
+
+def event_type_name(event_type: Any) -> str:
+    """A readable name of an event type (``A | B | C`` for a union without one)."""
+    name = getattr(event_type, "__name__", None)
+    if isinstance(name, str) and name not in ("Union", "UnionType"):
+        return name
+    return " | ".join(s.__name__ for s in event_structs(event_type))

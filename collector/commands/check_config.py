@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from collector.config import load_config, options_table, resolved_sinks
     from collector.errors import ConfigError
     from collector.packs import build_pipeline
+    from collector.pipeline import event_type_name
 
     if args.options:
         print(options_table())
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     sinks, dl = resolved_sinks(cfg)
     s = cfg.server
     print(f"{args.path}: ok", file=sys.stdout)
-    print(f"  listen {s.host}:{s.port}; pipeline {p.name} ({p.event_type.__name__}); data_dir {cfg.resolved_data_dir()}")
+    print(f"  listen {s.host}:{s.port}; pipeline {p.name} ({event_type_name(p.event_type)}); data_dir {cfg.resolved_data_dir()}")
     for sk in sinks:
         print(f"  sink {sk!r}")
     print(f"  deadletter {dl.path}")

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from ..errors import InvalidInput
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, event_type_name
 from ..results import ErrorItem
 from .operation import Operation, Plan
 
@@ -196,7 +196,7 @@ class Planner:
 
     def _wrong_type(self, batch: Any) -> InvalidInput:
         return InvalidInput(
-            f"handle() takes a list of {self.event_type.__name__} or dicts, or bytes "
+            f"handle() takes a list of {event_type_name(self.event_type)} or dicts, or bytes "
             f"(JSON array or NDJSON); got {type(batch).__name__}"
         )
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from ..packs.generic import GenericEvent
+from ..pipeline import event_structs, event_type_name
 from ..stages.rules import COUNTERS as RULE_COUNTERS
 from .schemas import BatchResponse, ErrorResponse, EventResponse, Health, ItemResult, Metrics
 
@@ -35,16 +36,20 @@ def _json(*names: str) -> dict[str, Any]:
 
 def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any]:
     """The OpenAPI document for a server with these limits, taking ``event_type`` events."""
-    ev = event_type.__name__
+    ev = event_type_name(event_type)
     EventBatch = msgspec.defstruct(
         "EventBatch",
         [("events", Annotated[list[event_type], msgspec.Meta(max_length=cfg.max_batch_items)])],
         forbid_unknown_fields=True,
     )
-    (_, components) = msgspec.json.schema_components(
+    (schemas, components) = msgspec.json.schema_components(
         [event_type, EventBatch, EventResponse, BatchResponse, ItemResult, ErrorResponse, Metrics, Health],
         ref_template=_REF,
     )
+    if len(event_structs(event_type)) > 1:
+        # a tagged union: one component, any of the members, chosen by the tag
+        ev = "Event"
+        components[ev] = schemas[0]
     # a batch is validated item by item (per-item results in a 202), so
     # the array admits anything and says that each item is meant to be an event
     components["EventBatch"]["properties"]["events"]["items"] = {

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from ..pipeline import event_fields, event_structs, event_type_name
 from .config import DeadLetterConfig, SinkConfig, redact_dsn, redact_urls
 
 __all__ = ["Batch", "DeadLetter", "EventCodec", "Sink", "default_name"]
@@ -72,19 +73,27 @@ class EventCodec:
     event's JSON, hex), so rewriting the same event is still a no-op.
     """
 
-    def __init__(self, event_type: type[msgspec.Struct] | None, id_field: str | None) -> None:
+    def __init__(self, event_type: Any, id_field: str | None) -> None:
         self.event_type = event_type
         self.encoder = msgspec.json.Encoder()
         self.fields: list[tuple[str, str, str | None]] = []
         if event_type is not None:
-            hints = typing.get_type_hints(event_type, include_extras=True)
-            for f in msgspec.structs.fields(event_type):
-                self.fields.append((f.name, f.encode_name, _scalar_kind(hints.get(f.name, f.type))))
+            # a tagged union: the fields every member has (typed as the first declares
+            # them) and the tag, which the encoder writes into every event
+            structs = event_structs(event_type)
+            shared = set(event_fields(event_type))
+            hints = typing.get_type_hints(structs[0], include_extras=True)
+            for f in msgspec.structs.fields(structs[0]):
+                if f.name in shared:
+                    self.fields.append((f.name, f.encode_name, _scalar_kind(hints.get(f.name, f.type))))
+            tag = structs[0].__struct_config__.tag_field
+            if len(structs) > 1 and tag and tag in shared:
+                self.fields.append((tag, tag, "str"))
         names = {f[0] for f in self.fields}
         if id_field is not None and event_type is not None and id_field not in names:
             from ..errors import ConfigError
 
-            raise ConfigError(f"sinks: id field {id_field!r} is not a field of {event_type.__name__}")
+            raise ConfigError(f"sinks: id field {id_field!r} is not a field of {event_type_name(event_type)}")
         self.id_field = id_field
         kinds = {f[0]: f[2] for f in self.fields}
         self.id_kind = "int" if id_field is not None and kinds.get(id_field) == "int" else "text"

@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import ConfigError, missing
+from ..pipeline import event_type_name
 from .base import Batch, DeadLetter, EventCodec, Sink
 from .config import MysqlSinkConfig, resolve_dsn
 
@@ -121,7 +122,7 @@ class MysqlSink(Sink):
         for col, default in (("type", config.default_type), ("source", config.default_source)):
             if not codec.has(col) and default is None and codec.event_type is not None:
                 raise ConfigError(
-                    f"mysql sink {name}: {codec.event_type.__name__} has no {col!r} field and "
+                    f"mysql sink {name}: {event_type_name(codec.event_type)} has no {col!r} field and "
                     f"default_{col} is not set (the column is NOT NULL)"
                 )
         self.get_type = attrgetter("type") if codec.has("type") else None

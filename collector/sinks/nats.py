@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from ..errors import ConfigError, missing
+from ..pipeline import event_type_name
 from .base import Batch, EventCodec, Sink
 from .config import NatsSinkConfig
 
@@ -224,7 +225,7 @@ class NatsSink(Sink):
                 if not codec.has(f):
                     raise ConfigError(
                         f"nats sink {name}: subject {config.subject!r} names field {f!r}, "
-                        f"which {codec.event_type.__name__} does not have"
+                        f"which {event_type_name(codec.event_type)} does not have"
                     )
         url = resolve_url(config)
         self.remember_secret(url)

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import ConfigError
-from ..pipeline import Lookup
+from ..pipeline import Lookup, event_fields, event_type_name
 from ..protocol import LookupSummary
 from .cache import MISS
 from .client import bind_method
@@ -132,13 +132,13 @@ def build_enricher(
     from . import build_source
 
     rts: list[LookupRuntime | SourceRuntime] = []
-    fields = set(getattr(event_type, "__struct_fields__", ()))
+    fields = set(event_fields(event_type)) if event_type is not None else set()
     for spec in lookups:
         for f in spec.key_fields:
             if fields and f not in fields:
                 raise ConfigError(
                     f"lookup {spec.name!r}: key_fields names field {f!r}, which "
-                    f"{event_type.__name__} does not have (fields: {sorted(fields)})"
+                    f"{event_type_name(event_type)} does not have (fields: {sorted(fields)})"
                 )
         if spec.source is not None:
             rts.append(SourceRuntime(spec, build_source(spec.source)))

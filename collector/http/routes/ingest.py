@@ -26,6 +26,7 @@ import msgspec
 
 from ...errors import CollectorClosed, Overloaded
 from ...ids import new_ids
+from ...pipeline import event_structs
 from ...sinks.sinkset import REFUSED
 from ..bodies import ENCODINGS, TooLarge, inflate, json_depth
 from ..protocol import Request, Response, error
@@ -104,8 +105,13 @@ _ID_TYPES = (str, int)  # ids echoed in answers; anything else is invalid and no
 
 
 def _takes_text(event_type: Any, field: str) -> bool:
-    """Whether ``event_type.<field>`` accepts a string (so a UUID can be generated for it)."""
-    info = msgspec.inspect.type_info(event_type)
+    """Whether ``event_type.<field>`` accepts a string (so a UUID can be generated for it);
+    for a tagged union, whether every member's does."""
+    return all(_struct_takes_text(s, field) for s in event_structs(event_type))
+
+
+def _struct_takes_text(struct: Any, field: str) -> bool:
+    info = msgspec.inspect.type_info(struct)
     for f in getattr(info, "fields", ()):
         if f.name == field:
             t = f.type
