@@ -9,7 +9,8 @@
       ├─► GET /metrics: the final figures; where the events went
       └─► SIGTERM: the daemon drains and exits 0
 
-``collector demo casino`` runs seed 001's pack the same way (collector/commands/demo_casino.py).
+``collector demo casino`` runs seed 001's pack the same way (collector/commands/demo_casino.py),
+``collector demo clickstream`` seed 002's (collector/commands/demo_clickstream.py).
 """
 
 from __future__ import annotations
@@ -27,18 +28,19 @@ __all__ = ["HttpClient", "add_arguments", "run"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``collector demo``."""
-    p.add_argument("pack", nargs="?", default="generic", choices=("generic", "casino"),
-                   help="generic (seed 004, default) or casino (seed 001: events and descriptions on stdout)")
+    p.add_argument("pack", nargs="?", default="generic", choices=("generic", "casino", "clickstream"),
+                   help="generic (seed 004, default), casino (seed 001: events and descriptions on stdout) "
+                   "or clickstream (seed 002: tokens, page views, a table per event type)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds of load (default 5)")
     p.add_argument("--connections", type=int, default=8, help="concurrent keep-alive connections (default 8)")
     p.add_argument("--batch", type=int, default=100, help="events per POST /events/batch (default 100)")
     p.add_argument("--workers", type=int, default=None, help="daemon workers (default: one per CPU)")
     p.add_argument("--data-dir", default=None,
-                   help="where the daemon writes (default ./collector-data; casino: a new temporary folder)")
+                   help="where the daemon writes (default ./collector-data; casino, clickstream: a new temporary folder)")
     p.add_argument("--invalid-every", type=int, default=500,
                    help="generic: one event in this many is invalid, to show validation and the dead-letter file (0: none)")
     p.add_argument("--rate", type=float, default=None,
-                   help="events per second sent (0: as fast as the daemon answers; default 0, casino 5000)")
+                   help="events per second sent (0: as fast as the daemon answers; default 0, casino and clickstream 5000)")
     p.add_argument("--nats", metavar="URL", help="casino: publish to NATS JetStream and have the daemon consume it")
     p.add_argument("--pg", metavar="DSN", help="casino: players from this PostgreSQL database (migrated first)")
     p.add_argument("--pg-schema", default="public", help="casino: the players' schema with --pg (default public)")
@@ -68,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
         from collector.commands.demo_casino import run_casino
 
         return run_casino(args)
+    if args.pack == "clickstream":
+        from collector.commands.demo_clickstream import run_clickstream
+
+        return run_clickstream(args)
     out = sys.stderr
     data_dir = Path(args.data_dir or "collector-data").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

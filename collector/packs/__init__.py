@@ -14,17 +14,20 @@ table) and ``[[rules]]`` (decoded by :func:`collector.stages.rules.decode_rules`
 
 A new pack is one module here with a ``pack_pipeline(cfg: PipelineConfig, sinks,
 deadletter) -> Pipeline`` and one ``PACKS`` line; the config loader never imports a pack.
+A pack module may define ``default_sinks(cfg, data_dir)``: its sinks when the config
+names none (instead of the JSONL file in ``data_dir``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 from .. import registry
 from ..config import DaemonConfig, resolved_sinks
 from ..errors import ConfigError
-from ..pipeline import Lookup, Pipeline, resolve_pipeline
+from ..pipeline import Lookup, Pipeline, event_fields, event_type_name, resolve_pipeline
 
 __all__ = ["PACKS", "build_pipeline", "config_stages", "enrich_lookups", "rules_stage"]
 
@@ -32,6 +35,7 @@ PACKS = {
     "generic": "collector.packs.generic:pack_pipeline",
     "playback": "collector.packs.playback:pack_pipeline",
     "casino": "collector.packs.casino:pack_pipeline",
+    "clickstream": "collector.packs.clickstream:pack_pipeline",
 }
 
 
@@ -48,6 +52,9 @@ def build_pipeline(cfg: DaemonConfig) -> Pipeline:
             factory: Any = registry.load(PACKS, pc.pack, "pack")
         except ConfigError as e:
             raise ConfigError(f"`$.pipeline.pack`: {e}") from None
+        own = getattr(sys.modules.get(getattr(factory, "__module__", ""), None), "default_sinks", None)
+        if not cfg.sinks and own is not None:  # the pack's own defaults beat the JSONL file
+            sinks = tuple(own(pc, cfg.resolved_data_dir()))
         p: Pipeline = factory(pc, sinks, dl)
     else:
         p = resolve_pipeline(pc.pack)
@@ -57,11 +64,11 @@ def build_pipeline(cfg: DaemonConfig) -> Pipeline:
         if cfg.deadletter is not None or p.deadletter is None:
             changes["deadletter"] = dl
     if extra:
-        fields = p.event_type.__struct_fields__
+        fields = event_fields(p.event_type)
         for i, lk in enumerate(extra):
             for what, f in (("target", lk.target), ("key", lk.key), *(("key_fields", k) for k in lk.key_fields)):
                 if f not in fields:
-                    raise ConfigError(f"`$.enrich[{i}].{what}`: {f!r} is not a field of {p.event_type.__name__} "
+                    raise ConfigError(f"`$.enrich[{i}].{what}`: {f!r} is not a field of {event_type_name(p.event_type)} "
                                       f"(pack {pc.pack!r}; its fields: {', '.join(fields)})")
         # a step filling a field one of the pack's lookups fills replaces that lookup
         mine = {lk.target for lk in extra}
