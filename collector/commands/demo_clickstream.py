@@ -76,7 +76,7 @@ def run_clickstream(args: argparse.Namespace) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     svc = AuthService()
     with svc.running():
-        tokens = {f"user-{i}": svc.issue(f"user-{i}", ttl=3600) for i in range(300)}
+        tokens = {f"user-{i}": svc.issue(f"user-{i}", ttl=3600)[0] for i in range(300)}
         cfg = data_dir / "clickstream-demo.toml"
         cfg.write_text(_config(svc.verify_url, svc.key))
         serve_args = ["--config", str(cfg)] + (["--workers", str(args.workers)] if args.workers else [])

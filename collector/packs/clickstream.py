@@ -332,8 +332,6 @@ def clickstream_pipeline(
 def _auth(o: ClickstreamOptions, cls: Any) -> Any:
     url, key = o.auth_url, o.auth_key
     if not url:
-        from ..sources.auth import builtin_auth
-
         svc = builtin_auth()
         url, key = svc.verify_url, key or svc.key
     return cls(service_url=url, redis_url=o.redis_url, jwt_key=key, jwt_key_env=o.auth_key_env,
@@ -360,3 +358,25 @@ def default_sinks(cfg: Any, data_dir: str) -> tuple[Any, ...]:
     if o.role == "ingest":
         return ()  # clickstream_pipeline publishes to nats_url
     return _tables_sinks(o, data_dir)
+
+
+_BUILTIN: list[Any] = []  # the built-in auth service of this process, started once
+
+
+def builtin_auth() -> Any:
+    """The built-in auth service (:class:`collector.sources.auth.AuthService`, the demo
+    key), started in this process on first use on a free 127.0.0.1 port and kept for
+    the process's life: ``collector serve --pack clickstream`` without ``auth_url``."""
+    if not _BUILTIN:
+        import logging
+
+        from ..sources.auth import AuthService
+
+        svc = AuthService()
+        cm = svc.running()
+        cm.__enter__()
+        _BUILTIN.extend((svc, cm))
+        logging.getLogger("collector.packs").info(
+            "clickstream: no auth_url given; the built-in auth service runs at %s (POST /tokens issues tokens)",
+            svc.url)
+    return _BUILTIN[0]
