@@ -42,6 +42,18 @@ __all__ = [
 ]
 
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"  # SQL identifiers are interpolated: keep them plain
+_FIELD = r"\{[A-Za-z_][A-Za-z0-9_]*\}"
+# a table name, or a template of one: `{field}` is the event's top-level field (collector.sinks.tables)
+_TABLE = rf"^(?:[A-Za-z_]|{_FIELD})(?:[A-Za-z0-9_]|{_FIELD}){{0,126}}$"
+TableName = Annotated[
+    str,
+    Meta(
+        pattern=_TABLE,
+        description="table name, or a template of one: `{field}` is replaced by the event's top-level field "
+        "(`cs_{event}`: a table per event type, each created on first use if `create_table`); an event whose "
+        "name is not a plain identifier (`[A-Za-z_][A-Za-z0-9_]{0,62}`) is dead-lettered",
+    ),
+]
 
 Name = Annotated[
     str | None,
@@ -121,10 +133,10 @@ class JsonlSinkConfig(_SinkBase, frozen=True, forbid_unknown_fields=True, tag="j
 
 
 class SqliteSinkConfig(_SinkBase, frozen=True, forbid_unknown_fields=True, tag="sqlite"):
-    """An embedded SQLite database in WAL mode; one transaction per chunk."""
+    """An embedded SQLite database in WAL mode; one transaction per group of chunks (all their tables)."""
 
     path: Annotated[str, Meta(description="database file")] = "collector.db"
-    table: Annotated[str, Meta(pattern=_IDENT, description="table name (created if missing)")] = "events"
+    table: TableName = "events"
     synchronous: Annotated[
         Literal["NORMAL", "FULL"],
         Meta(
@@ -210,7 +222,12 @@ class NatsSinkConfig(_SinkBase, frozen=True, forbid_unknown_fields=True, tag="na
 
 
 SinkConfig = (
-    StdoutSinkConfig | JsonlSinkConfig | SqliteSinkConfig | PostgresSinkConfig | MysqlSinkConfig | NatsSinkConfig
+    StdoutSinkConfig
+    | JsonlSinkConfig
+    | SqliteSinkConfig
+    | PostgresSinkConfig
+    | MysqlSinkConfig
+    | NatsSinkConfig
 )
 """Any sink's configuration; decodes from a table whose ``kind`` picks the type."""
 
