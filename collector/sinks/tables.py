@@ -51,7 +51,7 @@ class TableTemplate:
         if self.constant and not IDENT.match(template):
             raise ConfigError(f"table {template!r} is not a plain SQL identifier ({IDENT.pattern})")
         # table (or refusal) by field values: a chunk holds few distinct values
-        self._cache: dict[tuple[Any, ...], tuple[str | None, str]] = {}
+        self._cache: dict[Any, tuple[str | None, str]] = {}
 
     @property
     def constant(self) -> bool:
@@ -71,30 +71,52 @@ class TableTemplate:
             return None, f"table {self.template!r}: {name[:80]!r} is not a plain SQL identifier ({IDENT.pattern})"
         return name, ""
 
+    def _name(self, key: Any) -> tuple[str | None, str]:
+        hit = self._cache.get(key)
+        if hit is None:
+            values = key if len(self.fields) > 1 else (key,)
+            hit = self.render(dict(zip(self.fields, values, strict=True)))
+            if len(self._cache) < 4096:
+                self._cache[key] = hit
+        return hit
+
     def route(self, events: Sequence[Any]) -> tuple[dict[str, list[int]], list[tuple[int, str, str]]]:
         """Positions of ``events`` by table, and ``(position, field path, reason)`` of the refused."""
         if self.constant:
             return {self.template: list(range(len(events)))}, []
+        getters = [g for _, g in self._getters]
+        if len(getters) == 1:
+            keys: list[Any] = list(map(getters[0], events))
+        else:
+            keys = [tuple(g(e) for g in getters) for e in events]
+        # positions by field value first (a chunk holds few values), then one name per value
+        by_key: dict[Any, list[int]] = {}
+        unhashable: list[int] = []
+        for i, k in enumerate(keys):
+            try:
+                pos = by_key.get(k)
+            except TypeError:  # a list or dict value: it cannot make a valid name anyway
+                unhashable.append(i)
+                continue
+            if pos is None:
+                by_key[k] = [i]
+            else:
+                pos.append(i)
         by_table: dict[str, list[int]] = {}
         refused: list[tuple[int, str, str]] = []
-        cache = self._cache
-        getters = self._getters
         path = "$." + self.fields[0] if len(self.fields) == 1 else "$"
-        for i, e in enumerate(events):
-            key = tuple(g(e) for _, g in getters)
-            try:
-                hit = cache.get(key)
-            except TypeError:  # an unhashable value: it cannot make a valid name anyway
-                hit = None, f"table {self.template!r}: a field value is not a scalar"
-            if hit is None:
-                hit = self.render(dict(zip(self.fields, key, strict=True)))
-                if len(cache) < 4096:
-                    cache[key] = hit
-            table, why = hit
+        for k, pos in by_key.items():
+            table, why = self._name(k)
             if table is None:
-                refused.append((i, path, why))
+                refused.extend((i, path, why) for i in pos)
+            elif table in by_table:  # two values, one name (1 and "1")
+                by_table[table].extend(pos)
             else:
-                by_table.setdefault(table, []).append(i)
+                by_table[table] = pos
+        for i in unhashable:
+            refused.append((i, path, f"table {self.template!r}: a field value is not a scalar"))
+        if refused and len(by_key) > 1:
+            refused.sort()
         return by_table, refused
 
 
