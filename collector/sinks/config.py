@@ -27,6 +27,7 @@ from msgspec import Meta
 from ..errors import ConfigError
 
 __all__ = [
+    "ClickhouseSinkConfig",
     "DeadLetterConfig",
     "JsonlSinkConfig",
     "MysqlSinkConfig",
@@ -221,6 +222,34 @@ class NatsSinkConfig(_SinkBase, frozen=True, forbid_unknown_fields=True, tag="na
     ] = 4096
 
 
+class ClickhouseSinkConfig(_SinkBase, frozen=True, forbid_unknown_fields=True, tag="clickhouse"):
+    """ClickHouse over its HTTP interface (aiohttp): one `INSERT ... FORMAT JSONEachRow` per table and chunk."""
+
+    url: Annotated[
+        str, Meta(description="HTTP interface URL (`http://host:8123`); prefer `url_env`")
+    ] = "http://127.0.0.1:8123"
+    url_env: Annotated[
+        str | None, Meta(description="name of the environment variable holding the URL (wins over `url`)")
+    ] = None
+    database: Annotated[str, Meta(pattern=_IDENT, description="database of the tables (created if missing)")] = "default"
+    table: TableName = "events"
+    user: Annotated[str | None, Meta(description="user (HTTP basic auth); none: the server's default user")] = None
+    password_env: Annotated[
+        str | None, Meta(description="name of the environment variable holding the user's password")
+    ] = None
+    connections: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="HTTP connections (rounds of inserts in flight) of each worker; chunks that arrive "
+            "meanwhile are merged into the next round (fewer, larger inserts are faster)",
+        ),
+    ] = 1
+    create_table: Annotated[
+        bool, Meta(description="create the database and tables (`ReplacingMergeTree` on `id`) when first used")
+    ] = True
+
+
 SinkConfig = (
     StdoutSinkConfig
     | JsonlSinkConfig
@@ -228,6 +257,7 @@ SinkConfig = (
     | PostgresSinkConfig
     | MysqlSinkConfig
     | NatsSinkConfig
+    | ClickhouseSinkConfig
 )
 """Any sink's configuration; decodes from a table whose ``kind`` picks the type."""
 
