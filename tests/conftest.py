@@ -1,7 +1,7 @@
 """Shared test fixtures: real-server addresses, the services gate, leak checks.
 
 A test that needs a server asks for its fixture (``pg_dsn``, ``mysql_dsn``,
-``redis_url``, ``nats_url``). When the server does not answer, the test skips with the
+``redis_url``, ``nats_url``, ``clickhouse_url``). When the server does not answer, the test skips with the
 reason, unless ``COLLECTOR_REQUIRE_SERVICES=1`` (set by ``.ci/run``), where it fails.
 """
 
@@ -68,6 +68,12 @@ def redis_url() -> str:
 def nats_url() -> str:
     """NATS URL from COLLECTOR_TEST_NATS."""
     return _need(os.environ.get("COLLECTOR_TEST_NATS", "nats://127.0.0.1:4222"), 4222, "NATS")
+
+
+@pytest.fixture(scope="session")
+def clickhouse_url() -> str:
+    """ClickHouse HTTP interface URL from COLLECTOR_CLICKHOUSE_URL."""
+    return _need(os.environ.get("COLLECTOR_CLICKHOUSE_URL", "http://127.0.0.1:8123"), 8123, "ClickHouse")
 
 
 def _shm_segments() -> set[str]:

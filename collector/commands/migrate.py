@@ -12,7 +12,10 @@ migration role, and see what was applied::
 
     collector migrate --pack casino --dsn postgresql://postgres@127.0.0.1:5432/test --schema public
 
-Running it again is a no-op: each sink (or the pack) reports ``up to date``.
+Running it again is a no-op: each sink (or the pack) reports ``up to date``. A sink whose
+``table`` is a template (``cs_{event}``) creates each table on first use; a pack that
+knows its event types creates them ahead with ``collector.sinks.clickhouse.migrate(cfg,
+table_names(cfg.table, types))`` (or the sqlite sink's ``migrate(tables)``).
 """
 
 from __future__ import annotations
@@ -79,6 +82,12 @@ async def _migrate(pipeline: Any) -> list[tuple[str, str, list[str] | str]]:
             # one database per worker: each worker migrates its own file when it opens
             out.append((sink.name, cfg.kind, "one file per worker: migrated by each worker when it opens"))
             continue
+        table = str(getattr(cfg, "table", ""))
+        if cfg.kind in ("sqlite", "clickhouse") and "{" in table:
+            # a table per event (template): the names are known only from the events
+            await sink.close()
+            out.append((sink.name, cfg.kind, f"table template {table!r}: each table is created on first use"))
+            continue
         try:
             steps = await sink.migrate()
         except Exception as e:  # report every sink, then fail
@@ -135,6 +144,6 @@ def run(args: argparse.Namespace) -> int:
         elif steps:
             print(f"{name} ({kind}): applied: {'; '.join(steps)}")
         else:
-            print(f"{name} ({kind}): up to date" + ("" if kind in ("sqlite", "postgres", "mysql") else " (no tables)"))
+            print(f"{name} ({kind}): up to date" + ("" if kind in ("sqlite", "postgres", "mysql", "clickhouse") else " (no tables)"))
     sys.stdout.flush()
     return 1 if failed else 0

@@ -7,7 +7,8 @@
                                       ├─► sqlite    embedded default (WAL, stdlib, on a thread, group commit)
                                       ├─► postgres  asyncpg binary COPY (via staging + ON CONFLICT after a conflict)
                                       ├─► mysql     aiomysql multi-row INSERT IGNORE (seed 004 table)
-                                      └─► nats      JetStream publish, Nats-Msg-Id = event id, PubAcks awaited
+                                      ├─► nats      JetStream publish, Nats-Msg-Id = event id, PubAcks awaited
+                                      └─► clickhouse HTTP INSERT ... FORMAT JSONEachRow, ReplacingMergeTree on id
            SinkSet.reject(records) ───► deadletter  JSON lines: payload, reason, path, stage, time
 
 Sinks are configured with the frozen structs of :mod:`collector.sinks.config` (a
@@ -35,6 +36,7 @@ from .. import registry
 from ..errors import ConfigError
 from .base import Batch, DeadLetter, EventCodec, Sink, default_name
 from .config import (
+    ClickhouseSinkConfig,
     DeadLetterConfig,
     JsonlSinkConfig,
     MysqlSinkConfig,
@@ -57,11 +59,13 @@ SINKS = {
     "postgres": "collector.sinks.postgres:PostgresSink",
     "mysql": "collector.sinks.mysql:MysqlSink",
     "nats": "collector.sinks.nats:NatsSink",
+    "clickhouse": "collector.sinks.clickhouse:ClickhouseSink",
 }
 
 __all__ = [
     "SINKS",
     "Batch",
+    "ClickhouseSinkConfig",
     "DeadLetter",
     "DeadLetterConfig",
     "JsonlSinkConfig",

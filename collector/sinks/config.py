@@ -27,6 +27,7 @@ from msgspec import Meta
 from ..errors import ConfigError
 
 __all__ = [
+    "ClickhouseSinkConfig",
     "DeadLetterConfig",
     "JsonlSinkConfig",
     "MysqlSinkConfig",
@@ -42,6 +43,18 @@ __all__ = [
 ]
 
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"  # SQL identifiers are interpolated: keep them plain
+_FIELD = r"\{[A-Za-z_][A-Za-z0-9_]*\}"
+# a table name, or a template of one: `{field}` is the event's top-level field (collector.sinks.tables)
+_TABLE = rf"^(?:[A-Za-z_]|{_FIELD})(?:[A-Za-z0-9_]|{_FIELD}){{0,126}}$"
+TableName = Annotated[
+    str,
+    Meta(
+        pattern=_TABLE,
+        description="table name, or a template of one: `{field}` is replaced by the event's top-level field "
+        "(`cs_{event}`: a table per event type, each created on first use if `create_table`); an event whose "
+        "name is not a plain identifier (`[A-Za-z_][A-Za-z0-9_]{0,62}`) is dead-lettered",
+    ),
+]
 
 Name = Annotated[
     str | None,
@@ -121,10 +134,10 @@ class JsonlSinkConfig(_SinkBase, frozen=True, forbid_unknown_fields=True, tag="j
 
 
 class SqliteSinkConfig(_SinkBase, frozen=True, forbid_unknown_fields=True, tag="sqlite"):
-    """An embedded SQLite database in WAL mode; one transaction per chunk."""
+    """An embedded SQLite database in WAL mode; one transaction per group of chunks (all their tables)."""
 
     path: Annotated[str, Meta(description="database file")] = "collector.db"
-    table: Annotated[str, Meta(pattern=_IDENT, description="table name (created if missing)")] = "events"
+    table: TableName = "events"
     synchronous: Annotated[
         Literal["NORMAL", "FULL"],
         Meta(
@@ -209,8 +222,42 @@ class NatsSinkConfig(_SinkBase, frozen=True, forbid_unknown_fields=True, tag="na
     ] = 4096
 
 
+class ClickhouseSinkConfig(_SinkBase, frozen=True, forbid_unknown_fields=True, tag="clickhouse"):
+    """ClickHouse over its HTTP interface (aiohttp): one `INSERT ... FORMAT JSONEachRow` per table and chunk."""
+
+    url: Annotated[
+        str, Meta(description="HTTP interface URL (`http://host:8123`); prefer `url_env`")
+    ] = "http://127.0.0.1:8123"
+    url_env: Annotated[
+        str | None, Meta(description="name of the environment variable holding the URL (wins over `url`)")
+    ] = None
+    database: Annotated[str, Meta(pattern=_IDENT, description="database of the tables (created if missing)")] = "default"
+    table: TableName = "events"
+    user: Annotated[str | None, Meta(description="user (HTTP basic auth); none: the server's default user")] = None
+    password_env: Annotated[
+        str | None, Meta(description="name of the environment variable holding the user's password")
+    ] = None
+    connections: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="HTTP connections (rounds of inserts in flight) of each worker; chunks that arrive "
+            "meanwhile are merged into the next round (fewer, larger inserts are faster)",
+        ),
+    ] = 1
+    create_table: Annotated[
+        bool, Meta(description="create the database and tables (`ReplacingMergeTree` on `id`) when first used")
+    ] = True
+
+
 SinkConfig = (
-    StdoutSinkConfig | JsonlSinkConfig | SqliteSinkConfig | PostgresSinkConfig | MysqlSinkConfig | NatsSinkConfig
+    StdoutSinkConfig
+    | JsonlSinkConfig
+    | SqliteSinkConfig
+    | PostgresSinkConfig
+    | MysqlSinkConfig
+    | NatsSinkConfig
+    | ClickhouseSinkConfig
 )
 """Any sink's configuration; decodes from a table whose ``kind`` picks the type."""
 

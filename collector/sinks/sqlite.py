@@ -22,6 +22,11 @@ CONFLICT(id) DO NOTHING``), WAL journal. Each chunk is acknowledged after the
 transaction holding it committed. ``synchronous=NORMAL``: a committed chunk survives a crash of
 the process; the last commits before a power loss can be lost. ``FULL`` fsyncs the
 WAL on every commit and survives that too, at a cost per chunk.
+
+``table`` may be a template (``cs_{event}``, :mod:`collector.sinks.tables`): a chunk
+is split by table, each table (and its view) is created in the transaction that first
+writes to it, and the tables of a group still share one transaction. An event whose
+table name is not a plain identifier is dead-lettered; the rest of its chunk is stored.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ import logging
 import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-from .base import Batch, EventCodec, Sink
+from .base import Batch, DeadLetter, EventCodec, Sink
 from .batching import GroupCommit
 from .config import SqliteSinkConfig
+from .tables import TableTemplate, refused_records
 
 __all__ = ["MAX_GROUP_ROWS", "SqliteSink"]
 
@@ -60,8 +67,8 @@ class SqliteSink(Sink):
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"collector-sink-{name}")
         self.db: sqlite3.Connection | None = None
         self.group = GroupCommit(self._commit, self.is_data_error, MAX_GROUP_ROWS)
-        t = config.table
-        self.insert_sql = f'INSERT INTO "{t}" (id, event) VALUES (?, ?) ON CONFLICT(id) DO NOTHING'
+        self.tables = TableTemplate(config.table)
+        self.ready: set[str] = set()  # tables known to exist (and their views current) on this connection
 
     # -- blocking parts, on the sink's thread
     def _connect(self, migrate: bool = True) -> sqlite3.Connection:
@@ -92,52 +99,81 @@ class SqliteSink(Sink):
             cols.append((attr, _AFFINITY[kind], "$." + key.replace('"', "")))
         return cols
 
-    def view_sql(self) -> str:
-        """The ``CREATE VIEW`` of the typed view over the table."""
-        t = self.cfg.table
+    def view_sql(self, table: str | None = None) -> str:
+        """The ``CREATE VIEW`` of the typed view over ``table`` (default: the configured one)."""
+        t = table or self.cfg.table
         cols = "".join(f", json_extract(event, '{path}') AS \"{col}\"" for col, _, path in self.columns())
         return f'CREATE VIEW "{t}_fields" AS SELECT id, inserted_at{cols}, event FROM "{t}"'
 
-    def _migrate(self, db: sqlite3.Connection) -> list[str]:
-        t = self.cfg.table
-        applied = []
-        idtype = "INTEGER" if self.codec.id_kind == "int" else "TEXT"
+    def _migrate(self, db: sqlite3.Connection, tables: list[str] | None = None) -> list[str]:
+        """Create ``tables`` (default: the configured table, when it is not a template)."""
+        if tables is None:
+            tables = [self.cfg.table] if self.tables.constant else []
+        if not tables:
+            return []
+        applied: list[str] = []
         db.execute("BEGIN IMMEDIATE")  # one migrating writer at a time (workers share the file)
         try:
-            exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (t,)).fetchone()
-            if not exists:
-                db.execute(
-                    f'CREATE TABLE "{t}" (id {idtype} PRIMARY KEY NOT NULL, event TEXT NOT NULL, '
-                    "inserted_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
-                )
-                applied.append(f"create table {t}")
-            view = self.view_sql()
-            row = db.execute("SELECT sql FROM sqlite_master WHERE type='view' AND name=?", (f"{t}_fields",)).fetchone()
-            if row is None or row[0] != view:
-                db.execute(f'DROP VIEW IF EXISTS "{t}_fields"')
-                db.execute(view)
-                applied.append(f"{'create' if row is None else 'replace'} view {t}_fields")
+            for t in tables:
+                applied += self._create(db, t)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self.ready.update(tables)
         return applied
 
-    def _write(self, rows: list[tuple[object, str]]) -> None:
+    def _create(self, db: sqlite3.Connection, t: str) -> list[str]:
+        """Create table ``t`` and (re)create its view, inside the caller's transaction."""
+        applied = []
+        idtype = "INTEGER" if self.codec.id_kind == "int" else "TEXT"
+        exists = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (t,)).fetchone()
+        if not exists:
+            db.execute(
+                f'CREATE TABLE "{t}" (id {idtype} PRIMARY KEY NOT NULL, event TEXT NOT NULL, '
+                "inserted_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+            )
+            applied.append(f"create table {t}")
+        view = self.view_sql(t)
+        row = db.execute("SELECT sql FROM sqlite_master WHERE type='view' AND name=?", (f"{t}_fields",)).fetchone()
+        if row is None or row[0] != view:
+            db.execute(f'DROP VIEW IF EXISTS "{t}_fields"')
+            db.execute(view)
+            applied.append(f"{'create' if row is None else 'replace'} view {t}_fields")
+        return applied
+
+    def _write(self, rows: list[Any]) -> None:
+        """One transaction: ``(id, text)`` rows of the fixed table, or ``(table, id, text)`` rows."""
         db = self._connect()
+        created: list[str] = []
         try:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(self.insert_sql, rows)
+            if self.tables.constant:
+                db.executemany(_insert_sql(self.cfg.table), rows)
+            else:
+                groups: dict[str, list[tuple[object, str]]] = {}
+                for t, i, x in rows:
+                    g = groups.get(t)
+                    if g is None:
+                        g = groups[t] = []
+                    g.append((i, x))
+                for t, g in groups.items():
+                    if t not in self.ready and self.cfg.create_table:
+                        self._create(db, t)
+                        created.append(t)
+                    db.executemany(_insert_sql(t), g)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self.ready.update(created)
 
     def _close(self) -> None:
         if self.db is not None:
             self.db.close()
             self.db = None
+            self.ready.clear()
 
     # -- async API
     async def open(self) -> None:
@@ -151,17 +187,22 @@ class SqliteSink(Sink):
             self.healthy = False
             log.warning("sink %s: open deferred: %s", self.name, self.describe_error(e))
 
-    async def migrate(self) -> list[str]:
-        """Create the table and add typed columns the event type gained."""
+    async def migrate(self, tables: list[str] | None = None) -> list[str]:
+        """Create the table and replace its view if the event type changed.
+
+        With a template ``table``, ``tables`` are the concrete names to create now
+        (``collector.sinks.tables.table_names``); without them a template's tables are
+        created on first use only.
+        """
         loop = asyncio.get_running_loop()
 
         def run() -> list[str]:
             # connect without the automatic migration, so the steps applied are reported
-            return self._migrate(self._connect(migrate=False))
+            return self._migrate(self._connect(migrate=False), tables)
 
         return await loop.run_in_executor(self.executor, run)
 
-    async def write(self, batch: Batch) -> None:
+    async def write(self, batch: Batch) -> list[DeadLetter] | None:
         """Insert the chunk; rows whose id exists are skipped. Returns once it is committed.
 
         Group commit: chunks that arrive while a transaction runs share the next one
@@ -169,9 +210,17 @@ class SqliteSink(Sink):
         8192-event chunks the sink measured ~230k events/s against ~134k with 2048
         (``bench/sinks.py``), and this gets part of that at any chunk size.
         """
-        await self.group.submit(list(zip(batch.ids, batch.texts, strict=True)))
+        if self.tables.constant:
+            await self.group.submit(list(zip(batch.ids, batch.texts, strict=True)))
+            return None
+        by_table, refused = self.tables.route(batch.events)
+        ids, texts = batch.ids, batch.texts
+        rows = [(t, ids[i], texts[i]) for t, idx in by_table.items() for i in idx]
+        if rows:
+            await self.group.submit(rows)
+        return refused_records(refused, texts, self.name, self.worker)
 
-    async def _commit(self, rows: list[tuple[object, str]]) -> None:
+    async def _commit(self, rows: list[Any]) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self._write, rows)
 
@@ -188,3 +237,8 @@ class SqliteSink(Sink):
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self._close)
         self.executor.shutdown(wait=True)
+
+
+def _insert_sql(table: str) -> str:
+    return f'INSERT INTO "{table}" (id, event) VALUES (?, ?) ON CONFLICT(id) DO NOTHING'
+
