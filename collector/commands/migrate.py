@@ -11,6 +11,8 @@ migration role, and see what was applied::
 ``players`` table, seeded with the five players of seed 001)::
 
     collector migrate --pack casino --dsn postgresql://postgres@127.0.0.1:5432/test --schema public
+    collector migrate --pack clickstream --dsn http://127.0.0.1:8123          # ClickHouse, one table per type
+    collector migrate --pack clickstream --dsn sqlite:///var/lib/collector/clickstream.db
 
 Running it again is a no-op: each sink (or the pack) reports ``up to date``. A sink whose
 ``table`` is a template (``cs_{event}``) creates each table on first use; a pack that
@@ -31,11 +33,14 @@ __all__ = ["add_arguments", "pipeline_from_args", "run"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``collector migrate``."""
     add_pipeline_arguments(p)
-    p.add_argument("--pack", metavar="NAME", help="create and seed the tables this pack reads from (casino: players)")
+    p.add_argument("--pack", metavar="NAME", help="create the tables this pack reads from or writes to (casino: players; clickstream: "
+                   "a table per event type)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--dsn", metavar="URL", help="with --pack: the PostgreSQL database (postgresql://user@host:port/db)")
+    g.add_argument("--dsn", metavar="URL", help="with --pack: the database (casino: postgresql://user@host:port/db; clickstream: "
+                   "http://host:8123 for ClickHouse or sqlite:///path.db)")
     g.add_argument("--dsn-env", metavar="VAR", help="with --pack: the environment variable holding the DSN")
-    p.add_argument("--schema", default="public", help="with --pack: the schema to create the tables in (default public)")
+    p.add_argument("--schema", default="public", help="with --pack: the schema to create the tables in (default public; clickstream on "
+                   "ClickHouse: the database, `default` for public)")
 
 
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:

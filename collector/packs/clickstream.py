@@ -47,7 +47,11 @@ __all__ = [
     "SearchFilter",
     "VideoComplete",
     "click_event_type",
+    "builtin_auth",
     "clickstream_pipeline",
+    "default_sinks",
+    "migrate",
+    "pack_pipeline",
     "page_view_record",
     "register",
     "table_names",
@@ -380,3 +384,29 @@ def builtin_auth() -> Any:
             "clickstream: no auth_url given; the built-in auth service runs at %s (POST /tokens issues tokens)",
             svc.url)
     return _BUILTIN[0]
+
+
+async def migrate(dsn: str, schema: str = "public") -> list[str]:
+    """``collector migrate --pack clickstream``: one table per type (:func:`table_names`).
+
+    ``dsn`` is ClickHouse's HTTP URL (``http://127.0.0.1:8123``; ``schema`` is then the
+    database, ``default`` for ``public``) or a SQLite file (``sqlite:///path/clickstream.db``
+    or a plain path). Idempotent: the steps applied, none when every table exists."""
+    tables = table_names()
+    if dsn.startswith(("http://", "https://")):
+        from ..sinks.clickhouse import migrate as clickhouse_migrate
+        from ..sinks.config import ClickhouseSinkConfig
+
+        db = "default" if schema == "public" else schema
+        return await clickhouse_migrate(ClickhouseSinkConfig(url=dsn, database=db, table="{event}"), tables)
+    from ..sinks.base import EventCodec
+    from ..sinks.config import SqliteSinkConfig
+    from ..sinks.sqlite import SqliteSink
+
+    path = dsn.removeprefix("sqlite://")
+    sink = SqliteSink(SqliteSinkConfig(path=path, table="{event}"), name="tables",
+                      codec=EventCodec(click_event_type(), "id"), worker=0)
+    try:
+        return await sink.migrate(tables)
+    finally:
+        await sink.close()
