@@ -101,7 +101,7 @@ class Batch:
     ``ndjson`` is every event as one JSON line (``b"...\\n"`` each), ``texts`` the same
     lines as ``str`` without newlines, ``ids`` each event's id (see
     :class:`EventCodec`).
-    
+
     ``events`` may hold records of another Struct type than the pipeline's (what a
     stage emitted, such as ``PairRecord``): msgspec's encoder takes any Struct, and
     such a record's id is a hash of its JSON text.
