@@ -110,6 +110,10 @@ class Batch:
     ``ndjson`` is every event as one JSON line (``b"...\\n"`` each), ``texts`` the same
     lines as ``str`` without newlines, ``ids`` each event's id (see
     :class:`EventCodec`).
+
+    ``events`` may hold records of another Struct type than the pipeline's (what a
+    stage emitted, such as ``PairRecord``): msgspec's encoder takes any Struct, and
+    such a record's id is a hash of its JSON text.
     """
 
     __slots__ = ("_ids", "_ndjson", "_texts", "codec", "events")
@@ -149,14 +153,37 @@ class Batch:
             if get is None:
                 b2 = hashlib.blake2b
                 self._ids = [b2(t.encode(), digest_size=16).hexdigest() for t in self.texts]
-            else:
+                return self._ids
+            try:
                 ids = list(map(get, self.events))
-                if self.codec.id_kind == "int":
-                    self._ids = ids
-                else:
-                    self._ids = [i if type(i) is str else str(i) for i in ids]
-            return self._ids
+            except AttributeError:  # records of another type in the batch (a stage emitted them)
+                ids = self._mixed_ids(get)
+            if self.codec.id_kind == "int":
+                self._ids = ids
+            else:
+                self._ids = [i if type(i) is str else str(i) for i in ids]
         return self._ids
+
+    def _mixed_ids(self, get: Any) -> list[Any]:
+        """Ids when some events lack the id field: theirs is a hash of their JSON text.
+
+        A stage's emitted records (``PairRecord``) are not of the pipeline's event type;
+        their content hash keeps rewriting the same record a no-op. With ``int`` ids it
+        is the hash's first 63 bits, so an integer key column takes it.
+        """
+        b2 = hashlib.blake2b
+        as_int = self.codec.id_kind == "int"
+        texts = self.texts
+        ids: list[Any] = []
+        for e, t in zip(self.events, texts, strict=True):
+            try:
+                ids.append(get(e))
+                continue
+            except AttributeError:
+                pass
+            h = b2(t.encode(), digest_size=16)
+            ids.append(int.from_bytes(h.digest()[:8], "big") >> 1 if as_int else h.hexdigest())
+        return ids
 
 
 class Sink:

@@ -4,9 +4,10 @@
 
     decoded events ─► Dedup ─► Filter/Rules ─► Enrich() (lookups) ─► Render ─► Aggregate/Pair ─► sinks
                        │ drops with a kind (duplicate, filtered, retry)     │ partials ─► supervisor
+                                                                           └ Pair's records ─► sinks
 
 ``base`` holds the contract; stateless stages (``rules``, ``render``), keyed state
-(``dedup``, ``pairing``), and mergeable state (``aggregates`` over ``windows`` with the
+(``dedup``, ``pairing`` and its Redis store ``pairing_redis``), and mergeable state (``aggregates`` over ``windows`` with the
 functions in ``aggregators``; ``materialized`` views over merged aggregates).
 """
 

@@ -307,6 +307,21 @@ class AggregateRuntime:
                 self.floors.pop(p, None)
                 self.counters["expired_panes"] += 1
 
+    def expire(self, now: float) -> None:
+        """Retire the panes that ``now`` closed (the worker's idle tick calls this).
+
+        Only a processing-time window (no ``time_field``) advances here: there the
+        clock is the stage's time, so panes close as it passes, traffic or not. An
+        event-time window's watermark moves with its events only (a quiet stream
+        says nothing about the times still to come).
+        """
+        if self.timeget is not None or not self.shape.width or not self.panes or now <= self.watermark:
+            return
+        before = len(self.panes)
+        self._advance(now, now)
+        if len(self.panes) != before:
+            self._snap = None
+
     def restore(self, data: bytes) -> None:
         """Replace this runtime's state with a ``snapshot()`` of the same aggregate.
 

@@ -9,17 +9,26 @@ Seed 002's page views: ``page_view_start`` and ``page_view_end`` carry one
     end   ──► pending ends (no start yet) ────────────────────────────┘  orphan TTL ─► orphan_end record
     paired keys are remembered for ``replay_ttl``: a replayed start or end does not pair twice
 
-State is per worker: shard the pipeline by a field of ``key`` (seed 002: ``user_id``)
-so both halves reach the same worker. TTLs run on processing time (arrival, the
-stage's clock, like a Redis TTL); durations come from the events' own ``time_field``.
-Records collect in an outbox that ``drain()`` empties (the engine has no way yet to
-emit new events from a stage). ``snapshot()``/``restore()`` turn everything pending
-into msgpack bytes and back, so it can be persisted across restarts.
+With ``store="memory"`` (default) state is per worker: shard the pipeline by a field
+of ``key`` (seed 002: ``user_id``) so both halves reach the same worker. With
+``store="redis"`` the halves that do not pair within their chunk wait in Redis
+(:mod:`.pairing_redis`), so pairing works across workers, daemons and restarts. TTLs
+run on processing time (arrival, the stage's clock, like a Redis TTL); durations come
+from the events' own ``time_field``.
+
+Records collect in an outbox; ``drain()`` empties it, converted by ``emit`` (None:
+``PairRecord`` as is). A runtime with ``drain()`` is an *emitter*: the worker commits
+what it drains to the sinks with the chunk's events, and every ``tick`` seconds (no
+traffic needed) it calls ``expire(now)`` and commits what that emitted on its own.
+``snapshot()``/``restore()`` turn everything pending into msgpack bytes and back, so
+it can be persisted across restarts.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,16 +37,21 @@ from typing import Any
 
 import msgspec
 
+from .. import registry
 from ..errors import ConfigError
 from ..protocol import ErrorRecord
+from ..registry import import_string
 from .windows import parse_time
 
 __all__ = ["Pair", "PairRecord", "PairRuntime"]
 
+log = logging.getLogger("collector.pairing")
 COUNTERS = (
     "paired", "expired", "orphan", "evicted", "duplicate_start", "duplicate_end", "replayed",
-    "missing_key", "output_dropped",
+    "missing_key", "output_dropped", "emitted", "emit_errors",
 )
+# store → "module:attr" of its runtime, imported when named (as collector.stages.STAGES)
+STORES = {"memory": "collector.stages.pairing:PairRuntime", "redis": "collector.stages.pairing_redis:RedisPairRuntime"}
 
 
 class PairRecord(msgspec.Struct, omit_defaults=True, gc=False):
@@ -63,6 +77,16 @@ class Pair:
     of each wait (the oldest are then emitted unpaired, reason ``evicted``).
     ``drop_inputs`` drops the start and end events from the chunk (kind ``paired``) so
     only the records go on.
+
+    ``emit`` converts each record before it leaves ``drain()`` (and so reaches the
+    sinks): None sends ``PairRecord`` itself, else a picklable callable or a
+    ``"module:attr"`` string naming one, ``PairRecord -> event`` (of the pipeline's
+    event type, say a ``page_view``). ``tick`` is how often (seconds) the worker
+    expires without traffic. ``store="redis"`` keeps the halves waiting across chunks
+    in Redis at ``redis_url`` under ``prefix`` (``pip install 'collector[redis]'``);
+    a waiting half's key lives ``redis_grace`` seconds past its deadline, so a
+    collector that was down that long finds it still; an expiry sweep takes at most
+    ``sweep_limit`` deadlines per round trip.
     """
 
     start_type: str = "page_view_start"
@@ -80,14 +104,48 @@ class Pair:
     drop_inputs: bool = False
     clock: Callable[[], float] = time.time
     name: str = "pair"
+    emit: Any = None
+    tick: float = 1.0
+    store: str = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "pv:"
+    redis_grace: float = 86400.0
+    sweep_limit: int = 1000
 
     def __post_init__(self) -> None:
+        where = f"pair {self.name!r}"
         if not self.key or self.ttl <= 0 or self.orphan_ttl <= 0 or self.max_pending < 1:
-            raise ConfigError(f"pair {self.name!r}: needs a key, ttl > 0, orphan_ttl > 0, max_pending >= 1")
+            raise ConfigError(f"{where}: needs a key, ttl > 0, orphan_ttl > 0, max_pending >= 1")
+        if self.store not in STORES and ":" not in self.store:
+            raise ConfigError(f"{where}: store must be one of {', '.join(STORES)} or 'module:attr' (got {self.store!r})")
+        if self.tick <= 0 or self.redis_grace < 0 or self.sweep_limit < 1:
+            raise ConfigError(f"{where}: needs tick > 0, redis_grace >= 0, sweep_limit >= 1")
+        if self.emit is not None and not isinstance(self.emit, str):
+            if not callable(self.emit):
+                raise ConfigError(f"{where}: emit must be a callable or a 'module:attr' string")
+            try:  # the pipeline is pickled to the workers: say so here, not at spawn
+                pickle.dumps(self.emit)
+            except Exception as e:
+                raise ConfigError(
+                    f"{where}: emit {self.emit!r} cannot be pickled ({e}); use a module-level "
+                    "function or a 'module:attr' string"
+                ) from None
 
     def build(self) -> PairRuntime:
-        """The running pairing of one worker."""
-        return PairRuntime(self)
+        """The running pairing of one worker (``store="redis"``: its Redis-backed form)."""
+        if self.store == "memory":
+            return PairRuntime(self)
+        cls = registry.load(STORES, self.store, "pair store")
+        return cls(self)
+
+    def converter(self) -> Callable[[PairRecord], Any] | None:
+        """``emit`` resolved (an import string imported now), or None."""
+        if isinstance(self.emit, str):
+            fn = import_string(self.emit, f"pair {self.name!r} emit")
+            if not callable(fn):
+                raise ConfigError(f"pair {self.name!r}: emit {self.emit!r} is not callable")
+            return fn
+        return self.emit
 
 
 class _State(msgspec.Struct, array_like=True):
@@ -115,6 +173,8 @@ class PairRuntime:
         self._type = attrgetter(spec.type_field)
         self._time = attrgetter(spec.time_field) if spec.time_field else None
         self._carry = attrgetter(*spec.carry) if spec.carry else None
+        self._convert = spec.converter()
+        self._emit_error = ""
         self._reset()
 
     def _reset(self) -> None:
@@ -132,10 +192,35 @@ class PairRuntime:
         """The counters, with ``pending`` (starts waiting) and ``pending_ends``."""
         return {**self.counters, "pending": len(self.starts), "pending_ends": len(self.ends)}
 
-    def drain(self) -> list[PairRecord]:
-        """The records made since the last drain."""
+    def drain(self) -> list[Any]:
+        """The records made since the last drain, converted by ``emit`` when set.
+
+        A record whose conversion raises is counted (``emit_errors``), logged once
+        per distinct error, and left out.
+        """
         out, self.out = self.out, []
+        if not out:
+            return out
+        conv = self._convert
+        if conv is not None:
+            try:
+                out = list(map(conv, out))
+            except Exception:
+                out = self._convert_each(conv, out)
+        self.counters["emitted"] += len(out)
         return out
+
+    def _convert_each(self, conv: Callable[[PairRecord], Any], recs: list[PairRecord]) -> list[Any]:
+        done = []
+        for r in recs:
+            try:
+                done.append(conv(r))
+            except Exception as e:
+                self.counters["emit_errors"] += 1
+                if str(e) != self._emit_error:
+                    log.exception("pair %r: emit failed on %r", self.spec.name, r)
+                self._emit_error = str(e)
+        return done
 
     def __call__(self, events: list[Any]) -> list[ErrorRecord]:
         """Pair a chunk's start and end events; other events pass untouched."""

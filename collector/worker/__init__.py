@@ -6,9 +6,10 @@
       main.worker_main   pdeathsig, logs, signals ignored, CPU pin, stats slot, uvloop
       loop.WorkerLoop    read Chunk ──► task per CHUNK (never per event) ─────────┐
                          heartbeat task ──► slot i; exits if the parent is gone   │
+                         tick task ──► runner.tick(): expire, commit records      │
       runner.PipelineRunner                                                      ▼
-          decode (msgspec) ─► pipeline.stages in order (dedup, filters)
-          ─► enrich ─► count ─► sinks commit ─► stages settle ─► Ack ──► channel i
+          decode (msgspec) ─► pipeline.stages in order (dedup, filters, pair)
+          ─► enrich ─► count ─► sinks commit (events + emitted records) ─► stages settle ─► Ack ──► channel i
 
 The supervisor imports only :func:`worker_main` (its spawn target), :class:`WorkerSpec`
 and :data:`BOOT_FAILURE`. Input never kills a worker: every decode error becomes an

@@ -8,6 +8,10 @@
     heartbeat task ──► stamps the shared-memory slot; exits if the parent is gone
     publish task ──► every SNAPSHOT_INTERVAL: Snapshot(stage, partial) of each stateful
                      stage whose state changed (aggregates), and once more at the drain
+    tick task ──► every runner.tick_interval (stages with expire(): Pair, Aggregate):
+                  PipelineRunner.tick: expire, commit the records made; errors logged,
+                  never fatal; at the drain it finishes its round, then what the
+                  stages still hold is committed before the sinks close
 
 A pipeline that cannot be built is reported once as ``BootFailed`` (with its
 traceback) and the loop returns :data:`BOOT_FAILURE`.
@@ -65,6 +69,7 @@ class WorkerLoop:
         self.heartbeat_interval = heartbeat_interval
         self.tasks: set[asyncio.Task[None]] = set()
         self.published: dict[str, bytes] = {}
+        self.stopping = asyncio.Event()
 
     async def main(self) -> int:
         """Boot, serve the channel until Stop or EOF, drain; the process exit code."""
@@ -84,6 +89,7 @@ class WorkerLoop:
             return BOOT_FAILURE
         hb = loop.create_task(self.heartbeat())
         pub = loop.create_task(self.publish()) if self.runner.stateful else None
+        ticker = loop.create_task(self.tick()) if self.runner.expiring or self.runner.emitters else None
         # the pipeline, its clients and the modules live as long as the worker: frozen out
         # of the cyclic GC, a full collection walks only what the chunks made
         gc.collect()
@@ -98,6 +104,9 @@ class WorkerLoop:
                 pub.cancel()
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
+            if ticker is not None:  # let a round in progress finish its commit
+                self.stopping.set()
+                await asyncio.gather(ticker, return_exceptions=True)
             self.publish_once()  # the drained chunks are in the last partials
             await self.runner.close_sinks()
             with contextlib.suppress(Exception):
@@ -137,6 +146,23 @@ class WorkerLoop:
             except Exception:
                 if not failing:
                     log.exception("publishing stage partials failed; retrying every %.2f s", SNAPSHOT_INTERVAL)
+                failing = True
+
+    async def tick(self) -> None:
+        """Call ``runner.tick()`` every tick interval until the drain; failures are logged."""
+        interval = self.runner.tick_interval
+        failing = False
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)
+            if self.stopping.is_set():
+                return
+            try:
+                await self.runner.tick()
+                failing = False
+            except Exception:  # tick() logs its stages' failures; this is a sink or a bug
+                if not failing:
+                    log.exception("stage tick failed; retrying every %.2f s", interval)
                 failing = True
 
     async def serve(self, reader: asyncio.StreamReader) -> None:

@@ -5,7 +5,10 @@
     Chunk.payload ──► decode (msgspec, whole chunk; per item only when something is invalid)
         ─► pipeline.stages in order (dedup, filters; a stage may await another chunk)
         ─► enrich (cache inline, distinct misses concurrently) ─► count (batch statistics)
-        ─► sinks commit (invalid items to the dead-letter sink) ─► settle ─► Ack
+        ─► drain emitters (records a stage made) ─► sinks commit: events + records, one commit
+           (invalid items to the dead-letter sink) ─► settle ─► Ack
+    tick() every TICK s (the worker loop; no chunk needed) ─► expire(now) of stages that have it
+        ─► drain emitters ─► sinks commit (records only)
 
 Stages that remember what passed them (dedup) have a ``settle(events, ok, failed)``: it
 is called with ``ok=True`` once the sinks committed the chunk (``failed``: the events a
@@ -14,12 +17,26 @@ chunk failed anywhere on the way, so a retried event is not dropped as a duplica
 An event a sink dead-lettered is answered with kind ``deadlettered`` (the sink and its
 reason); it counts as handled, not failed: the dead-letter sink holds it.
 Input never fails a chunk: every decode error becomes an :class:`ErrorRecord`.
+
+Emitters: a stage runtime with ``drain() -> list`` makes new records (``Pair``'s
+paired page views). What the emitters hold after a chunk's stages ran is committed
+with the chunk's events in one ``sinkset.commit`` (records after the events), so it
+follows the sinks' retry and dead-letter policy like the events; the records are not
+positions of the chunk: a sink's dead-letter entry past the events counts in
+``dead_records`` and is logged, the ack is unchanged. A runtime with ``expire(now)``
+(it may return an awaitable) is called by :meth:`PipelineRunner.tick`, which the
+worker loop runs every ``tick_interval`` seconds (the smallest ``tick`` among the
+stages, default 1 s) so records are made without traffic; ``tick`` commits what the
+emitters then hold on its own, concurrently with the chunks' commits. A runtime with
+``aclose()`` is closed at the drain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,7 +52,10 @@ from ..pipeline import Pipeline, resolve_pipeline
 from ..protocol import Ack, Chunk, ChunkSummary, ErrorRecord, Message
 from ..registry import import_string
 
-__all__ = ["PipelineRunner", "error_path"]
+__all__ = ["TICK", "PipelineRunner", "error_path"]
+
+TICK = 1.0  # seconds between idle expiry calls when no stage names its own ``tick``
+log = logging.getLogger("collector.worker")
 
 
 def error_path(msg: str) -> tuple[str, str]:
@@ -81,7 +101,12 @@ class PipelineRunner:
         # the steps in pipeline order; enrichment runs where an Enrich() stage stands, or
         # after every stage when the pipeline names none (the order before Enrich existed)
         self.steps: list[tuple[Any, Any] | None] = []
-        self.stateful: list[tuple[str, Any]] = []  # (name, runtime) of stages with partial state
+        self.stateful: list[tuple[str, Any]] = []  # (name, runtime) of stages with mergeable partial state
+        self.emitters: list[Any] = []  # runtimes with drain(): records for the sinks
+        self.expiring: list[Any] = []  # runtimes with expire(now): called by tick()
+        self.closing: list[Any] = []  # runtimes with aclose()
+        self.dead_records = 0  # emitted records a sink dead-lettered
+        ticks = []
         for st in p.stages:
             if getattr(st, "is_enrich", False):
                 if None not in self.steps:  # a second Enrich() is ignored: lookups run once
@@ -89,10 +114,20 @@ class PipelineRunner:
                 continue
             run = st.build()
             self.steps.append((run, getattr(run, "settle", None)))
-            if hasattr(run, "snapshot"):
+            # published partials are for the supervisor to merge; a stage without merge
+            # (Pair) has a snapshot() for persistence, not worth encoding every interval
+            if hasattr(run, "snapshot") and hasattr(st, "merge"):
                 self.stateful.append((st.name, run))
+            if callable(getattr(run, "drain", None)):
+                self.emitters.append(run)
+            if callable(getattr(run, "expire", None)):
+                self.expiring.append(run)
+                ticks.append(getattr(st, "tick", TICK))
+            if callable(getattr(run, "aclose", None)):
+                self.closing.append(run)
         if None not in self.steps:
             self.steps.append(None)
+        self.tick_interval = min(ticks, default=TICK)
         self.counters = [(f, attrgetter(f)) for f in p.count_by]
 
     def count_lookups(self, summary: ChunkSummary) -> None:
@@ -123,8 +158,72 @@ class PipelineRunner:
             )
             await self.sinkset.open()
 
+    def drain_emitters(self) -> list[Any]:
+        """The records every emitter made since its last drain."""
+        out: list[Any] = []
+        for em in self.emitters:
+            recs = em.drain()
+            if recs:
+                out += recs
+        return out
+
+    async def tick(self) -> int:
+        """Expire what is due in every stage that expires, then commit the records made.
+
+        Runs without a chunk (the worker loop calls it every ``tick_interval``); the
+        commit runs concurrently with the chunks' commits. Returns the records
+        committed. A failing stage is logged and the others still run.
+        """
+        for run in self.expiring:
+            try:
+                clock = getattr(run, "clock", None)
+                res = run.expire(clock() if clock is not None else time.time())
+                if inspect.isawaitable(res):  # a store across processes (Redis) answers later
+                    await res
+            except Exception:
+                log.exception("stage %r: expiry on tick failed", getattr(getattr(run, "spec", None), "name", run))
+        return await self.commit_records()
+
+    async def commit_records(self) -> int:
+        """Commit what the emitters hold, on its own (tick, drain); the records committed."""
+        records = self.drain_emitters()
+        if not records:
+            return 0
+        if self.sinkset is None:
+            return 0
+        dead = await self.sinkset.commit(records)
+        if dead:
+            self.count_dead_records(dead, records, 0)
+        return len(records)
+
+    def count_dead_records(self, dead: list[tuple[int, str, str]], records: list[Any], at: int) -> None:
+        """Log the emitted records a sink dead-lettered (``dead`` positions from ``at``).
+
+        The sinkset counted them in ``deadlettered`` when it wrote them to the
+        dead-letter sink; they are no chunk's positions, so no ack answers for them.
+        """
+        positions = {pos for pos, _, _ in dead}
+        self.dead_records += len(positions)
+        pos, sink, why = dead[0]
+        log.error(
+            "%d emitted records were dead-lettered by the sinks (first: %r, sink %s: %s)",
+            len(positions), records[pos - at], sink, why,
+        )
+
     async def close_sinks(self) -> None:
-        """Close the sinks and the sources' pools and sessions; errors are ignored (exiting)."""
+        """Close the sinks and the sources' pools and sessions; errors are ignored (exiting).
+
+        Records the emitters still hold are committed first; stages with ``aclose()``
+        (a Redis client) are closed.
+        """
+        if self.sinkset is not None and self.emitters:
+            try:
+                await asyncio.wait_for(self.commit_records(), 30)
+            except Exception:
+                log.exception("committing the stages' last records at the drain failed")
+        for run in self.closing:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(run.aclose(), 5)
         if self.sinkset is not None:
             with contextlib.suppress(Exception):
                 await self.sinkset.close()
@@ -255,6 +354,7 @@ class PipelineRunner:
             summary.counts[name] = {
                 (k if type(k) is str else str(k)): v for k, v in Counter(map(get, events)).items()
             }
+        records = self.drain_emitters() if self.emitters else None
         if self.sinkset is not None:
             if invalid:
                 from ..sinks import DeadLetter
@@ -273,7 +373,14 @@ class PipelineRunner:
                     ]
                 )
                 slot.add(S.DEADLETTERED, len(invalid))
-            dead = await self.sinkset.commit(events) if events else []
+            if records:
+                n_ev = len(events)
+                dead = await self.sinkset.commit(events + records)
+                if dead and dead[-1][0] >= n_ev:  # sorted: some emitted record was dead-lettered
+                    self.count_dead_records([d for d in dead if d[0] >= n_ev], records, n_ev)
+                    dead = [d for d in dead if d[0] < n_ev]
+            else:
+                dead = await self.sinkset.commit(events) if events else []
         else:
             dead = []
         # stored: now (and only now) remembered as seen. Dead-lettered by a sink (store

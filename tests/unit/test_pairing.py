@@ -166,3 +166,32 @@ def test_brute_force_pairing_over_shuffled_events_split_by_user() -> None:
 def test_config_is_checked() -> None:
     with pytest.raises(ConfigError, match="'pair'"):
         Pair(ttl=0)
+
+
+def as_tuple(r: PairRecord) -> tuple[Any, ...]:
+    """A module-level converter (picklable): what ``emit`` may name."""
+    if r.key[0] == "boom":
+        raise ValueError("cannot convert")
+    return (r.key, r.paired, r.duration_seconds)
+
+
+def test_emit_converts_drained_records_and_counts_what_fails(caplog: pytest.LogCaptureFixture) -> None:
+    for emit in (as_tuple, "test_pairing:as_tuple"):
+        rt = pair(Clock(), emit=emit)
+        rt([ev("start", "u1", "a", T0), ev("end", "u1", "a", T0 + 2), ev("start", "boom", "b", T0),
+            ev("end", "boom", "b", T0)])
+        with caplog.at_level("ERROR", "collector.pairing"):
+            assert rt.drain() == [(("u1", "a"), True, 2.0)]
+        assert rt.stats()["emit_errors"] == 1 and rt.stats()["emitted"] == 1
+    assert "cannot convert" in caplog.text
+
+
+def test_emit_must_be_picklable_and_the_store_known() -> None:
+    with pytest.raises(ConfigError, match="cannot be pickled"):
+        Pair(emit=lambda r: r)
+    with pytest.raises(ConfigError, match="store must be one of memory, redis"):
+        Pair(store="disk")
+    with pytest.raises(ConfigError, match="tick > 0"):
+        Pair(tick=0)
+    with pytest.raises(ConfigError, match="has no attribute"):
+        Pair(emit="test_pairing:nope").build()
