@@ -46,8 +46,8 @@ __all__ = [
     "QualityChange",
     "SearchFilter",
     "VideoComplete",
-    "click_event_type",
     "builtin_auth",
+    "click_event_type",
     "clickstream_pipeline",
     "default_sinks",
     "migrate",
@@ -303,13 +303,15 @@ def clickstream_pipeline(
     if o.role in ("all", "ingest"):
         stages += [_auth(o, TokenAuth), Stamp(target="timestamp")]
     if o.role in ("all", "etl"):
+        if o.pair_store == "redis" and not o.redis_url:
+            raise ConfigError("clickstream pair_store = 'redis' needs `redis_url`")
         stages += [
             Gaps(session="session_id", seq="seq", by="event"),
             Pair(start_type="page_view_start", end_type="page_view_end", type_field="event",
                  key=("user_id", "data.page_view_id"), time_field="timestamp",
                  carry=("timestamp", "data.page_type", "session_id"), ttl=o.pair_ttl,
                  output_type="page_view", emit="collector.packs.clickstream:page_view_record",
-                 **({"store": "redis", "redis_url": o.redis_url, "prefix": "pv:"} if o.pair_store == "redis" else {})),
+                 store=o.pair_store, redis_url=o.redis_url, prefix="pv:"),
         ]
     if sinks is None:
         if o.role == "ingest":

@@ -23,7 +23,7 @@ LAYERS = {
     ),
     "stats": ("stats", 2.0),
     **{name: (name, 2.1) for name in ("sources", "enrich", "stages", "sinks")},
-    **dict.fromkeys(("packs", "playback", "generic", "casino"), ("packs", 2.2)),  # playback, generic, casino: facades
+    **dict.fromkeys(("packs", "playback", "generic", "casino", "clickstream"), ("packs", 2.2)),  # playback, generic, casino, clickstream: facades
     "worker": ("worker", 3.0),
     "http": ("http", 3.0),
     **dict.fromkeys(("engine", "supervisor"), ("engine", 4.0)),

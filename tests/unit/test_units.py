@@ -274,7 +274,7 @@ def test_packs_are_chosen_by_name_through_the_registry(tmp_path: Any) -> None:
     assert p.sinks and p.deadletter is not None  # the config's (default) sinks
     p = build_pipeline(decode_config({"data_dir": str(tmp_path), "pipeline": {"pack": "collector.playback:playback_pipeline"}}))
     assert p.name == "playback"
-    with pytest.raises(ConfigError, match=r"unknown pack 'poker': known are 'casino', 'generic', 'playback'"):
+    with pytest.raises(ConfigError, match=r"unknown pack 'poker': known are 'casino', 'clickstream', 'generic', 'playback'"):
         build_pipeline(decode_config({"pipeline": {"pack": "poker"}}))
 
 
