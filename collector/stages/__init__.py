@@ -35,6 +35,7 @@ STAGES = {
     "render": "collector.stages.render:Render",
     "aggregate": "collector.stages.aggregates:Aggregate",
     "pair": "collector.stages.pairing:Pair",
+    "auth": "collector.stages.auth:TokenAuth",
 }
 
 

@@ -82,6 +82,7 @@ class PipelineRunner:
         # after every stage when the pipeline names none (the order before Enrich existed)
         self.steps: list[tuple[Any, Any] | None] = []
         self.stateful: list[tuple[str, Any]] = []  # (name, runtime) of stages with partial state
+        self.closers: list[Any] = []  # the stages' aclose() coroutines, awaited at exit
         for st in p.stages:
             if getattr(st, "is_enrich", False):
                 if None not in self.steps:  # a second Enrich() is ignored: lookups run once
@@ -89,6 +90,8 @@ class PipelineRunner:
                 continue
             run = st.build()
             self.steps.append((run, getattr(run, "settle", None)))
+            if hasattr(run, "aclose"):  # sessions and pools a stage holds (auth: HTTP, Redis)
+                self.closers.append(run.aclose)
             if hasattr(run, "snapshot"):
                 self.stateful.append((st.name, run))
         if None not in self.steps:
@@ -124,13 +127,16 @@ class PipelineRunner:
             await self.sinkset.open()
 
     async def close_sinks(self) -> None:
-        """Close the sinks and the sources' pools and sessions; errors are ignored (exiting)."""
+        """Close the sinks, the sources' and stages' pools and sessions; errors are ignored (exiting)."""
         if self.sinkset is not None:
             with contextlib.suppress(Exception):
                 await self.sinkset.close()
         if self.enricher is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.enricher.close(), 5)
+        for aclose in self.closers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(aclose(), 5)
 
     def close(self) -> None:
         """Drop the blocking-call threads and what is queued for them."""
