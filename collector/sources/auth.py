@@ -215,7 +215,7 @@ class AuthService:
     ``with svc.running(): svc.verify_url`` runs it on a thread of its own.
     """
 
-    def __init__(self, key: str = "collector-demo-key", host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, key: str = "collector-demo-key-change-me-0123456789", host: str = "127.0.0.1", port: int = 0,
                  algorithm: str = "HS256") -> None:
         self.jwt = jwt_module("the built-in auth service")
         self.key = key
@@ -228,6 +228,7 @@ class AuthService:
         self.requests = 0  # every request
         self.revoked: set[str] = set()
         self.server: asyncio.Server | None = None
+        self.handlers: set[asyncio.Task[Any]] = set()  # open connections, ended by close()
 
     @property
     def url(self) -> str:
@@ -292,30 +293,36 @@ class AuthService:
         return 404, {"reason": f"no route {method.decode()} {u.path}"}
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.handlers.add(task)
+            task.add_done_callback(self.handlers.discard)
         reasons = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
                    503: b"Service Unavailable"}
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                                 ValueError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = lines[0].split(" ", 2)
-                headers = {}
-                for line in lines[1:]:
-                    name, sep, value = line.partition(":")
-                    if sep:
-                        headers[name.strip().lower()] = value.strip()
-                n = int(headers.get("content-length", "0") or 0)
-                if n > 65536:
-                    break
-                body = await reader.readexactly(n) if n else b""
-                self.requests += 1
-                status, doc = await self._answer(method.encode(), target, headers, body)
-                out = msgspec.json.encode(doc)
-                writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                             % (status, reasons.get(status, b"Error"), len(out), out))
-                await writer.drain()
-        writer.close()
+        try:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                                     ValueError):
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    lines = head.decode("latin-1").split("\r\n")
+                    method, target, _ = lines[0].split(" ", 2)
+                    headers = {}
+                    for line in lines[1:]:
+                        name, sep, value = line.partition(":")
+                        if sep:
+                            headers[name.strip().lower()] = value.strip()
+                    n = int(headers.get("content-length", "0") or 0)
+                    if n > 65536:
+                        break
+                    body = await reader.readexactly(n) if n else b""
+                    self.requests += 1
+                    status, doc = await self._answer(method.encode(), target, headers, body)
+                    out = msgspec.json.encode(doc)
+                    writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (status, reasons.get(status, b"Error"), len(out), out))
+                    await writer.drain()
+        finally:
+            writer.close()
 
     async def start(self) -> None:
         """Listen (on a free port when ``port`` is 0)."""
@@ -323,9 +330,13 @@ class AuthService:
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
-        """Stop listening."""
+        """Stop listening and end the open connections."""
         if self.server is not None:
             self.server.close()
+            for t in list(self.handlers):  # kept-alive connections: Python 3.11 does not end them
+                t.cancel()
+            if self.handlers:
+                await asyncio.wait(self.handlers, timeout=5)
             await self.server.wait_closed()
 
     def running(self, timeout: float = 10.0) -> contextlib.AbstractContextManager[None]:
@@ -338,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Serve the built-in token service (POST /tokens, GET /verify).")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8090)
-    ap.add_argument("--key", default="collector-demo-key", help="the HS256 signing key")
+    ap.add_argument("--key", default="collector-demo-key-change-me-0123456789", help="the HS256 signing key")
     a = ap.parse_args(argv)
     svc = AuthService(a.key, host=a.host, port=a.port)
 
