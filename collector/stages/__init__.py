@@ -6,7 +6,8 @@
                        │ drops with a kind (duplicate, filtered, retry)     │ partials ─► supervisor
 
 ``base`` holds the contract; stateless stages (``rules``, ``render``), keyed state
-(``dedup``, ``pairing``), and mergeable state (``aggregates`` over ``windows`` with the
+(``dedup``, ``pairing``), lookups with caches of their own (``auth``: token → user
+id, through ``sources.auth``), and mergeable state (``aggregates`` over ``windows`` with the
 functions in ``aggregators``; ``materialized`` views over merged aggregates).
 """
 
