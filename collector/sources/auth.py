@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -33,6 +34,8 @@ import msgspec
 from ..errors import missing
 from .http import aiohttp_module, read_bounded
 from .rates import serve_on_thread
+
+log = logging.getLogger("collector.sources.auth")
 
 __all__ = [
     "ALGORITHMS",
@@ -181,9 +184,13 @@ class JwtCheck:
 
     def __init__(self, key: str, algorithms: tuple[str, ...], claim: str = "sub",
                  audience: str = "", issuer: str = "", leeway: float = 0.0) -> None:
-        algorithm_family(algorithms)
+        family = algorithm_family(algorithms)
         if not key:
             raise ValueError("a JWT key is needed to check tokens locally")
+        shortest = max(int(a[2:]) // 8 for a in algorithms) if family == "hmac" else 0
+        if len(key.encode()) < shortest:
+            log.warning("the JWT key is %d bytes, shorter than the %d RFC 7518 asks for %s; "
+                        "PyJWT warns on every check", len(key.encode()), shortest, "/".join(algorithms))
         self.jwt = jwt_module("the auth stage's local JWT check")
         self.key = key
         self.algorithms = list(algorithms)

@@ -360,6 +360,9 @@ class AuthRuntime:
             counts["service_calls"] += 1
             try:
                 v = await client.verify(token)
+            except asyncio.CancelledError:
+                breaker.failure()  # a half-open probe must not stay "in flight" for ever
+                raise
             except AuthUnavailable:
                 counts["service_failures"] += 1
                 breaker.failure()

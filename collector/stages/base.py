@@ -8,6 +8,7 @@
                                  ``failed``: the events a sink dead-lettered instead
     runtime.snapshot() -> bytes  optional: partial state the supervisor merges (aggregates);
                                  the description then has merge(partials) and read(result, key)
+    await runtime.aclose()       optional: the worker is exiting (sessions, pools: auth)
 
 Stages run inline on the worker loop, in pipeline order (no Task per event). Keyed state
 lives in the worker that owns the key. ``Enrich()`` marks where enrichment runs.

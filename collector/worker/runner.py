@@ -245,6 +245,8 @@ class PipelineRunner:
                     slot.add(S.DROPPED_DUP, 1)
                 elif d.kind == "retry":  # not stored: the caller must send it again
                     failed += 1
+                # filtered, unauthorized: answered with their kind, not stored, not retried
+                # and not failures (the stage counts them: rules, auth counters)
             if kept is None:
                 kept = list(range(len(events)))
             kept = [p for i, p in enumerate(kept) if i not in drop]
