@@ -56,6 +56,43 @@ def resolve(spec: TokenAuth, *chunks: list[Click]) -> tuple[list[list[Any]], dic
     return run(go())  # type: ignore[no-any-return]
 
 
+# ------------------------------------------------------------------ the built-in service's API
+def _http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.loads(e.read())
+
+
+def test_the_service_issues_and_verifies_tokens_over_http(svc: AuthService) -> None:
+    status, doc = _http("POST", f"{svc.url}/tokens", {"user_id": "u-http", "ttl": 60})
+    assert status == 200 and doc["expires_at"] > time.time() + 50
+    tok = doc["token"]
+    assert jwt.get_unverified_header(tok)["alg"] == "HS256"
+    assert jwt.decode(tok, KEY, algorithms=["HS256"])["sub"] == "u-http"
+    status, doc = _http("GET", svc.verify_url, headers={"Authorization": f"Bearer {tok}"})
+    assert status == 200 and doc["user_id"] == "u-http" and doc["expires_at"] > time.time()
+    assert _http("GET", f"{svc.verify_url}?token={tok}")[1]["user_id"] == "u-http"
+    old, _ = svc.issue("u-old", ttl=-5)
+    assert _http("GET", f"{svc.verify_url}?token={old}") == (401, {"reason": "token expired"})
+    status, doc = _http("GET", f"{svc.verify_url}?token=garbage")
+    assert status == 401 and doc["reason"].startswith("invalid token")
+    assert _http("GET", svc.verify_url)[0] == 401
+    assert _http("POST", f"{svc.url}/tokens", {"ttl": 5})[0] == 400
+    assert _http("GET", f"{svc.url}/nope")[0] == 404
+    svc.down = True
+    assert _http("GET", f"{svc.verify_url}?token={tok}")[0] == 503
+    assert svc.calls == 6
+
+
 # ------------------------------------------------------------------ the service path
 def test_a_valid_token_becomes_its_user_id_and_is_removed(svc: AuthService) -> None:
     tok, _ = svc.issue("user-1")
