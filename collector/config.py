@@ -236,7 +236,7 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stages: Annotated[
         list[dict[str, Any]],
         Meta(description="`[[stages]]` tables: stages added after the pack's (`kind` = `dedup`, `filter`, "
-             "`enrich`, `render`, `aggregate`, `pair` or `module:attr`, then the stage's fields); checked when the "
+             "`enrich`, `render`, `aggregate`, `pair`, `auth` or `module:attr`, then the stage's fields); checked when the "
              "pipeline is built"),
     ] = msgspec.field(default_factory=list)
     rules: Annotated[

@@ -82,7 +82,7 @@ class ErrorRecord(msgspec.Struct, array_like=True):
     pos: int
     path: str
     reason: str
-    kind: str = "invalid"  # invalid | duplicate | filtered | retry | deadlettered | error | lost
+    kind: str = "invalid"  # invalid | duplicate | filtered | unauthorized | retry | deadlettered | error | lost
 
 
 class LookupSummary(msgspec.Struct, array_like=True):

@@ -163,7 +163,8 @@ class OperationResult(msgspec.Struct, frozen=True):
     ``handled_events + failed_events == len(input)``. ``handled_events`` counts the
     events that went through the pipeline (including those dropped as duplicates or
     filtered, which are listed in ``errors`` with their kind but are not failures, and
-    those a sink dead-lettered, kind ``deadlettered``: held by the dead-letter sink,
+    those an auth stage refused, kind ``unauthorized``, and those a sink dead-lettered,
+    kind ``deadlettered``: held by the dead-letter sink,
     not by every configured sink, so not stored in the sense of an ``accepted``);
     ``failed_events`` counts the ones not stored (kinds ``invalid``, ``retry``,
     ``error`` and ``lost``).

@@ -72,7 +72,10 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
                     "`deadlettered` ones are held by the dead-letter sink)", **_json(item)},
             "400": {"description": "malformed JSON, empty body, nesting deeper than the limit, or a body that is "
                     "not valid for its Content-Encoding", **_json("ErrorResponse")},
-            "401": {"description": "missing or unknown bearer token (when auth is on)", **_json("ErrorResponse")},
+            "401": {"description": "missing or unknown bearer token (when auth is on)"
+                    + ("" if many else "; or status `unauthorized`: the auth stage refused the event's own "
+                       "token (`reason` says why; not stored)"),
+                    **(_json("ErrorResponse") if many else _json(item, "ErrorResponse"))},
             "413": {"description": "body (before or after decompression) or item count over the limit",
                     **_json("ErrorResponse")},
             "415": {"description": "Content-Type is not application/json, or Content-Encoding is not gzip, "

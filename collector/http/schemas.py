@@ -27,7 +27,8 @@ class ItemResult(msgspec.Struct, omit_defaults=True, gc=False):
     """What happened to one event: ``accepted`` (every configured sink stored it),
     ``duplicate`` (its id was already accepted; not stored again), ``invalid``
     (``path`` and ``reason`` say why), ``filtered`` (a filter or rule dropped it on
-    purpose; ``reason`` names the rule; do not retry), ``deadlettered`` (a sink did not
+    purpose; ``reason`` names the rule; do not retry), ``unauthorized`` (the auth stage
+    refused its token: ``reason`` says why; not stored), ``deadlettered`` (a sink did not
     store it and the dead-letter sink holds it; ``reason`` names the sink: ``refused
     this event`` when the store refused its data, ``gave up: failed N times`` when the
     sink spent its retries; ``collector replay`` stores it later, and a retry is stored,
@@ -59,6 +60,7 @@ class BatchResponse(msgspec.Struct):
     results: list[ItemResult]
     deadlettered: int = 0
     filtered: int = 0
+    unauthorized: int = 0
 
 
 class ErrorResponse(msgspec.Struct, omit_defaults=True):

@@ -63,9 +63,15 @@ class LocalCache:
     def __iter__(self) -> Iterator[Any]:
         return iter(self.values)
 
-    def put(self, key: Any, value: Any, outcome: int, now: float) -> None:
-        """Cache ``value`` for ``key`` with the TTL of ``outcome`` (no TTL: not cached)."""
-        ttl = self.ttls[outcome]
+    def put(self, key: Any, value: Any, outcome: int, now: float, ttl: float | None = None) -> None:
+        """Cache ``value`` for ``key`` with the TTL of ``outcome`` (no TTL: not cached).
+
+        ``ttl`` overrides it for this entry (a token's own expiry); such entries may
+        outlive an earlier, longer-lived one in the sweep's order, so read them with
+        :meth:`live`, which checks the deadline.
+        """
+        if ttl is None:
+            ttl = self.ttls[outcome]
         for d in self.deadlines:
             d.pop(key, None)
         if ttl <= 0:
@@ -77,6 +83,17 @@ class LocalCache:
         self.values[key] = value
         if outcome == FOUND:
             self.stale.pop(key, None)
+
+    def live(self, key: Any, now: float) -> Any:
+        """The value of ``key`` if its deadline has not passed, else ``MISS``."""
+        v = self.values.get(key, MISS)
+        if v is MISS:
+            return MISS
+        for d in self.deadlines:
+            due = d.get(key)
+            if due is not None:
+                return v if due > now else MISS
+        return MISS
 
     def _evict(self) -> None:
         heads = [(d[next(iter(d))], d) for d in self.deadlines if d]
@@ -165,12 +182,16 @@ class SharedCache:
                     log.warning("shared cache: undecodable entry for %r ignored", k)
         return out
 
-    async def put_many(self, items: list[tuple[Any, int, Any]]) -> None:
-        """Store ``(key, outcome, value)`` answers (found or not found) in one pipeline."""
+    async def put_many(self, items: list[tuple[Any, int, Any]], ttls: list[float] | None = None) -> None:
+        """Store ``(key, outcome, value)`` answers (found or not found) in one pipeline;
+        ``ttls`` gives each item its own TTL instead of its outcome's (a token's expiry)."""
         pipe = self._client().pipeline(transaction=False)
         n = 0
-        for k, outcome, v in items:
-            ttl = self.ttls[outcome] if outcome < len(self.ttls) else 0
+        for i, (k, outcome, v) in enumerate(items):
+            if ttls is not None:
+                ttl = ttls[i]
+            else:
+                ttl = self.ttls[outcome] if outcome < len(self.ttls) else 0
             if ttl > 0:
                 pipe.set(self.key(k), self.enc.encode((outcome, v)), px=max(1, int(ttl * 1000)))
                 n += 1

@@ -72,6 +72,15 @@ class Flights:
         if fut is not None and not fut.done():
             fut.set_result(value)
 
+    def abandon_many(self, keys: list[Any], fut: asyncio.Future[Any]) -> None:
+        """Forget the call ``fut`` answering ``keys`` (its leader was cancelled)."""
+        calls = self.calls
+        for k in keys:
+            if calls.get(k) is fut:
+                del calls[k]
+        if not fut.done():
+            fut.cancel()
+
     def abandon(self, key: Any) -> None:
         """Forget ``key``'s call; followers see it cancelled (counted as a failure)."""
         fut = self.calls.pop(key, None)

@@ -6,7 +6,8 @@
          ─► empty? too deep? (bodies.json_depth)
          ─► envelope: list[Raw] (C)  ─► IdReader: id and shard key of each event, one C pass
          ─► id injected where absent ─► backend.submit(items, keys) (one coalesced operation)
-         ─► per-item results (accepted / duplicate / invalid / filtered / deadlettered / failed)
+         ─► per-item results (accepted / duplicate / invalid / filtered / unauthorized /
+            deadlettered / failed)
 
 The supervisor parses each body once as raw items (no Python objects per field) and
 looks at one field, the id; validation against the schema happens in the workers, as
@@ -101,6 +102,8 @@ class IdReader:
         return items, ids, keys
 
 
+# the drop kinds a batch item is answered with as they are; any other kind is "failed"
+_ITEM_STATUSES = frozenset(("invalid", "duplicate", "deadlettered", "filtered", "unauthorized"))
 _ID_TYPES = (str, int)  # ids echoed in answers; anything else is invalid and not repeated back
 
 
@@ -193,7 +196,8 @@ class IngestRoutes:
         return error(503, "overloaded", f"{e}; retry after {ra} s", retry_after=ra)
 
     async def post_event(self, req: Request) -> Response:
-        """``POST /events``: one event → 202 stored, 200 duplicate or filtered, 422 invalid.
+        """``POST /events``: one event → 202 stored, 200 duplicate or filtered, 422 invalid,
+        401 unauthorized (the auth stage refused its token; ``reason`` says why).
 
         A sink that did not store it (it went to the dead-letter sink) is answered
         ``deadlettered`` with the sink and reason, never 202: 422 when a store refused
@@ -233,6 +237,8 @@ class IngestRoutes:
                 return Response(503, body, headers=[("Retry-After", str(self.cfg.retry_after))])
             if err.kind == "filtered":  # dropped on purpose (a rule): answered, not to be retried
                 return Response(200, json_encoder.encode(EventResponse("filtered", eid, err.path, err.reason)))
+            if err.kind == "unauthorized":  # its token was refused: not stored, not to be retried as is
+                return Response(401, json_encoder.encode(EventResponse("unauthorized", eid, err.path, err.reason)))
             return Response(503, json_encoder.encode(EventResponse("failed", eid, err.path, err.reason)),
                             headers=[("Retry-After", str(self.cfg.retry_after))])
         return Response(202, json_encoder.encode(EventResponse("accepted", eid)))
@@ -291,18 +297,20 @@ class IngestRoutes:
             for err in res.errors:
                 i = where[err.index]
                 r = results[i]
-                r.status = err.kind if err.kind in ("invalid", "duplicate", "deadlettered", "filtered") else "failed"
+                r.status = err.kind if err.kind in _ITEM_STATUSES else "failed"
                 if err.kind != "duplicate":
                     r.path = f"$.events[{i}]" + err.path[1:]
                     r.reason = err.reason
-        counts = {"accepted": 0, "duplicate": 0, "invalid": 0, "failed": 0, "deadlettered": 0, "filtered": 0}
+        counts = {"accepted": 0, "duplicate": 0, "invalid": 0, "failed": 0, "deadlettered": 0, "filtered": 0,
+                  "unauthorized": 0}
         for r in results:
             counts[r.status] += 1
         body = json_encoder.encode(BatchResponse(
             counts["accepted"], counts["duplicate"], counts["invalid"], counts["failed"], results,
-            counts["deadlettered"], counts["filtered"],
+            counts["deadlettered"], counts["filtered"], counts["unauthorized"],
         ))
-        if counts["failed"] and not (counts["accepted"] or counts["duplicate"] or counts["filtered"]):
+        if counts["failed"] and not (counts["accepted"] or counts["duplicate"] or counts["filtered"]
+                                     or counts["unauthorized"]):
             return Response(503, body, headers=[("Retry-After", str(self.cfg.retry_after))])
         # a well-formed batch is answered per item, even when no item was valid: the
         # envelope was right, and `results` says what was wrong with each event
