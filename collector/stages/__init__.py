@@ -7,12 +7,9 @@
                                                                            └ Pair's records ─► sinks
 
 ``base`` holds the contract; stateless stages (``rules``, ``render``), keyed state
-<<<<<<< HEAD
 (``dedup``, ``pairing`` and its Redis store ``pairing_redis``), and mergeable state (``aggregates`` over ``windows`` with the
-=======
 (``dedup``, ``pairing``), lookups with caches of their own (``auth``: token → user
 id, through ``sources.auth``), and mergeable state (``aggregates`` over ``windows`` with the
->>>>>>> auth-work
 functions in ``aggregators``; ``materialized`` views over merged aggregates).
 """
 
@@ -41,11 +38,8 @@ STAGES = {
     "render": "collector.stages.render:Render",
     "aggregate": "collector.stages.aggregates:Aggregate",
     "pair": "collector.stages.pairing:Pair",
-<<<<<<< HEAD
     "stamp": "collector.stages.stamp:Stamp",
-=======
     "auth": "collector.stages.auth:TokenAuth",
->>>>>>> auth-work
 }
 
 

@@ -8,15 +8,11 @@
                                  ``failed``: the events a sink dead-lettered instead
     runtime.snapshot() -> bytes  optional: partial state the supervisor merges (aggregates);
                                  the description then has merge(partials) and read(result, key)
-<<<<<<< HEAD
     runtime.drain() -> list      optional: an emitter; records it made (Pair), committed to the
                                  sinks with the chunk's events (not positions of the chunk)
     runtime.expire(now)          optional: called every tick (no traffic needed; the description's
                                  ``tick`` seconds, else 1 s); may return an awaitable
     runtime.aclose()             optional: awaited at the worker's drain (clients, pools)
-=======
-    await runtime.aclose()       optional: the worker is exiting (sessions, pools: auth)
->>>>>>> auth-work
 
 Stages run inline on the worker loop, in pipeline order (no Task per event). Keyed state
 lives in the worker that owns the key. ``Enrich()`` marks where enrichment runs.

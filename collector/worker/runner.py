@@ -101,17 +101,12 @@ class PipelineRunner:
         # the steps in pipeline order; enrichment runs where an Enrich() stage stands, or
         # after every stage when the pipeline names none (the order before Enrich existed)
         self.steps: list[tuple[Any, Any] | None] = []
-<<<<<<< HEAD
         self.stateful: list[tuple[str, Any]] = []  # (name, runtime) of stages with mergeable partial state
         self.emitters: list[Any] = []  # runtimes with drain(): records for the sinks
         self.expiring: list[Any] = []  # runtimes with expire(now): called by tick()
         self.closing: list[Any] = []  # runtimes with aclose()
         self.dead_records = 0  # emitted records a sink dead-lettered
         ticks = []
-=======
-        self.stateful: list[tuple[str, Any]] = []  # (name, runtime) of stages with partial state
-        self.closers: list[Any] = []  # the stages' aclose() coroutines, awaited at exit
->>>>>>> auth-work
         for st in p.stages:
             if getattr(st, "is_enrich", False):
                 if None not in self.steps:  # a second Enrich() is ignored: lookups run once
@@ -119,15 +114,9 @@ class PipelineRunner:
                 continue
             run = st.build()
             self.steps.append((run, getattr(run, "settle", None)))
-<<<<<<< HEAD
             # published partials are for the supervisor to merge; a stage without merge
             # (Pair) has a snapshot() for persistence, not worth encoding every interval
             if hasattr(run, "snapshot") and hasattr(st, "merge"):
-=======
-            if hasattr(run, "aclose"):  # sessions and pools a stage holds (auth: HTTP, Redis)
-                self.closers.append(run.aclose)
-            if hasattr(run, "snapshot"):
->>>>>>> auth-work
                 self.stateful.append((st.name, run))
             if callable(getattr(run, "drain", None)):
                 self.emitters.append(run)
@@ -222,7 +211,6 @@ class PipelineRunner:
         )
 
     async def close_sinks(self) -> None:
-<<<<<<< HEAD
         """Close the sinks and the sources' pools and sessions; errors are ignored (exiting).
 
         Records the emitters still hold are committed first; stages with ``aclose()``
@@ -236,18 +224,12 @@ class PipelineRunner:
         for run in self.closing:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(run.aclose(), 5)
-=======
-        """Close the sinks, the sources' and stages' pools and sessions; errors are ignored (exiting)."""
->>>>>>> auth-work
         if self.sinkset is not None:
             with contextlib.suppress(Exception):
                 await self.sinkset.close()
         if self.enricher is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.enricher.close(), 5)
-        for aclose in self.closers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(aclose(), 5)
 
     def close(self) -> None:
         """Drop the blocking-call threads and what is queued for them."""
