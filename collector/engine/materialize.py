@@ -21,7 +21,13 @@ from typing import Any
 from ..pipeline import Pipeline
 from ..protocol import Snapshot
 
-__all__ = ["Materialized", "Partials"]
+__all__ = ["Materialized", "Partials", "is_stateful"]
+
+
+def is_stateful(st: Any) -> bool:
+    """Whether a stage description merges partials: it has ``merge``, and its
+    ``stateful`` (when it has one: ``Dedup`` only with ``count_by``) is true."""
+    return hasattr(st, "merge") and bool(getattr(st, "stateful", True))
 
 
 class Partials:
@@ -78,9 +84,9 @@ class Materialized:
     def stage(self, name: str) -> Any:
         """The stateful stage called ``name`` (KeyError listing the known ones)."""
         for st in self.pipeline.stages:
-            if getattr(st, "name", None) == name and hasattr(st, "merge"):
+            if getattr(st, "name", None) == name and is_stateful(st):
                 return st
-        known = [st.name for st in self.pipeline.stages if hasattr(st, "merge")]
+        known = [st.name for st in self.pipeline.stages if is_stateful(st)]
         raise KeyError(f"no aggregate {name!r} in pipeline {self.pipeline.name!r} (known: {known})")
 
     def merged(self, name: str) -> Any:
@@ -101,7 +107,7 @@ class Materialized:
 
     def aggregates(self) -> dict[str, Any]:
         """Plain values of every aggregate, by name."""
-        return {st.name: self.aggregate(st.name) for st in self.pipeline.stages if hasattr(st, "merge")}
+        return {st.name: self.aggregate(st.name) for st in self.pipeline.stages if is_stateful(st)}
 
     def view(self, name: str) -> dict[str, Any]:
         """A view rendered from the merged aggregates it reads."""
