@@ -6,8 +6,9 @@
                        │ drops with a kind (duplicate, filtered, retry)     │ partials ─► supervisor
 
 ``base`` holds the contract; stateless stages (``rules``, ``render``), keyed state
-(``dedup``, ``pairing``), and mergeable state (``aggregates`` over ``windows`` with the
-functions in ``aggregators``; ``materialized`` views over merged aggregates).
+(``dedup``, ``pairing``, ``integrity``: sequence gaps per session), and mergeable state
+(``aggregates`` over ``windows`` with the functions in ``aggregators``; ``materialized``
+views over merged aggregates).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from .. import registry
 from ..errors import ConfigError
 from .base import Enrich, Stage
 from .dedup import Dedup, DedupWindow
+from .integrity import Gaps
 from .render import Render
 from .rules import Filter, Rules
 
-__all__ = ["STAGES", "Dedup", "DedupWindow", "Enrich", "Filter", "Render", "Rules", "Stage", "build_stage"]
+__all__ = ["STAGES", "Dedup", "DedupWindow", "Enrich", "Filter", "Gaps", "Render", "Rules", "Stage", "build_stage"]
 
 # kind → "module:attr", loaded when named (a kind may also be an import string)
 STAGES = {
@@ -35,6 +37,7 @@ STAGES = {
     "render": "collector.stages.render:Render",
     "aggregate": "collector.stages.aggregates:Aggregate",
     "pair": "collector.stages.pairing:Pair",
+    "gaps": "collector.stages.integrity:Gaps",
 }
 
 

@@ -52,7 +52,7 @@ class Dedup(Stage):
     ``count_by`` (a field or property of the event, e.g. ``"type"``; dotted paths
     work) counts the duplicates per value of that field: read them with
     ``collector.aggregate(name)`` (``{value: count}``; an event lacking the field counts
-    under ``None``), on ``GET /aggregates`` and as ``collector_duplicates_total`` in
+    under ``""``), on ``GET /aggregates`` and as ``collector_duplicates_total`` in
     the daemon's metrics. Counts are per worker and summed on read; a worker that dies
     keeps the counts of its last snapshot. Without ``count_by`` the stage keeps no
     counts and is not an aggregate.
@@ -313,7 +313,9 @@ class CountingDedupWindow(DedupWindow):
                 v = get(events[r.pos])
             except AttributeError:
                 v = None
-            if not isinstance(v, str | int | float | bool) and v is not None:
+            if v is None:
+                v = ""  # a JSON key and a Prometheus label, where None is neither
+            elif not isinstance(v, str | int | float | bool):
                 v = str(v)  # an enum, a nested value: a label the partial can carry
             dups[v] = dups.get(v, 0) + 1
             self._snap = None
