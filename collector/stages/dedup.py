@@ -26,6 +26,7 @@ import msgspec
 
 from ..protocol import ErrorRecord
 from .base import Stage
+from .integrity import field_path
 
 __all__ = ["CountingDedupWindow", "Dedup", "DedupWindow"]
 
@@ -50,7 +51,7 @@ class Dedup(Stage):
     restart is stored again (idempotent sinks keep one row per id).
 
     ``count_by`` (a field or property of the event, e.g. ``"type"``; dotted paths
-    work) counts the duplicates per value of that field: read them with
+    work, into Structs and dicts) counts the duplicates per value of that field: read them with
     ``collector.aggregate(name)`` (``{value: count}``; an event lacking the field counts
     under ``""``), on ``GET /aggregates`` and as ``collector_duplicates_total`` in
     the daemon's metrics. Counts are per worker and summed on read; a worker that dies
@@ -284,7 +285,7 @@ class CountingDedupWindow(DedupWindow):
     def __init__(self, spec: Dedup) -> None:
         super().__init__(spec)
         self.name = spec.name
-        self.value = attrgetter(spec.count_by or "")
+        self.value = field_path(spec.count_by or "")
         self.dups: dict[Any, int] = {}
         self._snap: bytes | None = None
         self._drops = DedupWindow.__call__.__get__(self)  # bound once: cheaper than super() per chunk
@@ -309,10 +310,7 @@ class CountingDedupWindow(DedupWindow):
         for r in drops:
             if r.kind != "duplicate":
                 continue
-            try:
-                v = get(events[r.pos])
-            except AttributeError:
-                v = None
+            v = get(events[r.pos])
             if v is None:
                 v = ""  # a JSON key and a Prometheus label, where None is neither
             elif not isinstance(v, str | int | float | bool):

@@ -21,7 +21,7 @@ counts the other workers' numbers as gaps. The workers' counters are summed on r
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from .base import Stage
 
-__all__ = ["COUNTERS", "Gaps", "GapsPartial", "GapsRuntime"]
+__all__ = ["COUNTERS", "Gaps", "GapsPartial", "GapsRuntime", "field_path"]
 
 # per ``by`` value, summed across workers by Gaps.merge
 COUNTERS = ("gaps", "late", "repeated", "untracked")
@@ -43,8 +43,8 @@ _GAPS, _LATE, _REP, _UNTR = range(len(COUNTERS))
 class Gaps(Stage):
     """Count the gaps in each session's sequence numbers, their late fillers and repeats.
 
-    ``session`` is the field (a dotted path works: ``"data.session_id"``) naming the
-    session; ``seq`` the field holding the client's sequence number (an int; events
+    ``session`` is the field (a dotted path works, into Structs and dicts:
+    ``"data.session_id"``) naming the session; ``seq`` the field holding the client's sequence number (an int; events
     without one, or without a session, are skipped). ``by`` (e.g. ``"event"``, the
     type) splits the counts by that field's value: a repeat or a late number counts
     under the type of the event that arrived; a gap, whose events never arrived, under
@@ -156,9 +156,9 @@ class GapsRuntime:
 
     def __init__(self, spec: Gaps) -> None:
         self.name = spec.name
-        self.session = attrgetter(spec.session)
-        self.seq = attrgetter(spec.seq)
-        self.by = attrgetter(spec.by) if spec.by else None
+        self.session = field_path(spec.session)
+        self.seq = field_path(spec.seq)
+        self.by = field_path(spec.by) if spec.by else None
         self.max_sessions = spec.max_sessions
         self.max_missing = spec.max_missing
         self.sessions: dict[Any, _Session] = {}  # least recently seen first
@@ -184,12 +184,11 @@ class GapsRuntime:
         for e in events:
             if skip is not None and id(e) in skip:
                 continue
-            try:
-                q = qget(e)
-                s = sget(e)
-            except AttributeError:  # a type without the field, or a None on a dotted path
+            q = qget(e)
+            if type(q) is not int:  # absent, None (a type without it) or not a number
                 continue
-            if q is None or s is None or type(q) is not int:
+            s = sget(e)
+            if s is None:
                 continue
             changed = True
             st = sessions.pop(s, None)
@@ -248,13 +247,35 @@ class GapsRuntime:
         return self._snap
 
 
+def field_path(path: str) -> Callable[[Any], Any]:
+    """A getter for ``path`` (dotted: attributes of Structs and properties, keys of
+    dicts such as a free-form ``data``) giving None where a part is absent or None."""
+    parts = path.split(".")
+    if len(parts) == 1:
+        get1 = attrgetter(path)
+
+        def one(e: Any) -> Any:
+            try:
+                return get1(e)
+            except AttributeError:  # a member of a union without the field
+                return e.get(path) if type(e) is dict else None
+
+        return one
+
+    def dotted(e: Any) -> Any:
+        for p in parts:
+            e = e.get(p) if type(e) is dict else getattr(e, p, None)
+            if e is None:
+                return None
+        return e
+
+    return dotted
+
+
 def _label(get: Any, e: Any) -> Any:
     """The ``by`` value of ``e`` as a partial and a JSON key carry it ("" without ``by``
     or when the event has no such value)."""
     if get is None:
         return ""
-    try:
-        v = get(e)
-    except AttributeError:
-        return ""
+    v = get(e)
     return "" if v is None else v if isinstance(v, str | int | float | bool) else str(v)

@@ -149,3 +149,12 @@ def test_registered_and_checked_from_a_config_table() -> None:
         build_stage({"kind": "gaps", "max_sessions": 0}, "$.stages[0]")
     with pytest.raises(ConfigError, match=r"\$\.stages\[0\]\.sequence"):
         build_stage({"kind": "gaps", "sequence": "n"}, "$.stages[0]")
+
+
+def test_dotted_paths_read_dict_keys_of_a_free_form_payload() -> None:
+    spec = Gaps(session="data.session_id", seq="data.seq", by="data.kind")
+    rt = spec.build()
+    feed(rt, [Nested({"session_id": "s", "seq": 1, "kind": "click"}), Nested({"session_id": "s", "seq": 4}),
+              Nested({"session_id": "s", "seq": 1.0}), Nested({"seq": 9})])  # a float seq, no session: skipped
+    c = counts(spec, rt)
+    assert c["gaps"] == 2 and c["by"] == {"": {"gaps": 2, "late": 0, "repeated": 0, "untracked": 0}}
