@@ -6,7 +6,7 @@ the events of a session (``seq`` 1, 2, 3, ...); the stage follows each session::
     worker i: chunk ─► Gaps runtime(events) ─► []   (never drops an event)
               sinks committed the chunk ─► settle(events, ok=True) ─► per session:
                   seq == high + 1 ─────────── high = seq                   (the common case)
-                  seq >  high + 1 ─────────── gaps += skipped numbers; they are remembered
+                  seq >  high + 1 ─────────── gaps, skipped += numbers skipped; remembered
                   seq a remembered number ─── late += 1, gaps -= 1          (the gap filled)
                   seq seen already ────────── repeated += 1                 (a client-side repeat)
                   seq below what is tracked ─ untracked += 1                (late or repeated: unknown)
@@ -35,8 +35,8 @@ from .base import Stage
 __all__ = ["COUNTERS", "Gaps", "GapsPartial", "GapsRuntime", "field_path"]
 
 # per ``by`` value, summed across workers by Gaps.merge
-COUNTERS = ("gaps", "late", "repeated", "untracked")
-_GAPS, _LATE, _REP, _UNTR = range(len(COUNTERS))
+COUNTERS = ("gaps", "skipped", "late", "repeated", "untracked")
+_GAPS, _SKIP, _LATE, _REP, _UNTR = range(len(COUNTERS))
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,9 @@ class Gaps(Stage):
     the type of the event that revealed it (the first one after the hole), and it
     leaves that count when its number arrives late.
 
-    Counters: ``gaps`` numbers skipped and still missing; ``late`` missing numbers that
-    arrived later; ``repeated`` numbers seen again; ``untracked`` numbers below a
+    Counters: ``gaps`` numbers skipped and still missing (it falls when one arrives);
+    ``skipped`` numbers ever skipped (a counter: ``gaps`` plus the ones filled since);
+    ``late`` missing numbers that arrived later; ``repeated`` numbers seen again; ``untracked`` numbers below a
     session's tracked range (before its first number seen, or forgotten by the
     ``max_missing`` bound), which cannot be told late from repeated; ``sessions``
     tracked now and ``evicted_sessions``. A session's first number starts its
@@ -225,6 +226,7 @@ class GapsRuntime:
     def _skip(self, st: _Session, high: int, q: int, label: Any, row: list[int]) -> None:
         """``q`` jumped over ``high + 1 .. q - 1``: count them, remember the newest ones."""
         row[_GAPS] += q - high - 1
+        row[_SKIP] += q - high - 1
         st.high = q
         cap = self.max_missing
         first = max(high + 1, q - cap)

@@ -53,10 +53,10 @@ def test_a_gap_is_counted_then_filled_late_and_a_repeat_is_counted() -> None:
     spec = Gaps()
     rt = spec.build()
     feed(rt, [Start("s", 1), Start("s", 2)], [Start("s", 4), Start("s", 5)])
-    assert counts(spec, rt) == {"gaps": 1, "late": 0, "repeated": 0, "untracked": 0,
+    assert counts(spec, rt) == {"gaps": 1, "skipped": 1, "late": 0, "repeated": 0, "untracked": 0,
                                 "sessions": 1, "evicted_sessions": 0}
     feed(rt, [Start("s", 3)])
-    assert counts(spec, rt) == {"gaps": 0, "late": 1, "repeated": 0, "untracked": 0,
+    assert counts(spec, rt) == {"gaps": 0, "skipped": 1, "late": 1, "repeated": 0, "untracked": 0,
                                 "sessions": 1, "evicted_sessions": 0}
     feed(rt, [Start("s", 3), Start("s", 5), Start("s", 6)])  # 3 and 5 again: repeats
     c = counts(spec, rt)
@@ -72,10 +72,10 @@ def test_counts_split_by_type_a_gap_under_the_event_that_revealed_it() -> None:
     c = counts(spec, rt)
     assert c["gaps"] == 1 and c["late"] == 1 and c["repeated"] == 1
     assert c["by"] == {
-        "page_view_end": {"gaps": 1, "late": 0, "repeated": 0, "untracked": 0},
-        "page_view_start": {"gaps": 0, "late": 1, "repeated": 1, "untracked": 0},
+        "page_view_end": {"gaps": 1, "skipped": 2, "late": 0, "repeated": 0, "untracked": 0},
+        "page_view_start": {"gaps": 0, "skipped": 0, "late": 1, "repeated": 1, "untracked": 0},
     }
-    assert counts(spec, rt, key="other") == {"gaps": 0, "late": 0, "repeated": 0, "untracked": 0}
+    assert counts(spec, rt, key="other") == {"gaps": 0, "skipped": 0, "late": 0, "repeated": 0, "untracked": 0}
 
 
 def test_two_workers_sharded_by_session_merge_into_one_count() -> None:
@@ -157,4 +157,4 @@ def test_dotted_paths_read_dict_keys_of_a_free_form_payload() -> None:
     feed(rt, [Nested({"session_id": "s", "seq": 1, "kind": "click"}), Nested({"session_id": "s", "seq": 4}),
               Nested({"session_id": "s", "seq": 1.0}), Nested({"seq": 9})])  # a float seq, no session: skipped
     c = counts(spec, rt)
-    assert c["gaps"] == 2 and c["by"] == {"": {"gaps": 2, "late": 0, "repeated": 0, "untracked": 0}}
+    assert c["gaps"] == 2 and c["by"] == {"": {"gaps": 2, "skipped": 2, "late": 0, "repeated": 0, "untracked": 0}}
