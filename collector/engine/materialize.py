@@ -5,6 +5,7 @@
     worker i ── Snapshot(stage, partial, taken_at) every snapshot interval ──► Partials
     worker i dies ──► its last partials are retired (kept, merged forever after)
     collector.aggregate(name) ──► stage.merge(retired + live partials) ──► plain values
+    collector.integrity() ──────► the same, for the stages with an ``integrity`` kind
 
 Reading never sends a message to a worker and never waits for one: a read is at most
 one snapshot interval behind the workers (``staleness()`` says how far). A worker that
@@ -108,6 +109,20 @@ class Materialized:
     def aggregates(self) -> dict[str, Any]:
         """Plain values of every aggregate, by name."""
         return {st.name: self.aggregate(st.name) for st in self.pipeline.stages if is_stateful(st)}
+
+    def integrity(self) -> dict[str, dict[str, Any]]:
+        """The data-integrity stages' plain values: ``{kind: {stage name: value}}``.
+
+        A stage says what it checks with its ``integrity`` attribute: ``"duplicates"``
+        (``Dedup`` with ``count_by``: ``{value: count}``) or ``"sequence"`` (``Gaps``:
+        its counters). Empty when the pipeline has none.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for st in self.pipeline.stages:
+            kind = getattr(st, "integrity", None)
+            if kind and is_stateful(st):
+                out.setdefault(kind, {})[st.name] = self.aggregate(st.name)
+        return out
 
     def view(self, name: str) -> dict[str, Any]:
         """A view rendered from the merged aggregates it reads."""

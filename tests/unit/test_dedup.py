@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from collector.engine.materialize import is_stateful
 from collector.stages import Dedup
 
 
@@ -157,7 +158,8 @@ def test_count_by_counts_duplicates_per_value_and_merges_workers() -> None:
     """A tagged-union tag (``event``) is the value counted; two workers' partials sum."""
     spec = Dedup(ttl=60, count_by="event")
     assert spec.stateful and spec.integrity == "duplicates"
-    assert not Dedup().stateful and not hasattr(Dedup().build(), "snapshot")  # no counts, no partial
+    assert is_stateful(spec) and not is_stateful(Dedup())  # without count_by: not an aggregate
+    assert not hasattr(Dedup().build(), "snapshot")  # no counts, no partial for the worker to publish
 
     async def worker(batches: list[list[Any]]) -> bytes:
         w = spec.build()
