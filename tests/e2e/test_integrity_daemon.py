@@ -37,7 +37,7 @@ def prometheus(d: Daemon) -> dict[str, float]:
     assert status == 200
     out = {}
     for ln in body.decode().splitlines():
-        m = re.match(r"^(collector_(?:duplicates|sequence)_\w+(?:\{[^}]*\})?) (\S+)$", ln)
+        m = re.match(r"^(collector_(?:duplicates_total|sequence_\w+)(?:\{[^}]*\})?) (\S+)$", ln)
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
@@ -63,7 +63,8 @@ def test_duplicates_per_type_and_sequence_gaps_in_metrics_and_aggregates(tmp_pat
             return d.get("/metrics")[1]["integrity"]
 
         wait_until(lambda: (i := integrity()) and sum(i["duplicates"]["dedup"].values()) == 3
-                   and i["sequence"]["gaps"]["late"] == 3, 10, what="the integrity figures")
+                   and i["sequence"]["gaps"]["late"] == 3 and i["sequence"]["gaps"]["repeated"] == 1,
+                   10, what="the integrity figures (each worker publishes on its own)")
         i = integrity()
         assert i["duplicates"] == {"dedup": {"page_view_start": 2, "page_view_end": 1}}
         g = i["sequence"]["gaps"]
@@ -85,5 +86,31 @@ def test_duplicates_per_type_and_sequence_gaps_in_metrics_and_aggregates(tmp_pat
         assert aggs["dedup"] == i["duplicates"]["dedup"] and aggs["gaps"] == g
         status, one = d.get("/processor/aggregation?aggregator=gaps&key=page_view_start")
         assert status == 200 and one["value"]["late"] == 3
+    finally:
+        assert d.stop() == 0, d.log.read_text()[-3000:]
+
+
+def test_the_generic_pack_counts_duplicates_per_type_when_asked(tmp_path: Path, no_leaks: None) -> None:
+    d = start_daemon(tmp_path, '[pipeline]\nenrich_latency = 0.001\ndedup_count_by = "type"\n', workers=2)
+    try:
+        one = {"id": "e-1", "type": "sensor_data", "source": "iot_device", "data": {"t": 1}}
+        assert d.post("/events", one)[1]["status"] == "accepted"
+        assert d.post("/events", one)[1]["status"] == "duplicate"
+        wait_until(lambda: d.get("/metrics")[1]["integrity"]["duplicates"]["dedup"], 10, what="the duplicate counts")
+        assert d.get("/metrics")[1]["integrity"] == {"duplicates": {"dedup": {"sensor_data": 1}}}
+        assert prometheus(d) == {'collector_duplicates_total{stage="dedup",type="sensor_data"}': 1.0}
+    finally:
+        assert d.stop() == 0, d.log.read_text()[-3000:]
+
+
+def test_without_integrity_stages_metrics_has_none(tmp_path: Path, no_leaks: None) -> None:
+    d = start_daemon(tmp_path, "[pipeline]\nenrich_latency = 0.001\n", workers=1)
+    try:
+        one = {"id": "e-1", "type": "sensor_data", "source": "iot_device"}
+        assert d.post("/events", one)[1]["status"] == "accepted"
+        assert d.post("/events", one)[1]["status"] == "duplicate"
+        m = d.get("/metrics")[1]
+        assert m["integrity"] is None and m["duplicates_dropped"] == 1
+        assert prometheus(d) == {} and "dedup" not in d.get("/aggregates")[1]
     finally:
         assert d.stop() == 0, d.log.read_text()[-3000:]
