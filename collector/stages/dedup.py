@@ -51,10 +51,10 @@ class Dedup(Stage):
     restart is stored again (idempotent sinks keep one row per id).
 
     ``count_by`` (a field or property of the event, e.g. ``"type"``; dotted paths
-    work, into Structs and dicts) counts the duplicates per value of that field: read them with
-    ``collector.aggregate(name)`` (``{value: count}``; an event lacking the field counts
-    under ``""``), on ``GET /aggregates`` and as ``collector_duplicates_total`` in
-    the daemon's metrics. Counts are per worker and summed on read; a worker that dies
+    work, into Structs and dicts) counts the duplicates per value of that field: read
+    them with ``collector.aggregate(name)`` (``{value: count}``; an event lacking the
+    field counts under ``""``), on ``GET /aggregates`` and as
+    ``collector_duplicates_total`` in the daemon's metrics. Counts are per worker and summed on read; a worker that dies
     keeps the counts of its last snapshot. Without ``count_by`` the stage keeps no
     counts and is not an aggregate.
     """
@@ -313,8 +313,8 @@ class CountingDedupWindow(DedupWindow):
             v = get(events[r.pos])
             if v is None:
                 v = ""  # a JSON key and a Prometheus label, where None is neither
-            elif not isinstance(v, str | int | float | bool):
-                v = str(v)  # an enum, a nested value: a label the partial can carry
+            elif type(v) not in (str, int, float):
+                v = str(v)  # a bool, an enum, a nested value: a label JSON and msgpack carry
             dups[v] = dups.get(v, 0) + 1
             self._snap = None
 

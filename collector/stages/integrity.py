@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from operator import attrgetter
 from typing import Any
 
@@ -191,10 +192,14 @@ class GapsRuntime:
             s = sget(e)
             if s is None:
                 continue
+            try:
+                st = sessions.pop(s, None)
+                if st is None:
+                    sessions[s] = _Session(q)
+            except TypeError:  # an unhashable session value (a JSON object): skipped
+                continue
             changed = True
-            st = sessions.pop(s, None)
             if st is None:
-                sessions[s] = _Session(q)
                 if len(sessions) > self.max_sessions:
                     del sessions[next(iter(sessions))]  # its missing numbers stay counted
                     self.evicted += 1
@@ -235,10 +240,12 @@ class GapsRuntime:
             st.floor = first
         missing = st.missing
         missing.update(dict.fromkeys(range(first, q), label))
-        while len(missing) > cap:  # ascending: the lowest go first
-            n = next(iter(missing))
-            del missing[n]
-            st.floor = n + 1
+        over = len(missing) - cap
+        if over > 0:  # ascending: the lowest go first, found in one pass over the dict
+            gone = list(islice(missing, over))
+            for n in gone:
+                del missing[n]
+            st.floor = gone[-1] + 1
 
     def snapshot(self) -> bytes:
         """The counters as msgpack; the same bytes object while nothing changed."""
@@ -280,4 +287,4 @@ def _label(get: Any, e: Any) -> Any:
     if get is None:
         return ""
     v = get(e)
-    return "" if v is None else v if isinstance(v, str | int | float | bool) else str(v)
+    return "" if v is None else v if type(v) in (str, int, float) else str(v)

@@ -158,3 +158,9 @@ def test_dotted_paths_read_dict_keys_of_a_free_form_payload() -> None:
               Nested({"session_id": "s", "seq": 1.0}), Nested({"seq": 9})])  # a float seq, no session: skipped
     c = counts(spec, rt)
     assert c["gaps"] == 2 and c["by"] == {"": {"gaps": 2, "skipped": 2, "late": 0, "repeated": 0, "untracked": 0}}
+
+
+def test_an_unhashable_session_is_skipped() -> None:
+    rt = Gaps(session="data.s", seq="data.seq").build()
+    feed(rt, [Nested({"s": {"a": 1}, "seq": 1}), Nested({"s": ["x"], "seq": 2})])
+    assert rt.sessions == {}
