@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from operator import attrgetter
@@ -144,6 +144,9 @@ class DedupWindow:
         self.by_type = dict(spec.ttl_by_type or {})
         self.wait = spec.wait
         self.get = attrgetter(spec.field)
+        # called with (events, drops) when a chunk had drops (count_by); the common case,
+        # all new and distinct, returns before it
+        self.on_drops: Callable[[list[Any], list[ErrorRecord]], None] | None = None
 
     def _forget(self, group: tuple[float, list[Any]]) -> None:
         exp, ks = group
@@ -196,11 +199,13 @@ class DedupWindow:
                 claimed.add(k)
         self.claims[id(events)] = mine
         if not waits:
+            if dropped and self.on_drops is not None:
+                self.on_drops(events, dropped)
             return dropped
-        return self._after_wait(mine, dropped, waits)
+        return self._after_wait(events, mine, dropped, waits)
 
     async def _after_wait(
-        self, mine: _Claim, dropped: list[ErrorRecord], waits: list[tuple[int, Any]]
+        self, events: list[Any], mine: _Claim, dropped: list[ErrorRecord], waits: list[tuple[int, Any]]
     ) -> list[ErrorRecord]:
         deadline = time.monotonic() + self.wait
         while waits:
@@ -226,6 +231,8 @@ class DedupWindow:
                     still.append((i, k))
             waits = still
         dropped.sort(key=attrgetter("pos"))
+        if dropped and self.on_drops is not None:
+            self.on_drops(events, dropped)
         return dropped
 
     def settle(self, events: list[Any], ok: bool, failed: Collection[Any] = ()) -> None:
@@ -278,8 +285,9 @@ _decoder = msgspec.msgpack.Decoder(DuplicatesPartial)
 class CountingDedupWindow(DedupWindow):
     """A :class:`DedupWindow` that also counts its duplicates per ``count_by`` value.
 
-    A chunk without duplicates costs one truthiness test more than the plain window;
-    only the drops of kind ``duplicate`` are looked at.
+    The window calls ``_count`` only for a chunk with drops (``on_drops``): a chunk
+    of new ids returns on the same path as in the plain window, and only the drops of
+    kind ``duplicate`` are looked at.
     """
 
     def __init__(self, spec: Dedup) -> None:
@@ -288,22 +296,7 @@ class CountingDedupWindow(DedupWindow):
         self.value = field_path(spec.count_by or "")
         self.dups: dict[Any, int] = {}
         self._snap: bytes | None = None
-        self._drops = DedupWindow.__call__.__get__(self)  # bound once: cheaper than super() per chunk
-
-    def __call__(self, events: list[Any]) -> Any:
-        """Drops for ``events``, their duplicates counted."""
-        drops = self._drops(events)
-        if not drops:
-            return drops
-        if isinstance(drops, list):
-            self._count(events, drops)
-            return drops
-        return self._count_after(events, drops)
-
-    async def _count_after(self, events: list[Any], pending: Any) -> list[ErrorRecord]:
-        drops: list[ErrorRecord] = await pending
-        self._count(events, drops)
-        return drops
+        self.on_drops = self._count
 
     def _count(self, events: list[Any], drops: list[ErrorRecord]) -> None:
         dups, get = self.dups, self.value

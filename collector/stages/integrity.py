@@ -161,6 +161,9 @@ class GapsRuntime:
         self.session = field_path(spec.session)
         self.seq = field_path(spec.seq)
         self.by = field_path(spec.by) if spec.by else None
+        # both fields top-level (the common case): one C call per event for the pair
+        plain = "." not in spec.seq and "." not in spec.session
+        self.both = attrgetter(spec.seq, spec.session) if plain else None
         self.max_sessions = spec.max_sessions
         self.max_missing = spec.max_missing
         self.sessions: dict[Any, _Session] = {}  # least recently seen first
@@ -180,17 +183,20 @@ class GapsRuntime:
         if not ok or not events:
             return
         skip = {id(e) for e in failed} if failed else None
-        sget, qget, bget = self.session, self.seq, self.by
+        sget, qget, bget, both = self.session, self.seq, self.by, self.both
         sessions = self.sessions
         changed = False
         for e in events:
             if skip is not None and id(e) in skip:
                 continue
-            q = qget(e)
-            if type(q) is not int:  # absent, None (a type without it) or not a number
-                continue
-            s = sget(e)
-            if s is None:
+            if both is not None:
+                try:
+                    q, s = both(e)
+                except AttributeError:  # a union member without one of them, a dict
+                    q, s = qget(e), sget(e)
+            else:
+                q, s = qget(e), sget(e)
+            if type(q) is not int or s is None:  # absent, None, or not a number
                 continue
             try:
                 st = sessions.pop(s, None)
