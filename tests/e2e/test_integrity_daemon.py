@@ -13,7 +13,7 @@ from typing import Any
 
 from conftest import wait_until
 from paths import SUPPORT
-from test_daemon import Daemon, start_daemon
+from test_daemon import Daemon, _cli, start_daemon
 
 CONFIG = '''[pipeline]
 pack = "integrity_pack:pipeline_without_gaps"
@@ -114,3 +114,14 @@ def test_without_integrity_stages_metrics_has_none(tmp_path: Path, no_leaks: Non
         assert prometheus(d) == {} and "dedup" not in d.get("/aggregates")[1]
     finally:
         assert d.stop() == 0, d.log.read_text()[-3000:]
+
+
+def test_check_config_warns_when_gaps_are_not_sharded_by_the_session(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[stages]]\nkind = "gaps"\nsession = "data.session_id"\nseq = "data.seq"\n')
+    r = _cli("check-config", str(cfg))
+    assert r.returncode == 0 and "gaps gaps: session data.session_id, seq data.seq; warning: the pipeline " \
+        "shards by 'id'" in r.stdout, r.stdout + r.stderr
+    cfg.write_text('[[stages]]\nkind = "gaps"\nsequence = "n"\n')
+    r = _cli("check-config", str(cfg))
+    assert r.returncode == 2 and "`$.stages[0].sequence`: unknown field of a 'gaps' stage" in r.stderr, r.stderr
