@@ -4,9 +4,10 @@
 
     Stage (frozen description, picklable) ──build()──► runtime in each worker
     runtime(events) ─► drops [ErrorRecord(pos, path, reason, kind)], or a coroutine of them
-    runtime.settle(events, ok, failed)  optional: the chunk's fate after the sinks (dedup);
+    runtime.settle(events, ok, failed)  optional: the chunk's fate after the sinks (dedup, gaps);
                                  ``failed``: the events a sink dead-lettered instead
-    runtime.snapshot() -> bytes  optional: partial state the supervisor merges (aggregates);
+    runtime.snapshot() -> bytes  optional: partial state the supervisor merges (aggregates, gaps,
+                                 dedup with count_by; a description may say `stateful = False`);
                                  the description then has merge(partials) and read(result, key)
 
 Stages run inline on the worker loop, in pipeline order (no Task per event). Keyed state

@@ -45,28 +45,28 @@ class Gaps(Stage):
     """Count the gaps in each session's sequence numbers, their late fillers and repeats.
 
     ``session`` is the field (a dotted path works, into Structs and dicts:
-    ``"data.session_id"``) naming the session; ``seq`` the field holding the client's sequence number (an int; events
-    without one, or without a session, are skipped). ``by`` (e.g. ``"event"``, the
-    type) splits the counts by that field's value: a repeat or a late number counts
-    under the type of the event that arrived; a gap, whose events never arrived, under
-    the type of the event that revealed it (the first one after the hole), and it
-    leaves that count when its number arrives late.
+    ``"data.session_id"``) naming the session; ``seq`` the field holding the client's
+    sequence number (an int; events without one, or without a session, are skipped).
+    ``by`` (e.g. ``"event"``, the type) splits the counts by that field's value: a
+    repeat or a late number counts under the type of the event that arrived; a gap,
+    whose events never arrived, under the type of the event that revealed it (the first
+    one after the hole), and it leaves that count when its number arrives late.
 
     Counters: ``gaps`` numbers skipped and still missing (it falls when one arrives);
     ``skipped`` numbers ever skipped (a counter: ``gaps`` plus the ones filled since);
-    ``late`` missing numbers that arrived later; ``repeated`` numbers seen again; ``untracked`` numbers below a
-    session's tracked range (before its first number seen, or forgotten by the
-    ``max_missing`` bound), which cannot be told late from repeated; ``sessions``
-    tracked now and ``evicted_sessions``. A session's first number starts its
-    tracking: numbers before it are not gaps (the collector may have restarted).
+    ``late`` missing numbers that arrived later; ``repeated`` numbers seen again;
+    ``untracked`` numbers below a session's tracked range (before its first number seen,
+    or forgotten by the ``max_missing`` bound), which cannot be told late from repeated;
+    ``sessions`` tracked now and ``evicted_sessions``. A session's first number starts
+    its tracking: numbers before it are not gaps (the collector may have restarted).
 
     Only committed events count (the worker's ``settle`` after the sinks): a chunk that
     failed and is retried is not a repeat, and an event a sink dead-lettered has not
     arrived. At most ``max_sessions`` sessions are tracked per worker (the least
     recently seen is forgotten, its missing numbers staying counted as gaps) and
     ``max_missing`` missing numbers per session (the lowest are forgotten first, still
-    counted as gaps). A worker's state lives in its memory: a worker that dies keeps
-    the counters of its last snapshot, and its replacement starts its sessions afresh.
+    counted as gaps). A worker's state lives in its memory: a worker that dies keeps the
+    counters of its last snapshot, and its replacement starts its sessions afresh.
     """
 
     session: str = "session_id"
