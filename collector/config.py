@@ -120,6 +120,11 @@ class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         Meta(ge=0, description="generic pack: seconds a repeated id waits for its original to be stored "
              "before it is answered `failed` (503, retry later)"),
     ] = 30.0
+    dedup_count_by: Annotated[
+        str | None,
+        Meta(description="generic pack: count duplicates per value of this field (`type`): "
+             "`collector_duplicates_total{type=...}` and `integrity` in `/metrics`; null: not counted"),
+    ] = None
     cache_ttl: Annotated[float, Meta(ge=0, description="registered packs: seconds an enrichment answer is cached")] = 300.0
     options: Annotated[
         dict[str, typing.Any],

@@ -44,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
     for st in p.stages:
         if getattr(st, "is_rules", False):
             print(f"  rules {st.name}: {', '.join(f'{r.name} ({r.action})' for r in st.rules)}")
+        elif getattr(st, "integrity", None) == "sequence":
+            # sessions are per worker: only a pipeline sharded by the session sees each one whole
+            note = "" if (p.key == st.session and p.shard == "key") else (
+                f"; warning: the pipeline shards by {p.key!r} ({p.shard}), not by the session: "
+                "each worker sees part of a session and counts the others' numbers as gaps")
+            print(f"  gaps {st.name}: session {st.session}, seq {st.seq}" + (f", by {st.by}" if st.by else "") + note)
     if cfg.source is not None:
         src = cfg.source
         print(f"  source {src.kind} {src.url} stream {src.stream} ({', '.join(src.subjects)}) durable {src.durable}")

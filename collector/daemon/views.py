@@ -7,6 +7,7 @@
            ─► metrics() = base (retired engines' last counters)
                         + Σ retiring engines (draining after a reload)
                         + the serving engine + items refused before the engine
+             .integrity = the serving engine's integrity() (a reload starts it afresh)
            ─► health() ─► workers alive, heartbeats fresh, not stopping
            ─► ready() ──► health + probe_sinks(): each sink's own probe (at most once a
                           second, from sinks built here, never opened for writing)
@@ -181,6 +182,7 @@ class Views:
             sinks=[{"name": self._names.get(s.index, str(s.index)), "rows": s.rows, "batches": s.batches,
                     "errors": s.errors, "retries": s.retries, "last_commit_ms": s.last_commit_ms} for s in st.sinks],
             ingress=self.ingress_metrics(),
+            integrity=self.collector.integrity() or None,
         )
 
     def health(self) -> Health:

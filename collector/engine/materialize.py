@@ -5,6 +5,7 @@
     worker i ── Snapshot(stage, partial, taken_at) every snapshot interval ──► Partials
     worker i dies ──► its last partials are retired (kept, merged forever after)
     collector.aggregate(name) ──► stage.merge(retired + live partials) ──► plain values
+    collector.integrity() ──────► the same, for the stages with an ``integrity`` kind
 
 Reading never sends a message to a worker and never waits for one: a read is at most
 one snapshot interval behind the workers (``staleness()`` says how far). A worker that
@@ -21,7 +22,13 @@ from typing import Any
 from ..pipeline import Pipeline
 from ..protocol import Snapshot
 
-__all__ = ["Materialized", "Partials"]
+__all__ = ["Materialized", "Partials", "is_stateful"]
+
+
+def is_stateful(st: Any) -> bool:
+    """Whether a stage description merges partials: it has ``merge``, and its
+    ``stateful`` (when it has one: ``Dedup`` only with ``count_by``) is true."""
+    return hasattr(st, "merge") and bool(getattr(st, "stateful", True))
 
 
 class Partials:
@@ -78,9 +85,9 @@ class Materialized:
     def stage(self, name: str) -> Any:
         """The stateful stage called ``name`` (KeyError listing the known ones)."""
         for st in self.pipeline.stages:
-            if getattr(st, "name", None) == name and hasattr(st, "merge"):
+            if getattr(st, "name", None) == name and is_stateful(st):
                 return st
-        known = [st.name for st in self.pipeline.stages if hasattr(st, "merge")]
+        known = [st.name for st in self.pipeline.stages if is_stateful(st)]
         raise KeyError(f"no aggregate {name!r} in pipeline {self.pipeline.name!r} (known: {known})")
 
     def merged(self, name: str) -> Any:
@@ -101,7 +108,21 @@ class Materialized:
 
     def aggregates(self) -> dict[str, Any]:
         """Plain values of every aggregate, by name."""
-        return {st.name: self.aggregate(st.name) for st in self.pipeline.stages if hasattr(st, "merge")}
+        return {st.name: self.aggregate(st.name) for st in self.pipeline.stages if is_stateful(st)}
+
+    def integrity(self) -> dict[str, dict[str, Any]]:
+        """The data-integrity stages' plain values: ``{kind: {stage name: value}}``.
+
+        A stage says what it checks with its ``integrity`` attribute: ``"duplicates"``
+        (``Dedup`` with ``count_by``: ``{value: count}``) or ``"sequence"`` (``Gaps``:
+        its counters). Empty when the pipeline has none.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for st in self.pipeline.stages:
+            kind = getattr(st, "integrity", None)
+            if kind and is_stateful(st):
+                out.setdefault(kind, {})[st.name] = self.aggregate(st.name)
+        return out
 
     def view(self, name: str) -> dict[str, Any]:
         """A view rendered from the merged aggregates it reads."""

@@ -6,6 +6,7 @@
     workers_alive() ─── the pool's view of its slots; heartbeats_fresh(), worker_pids()
     aggregate(name) ─── the workers' last partials merged (engine/materialize.py)
     view(name) ──────── a pipeline view rendered from merged aggregates
+    integrity() ─────── duplicates per type, sequence gaps: the integrity stages' aggregates
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class Reads:
     def aggregate_staleness(self, name: str) -> float:
         """Seconds since the oldest worker partial of ``name`` was taken."""
         return self.materialized.partials.staleness(name)
+
+    def integrity(self) -> dict[str, dict[str, Any]]:
+        """Data-integrity figures, merged over every worker: ``{"duplicates": {stage:
+        {value: count}}, "sequence": {stage: {gaps, skipped, late, repeated, ...}}}``
+        for the pipeline's ``Dedup(count_by=...)`` and ``Gaps`` stages (empty: none)."""
+        return self.materialized.integrity()
 
     def view(self, name: str) -> dict[str, Any]:
         """A materialized view of the pipeline (``Pipeline.views``) rendered now."""

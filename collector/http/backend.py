@@ -4,6 +4,7 @@
 
     routes/ingest.py ── pipeline(), submit(items, keys), count_rejected(), stopping ──┐
     routes/status.py ── metrics(), health(), ready(), stats(), sink_names() ──────────┤
+                        (metrics().integrity: the pipeline's integrity() figures)
     routes/aggregates.py ── aggregates(), aggregate(name, key), view(name) ───────────┤
                                                                                       ▼
                                                    Backend (the daemon's: collector.daemon.views)

@@ -1,7 +1,9 @@
 """Prometheus text exposition (format 0.0.4) of the daemon's statistics.
 
 Engine figures come from the shared-memory stats block (no message to any worker);
-HTTP figures from the server's own counters on the supervisor loop.
+HTTP figures from the server's own counters on the supervisor loop; data-integrity
+figures (duplicates per type, sequence gaps) from ``Metrics.integrity``, the workers'
+last partials merged in the supervisor.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ if TYPE_CHECKING:
     from .protocol import HttpServer
 
 __all__ = ["render"]
+
+
+def _label(v: Any) -> str:
+    """A label value escaped as the text format requires (event types come from clients)."""
+    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _num(v: float) -> str:
@@ -30,7 +37,7 @@ class _Out:
         self.lines.append(f"# HELP {name} {help_}")
         self.lines.append(f"# TYPE {name} {kind}")
         for labels, v in samples:
-            lab = ",".join(f'{k}="{x!s}"' for k, x in labels.items())
+            lab = ",".join(f'{k}="{_label(x)}"' for k, x in labels.items())
             self.lines.append(f"{name}{{{lab}}} {_num(v)}" if lab else f"{name} {_num(v)}")
 
     def histogram(self, name: str, help_: str, series: list[tuple[dict[str, Any], list[tuple[float, int]], float]]) -> None:
@@ -46,6 +53,41 @@ class _Out:
             lab = ",".join(f'{k}="{x}"' for k, x in labels.items())
             self.lines.append(f"{name}_sum{{{lab}}} {_num(total)}")
             self.lines.append(f"{name}_count{{{lab}}} {acc}")
+
+
+# Gaps counters → (metric, type, help); ``gaps`` (still missing) falls when a number arrives late
+_SEQUENCE = (
+    ("skipped", "collector_sequence_gaps_total", "counter", "Sequence numbers skipped by a session (ever)."),
+    ("gaps", "collector_sequence_missing", "gauge", "Sequence numbers skipped and still missing."),
+    ("late", "collector_sequence_late_total", "counter", "Missing sequence numbers that arrived later."),
+    ("repeated", "collector_sequence_repeated_total", "counter", "Sequence numbers seen again (client-side repeats)."),
+    ("untracked", "collector_sequence_untracked_total", "counter",
+     "Sequence numbers below a session's tracked range (late or repeated, unknown)."),
+)
+
+
+def _integrity(o: _Out, figures: dict[str, dict[str, Any]]) -> None:
+    """Duplicates per type and sequence counters per stage (and type, with ``by``)."""
+    dups = figures.get("duplicates") or {}
+    if dups:
+        o.metric("collector_duplicates_total", "counter", "Events dropped as repeated ids, per type (Dedup count_by).",
+                 [({"stage": stage, "type": t}, n) for stage, by in dups.items() for t, n in by.items()])
+    seqs = figures.get("sequence") or {}
+    if not seqs:
+        return
+    for key, name, kind, help_ in _SEQUENCE:
+        samples: list[tuple[dict[str, Any], float]] = []
+        for stage, c in seqs.items():
+            by = c.get("by")
+            if by is None:
+                samples.append(({"stage": stage}, c[key]))
+            else:
+                samples += [({"stage": stage, "type": t}, row[key]) for t, row in by.items()]
+        o.metric(name, kind, help_, samples)
+    o.metric("collector_sequence_sessions", "gauge", "Sessions whose sequence numbers are tracked.",
+             [({"stage": stage}, c["sessions"]) for stage, c in seqs.items()])
+    o.metric("collector_sequence_evicted_sessions_total", "counter", "Sessions forgotten by the max_sessions bound.",
+             [({"stage": stage}, c["evicted_sessions"]) for stage, c in seqs.items()])
 
 
 def render(backend: Backend, server: HttpServer | None) -> str:
@@ -68,6 +110,7 @@ def render(backend: Backend, server: HttpServer | None) -> str:
     o.metric("collector_active_workers", "gauge", "Live worker processes.", [({}, m.active_workers)])
     o.metric("collector_events_per_second", "gauge", "Events handled per second over the last 5 s.", [({}, m.events_per_second)])
     o.metric("collector_uptime_seconds", "gauge", "Seconds since the daemon started.", [({}, m.uptime_seconds)])
+    _integrity(o, m.integrity or {})
     ws = st.workers
     o.metric("collector_worker_events_total", c, "Events handled per worker.", [({"worker": w.index}, w.events) for w in ws])
     o.metric("collector_worker_failed_total", c, "Events rejected per worker.", [({"worker": w.index}, w.failed) for w in ws])

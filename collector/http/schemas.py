@@ -91,6 +91,8 @@ class Metrics(msgspec.Struct):
     workers: list[dict[str, Any]]
     sinks: list[dict[str, Any]]
     ingress: dict[str, int] | None = None  # the [source] consumer's counters (fetched, acked, ...); null without one
+    # duplicates per type (Dedup count_by) and sequence gaps (Gaps), by stage; null without such stages
+    integrity: dict[str, dict[str, Any]] | None = None
 
 
 class Health(msgspec.Struct, omit_defaults=True):

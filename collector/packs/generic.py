@@ -127,6 +127,7 @@ def generic_pipeline(
     dedup_ttl: float = 600.0,
     dedup_max: int = 1_000_000,
     dedup_wait: float = 30.0,
+    dedup_count_by: str | None = None,
     sinks: tuple[Any, ...] = (),
     deadletter: Any = None,
 ) -> Pipeline:
@@ -137,12 +138,14 @@ def generic_pipeline(
     :class:`SegmentClient` with ``enrich_latency`` seconds per call). ``dedup_ttl`` is
     how long a stored id is remembered (0 disables dedup); a repeat of an id that is
     still being stored waits up to ``dedup_wait`` seconds for the original's outcome.
+    ``dedup_count_by`` (e.g. ``"type"``) counts the duplicates per value of that field.
     """
     if client is None:
         client = SegmentClient(enrich_latency)
     stages: tuple[Any, ...] = (ReceiptTime(),)
     if dedup_ttl > 0:
-        stages = (Dedup(field="id", ttl=dedup_ttl, max_entries=dedup_max, wait=dedup_wait), *stages)
+        stages = (Dedup(field="id", ttl=dedup_ttl, max_entries=dedup_max, wait=dedup_wait, count_by=dedup_count_by),
+                  *stages)
     return Pipeline(
         name="generic",
         event_type=GenericEvent,
@@ -165,6 +168,7 @@ def pack_pipeline(cfg: PipelineConfig, sinks: tuple[Any, ...], deadletter: Any) 
         cache_ttl=cfg.cache_ttl,
         dedup_ttl=cfg.dedup_ttl,
         dedup_wait=cfg.dedup_wait,
+        dedup_count_by=cfg.dedup_count_by,
         sinks=sinks,
         deadletter=deadletter,
     )

@@ -7,10 +7,11 @@
                                                                            └ Pair's records ─► sinks
 
 ``base`` holds the contract; stateless stages (``rules``, ``render``), keyed state
-(``dedup``, ``pairing`` and its Redis store ``pairing_redis``), and mergeable state (``aggregates`` over ``windows`` with the
-(``dedup``, ``pairing``), lookups with caches of their own (``auth``: token → user
-id, through ``sources.auth``), and mergeable state (``aggregates`` over ``windows`` with the
-functions in ``aggregators``; ``materialized`` views over merged aggregates).
+(``dedup``, ``pairing`` and its Redis store ``pairing_redis``, ``integrity``: sequence
+gaps per session), lookups with caches of their own (``auth``: token → user id, through
+``sources.auth``), ``stamp`` (the handling time), and mergeable state (``aggregates`` over
+``windows`` with the functions in ``aggregators``; ``materialized`` views over merged
+aggregates).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from .. import registry
 from ..errors import ConfigError
 from .base import Enrich, Stage
 from .dedup import Dedup, DedupWindow
+from .integrity import Gaps
 from .render import Render
 from .rules import Filter, Rules
 
-__all__ = ["STAGES", "Dedup", "DedupWindow", "Enrich", "Filter", "Render", "Rules", "Stage", "build_stage"]
+__all__ = ["STAGES", "Dedup", "DedupWindow", "Enrich", "Filter", "Gaps", "Render", "Rules", "Stage", "build_stage"]
 
 # kind → "module:attr", loaded when named (a kind may also be an import string)
 STAGES = {
@@ -40,6 +42,7 @@ STAGES = {
     "pair": "collector.stages.pairing:Pair",
     "stamp": "collector.stages.stamp:Stamp",
     "auth": "collector.stages.auth:TokenAuth",
+    "gaps": "collector.stages.integrity:Gaps",
 }
 
 

@@ -4,9 +4,10 @@
 
     Stage (frozen description, picklable) ──build()──► runtime in each worker
     runtime(events) ─► drops [ErrorRecord(pos, path, reason, kind)], or a coroutine of them
-    runtime.settle(events, ok, failed)  optional: the chunk's fate after the sinks (dedup);
+    runtime.settle(events, ok, failed)  optional: the chunk's fate after the sinks (dedup, gaps);
                                  ``failed``: the events a sink dead-lettered instead
-    runtime.snapshot() -> bytes  optional: partial state the supervisor merges (aggregates);
+    runtime.snapshot() -> bytes  optional: partial state the supervisor merges (aggregates, gaps,
+                                 dedup with count_by; a description may say `stateful = False`);
                                  the description then has merge(partials) and read(result, key)
     runtime.drain() -> list      optional: an emitter; records it made (Pair), committed to the
                                  sinks with the chunk's events (not positions of the chunk)

@@ -5,6 +5,10 @@
     chunk ─► seen (committed ids)? duplicate │ claimed by a chunk in flight? wait for it
           ─► new: claimed by this chunk ─► sinks commit ─► settle(ok) ─► seen (or released;
              so are the ids of events a sink dead-lettered)
+
+With ``count_by``, the duplicates are also counted per value of that field (the event
+type): the runtime is a :class:`CountingDedupWindow` whose ``snapshot()`` the worker
+publishes, and ``Dedup.merge``/``read`` sum the workers' counts on read.
 """
 
 from __future__ import annotations
@@ -12,16 +16,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from operator import attrgetter
 from typing import Any
 
+import msgspec
+
 from ..protocol import ErrorRecord
 from .base import Stage
+from .integrity import field_path
 
-__all__ = ["Dedup", "DedupWindow"]
+__all__ = ["CountingDedupWindow", "Dedup", "DedupWindow"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,14 @@ class Dedup(Stage):
     remembered; the oldest are forgotten first. The window lives in the worker's
     memory: after a restart it is empty, and a retry of an event stored before the
     restart is stored again (idempotent sinks keep one row per id).
+
+    ``count_by`` (a field or property of the event, e.g. ``"type"``; dotted paths
+    work, into Structs and dicts) counts the duplicates per value of that field: read
+    them with ``collector.aggregate(name)`` (``{value: count}``; an event lacking the
+    field counts under ``""``), on ``GET /aggregates`` and as
+    ``collector_duplicates_total`` in the daemon's metrics. Counts are per worker and summed on read; a worker that dies
+    keeps the counts of its last snapshot. Without ``count_by`` the stage keeps no
+    counts and is not an aggregate.
     """
 
     field: str = "id"
@@ -51,10 +66,35 @@ class Dedup(Stage):
     ttl_by_type: dict[str, float] = dc_field(default_factory=dict)
     wait: float = 30.0
     name: str = "dedup"
+    count_by: str | None = None
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the workers publish partials (only with ``count_by``)."""
+        return self.count_by is not None
+
+    @property
+    def integrity(self) -> str | None:
+        """What the daemon's metrics show of this stage: per-value duplicate counts."""
+        return "duplicates" if self.count_by is not None else None
 
     def build(self) -> DedupWindow:
-        """A dedup window for one worker."""
-        return DedupWindow(self)
+        """A dedup window for one worker (one that counts duplicates with ``count_by``)."""
+        return DedupWindow(self) if self.count_by is None else CountingDedupWindow(self)
+
+    def merge(self, partials: Sequence[bytes]) -> dict[Any, int]:
+        """The workers' duplicate counts summed per value."""
+        out: dict[Any, int] = {}
+        for b in partials:
+            for v, n in _decoder.decode(b).counts:
+                out[v] = out.get(v, 0) + n
+        return out
+
+    def read(self, result: dict[Any, int], key: Any = None, **_: Any) -> Any:
+        """``{value: duplicates}``, or one value's count (0 when none was seen)."""
+        if key is None:
+            return dict(sorted(result.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+        return result.get(key, 0)
 
 
 class _Claim:
@@ -104,6 +144,9 @@ class DedupWindow:
         self.by_type = dict(spec.ttl_by_type or {})
         self.wait = spec.wait
         self.get = attrgetter(spec.field)
+        # called with (events, drops) when a chunk had drops (count_by); the common case,
+        # all new and distinct, returns before it
+        self.on_drops: Callable[[list[Any], list[ErrorRecord]], None] | None = None
 
     def _forget(self, group: tuple[float, list[Any]]) -> None:
         exp, ks = group
@@ -156,11 +199,13 @@ class DedupWindow:
                 claimed.add(k)
         self.claims[id(events)] = mine
         if not waits:
+            if dropped and self.on_drops is not None:
+                self.on_drops(events, dropped)
             return dropped
-        return self._after_wait(mine, dropped, waits)
+        return self._after_wait(events, mine, dropped, waits)
 
     async def _after_wait(
-        self, mine: _Claim, dropped: list[ErrorRecord], waits: list[tuple[int, Any]]
+        self, events: list[Any], mine: _Claim, dropped: list[ErrorRecord], waits: list[tuple[int, Any]]
     ) -> list[ErrorRecord]:
         deadline = time.monotonic() + self.wait
         while waits:
@@ -186,6 +231,8 @@ class DedupWindow:
                     still.append((i, k))
             waits = still
         dropped.sort(key=attrgetter("pos"))
+        if dropped and self.on_drops is not None:
+            self.on_drops(events, dropped)
         return dropped
 
     def settle(self, events: list[Any], ok: bool, failed: Collection[Any] = ()) -> None:
@@ -222,3 +269,50 @@ class DedupWindow:
                 self._forget(order.popleft())
         if claim.fut is not None:
             claim.fut.set_result(ok)
+
+
+class DuplicatesPartial(msgspec.Struct, array_like=True):
+    """One worker's duplicate counts: ``[value, count]`` pairs (any msgpack key)."""
+
+    stage: str
+    counts: list[tuple[Any, int]]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(DuplicatesPartial)
+
+
+class CountingDedupWindow(DedupWindow):
+    """A :class:`DedupWindow` that also counts its duplicates per ``count_by`` value.
+
+    The window calls ``_count`` only for a chunk with drops (``on_drops``): a chunk
+    of new ids returns on the same path as in the plain window, and only the drops of
+    kind ``duplicate`` are looked at.
+    """
+
+    def __init__(self, spec: Dedup) -> None:
+        super().__init__(spec)
+        self.name = spec.name
+        self.value = field_path(spec.count_by or "")
+        self.dups: dict[Any, int] = {}
+        self._snap: bytes | None = None
+        self.on_drops = self._count
+
+    def _count(self, events: list[Any], drops: list[ErrorRecord]) -> None:
+        dups, get = self.dups, self.value
+        for r in drops:
+            if r.kind != "duplicate":
+                continue
+            v = get(events[r.pos])
+            if v is None:
+                v = ""  # a JSON key and a Prometheus label, where None is neither
+            elif type(v) not in (str, int, float):
+                v = str(v)  # a bool, an enum, a nested value: a label JSON and msgpack carry
+            dups[v] = dups.get(v, 0) + 1
+            self._snap = None
+
+    def snapshot(self) -> bytes:
+        """The counts as msgpack; the same bytes object while nothing changed."""
+        if self._snap is None:
+            self._snap = _encoder.encode(DuplicatesPartial(self.name, list(self.dups.items())))
+        return self._snap

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from collector.engine.materialize import is_stateful
 from collector.stages import Dedup
 
 
@@ -130,5 +131,69 @@ def test_repeats_within_one_chunk_and_per_type_ttls() -> None:
         later = [Ev("a"), Ev("p", "purchase")]
         assert await drops(w, later) == [(1, "duplicate")]
         w.settle(later, True)
+
+    run(main())
+
+
+# ------------------------------------------------------------------ count_by
+class Tagged(msgspec.Struct, tag_field="event"):
+    """A tagged-union member whose tag is readable as the property ``event``."""
+
+    id: str
+
+    @property
+    def event(self) -> str:
+        return str(self.__struct_config__.tag)
+
+
+class Start(Tagged, tag="page_view_start"):
+    pass
+
+
+class Stop(Tagged, tag="page_view_stop"):
+    pass
+
+
+def test_count_by_counts_duplicates_per_value_and_merges_workers() -> None:
+    """A tagged-union tag (``event``) is the value counted; two workers' partials sum."""
+    spec = Dedup(ttl=60, count_by="event")
+    assert spec.stateful and spec.integrity == "duplicates"
+    assert is_stateful(spec) and not is_stateful(Dedup())  # without count_by: not an aggregate
+    assert not hasattr(Dedup().build(), "snapshot")  # no counts, no partial for the worker to publish
+
+    async def worker(batches: list[list[Any]]) -> bytes:
+        w = spec.build()
+        for evs in batches:
+            await drops(w, evs)
+            w.settle(evs, True)
+        return bytes(w.snapshot())
+
+    async def main() -> list[bytes]:
+        one = await worker([[Start("a"), Stop("b")], [Start("a"), Start("a"), Stop("b"), Stop("c")]])
+        two = await worker([[Stop("x")], [Stop("x")]])
+        return [one, two]
+
+    parts = run(main())
+    result = spec.merge(parts)
+    assert spec.read(result) == {"page_view_start": 2, "page_view_stop": 2}
+    assert spec.read(result, "page_view_stop") == 2 and spec.read(result, "other") == 0
+    assert spec.merge([]) == {}
+
+
+def test_count_by_counts_a_copy_that_waited_and_reuses_its_snapshot_while_idle() -> None:
+    async def main() -> None:
+        w = Dedup(ttl=60, count_by="type", wait=5).build()
+        idle = w.snapshot()
+        assert w.snapshot() is idle  # the worker publishes only changed bytes
+        first = [Ev("a", "purchase")]
+        assert await drops(w, first) == []
+        copy = [Ev("a", "purchase")]
+        pending = w(copy)  # claimed by `first`, still in flight: a coroutine
+        assert type(pending) is not list
+        w.settle(first, True)
+        assert [(d.pos, d.kind) for d in await pending] == [(0, "duplicate")]
+        w.settle(copy, True)
+        assert w.snapshot() is not idle
+        assert Dedup(count_by="type").merge([w.snapshot()]) == {"purchase": 1}
 
     run(main())
