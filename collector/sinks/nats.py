@@ -279,7 +279,14 @@ class NatsSink(Sink):
             )
 
     async def health(self) -> bool:
-        """Whether the connection is up."""
+        """Whether the connection is up; a sink never opened (the daemon's ``/ready``
+        probe) connects first, for at most 2 s."""
+        if self.publisher.nc is None:
+            try:
+                async with asyncio.timeout(min(self.cfg.timeout, 2.0)):
+                    await self.publisher.connect()
+            except Exception:
+                return False
         nc = self.publisher.nc
         return bool(nc is not None and nc.is_connected)
 

@@ -14,7 +14,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import urllib.parse
 import urllib.request
 import uuid
 from collections import Counter
@@ -83,10 +82,10 @@ def test_serve_pack_clickstream_tokens_tables_pairs_and_integrity(tmp_path: Path
             sent = generate_sessions(3000, seed=7, tokens=tokens)
             led = Ledger()
             led.send(e["id"] for e in sent)
-            for i in range(0, len(sent), 250):
-                status, body = d.post("/events/batch", {"events": sent[i:i + 250]})
-                assert status == 202 and body["accepted"] == len(sent[i:i + 250]), body
-                led.acked.update(e["id"] for e in sent[i:i + 250])
+            for i in range(0, len(sent), 100):
+                status, body = d.post("/events/batch", {"events": sent[i:i + 100]})
+                assert status == 202 and body["accepted"] == len(sent[i:i + 100]), body
+                led.acked.update(e["id"] for e in sent[i:i + 100])
             # a repeated id (duplicate, per type) and a skipped sequence number (a gap)
             status, body = d.post("/events/batch", {"events": sent[:5]})
             assert status == 202 and body["duplicates"] == 5, body
@@ -146,13 +145,17 @@ def test_ingest_to_nats_then_etl_into_clickhouse_pairs_across_a_consumer_restart
     svc = AuthService()
 
     def ch(query: str) -> str:
-        req = urllib.request.Request(clickhouse_url + "/?" + urllib.parse.urlencode({"query": query}))
+        # POST: ClickHouse's HTTP GET is read-only (DROP needs POST)
+        req = urllib.request.Request(clickhouse_url + "/", data=query.encode(), method="POST")
         with urllib.request.urlopen(req, timeout=30) as r:
             return str(r.read().decode())
 
     r = subprocess.run([sys.executable, "-m", "collector", "migrate", "--pack", "clickstream", "--dsn",
                         clickhouse_url, "--schema", db], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 0 and "created table" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and f"create table {db}.page_view_start" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "collector", "migrate", "--pack", "clickstream", "--dsn",
+                        clickhouse_url, "--schema", db], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().endswith("up to date"), r.stdout + r.stderr
 
     async def stream(delete: bool) -> None:
         import nats
