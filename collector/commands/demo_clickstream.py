@@ -38,12 +38,15 @@ def _config(verify_url: str, key: str) -> str:
 
 
 def _bodies(batch: int, tokens: dict[str, str]) -> Any:
-    """``body(j)``: request j's batch of generated session events (ids unique to the run)."""
-    from collector.packs.clickstream_gen import generate_sessions
+    """``body(j)``: the next batch of generated session events (ids unique to the run)."""
+    from collector.packs.clickstream_gen import SessionStream
+
+    # one stream for every connection: a page view started in one request ends in a
+    # later one, as it does when real clients send
+    stream = SessionStream(seed=time.time_ns(), tokens=tokens)
 
     def body(j: int) -> bytes:
-        evs = generate_sessions(batch, seed=time.time_ns() + j, tokens=tokens)
-        return json.dumps({"events": evs}).encode()
+        return json.dumps({"events": stream.take(batch)}).encode()
 
     return body
 
@@ -57,7 +60,7 @@ def _tables(db: Path) -> tuple[dict[str, int], str | None]:
         sample = None
         if "page_view" in counts:
             row = con.execute("SELECT event FROM page_view WHERE json_extract(event, '$.data.paired') "
-                              "LIMIT 1").fetchone()
+                              "ORDER BY json_extract(event, '$.data.duration_seconds') DESC LIMIT 1").fetchone()
             sample = row[0] if row else None
         return counts, sample
     finally:

@@ -13,13 +13,40 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["PAGE_TYPES", "generate_sessions"]
+__all__ = ["PAGE_TYPES", "SessionStream", "generate_sessions"]
 
 PAGE_TYPES = ("movie", "category", "promotion", "main", "search")
 ELEMENTS = ("movie", "trailer", "category", "banner", "actor")
 QUALITIES = (360, 480, 720, 1080, 2160)
 GENRES = ("drama", "comedy", "thriller", "documentary", "animation")
 QUERIES = ("space", "detective", "love", "war", "dragons", "heist", "robots")
+
+
+class SessionStream:
+    """An endless stream of interleaved sessions: ``take(n)`` gives the next ``n`` events.
+
+    Sessions go on across calls (a page view started in one batch ends in a later one),
+    as they do when a client's events arrive over time. At most ``open_sessions`` are
+    open at once."""
+
+    def __init__(self, *, seed: int = 0, tokens: Mapping[str, str] | None = None, anonymous: float = 0.3,
+                 unpaired: float = 0.05, open_sessions: int = 50) -> None:
+        self.rnd = random.Random(seed)
+        self.known = list(tokens.items()) if tokens else []
+        self.anonymous, self.unpaired, self.max_open = anonymous, unpaired, open_sessions
+        self.open: list[list[dict[str, Any]]] = []
+
+    def take(self, n: int) -> list[dict[str, Any]]:
+        """The next ``n`` events."""
+        rnd, out = self.rnd, []
+        while len(out) < n:
+            if not self.open or (len(self.open) < self.max_open and rnd.random() < 0.3):
+                self.open.append(_session(rnd, self.known, self.anonymous, self.unpaired))
+            s = self.open[rnd.randrange(len(self.open))]
+            out.append(s.pop(0))
+            if not s:
+                self.open.remove(s)
+        return out
 
 
 def generate_sessions(
@@ -30,7 +57,8 @@ def generate_sessions(
     anonymous: float = 0.3,
     unpaired: float = 0.05,
 ) -> list[dict[str, Any]]:
-    """About ``n`` events (exactly ``n``) from interleaved sessions, as clients send them.
+    """The first ``n`` events of a :class:`SessionStream`: interleaved sessions as clients
+    send them (sessions still open at the cut have sent only their first events).
 
     ``tokens`` maps user ids to their tokens (the demo asks the auth service for them);
     a session is anonymous (``token: null``) with probability ``anonymous``, or when no
@@ -38,18 +66,7 @@ def generate_sessions(
     have an ``id`` (so tests can keep a ledger); a client that sends none gets one from
     the ingest route.
     """
-    rnd = random.Random(seed)
-    known = list(tokens.items()) if tokens else []
-    out: list[dict[str, Any]] = []
-    open_sessions: list[list[dict[str, Any]]] = []
-    while len(out) < n:
-        if not open_sessions or (len(open_sessions) < 50 and rnd.random() < 0.3):
-            open_sessions.append(_session(rnd, known, anonymous, unpaired))
-        s = open_sessions[rnd.randrange(len(open_sessions))]
-        out.append(s.pop(0))
-        if not s:
-            open_sessions.remove(s)
-    return out[:n]
+    return SessionStream(seed=seed, tokens=tokens, anonymous=anonymous, unpaired=unpaired).take(n)
 
 
 def _uuid(rnd: random.Random) -> str:
