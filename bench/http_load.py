@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -100,13 +101,27 @@ ID_SLOT = "00000000-0000-7000-8000-000000000000"
 
 
 def make_requests(kind: str, port: int, batch: int, users: int, token: str | None, count: int = 64,
-                  seed: int = 4, ids: bool = False) -> tuple[list[bytes], list[bytes]]:
-    """``count`` distinct pre-encoded requests (and their bodies) for ``batched`` or ``single``."""
+                  seed: int = 4, ids: bool = False, payload: str = "generic",
+                  tokens: dict[str, str] | None = None) -> tuple[list[bytes], list[bytes]]:
+    """``count`` distinct pre-encoded requests (and their bodies) for ``batched`` or ``single``.
+
+    ``payload="clickstream"``: seed 002's sessions (``collector.clickstream.SessionStream``,
+    ``tokens`` as the users' tokens), without ids."""
     rng = random.Random(seed)
     bodies = []
+    make = lambda: make_event(rng, users)  # noqa: E731
+    if payload == "clickstream":
+        from collector.clickstream import SessionStream
+
+        stream = SessionStream(seed=seed, tokens=tokens)
+
+        def make() -> dict[str, Any]:
+            e = stream.take(1)[0]
+            del e["id"]
+            return e
 
     def event() -> dict[str, Any]:
-        return {"id": ID_SLOT, **make_event(rng, users)} if ids else make_event(rng, users)
+        return {"id": ID_SLOT, **make()} if ids else make()
 
     for _ in range(count):
         if kind == "batched":
@@ -1003,6 +1018,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ids", action="store_true",
                    help="send a new id with every event (default: none, the daemon generates them)")
     p.add_argument("--token", help="bearer token when the daemon requires one")
+    p.add_argument("--payload", choices=("generic", "clickstream"), default="generic",
+                   help="events sent: seed 004's (generic, default) or seed 002's sessions (clickstream)")
+    p.add_argument("--tokens", metavar="JSON", help="clickstream: a file mapping user ids to their tokens")
     p.add_argument("--wrk", action="store_true", help="cross-check the closed-loop runs with wrk")
     p.add_argument("--profile", metavar="DIR", help="after the rounds, py-spy the daemon in extra, uncounted runs")
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=None,
@@ -1061,12 +1079,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         pid = daemon.proc.pid if daemon.proc else None
         print(f"daemon ready on port {port} in {time.perf_counter() - t:.1f} s (pid {pid})", file=sys.stderr)
+    tokens = json.loads(Path(a.tokens).read_text()) if a.tokens else None
+    mk = functools.partial(make_requests, payload=a.payload, tokens=tokens)
     runs: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
     code = 0
     try:
-        batch_reqs, _ = make_requests("batched", port, a.batch_size, a.users, a.token, ids=a.ids)
-        single_reqs, _ = make_requests("single", port, a.batch_size, a.users, a.token, count=256, ids=a.ids)
+        batch_reqs, _ = mk("batched", port, a.batch_size, a.users, a.token, ids=a.ids)
+        single_reqs, _ = mk("single", port, a.batch_size, a.users, a.token, count=256, ids=a.ids)
         m_before = metrics(port)
 
         def batched(d: float, label: str = "batched") -> dict[str, Any]:
@@ -1098,8 +1118,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.makedirs(data_dir, exist_ok=True)
                 port = daemon.start()
                 pid = daemon.proc.pid if daemon.proc else None
-                batch_reqs, _ = make_requests("batched", port, a.batch_size, a.users, a.token, ids=a.ids)
-                single_reqs, _ = make_requests("single", port, a.batch_size, a.users, a.token,
+                batch_reqs, _ = mk("batched", port, a.batch_size, a.users, a.token, ids=a.ids)
+                single_reqs, _ = mk("single", port, a.batch_size, a.users, a.token,
                                                            count=256, ids=a.ids)
                 warm_up()
             # alternate the scenarios inside each round so slow drift of the machine hits all alike
@@ -1127,8 +1147,8 @@ def main(argv: list[str] | None = None) -> int:
                 # the same clients against a server that does nothing: the client's ceiling and the
                 # latency floor this machine gives at the same offered rate
                 with CannedServer() as cs:
-                    fb, _ = make_requests("batched", cs.port, a.batch_size, a.users, a.token, ids=a.ids)
-                    fs, _ = make_requests("single", cs.port, a.batch_size, a.users, a.token, count=256, ids=a.ids)
+                    fb, _ = mk("batched", cs.port, a.batch_size, a.users, a.token, ids=a.ids)
+                    fs, _ = mk("single", cs.port, a.batch_size, a.users, a.token, count=256, ids=a.ids)
                     floor_runs = []
                     if "batched" in a.scenarios:
                         floor_runs.append(run_load(
@@ -1154,8 +1174,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.wrk:
             extra["wrk"] = {}
             # wrk sends one fixed body, so always without ids (with ids all but the first would be duplicates)
-            _, wrk_batch = make_requests("batched", port, a.batch_size, a.users, a.token, count=1)
-            _, wrk_single = make_requests("single", port, a.batch_size, a.users, a.token, count=1)
+            _, wrk_batch = mk("batched", port, a.batch_size, a.users, a.token, count=1)
+            _, wrk_single = mk("single", port, a.batch_size, a.users, a.token, count=1)
             if "batched" in a.scenarios:
                 w = run_wrk(f"http://{HOST}:{port}/events/batch", wrk_batch[0], a.connections, a.duration, a.token)
                 if w:

@@ -16,10 +16,11 @@ from .packs.clickstream import (
     clickstream_pipeline,
     register,
 )
-from .packs.clickstream_gen import generate_sessions
+from .packs.clickstream_gen import SessionStream, generate_sessions
 
 __all__ = [
     "EVENT_TYPES", "ClickBase", "ClickEvent", "ClickstreamOptions", "ElementClick", "PageView", "PageViewEnd",
-    "PageViewStart", "QualityChange", "SearchFilter", "VideoComplete", "click_event_type", "clickstream_pipeline",
+    "PageViewStart", "QualityChange", "SearchFilter", "SessionStream", "VideoComplete", "click_event_type",
+    "clickstream_pipeline",
     "generate_sessions", "register",
 ]
