@@ -1,6 +1,6 @@
 """Seed 002's figures: ``python bench/clickstream.py [--quick] [--etl-events N] [--no-http]``.
 
-* **ingest**: ``collector serve --pack clickstream`` (role ``all``: validation, dedup,
+* **ingest** (``--seed-rate``: single events at the seed's 660/s only): ``collector serve --pack clickstream`` (role ``all``: validation, dedup,
   token → user id with a warm cache, timestamp, gaps, pairing, a SQLite table per type)
   under ``bench/http_load.py --payload clickstream``: batched events/s, and single-event
   latency at 50 % of the maximum rate (open loop; p50/p99 from the scheduled send time).
@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def ingest(quick: bool, workers: int) -> int:
+def ingest(quick: bool, workers: int, extra: list[str]) -> int:
     from collector.sources.auth import AuthService
 
     svc = AuthService()
@@ -43,7 +43,7 @@ def ingest(quick: bool, workers: int) -> int:
             f'auth_key = "{svc.key}"\n')
         cmd = [sys.executable, str(ROOT / "bench" / "http_load.py"), "--config", str(tmp / "clickstream.toml"),
                "--payload", "clickstream", "--tokens", str(tmp / "tokens.json"), "--workers", str(workers),
-               "--no-floor", "--result-file", str(tmp / "result.json"), *(["--quick"] if quick else [])]
+               "--no-floor", "--result-file", str(tmp / "result.json"), *(["--quick"] if quick else []), *extra]
         print("running: " + " ".join(cmd), file=sys.stderr)
         code = subprocess.call(cmd, cwd=ROOT)
         print(f"the auth service answered {svc.calls} /verify calls for {len(tokens)} tokens", file=sys.stderr)
@@ -98,13 +98,15 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="one short ingest round")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-http", action="store_true", help="skip the ingest part")
+    p.add_argument("--seed-rate", action="store_true",
+                   help="ingest: single events only, the open loop at the seed's 660 events/s")
     p.add_argument("--no-etl", action="store_true", help="skip the ETL part")
     p.add_argument("--etl-events", type=int, default=100_000)
     p.add_argument("--runs", type=int, default=3)
     a = p.parse_args()
     code = 0
     if not a.no_http:
-        code = ingest(a.quick, a.workers)
+        code = ingest(a.quick, a.workers, ["--scenarios", "single", "--rate", "660"] if a.seed_rate else [])
     if not a.no_etl:
         etl(a.etl_events, a.runs, a.workers)
     return code
