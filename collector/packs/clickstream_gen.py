@@ -38,7 +38,8 @@ class SessionStream:
 
     def take(self, n: int) -> list[dict[str, Any]]:
         """The next ``n`` events."""
-        rnd, out = self.rnd, []
+        rnd = self.rnd
+        out: list[dict[str, Any]] = []
         while len(out) < n:
             if not self.open or (len(self.open) < self.max_open and rnd.random() < 0.3):
                 self.open.append(_session(rnd, self.known, self.anonymous, self.unpaired))
