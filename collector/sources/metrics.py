@@ -48,7 +48,7 @@ class SourceMetrics(msgspec.Struct, frozen=True):
     ``breaker`` is the worst state any worker's breaker is in (open > half_open >
     closed; None for a client-method lookup, which has none), ``breaker_workers``
     how many workers see each state, ``breaker_transitions`` how often breakers
-    entered each state. Latencies are of calls, in milliseconds; ``latency_buckets``
+    entered each state (by state name). Latencies are of calls, in milliseconds; ``latency_buckets``
     counts calls per bucket of ``LOOKUP_LAT_BOUNDS_MS`` (upper bounds; the last bucket
     holds what is over the last finite bound).
     """
@@ -187,8 +187,8 @@ def read_sources(block: S.StatsBlock, lookups: list[tuple[str, str]]) -> dict[st
             errors={e: c[f"err_{e}"] for e in ERROR_KINDS},
             breaker=worst if has_breaker else None,
             breaker_workers=dict(zip(BREAKER_STATES, states[k], strict=True)) if has_breaker else {},
-            breaker_transitions={"opened": c["breaker_opens"], "half_opened": c["breaker_half_opens"],
-                                 "closed": c["breaker_closes"]},
+            breaker_transitions={OPEN: c["breaker_opens"], HALF_OPEN: c["breaker_half_opens"],
+                                 CLOSED: c["breaker_closes"]},
             latency_ms={
                 "count": nlat,
                 "mean": round(c["latency_sum_us"] / nlat / 1000.0, 3) if nlat else 0.0,
