@@ -106,6 +106,7 @@ assert LOOKUP_BASE + MAX_LOOKUPS * LOOKUP_WORDS <= WORDS
 RATE_WINDOW = 5.0  # seconds over which processed_per_sec is measured
 
 _SLOT = struct.Struct(f"<{WORDS}q")
+_HEAD = struct.Struct(f"<{LOOKUP_BASE}q")  # what read() sums: the words before the per-lookup ones
 _F64 = struct.Struct("<d")
 _SUMMED = (EVENTS, FAILED, CHUNKS, LOOKUP_CALLS, CACHE_HITS, COALESCED, LOOKUP_FAILURES,
            INFLIGHT, LAT_SUM_US, LAT_COUNT, DROPPED_DUP, DEADLETTERED)
@@ -120,6 +121,7 @@ _CARRIED = tuple(
     + [LOOKUP_BASE + k * LOOKUP_WORDS + f for k in range(MAX_LOOKUPS) for f in range(LOOKUP_WORDS) if f != LOOKUP_STATE]
 )
 
+_CARRIED_HEAD = tuple(w for w in _CARRIED if w < LOOKUP_BASE)  # read() sums these; sources.metrics the rest
 
 class Slot:
     """One process's view of one slot: the writer side (workers) and the raw reader side."""
@@ -384,7 +386,7 @@ class StatsBlock:
         nf = len(SINK_FIELDS)
         sink_end = SINK_BASE + MAX_SINKS * nf
         workers = []
-        tot = [0] * WORDS
+        tot = [0] * LOOKUP_BASE
         summed = [0] * len(_SUMMED)
         buckets = [0] * nb
         recent = 0
@@ -395,7 +397,7 @@ class StatsBlock:
         # right after start, so the first seconds are not diluted by time not yet lived
         span = min(window + (now - now_sec), uptime)
         for i in range(self.workers):
-            q = _SLOT.unpack_from(buf, i * SLOT_BYTES)
+            q = _HEAD.unpack_from(buf, i * SLOT_BYTES)
             # element-wise sums in C (map over operator.add): this runs while workers
             # are saturated, and every microsecond here is one the GIL holder pays
             summed = list(map(add, summed, _pick_summed(q)))
@@ -429,10 +431,10 @@ class StatsBlock:
             )
         for w, v in zip(_SUMMED, summed, strict=True):
             tot[w] = v
-        sup = _SLOT.unpack_from(buf, self.workers * SLOT_BYTES)
+        sup = _HEAD.unpack_from(buf, self.workers * SLOT_BYTES)
         # the supervisor's slot holds what replaced workers counted (Slot.absorb) and
         # the events it rejected before any worker saw them: totals never go backwards
-        for w in _CARRIED:
+        for w in _CARRIED_HEAD:
             tot[w] += sup[w]
         buckets = list(map(add, buckets, sup[LAT_BUCKETS : LAT_BUCKETS + nb]))
         sinks = [
