@@ -48,9 +48,9 @@ class _Out:
             acc = 0
             for le, c in buckets:
                 acc += c
-                lab = ",".join([*(f'{k}="{x}"' for k, x in labels.items()), f'le="{_num(le)}"'])
+                lab = ",".join([*(f'{k}="{_label(x)}"' for k, x in labels.items()), f'le="{_num(le)}"'])
                 self.lines.append(f"{name}_bucket{{{lab}}} {acc}")
-            lab = ",".join(f'{k}="{x}"' for k, x in labels.items())
+            lab = ",".join(f'{k}="{_label(x)}"' for k, x in labels.items())
             self.lines.append(f"{name}_sum{{{lab}}} {_num(total)}")
             self.lines.append(f"{name}_count{{{lab}}} {acc}")
 
