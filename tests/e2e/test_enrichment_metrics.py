@@ -153,3 +153,27 @@ def test_rates_service_command_serves_latest_until_sigterm(tmp_path: Path) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_timeouts_and_refused_connections_are_counted_by_kind(no_leaks: None) -> None:
+    from source_servers import free_port
+
+    from collector import Lookup, Pipeline
+    from collector.playback import PlaybackEvent
+
+    srv = FaultServer()
+    with srv.running():
+        srv.mode, srv.delay = "slow", 2.0
+        slow = HttpSourceConfig(url=f"{srv.url}/v/{{key}}", value_path="data.value", resilience=fast(timeout=0.3))
+        dead = HttpSourceConfig(url=f"http://127.0.0.1:{free_port()}/v/{{key}}", resilience=fast(timeout=2))
+        p = Pipeline(name="kinds", event_type=PlaybackEvent, key="user_id", lookups=(
+            Lookup(name="slow", key="user_id", target="region", source=slow),
+            Lookup(name="dead", key="device_type", target="model", source=dead),
+        ))
+        with Collector(p, workers=1) as c:
+            res = c.handle(playback(20, 5)).wait(timeout=60)
+            e = c.enrichment()
+    assert res.handled_events == 20
+    assert e["slow"].errors["timeout"] >= 1 and e["slow"].failures == 20 and e["slow"].success_rate == 0.0
+    assert e["dead"].errors["connection"] >= 1 and e["dead"].failures == 20
+    assert e["slow"].latency_ms["p50"] >= 250.0  # the call waited for its 0.3 s timeout
