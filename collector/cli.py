@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("collector.commands.replay", "send dead-lettered events back through the pipeline"),
     "publish": ("collector.commands.publish", "send a pack's generated events, or NDJSON, to NATS JetStream"),
     "consume": ("collector.commands.consume", "run a collector fed by a NATS JetStream durable consumer (no HTTP)"),
+    "rates-service": ("collector.commands.rates_service", "serve deterministic FX rates (exchangerate.host's /latest) until SIGTERM"),
 }
 
 

@@ -48,7 +48,7 @@ __all__ = [
     "sweep_stale_segments",
 ]
 
-SLOT_BYTES = 1024  # 128 words; a multiple of 64 keeps every slot on its own cache lines
+SLOT_BYTES = 4096  # 512 words; a multiple of 64 keeps every slot on its own cache lines
 WORDS = SLOT_BYTES // 8
 
 # word offsets inside a slot; floats are stored through a 'd' view of the same memory
@@ -84,11 +84,29 @@ SINK_FIELDS = ("rows", "batches", "errors", "retries", "last_commit_us")
 MAX_SINKS = 8
 assert LAT_BUCKETS + len(LATENCY_BOUNDS_MS) <= RATE_BASE
 assert RATE_BASE + 2 * RATE_SLOTS <= SINK_BASE
-assert SINK_BASE + MAX_SINKS * len(SINK_FIELDS) <= WORDS
+assert SINK_BASE + MAX_SINKS * len(SINK_FIELDS) <= 128
+# per-lookup metrics (collector.sources.metrics reads and writes them): MAX_LOOKUPS x
+# LOOKUP_WORDS words from LOOKUP_BASE, in the order of Pipeline.lookups; the fields
+# before LOOKUP_GAUGES are counters (carried over when a worker is replaced), the
+# breaker state is a gauge, then LOOKUP_LAT_BOUNDS_MS latency buckets (counters)
+LOOKUP_BASE = 128
+LOOKUP_FIELDS = (
+    "calls", "hits", "shared_hits", "misses", "coalesced", "failures", "not_found", "stale",
+    "keys_fetched", "short_circuited", "breaker_opens", "breaker_half_opens", "breaker_closes",
+    "err_timeout", "err_http_status", "err_invalid", "err_connection", "err_key", "err_other",
+    "latency_sum_us",
+)
+LOOKUP_STATE = len(LOOKUP_FIELDS)  # gauge: 0 closed, 1 open, 2 half-open (as of the last chunk)
+LOOKUP_LAT = LOOKUP_STATE + 1
+LOOKUP_LAT_BOUNDS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, float("inf"))
+LOOKUP_WORDS = LOOKUP_LAT + len(LOOKUP_LAT_BOUNDS_MS)
+MAX_LOOKUPS = 8
+assert LOOKUP_BASE + MAX_LOOKUPS * LOOKUP_WORDS <= WORDS
 
 RATE_WINDOW = 5.0  # seconds over which processed_per_sec is measured
 
 _SLOT = struct.Struct(f"<{WORDS}q")
+_HEAD = struct.Struct(f"<{LOOKUP_BASE}q")  # what read() sums: the words before the per-lookup ones
 _F64 = struct.Struct("<d")
 _SUMMED = (EVENTS, FAILED, CHUNKS, LOOKUP_CALLS, CACHE_HITS, COALESCED, LOOKUP_FAILURES,
            INFLIGHT, LAT_SUM_US, LAT_COUNT, DROPPED_DUP, DEADLETTERED)
@@ -100,8 +118,10 @@ _CARRIED = tuple(
     [w for w in _SUMMED if w != INFLIGHT]
     + list(range(LAT_BUCKETS, LAT_BUCKETS + len(LATENCY_BOUNDS_MS)))
     + [SINK_BASE + k * len(SINK_FIELDS) + f for k in range(MAX_SINKS) for f in range(4)]
+    + [LOOKUP_BASE + k * LOOKUP_WORDS + f for k in range(MAX_LOOKUPS) for f in range(LOOKUP_WORDS) if f != LOOKUP_STATE]
 )
 
+_CARRIED_HEAD = tuple(w for w in _CARRIED if w < LOOKUP_BASE)  # read() sums these; sources.metrics the rest
 
 class Slot:
     """One process's view of one slot: the writer side (workers) and the raw reader side."""
@@ -203,6 +223,13 @@ class Slot:
             if now_sec - window <= stamp <= now_sec:
                 total += q[RATE_BASE + 2 * i + 1]
         return total
+
+    def add_many(self, start: int, values: list[int]) -> None:
+        """Add ``values[i]`` to word ``start + i`` (only the slot's one writer may call this)."""
+        q = self._q
+        for i, n in enumerate(values, start):
+            if n:
+                q[i] += n
 
     def release(self) -> None:
         """Drop the memoryviews so the underlying mapping can be closed."""
@@ -359,7 +386,7 @@ class StatsBlock:
         nf = len(SINK_FIELDS)
         sink_end = SINK_BASE + MAX_SINKS * nf
         workers = []
-        tot = [0] * WORDS
+        tot = [0] * LOOKUP_BASE
         summed = [0] * len(_SUMMED)
         buckets = [0] * nb
         recent = 0
@@ -370,7 +397,7 @@ class StatsBlock:
         # right after start, so the first seconds are not diluted by time not yet lived
         span = min(window + (now - now_sec), uptime)
         for i in range(self.workers):
-            q = _SLOT.unpack_from(buf, i * SLOT_BYTES)
+            q = _HEAD.unpack_from(buf, i * SLOT_BYTES)
             # element-wise sums in C (map over operator.add): this runs while workers
             # are saturated, and every microsecond here is one the GIL holder pays
             summed = list(map(add, summed, _pick_summed(q)))
@@ -404,10 +431,10 @@ class StatsBlock:
             )
         for w, v in zip(_SUMMED, summed, strict=True):
             tot[w] = v
-        sup = _SLOT.unpack_from(buf, self.workers * SLOT_BYTES)
+        sup = _HEAD.unpack_from(buf, self.workers * SLOT_BYTES)
         # the supervisor's slot holds what replaced workers counted (Slot.absorb) and
         # the events it rejected before any worker saw them: totals never go backwards
-        for w in _CARRIED:
+        for w in _CARRIED_HEAD:
             tot[w] += sup[w]
         buckets = list(map(add, buckets, sup[LAT_BUCKETS : LAT_BUCKETS + nb]))
         sinks = [
@@ -444,6 +471,10 @@ class StatsBlock:
             workers=workers,
             sinks=sinks,
         )
+
+    def raw(self, i: int) -> tuple[int, ...]:
+        """Slot ``i``'s words copied out at once (one ``unpack_from``, no lock)."""
+        return _SLOT.unpack_from(self._buf, i * SLOT_BYTES)
 
     def close(self) -> None:
         """Unmap the block; the creator also unlinks it (it is the one owner)."""

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ..ingress.nats import NatsIngress
     from ..pipeline import Pipeline
     from ..sinks.sinkset import SinkSet
+    from ..sources.metrics import SourceMetrics
     from ..stats import Stats
 
 __all__ = ["COUNTERS", "INGRESS_GAUGES", "Views"]
@@ -130,6 +131,10 @@ class Views:
         """The serving engine's statistics."""
         return self.collector.stats()
 
+    def enrichment(self) -> dict[str, SourceMetrics]:
+        """The serving engine's per-lookup figures (a reload starts them afresh)."""
+        return self.collector.enrichment()
+
     def sink_names(self) -> dict[int, str]:
         """Sink index in the stats → its name."""
         return self._names
@@ -183,6 +188,7 @@ class Views:
                     "errors": s.errors, "retries": s.retries, "last_commit_ms": s.last_commit_ms} for s in st.sinks],
             ingress=self.ingress_metrics(),
             integrity=self.collector.integrity() or None,
+            enrichment=self.collector.enrichment() or None,
         )
 
     def health(self) -> Health:

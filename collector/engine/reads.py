@@ -7,6 +7,7 @@
     aggregate(name) ─── the workers' last partials merged (engine/materialize.py)
     view(name) ──────── a pipeline view rendered from merged aggregates
     integrity() ─────── duplicates per type, sequence gaps: the integrity stages' aggregates
+    enrichment() ────── per-lookup figures from the same shared-memory slots (sources/metrics.py)
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from .. import stats as S
 from ..errors import CollectorClosed
+from ..sources.metrics import SourceMetrics, read_sources
 
 if TYPE_CHECKING:
+    from ..pipeline import Pipeline
     from .admission import Admission
     from .materialize import Materialized
     from .pool import WorkerPool
@@ -28,6 +31,7 @@ class Reads:
     """The read side of :class:`~collector.Collector` (a mixin over its parts)."""
 
     _block: S.StatsBlock | None
+    pipeline: Pipeline
     _state: str
     pool: WorkerPool
     admission: Admission
@@ -39,6 +43,19 @@ class Reads:
         if self._block is None:
             raise CollectorClosed("the collector is not running")
         return self._block.read(self.workers_alive())
+
+    def enrichment(self) -> dict[str, SourceMetrics]:
+        """Per-lookup enrichment figures (calls, cache and Redis hits, misses, coalesced,
+        keys per call, errors by kind, breaker state, stale values, call latencies),
+        summed over the workers from shared memory: no lock, no message.
+
+        One entry per lookup of the pipeline (the first ``MAX_LOOKUPS``), by name;
+        :class:`~collector.sources.metrics.SourceMetrics` says what each figure counts.
+        """
+        if self._block is None:
+            raise CollectorClosed("the collector is not running")
+        lookups = [(lk.name, _kind(lk)) for lk in self.pipeline.lookups]
+        return read_sources(self._block, lookups)
 
     def workers_alive(self) -> list[bool]:
         """Whether each worker slot has a live, ready worker."""
@@ -93,3 +110,15 @@ class Reads:
     def running(self) -> bool:
         """True between start and close, unless a fatal error halted the collector."""
         return self._state == "running"
+
+
+def _kind(lk: Any) -> str:
+    """A lookup's source kind (``client`` for a client-method lookup)."""
+    src = lk.source
+    if src is None:
+        return "client"
+    kind = getattr(src, "kind", None)  # a Source instance
+    if isinstance(kind, str) and kind:
+        return kind
+    tag = getattr(getattr(type(src), "__struct_config__", None), "tag", None)  # a source config Struct
+    return tag if isinstance(tag, str) else type(src).__name__

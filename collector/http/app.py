@@ -55,6 +55,7 @@ class App:
             ("GET", "/aggregates"): self.aggregates.get_aggregates,
             ("GET", "/processor/aggregation"): self.aggregates.get_aggregation,
             ("GET", "/processor/filters"): self.aggregates.get_filters,
+            ("GET", "/processor/enrichment"): self.status.get_enrichment,
             ("GET", "/materialized"): self.aggregates.get_materialized,
         }
         self._paths = {p for _, p in self.routes}

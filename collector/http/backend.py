@@ -3,7 +3,8 @@
 ::
 
     routes/ingest.py ── pipeline(), submit(items, keys), count_rejected(), stopping ──┐
-    routes/status.py ── metrics(), health(), ready(), stats(), sink_names() ──────────┤
+    routes/status.py ── metrics(), health(), ready(), stats(), sink_names(), ────────┤
+                        enrichment() (also GET /processor/enrichment)
                         (metrics().integrity: the pipeline's integrity() figures)
     routes/aggregates.py ── aggregates(), aggregate(name, key), view(name) ───────────┤
                                                                                       ▼
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
     from ..results import ErrorItem
+    from ..sources.metrics import SourceMetrics
     from ..stats import Stats
     from .schemas import Health, Metrics
 
@@ -73,6 +75,10 @@ class Backend(Protocol):
 
     def stats(self) -> Stats:
         """The engine's shared-memory statistics."""
+        ...
+
+    def enrichment(self) -> dict[str, SourceMetrics]:
+        """Per-lookup enrichment figures from the shared-memory stats (never waits)."""
         ...
 
     def sink_names(self) -> dict[int, str]:

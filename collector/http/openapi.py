@@ -15,7 +15,15 @@ import msgspec
 from ..packs.generic import GenericEvent
 from ..pipeline import event_structs, event_type_name
 from ..stages.rules import COUNTERS as RULE_COUNTERS
-from .schemas import BatchResponse, ErrorResponse, EventResponse, Health, ItemResult, Metrics
+from .schemas import (
+    BatchResponse,
+    EnrichmentStats,
+    ErrorResponse,
+    EventResponse,
+    Health,
+    ItemResult,
+    Metrics,
+)
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
@@ -43,7 +51,8 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
         forbid_unknown_fields=True,
     )
     (schemas, components) = msgspec.json.schema_components(
-        [event_type, EventBatch, EventResponse, BatchResponse, ItemResult, ErrorResponse, Metrics, Health],
+        [event_type, EventBatch, EventResponse, BatchResponse, ItemResult, ErrorResponse, Metrics, Health,
+         EnrichmentStats],
         ref_template=_REF,
     )
     if len(event_structs(event_type)) > 1:
@@ -137,6 +146,10 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
             "/processor/filters": {"get": {
                 "summary": "Filter statistics (seed 003): per Rules stage, per rule, its counters summed over the workers",
                 "responses": {"200": {"description": "stage name → rule name → counters", **_json("FilterStats")}}}},
+            "/processor/enrichment": {"get": {
+                "summary": "Enrichment statistics (seed 003): per lookup, success rate, cache and Redis hits, "
+                           "misses, errors by kind, breaker state, call latencies; summed over the workers",
+                "responses": {"200": {"description": "per-lookup figures", **_json("EnrichmentStats")}}}},
             "/materialized": {"get": {"summary": "The pack's materialized view (seed 001's casino figures)",
                                       "responses": {"200": {"description": "the view", **_obj()},
                                                     "404": {"description": "the pack declares no such view",

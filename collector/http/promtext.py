@@ -48,9 +48,9 @@ class _Out:
             acc = 0
             for le, c in buckets:
                 acc += c
-                lab = ",".join([*(f'{k}="{x}"' for k, x in labels.items()), f'le="{_num(le)}"'])
+                lab = ",".join([*(f'{k}="{_label(x)}"' for k, x in labels.items()), f'le="{_num(le)}"'])
                 self.lines.append(f"{name}_bucket{{{lab}}} {acc}")
-            lab = ",".join(f'{k}="{x}"' for k, x in labels.items())
+            lab = ",".join(f'{k}="{_label(x)}"' for k, x in labels.items())
             self.lines.append(f"{name}_sum{{{lab}}} {_num(total)}")
             self.lines.append(f"{name}_count{{{lab}}} {acc}")
 
@@ -90,6 +90,43 @@ def _integrity(o: _Out, figures: dict[str, dict[str, Any]]) -> None:
              [({"stage": stage}, c["evicted_sessions"]) for stage, c in seqs.items()])
 
 
+# SourceMetrics counters → (metric, help); every one labelled by lookup (and source kind)
+_SOURCE = (
+    ("calls", "collector_source_calls_total", "Calls made to the source (retries included)."),
+    ("cache_hits", "collector_source_cache_hits_total", "Events answered by the local cache."),
+    ("redis_hits", "collector_source_redis_hits_total", "Keys answered by the shared (Redis) cache."),
+    ("misses", "collector_source_misses_total", "Events that needed a fetch."),
+    ("coalesced", "collector_source_coalesced_total", "Events that joined a call under way (single-flight)."),
+    ("failures", "collector_source_failures_total", "Events whose lookup failed (default or stale value)."),
+    ("not_found", "collector_source_not_found_total", "Events whose key the source does not have."),
+    ("stale_served", "collector_source_stale_served_total", "Events given a stale value because the source failed."),
+    ("keys_fetched", "collector_source_keys_fetched_total", "Keys asked of the source (per call: keys per batched call)."),
+    ("short_circuited", "collector_source_short_circuited_total", "Calls refused at once by an open breaker."),
+)
+
+
+def _sources(o: _Out, src: dict[str, Any]) -> None:
+    """Per-lookup enrichment figures (collector.sources.metrics)."""
+    from ..stats import LOOKUP_LAT_BOUNDS_MS
+
+    if not src:
+        return
+    lab = {n: {"lookup": n, "kind": s.kind} for n, s in src.items()}
+    for field, name, help_ in _SOURCE:
+        o.metric(name, "counter", help_, [(lab[n], getattr(s, field)) for n, s in src.items()])
+    o.metric("collector_source_errors_total", "counter", "Failed calls (tries) by kind; key: one key failed in a good answer.",
+             [({**lab[n], "error": k}, v) for n, s in src.items() for k, v in s.errors.items()])
+    withb = {n: s for n, s in src.items() if s.breaker is not None}
+    o.metric("collector_source_breaker_workers", "gauge", "Workers whose breaker is in each state (as of their last chunk).",
+             [({**lab[n], "state": k}, v) for n, s in withb.items() for k, v in s.breaker_workers.items()])
+    o.metric("collector_source_breaker_transitions_total", "counter", "Breaker transitions into each state.",
+             [({**lab[n], "to": k}, v) for n, s in withb.items() for k, v in s.breaker_transitions.items()])
+    bounds = [b / 1000.0 for b in LOOKUP_LAT_BOUNDS_MS]
+    o.histogram("collector_source_call_latency_seconds", "Latency of calls to each source.",
+                [(lab[n], list(zip(bounds, s.latency_buckets, strict=True)), s.latency_ms["mean"] / 1000.0 * s.latency_ms["count"])
+                 for n, s in src.items()])
+
+
 def render(backend: Backend, server: HttpServer | None) -> str:
     """The exposition text."""
     m = backend.metrics()
@@ -111,6 +148,7 @@ def render(backend: Backend, server: HttpServer | None) -> str:
     o.metric("collector_events_per_second", "gauge", "Events handled per second over the last 5 s.", [({}, m.events_per_second)])
     o.metric("collector_uptime_seconds", "gauge", "Seconds since the daemon started.", [({}, m.uptime_seconds)])
     _integrity(o, m.integrity or {})
+    _sources(o, m.enrichment or {})
     ws = st.workers
     o.metric("collector_worker_events_total", c, "Events handled per worker.", [({"worker": w.index}, w.events) for w in ws])
     o.metric("collector_worker_failed_total", c, "Events rejected per worker.", [({"worker": w.index}, w.failed) for w in ws])

@@ -9,8 +9,11 @@ from typing import Any
 
 import msgspec
 
+from ..sources.metrics import SourceMetrics
+
 __all__ = [
-    "BatchRequest", "BatchResponse", "ErrorResponse", "EventResponse", "Health", "ItemResult", "Metrics", "json_encoder",
+    "BatchRequest", "BatchResponse", "EnrichmentStats", "ErrorResponse", "EventResponse", "Health", "ItemResult",
+    "Metrics", "json_encoder",
 ]
 
 json_encoder = msgspec.json.Encoder()
@@ -93,6 +96,23 @@ class Metrics(msgspec.Struct):
     ingress: dict[str, int] | None = None  # the [source] consumer's counters (fetched, acked, ...); null without one
     # duplicates per type (Dedup count_by) and sequence gaps (Gaps), by stage; null without such stages
     integrity: dict[str, dict[str, Any]] | None = None
+    # per enrichment lookup (collector.sources.metrics.SourceMetrics); null without lookups
+    enrichment: dict[str, SourceMetrics] | None = None
+
+
+class EnrichmentStats(msgspec.Struct):
+    """``GET /processor/enrichment`` (seed 003): success rates and statistics per lookup.
+
+    ``events``, ``failures`` and ``success_rate`` are over every lookup; ``sources``
+    has one entry per lookup; ``latency_bounds_ms`` are the upper bounds of each
+    source's ``latency_buckets`` (the last bucket holds the calls over the last one).
+    """
+
+    events: int
+    failures: int
+    success_rate: float | None
+    latency_bounds_ms: list[float]
+    sources: dict[str, SourceMetrics]
 
 
 class Health(msgspec.Struct, omit_defaults=True):

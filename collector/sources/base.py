@@ -25,7 +25,16 @@ __all__ = ["Failure", "Source", "SourceError", "gather_keys"]
 
 
 class SourceError(CollectorError):
-    """A source call failed; the message says which source, and why."""
+    """A source call failed; the message says which source, and why.
+
+    ``kind`` is what the per-source metrics count it as: ``http_status`` (an error
+    status), ``invalid`` (invalid JSON, the wrong shape, a body over the limit) or
+    ``other``; timeouts and connection errors are told apart by their own types.
+    """
+
+    def __init__(self, message: str, kind: str = "other") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class Failure:

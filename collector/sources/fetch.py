@@ -29,12 +29,33 @@ from .base import Failure, Source
 from .cache import ERROR, FAIL, FOUND, MISS, NOT_FOUND, SKIP, LocalCache, SharedCache
 from .guard import CircuitBreaker
 
-__all__ = ["STALE", "BreakerOpen", "SourceFetcher", "error_reason"]
+__all__ = ["ERROR_KINDS", "STALE", "BreakerOpen", "SourceFetcher", "error_kind", "error_reason"]
 
 log = logging.getLogger("collector.sources")
 
 STALE = 3  # a fetch outcome: failed, answered from the stale table
 BreakerOpen = ConnectionRefusedError  # what a call refused by an open breaker raises
+
+
+# the kinds of failed calls counted per source (collector.sources.metrics), in the order
+# of the err_* words of the stats slot; "key": one key failed inside a good answer
+ERROR_KINDS = ("timeout", "http_status", "invalid", "connection", "key", "other")
+_KIND = {k: i for i, k in enumerate(ERROR_KINDS)}
+_CONN = ("ClientConnectionError", "ClientPayloadError")
+
+
+def error_kind(e: BaseException) -> int:
+    """The index in :data:`ERROR_KINDS` of a failed call's exception."""
+    if isinstance(e, TimeoutError):
+        return 0
+    kind = getattr(e, "kind", None)
+    if isinstance(kind, str) and kind in _KIND:
+        return _KIND[kind]
+    # refused and reset connections are OSErrors; aiohttp's, ClientConnectionError (a
+    # connection closed before the answer) or ClientPayloadError (closed mid-body)
+    if isinstance(e, OSError) or any(c.__name__ in _CONN for c in type(e).__mro__):
+        return 3
+    return 5
 
 
 def error_reason(e: BaseException) -> str:
@@ -85,6 +106,7 @@ class SourceFetcher:
         # figures of calls, which may serve several chunks: SourceRuntime.report hands
         # each chunk's summary what accrued since the last one (so the sum over all acks is exact)
         self.acc = LookupSummary(latencies=[])
+        self.kinds = [0] * len(ERROR_KINDS)  # failed tries by kind since the last report
 
     async def fetch(self, keys: list[Any], out: dict[Any, tuple[int, Any]]) -> None:
         """Answer ``keys`` into ``out``: the shared cache, then the source."""
@@ -135,6 +157,7 @@ class SourceFetcher:
             except Exception as e:
                 acc.latencies.append(time.perf_counter() - t0)
                 acc.errors += 1
+                self.kinds[error_kind(e)] += 1
                 breaker.failure()
                 log.warning(
                     "lookup %s: %s failed for %d key(s) (first %r), try %d: %s",
@@ -165,6 +188,7 @@ class SourceFetcher:
                 shared.append((k, NOT_FOUND, None))
             elif isinstance(v, Failure):
                 self.acc.errors += 1
+                self.kinds[4] += 1
                 log.warning("lookup %s: %s: key %r: %s", self.name, self.source.describe(), k, v.reason)
                 failed.append(k)
             else:

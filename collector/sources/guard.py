@@ -110,6 +110,7 @@ class CircuitBreaker:
         self._state = CLOSED
         self.probing = False
         self.opens = 0  # transitions to open, for the stats
+        self.entered = {CLOSED: 0, OPEN: 0, HALF_OPEN: 0}  # transitions into each state
         self.transitions: list[tuple[str, str]] = []
 
     @property
@@ -121,6 +122,7 @@ class CircuitBreaker:
 
     def _go(self, state: str) -> None:
         self.transitions.append((self._state, state))
+        self.entered[state] += 1
         if len(self.transitions) > 64:
             del self.transitions[:32]
         self._state = state

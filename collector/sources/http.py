@@ -63,7 +63,7 @@ async def read_bounded(resp: Any, limit: int) -> bytes:
     """The body of ``resp``, failing as soon as it passes ``limit`` bytes."""
     n = resp.content_length
     if n is not None and n > limit:
-        raise SourceError(f"answer of {n} bytes is over the {limit}-byte limit")
+        raise SourceError(f"answer of {n} bytes is over the {limit}-byte limit", "invalid")
     parts: list[bytes] = []
     size = 0
     while True:
@@ -72,7 +72,7 @@ async def read_bounded(resp: Any, limit: int) -> bytes:
             return b"".join(parts)
         size += len(b)
         if size > limit:
-            raise SourceError(f"answer is over the {limit}-byte limit")
+            raise SourceError(f"answer is over the {limit}-byte limit", "invalid")
         parts.append(b)
 
 
@@ -114,12 +114,12 @@ class HttpSource(Source):
             if resp.status in cfg.not_found_status:
                 return _NOT_FOUND
             if resp.status >= 400:
-                raise SourceError(f"HTTP {resp.status} from {url}")
+                raise SourceError(f"HTTP {resp.status} from {url}", "http_status")
             raw = await read_bounded(resp, cfg.max_body)
         try:
             return self.dec.decode(raw)
         except msgspec.DecodeError as e:
-            raise SourceError(f"invalid JSON from {url}: {e}") from None
+            raise SourceError(f"invalid JSON from {url}: {e}", "invalid") from None
 
     async def get_many(self, keys: Sequence[Any]) -> dict[Any, Any]:
         """One request per key (concurrently), or batched requests in batch mode."""
@@ -136,7 +136,7 @@ class HttpSource(Source):
         try:
             return dig(doc, cfg.value_path)
         except (KeyError, TypeError):
-            raise SourceError(f"answer from {url} has no {cfg.value_path!r}") from None
+            raise SourceError(f"answer from {url} has no {cfg.value_path!r}", "invalid") from None
 
     async def _batch(self, keys: Sequence[Any]) -> dict[Any, Any]:
         cfg = self.config
@@ -153,9 +153,9 @@ class HttpSource(Source):
         try:
             answers = dig(doc, b.response_path)
         except (KeyError, TypeError):
-            raise SourceError(f"batch answer from {cfg.url} has no {b.response_path!r}") from None
+            raise SourceError(f"batch answer from {cfg.url} has no {b.response_path!r}", "invalid") from None
         if not isinstance(answers, dict):
-            raise SourceError(f"batch answer from {cfg.url} is not an object of key → value")
+            raise SourceError(f"batch answer from {cfg.url} is not an object of key → value", "invalid")
         out: dict[Any, Any] = {}
         for k in keys:
             a = answers.get(k if type(k) is str else str(k), _NOT_FOUND)

@@ -104,12 +104,12 @@ class RatesSource(Source):
             s.get(url) as resp,
         ):
             if resp.status != 200:
-                raise SourceError(f"rates: HTTP {resp.status} from {url}")
+                raise SourceError(f"rates: HTTP {resp.status} from {url}", "http_status")
             raw = await read_bounded(resp, self.config.max_body)
         try:
             return self.dec.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise SourceError(f"rates: {url} did not answer in the /latest format: {e}") from None
+            raise SourceError(f"rates: {url} did not answer in the /latest format: {e}", "invalid") from None
 
     async def get_many(self, keys: Sequence[Any]) -> dict[Any, Any]:
         """Currency → rate, or ``(currency, amount)`` → converted minor units."""

@@ -51,6 +51,7 @@ from ..enrich import Enricher, build_enricher
 from ..pipeline import Pipeline, resolve_pipeline
 from ..protocol import Ack, Chunk, ChunkSummary, ErrorRecord, Message
 from ..registry import import_string
+from ..sources.metrics import LookupMeter
 
 __all__ = ["TICK", "PipelineRunner", "error_path"]
 
@@ -98,6 +99,12 @@ class PipelineRunner:
             client = factory() if callable(factory) else factory
         self.client = client
         self.enricher = build_enricher(p.lookups, client, self.executor, p.event_type) if p.lookups else None
+        # per-lookup words of the slot (the first MAX_LOOKUPS lookups, in pipeline order)
+        self.meters = {
+            rt.spec.name: LookupMeter(slot, i, rt)
+            for i, rt in enumerate(self.enricher.lookups if self.enricher is not None else ())
+            if i < S.MAX_LOOKUPS
+        }
         # the steps in pipeline order; enrichment runs where an Enrich() stage stands, or
         # after every stage when the pipeline names none (the order before Enrich existed)
         self.steps: list[tuple[Any, Any] | None] = []
@@ -133,11 +140,15 @@ class PipelineRunner:
     def count_lookups(self, summary: ChunkSummary) -> None:
         """Add a chunk's lookup figures to the worker's shared-memory slot."""
         slot = self.slot
-        for ls in summary.lookups.values():
+        meters = self.meters
+        for name, ls in summary.lookups.items():
             slot.add(S.LOOKUP_CALLS, ls.calls)
             slot.add(S.CACHE_HITS, ls.hits)
             slot.add(S.COALESCED, ls.coalesced)
             slot.add(S.LOOKUP_FAILURES, ls.failures)
+            m = meters.get(name)
+            if m is not None:
+                m.record(ls)
 
     def snapshots(self) -> list[tuple[str, bytes]]:
         """The partial state of every stateful stage (their bytes are reused while idle)."""

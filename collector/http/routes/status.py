@@ -6,6 +6,7 @@
     GET /metrics/prometheus ─ backend.stats() + server counters ─► promtext.render
     GET /health, /ready ───── backend.health(), await backend.ready() ─► 200 or 503
     GET /openapi.json ─────── openapi.document(cfg, pipeline.event_type), cached per (pipeline, cfg)
+    GET /processor/enrichment ─ backend.enrichment() ─► per-lookup figures and success rates
 
 Engine figures come from the shared-memory stats (no message to any worker), so these
 never wait on the engine; only ``/ready`` awaits, for its sink probes.
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...stats import LOOKUP_LAT_BOUNDS_MS
 from ..openapi import document
 from ..promtext import render
 from ..protocol import HttpServer, Request, Response
-from ..schemas import json_encoder
+from ..schemas import EnrichmentStats, json_encoder
 
 if TYPE_CHECKING:
     from ...config import ServerConfig
@@ -46,6 +48,20 @@ class StatusRoutes:
     def get_prometheus(self, req: Request) -> Response:
         """Prometheus text exposition 0.0.4."""
         return Response(200, render(self.backend, self.server).encode(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def get_enrichment(self, req: Request) -> Response:
+        """Seed 003's enrichment statistics: per lookup, success rate, counters, breaker, latencies."""
+        src = self.backend.enrichment()
+        events = sum(s.events for s in src.values())
+        failures = sum(s.failures for s in src.values())
+        doc = EnrichmentStats(
+            events=events,
+            failures=failures,
+            success_rate=round(1.0 - failures / events, 6) if events else None,
+            latency_bounds_ms=[float(b) for b in LOOKUP_LAT_BOUNDS_MS[:-1]],
+            sources=src,
+        )
+        return Response(200, json_encoder.encode(doc))
 
     def get_health(self, req: Request) -> Response:
         """Liveness: the supervisor answers and its workers are alive with fresh heartbeats."""
