@@ -71,6 +71,11 @@ Retries = Annotated[
 Backoff = Annotated[float, Meta(gt=0, description="first retry delay in seconds; doubles per retry (each delay drawn from [d/2, d]: jitter)")]
 BackoffMax = Annotated[float, Meta(gt=0, description="longest retry delay in seconds")]
 Timeout = Annotated[float, Meta(gt=0, description="seconds one write attempt may take before it counts as failed")]
+Default = Annotated[
+    bool,
+    Meta(description="take the events no `route` rule sent to named sinks (a routed event goes only to the sinks "
+         "its rules name); false: only the events routed here (see docs/rules.md)"),
+]
 
 
 class _SinkBase(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind"):
@@ -81,6 +86,7 @@ class _SinkBase(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_fie
     backoff: Backoff = 0.05
     backoff_max: BackoffMax = 5.0
     timeout: Timeout = 30.0
+    default: Default = True
 
     def __repr__(self) -> str:
         # a DSN may carry a password: reprs (and so logs, tracebacks) show it redacted

@@ -72,6 +72,9 @@ class SinkSet:
         self.worker = worker
         self.deadlettered = 0  # events this sinkset sent to the dead-letter sink
         self._dl_index = len(self.sinks)  # metrics of the dead-letter sink go after the sinks
+        # routing: unrouted events go to the sinks with ``default`` (every sink unless set false)
+        self._defaults = [getattr(s.config, "default", True) for s in self.sinks]
+        self._all_default = all(self._defaults)
         self._opened = False
 
     def __bool__(self) -> bool:
@@ -86,8 +89,15 @@ class SinkSet:
             await asyncio.gather(*(s.open() for s in parts))
         self._opened = True
 
-    async def commit(self, events: Sequence[Any]) -> list[tuple[int, str, str]]:
+    async def commit(
+        self, events: Sequence[Any], routes: Sequence[frozenset[str] | None] | None = None
+    ) -> list[tuple[int, str, str]]:
         """Store ``events`` in every sink; return when all hold them (or dead-lettered).
+
+        ``routes[i]`` (when given) names the sinks event ``i`` goes to, or is None: the
+        event goes to every sink with ``default`` (true unless configured), as every
+        event does without ``routes``. Every route of the chunk is written before this
+        returns; dead positions are positions of ``events`` whatever sinks took them.
 
         Never raises for a store failure: a failing sink retries with exponential
         backoff and jitter until it succeeds or its retry budget is spent (then the
@@ -104,6 +114,8 @@ class SinkSet:
         sinks = self.sinks
         if not sinks or not events:
             return []
+        if routes is not None or not self._all_default:
+            return await self._commit_routed(events, routes)
         batch = Batch(events, self.codec)
         dead: list[tuple[int, str, str]] = []  # events of this commit a sink did not store
         if len(sinks) == 1:
@@ -113,6 +125,45 @@ class SinkSet:
         if len(dead) > 1:
             dead.sort()
         return dead
+
+    async def _commit_routed(
+        self, events: Sequence[Any], routes: Sequence[frozenset[str] | None] | None
+    ) -> list[tuple[int, str, str]]:
+        """Each sink writes the events routed to it (a sub-batch), all concurrently."""
+        n = len(events)
+        full: Batch | None = None
+        dead: list[tuple[int, str, str]] = []
+        jobs = []
+        for i, s in enumerate(self.sinks):
+            name, dflt = s.name, self._defaults[i]
+            pos: list[int] | None
+            if routes is None:
+                pos = None if dflt else []
+            else:
+                pos = [p for p, r in enumerate(routes) if (dflt if r is None else name in r)]
+                if len(pos) == n:
+                    pos = None
+            if pos is None:  # every event: the chunk's shared batch (one encoding)
+                if full is None:
+                    full = Batch(events, self.codec)
+                jobs.append(self._deliver(i, s, full, 0, dead))
+            elif pos:
+                jobs.append(self._deliver_some(i, s, [events[p] for p in pos], pos, dead))
+        if len(jobs) == 1:
+            await jobs[0]
+        elif jobs:
+            await asyncio.gather(*jobs)
+        if len(dead) > 1:
+            dead.sort()
+        return dead
+
+    async def _deliver_some(
+        self, index: int, sink: Sink, events: list[Any], pos: list[int], dead: list[tuple[int, str, str]]
+    ) -> None:
+        """``sink`` writes a part of the chunk; its dead entries are mapped back to chunk positions."""
+        mine: list[tuple[int, str, str]] = []
+        await self._deliver(index, sink, Batch(events, self.codec), 0, mine)
+        dead.extend((pos[p], name, why) for p, name, why in mine)
 
     async def _deliver(self, index: int, sink: Sink, batch: Batch, at: int, dead: list[tuple[int, str, str]]) -> None:
         """One sink writes ``batch``, which starts at position ``at`` of the commit."""

@@ -35,14 +35,15 @@ import msgspec
 from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from .base import Stage
+from .routing import ACTIONS, Routes, add_routes, check_route
 
 __all__ = ["COUNTERS", "Cond", "Filter", "Rule", "Rules", "RulesRuntime", "decode_rules"]
 
 log = logging.getLogger("collector.rules")
 
 # per rule, summed across workers by Rules.merge
-COUNTERS = ("evaluated", "matched", "allowed", "blocked", "transformed", "missing", "errors")
-_EV, _MA, _AL, _BL, _TR, _MI, _ER = range(len(COUNTERS))
+COUNTERS = ("evaluated", "matched", "allowed", "blocked", "transformed", "missing", "errors", "routed")
+_EV, _MA, _AL, _BL, _TR, _MI, _ER, _RO = range(len(COUNTERS))
 _U = msgspec.UNSET
 Unset = msgspec.UnsetType
 Scalar = int | float | str | bool
@@ -107,7 +108,9 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_default
     """A named rule: a condition (none: every event) and an action.
 
     ``action``: ``allow`` (pass; decided), ``block`` (drop as ``filtered``, the reason
-    naming the rule; decided), ``transform`` (apply the edits, go on with the next rule).
+    naming the rule; decided), ``transform`` (apply the edits, go on with the next rule),
+    ``route`` (the event goes to the named ``sinks`` only, plus those of any later
+    ``route`` rule it matches; edits apply as a hint; go on with the next rule).
     The edits (``set`` path → value, ``render`` path → template, ``rename`` old path →
     new path, ``remove`` paths) apply with ``transform`` and, as a mark, with ``allow``.
     ``missing``: the value of a comparison whose field is missing (absent, None, or a
@@ -122,7 +125,8 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_default
 
     name: str
     when: Cond | None = None
-    action: str = "allow"  # allow, block, transform (checked when compiled, with a hint for route)
+    action: str = "allow"  # allow, block, transform, route (checked when compiled)
+    sinks: list[str] = msgspec.field(default_factory=list)  # route: the sinks the event goes to
     set: dict[str, Any] = msgspec.field(default_factory=dict)
     render: dict[str, str] = msgspec.field(default_factory=dict)
     rename: dict[str, str] = msgspec.field(default_factory=dict)
@@ -307,7 +311,7 @@ def _many_path(path: str) -> Many:
 
 
 class _Compiled:
-    __slots__ = ("action", "counts", "edits", "index", "many", "missing", "name", "on_error", "pred", "reason")
+    __slots__ = ("action", "counts", "edits", "index", "many", "missing", "name", "on_error", "pred", "reason", "sinks")
 
     def __init__(self, index: int, rule: Rule, pred: _P | None, edits: list[Edit], counts: list[int]) -> None:
         self.counts = counts  # this rule's counters (COUNTERS order), shared with its leaves
@@ -320,6 +324,7 @@ class _Compiled:
         self.missing = rule.missing
         self.on_error = rule.on_error
         self.reason = rule.reason or f"blocked by rule {rule.name!r}"
+        self.sinks = frozenset(rule.sinks)
 
 
 class RulesRuntime:
@@ -332,9 +337,18 @@ class RulesRuntime:
         self.names = [c.name for c in self.compiled]
         self._snap: bytes | None = None
         self._logged: set[tuple[str, str]] = set()
+        self.routing = any(c.sinks for c in self.compiled)
+        self._routes: Routes = {}
+
+    def take_routes(self) -> Routes:
+        """The sinks the last chunk's routed events go to, by ``id(event)`` (taken once)."""
+        out, self._routes = self._routes, {}
+        return out
 
     def __call__(self, events: list[Any]) -> list[ErrorRecord]:
         """Apply the rules to a chunk; the blocked events are returned as drops."""
+        if self.routing:
+            self._routes = {}
         if not events:
             return []
         self._snap = None
@@ -367,10 +381,13 @@ class RulesRuntime:
             drop = [i for i, m in enumerate(mask) if m is _BLOCK]  # raised, and on_error = block
             if r.action == "block":
                 drop = sorted(drop + matched)
-            elif r.edits and matched:  # transform, or allow with a mark
+            elif r.edits and matched:  # transform, route with a hint, or allow with a mark
                 for i in matched:
                     self._edit(r, alive[i], c)
                 cache.clear()
+            if r.sinks and matched:
+                c[_RO] += len(matched)
+                add_routes(self._routes, [alive[i] for i in matched], r.sinks)
             if r.action == "allow":
                 c[_AL] += len(matched)
             if drop:
@@ -456,9 +473,9 @@ def _compile_all(rules: Sequence[Rule], maps: Mapping[str, Mapping[Any, Any]]) -
         at = f"rules[{i}]"
         if not isinstance(r, Rule):
             raise ConfigError(f"{at}: expected a Rule or its dict, got {type(r).__name__}")
-        if r.action not in ("allow", "block", "transform"):
-            hint = " (routing to sinks is not implemented yet)" if r.action == "route" else ""
-            raise ConfigError(f"{at}.action: unknown action {r.action!r}{hint}; known: allow, block, transform")
+        if r.action not in ACTIONS:
+            raise ConfigError(f"{at}.action: unknown action {r.action!r}; known: {', '.join(ACTIONS)}")
+        check_route(r.action, r.sinks, bool(r.set or r.render or r.rename or r.remove), at)
         if r.missing not in (False, True, "error"):
             raise ConfigError(f"{at}.missing: must be false, true or \"error\" (got {r.missing!r})")
         if r.on_error not in ("allow", "block"):
