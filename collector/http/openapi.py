@@ -15,7 +15,16 @@ import msgspec
 from ..packs.generic import GenericEvent
 from ..pipeline import event_structs, event_type_name
 from ..stages.rules import COUNTERS as RULE_COUNTERS
-from .schemas import BatchResponse, ErrorResponse, EventResponse, Health, ItemResult, Metrics
+from .schemas import (
+    BatchResponse,
+    ErrorResponse,
+    EventResponse,
+    Health,
+    ItemResult,
+    Metrics,
+    ProcessorMetrics,
+    ProcessorStatus,
+)
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
@@ -43,7 +52,8 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
         forbid_unknown_fields=True,
     )
     (schemas, components) = msgspec.json.schema_components(
-        [event_type, EventBatch, EventResponse, BatchResponse, ItemResult, ErrorResponse, Metrics, Health],
+        [event_type, EventBatch, EventResponse, BatchResponse, ItemResult, ErrorResponse, Metrics, Health,
+         ProcessorStatus, ProcessorMetrics],
         ref_template=_REF,
     )
     if len(event_structs(event_type)) > 1:
@@ -137,6 +147,16 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
             "/processor/filters": {"get": {
                 "summary": "Filter statistics (seed 003): per Rules stage, per rule, its counters summed over the workers",
                 "responses": {"200": {"description": "stage name → rule name → counters", **_json("FilterStats")}}}},
+            "/processor/status": {"get": {
+                "summary": "Processor status (seed 003): health of workers, sinks, enrichment sources and Redis",
+                "responses": {"200": {"description": "`ok`, or `degraded` (a sink, source or Redis server down)",
+                                      **_json("ProcessorStatus")},
+                              "503": {"description": "`unhealthy`: a worker down or silent, or stopping",
+                                      **_json("ProcessorStatus")}}}},
+            "/metrics/processor": {"get": {
+                "summary": "Processor metrics (seed 003): processed, enriched, filtered, deduplicated totals, "
+                           "processing durations, cache hit ratio, worker utilisation",
+                "responses": {"200": {"description": "the figures", **_json("ProcessorMetrics")}}}},
             "/materialized": {"get": {"summary": "The pack's materialized view (seed 001's casino figures)",
                                       "responses": {"200": {"description": "the view", **_obj()},
                                                     "404": {"description": "the pack declares no such view",

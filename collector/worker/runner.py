@@ -327,6 +327,9 @@ class PipelineRunner:
                 if self.enricher is not None:
                     summary.lookups = await self.enricher.enrich(events)
                     self.count_lookups(summary)
+                    # an event whose lookup failed keeps the default (failures of two lookups: two events)
+                    fails = sum(ls.failures for ls in summary.lookups.values())
+                    slot.add(S.ENRICHED, max(len(events) - fails, 0))
                 continue
             stage, settle, take = step
             dropped = stage(events)
@@ -348,6 +351,8 @@ class PipelineRunner:
                     slot.add(S.DROPPED_DUP, 1)
                 elif d.kind == "retry":  # not stored: the caller must send it again
                     failed += 1
+                elif d.kind == "filtered":
+                    slot.add(S.FILTERED, 1)
                 # filtered, unauthorized: answered with their kind, not stored, not retried
                 # and not failures (the stage counts them: rules, auth counters)
             if kept is None:
