@@ -172,6 +172,6 @@ def test_check_config_refuses_a_route_to_an_unknown_sink(tmp_path: Path) -> None
     good = tmp_path / "good.toml"
     good.write_text(CONFIG)
     r = _cli("check-config", str(good))
-    assert r.returncode == 0 and "premium-to-audit (route)" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "premium-to-audit (route -> audit, main)" in r.stdout, r.stdout + r.stderr
     r = _cli("serve", "--config", str(bad))
     assert r.returncode == 78 and "mian" in r.stderr
