@@ -28,6 +28,7 @@ import msgspec
 from .. import stats as S
 from ..retry import Backoff
 from .base import Batch, DeadLetter, EventCodec, Sink
+from .routing import compile_when
 
 __all__ = ["GAVE_UP", "REFUSED", "SinkSet"]
 
@@ -72,9 +73,14 @@ class SinkSet:
         self.worker = worker
         self.deadlettered = 0  # events this sinkset sent to the dead-letter sink
         self._dl_index = len(self.sinks)  # metrics of the dead-letter sink go after the sinks
-        # routing: unrouted events go to the sinks with ``default`` (every sink unless set false)
+        # routing: unrouted events go to the sinks with ``default`` (every sink unless set
+        # false) whose ``when`` selects them (no ``when``: all of them)
         self._defaults = [getattr(s.config, "default", True) for s in self.sinks]
-        self._all_default = all(self._defaults)
+        self._when = [
+            None if getattr(s.config, "when", None) is None else compile_when(s.config.when, f"sinks[{i}].when")
+            for i, s in enumerate(self.sinks)
+        ]
+        self._all_default = all(self._defaults) and not any(self._when)
         self._opened = False
 
     def __bool__(self) -> bool:
@@ -129,20 +135,38 @@ class SinkSet:
     async def _commit_routed(
         self, events: Sequence[Any], routes: Sequence[frozenset[str] | None] | None
     ) -> list[tuple[int, str, str]]:
-        """Each sink writes the events routed to it (a sub-batch), all concurrently."""
+        """Each sink writes the events routed to it (a sub-batch), all concurrently; an
+        event no sink takes is dead-lettered (reason: no sink takes it)."""
         n = len(events)
-        full: Batch | None = None
+        picks: list[list[int] | None] = []  # per sink: the positions it takes (None: all)
+        for i, s in enumerate(self.sinks):
+            name, dflt, when = s.name, self._defaults[i], self._when[i]
+            pos: list[int] | None
+            takes = dflt  # whether it takes unrouted events (those its `when` selects)
+            sel: list[bool] | None = when(events) if dflt and when is not None else None
+            if routes is None:
+                if not takes:
+                    pos = []
+                elif sel is None:
+                    pos = None
+                else:
+                    pos = [p for p, ok in enumerate(sel) if ok]
+            else:
+                pos = [p for p, r in enumerate(routes)
+                       if (name in r if r is not None else takes and (sel is None or sel[p]))]
+            picks.append(None if pos is not None and len(pos) == n else pos)
         dead: list[tuple[int, str, str]] = []
+        if all(p is not None for p in picks):
+            taken = bytearray(n)
+            for p in picks:
+                for q in p or ():
+                    taken[q] = 1
+            if not all(taken):
+                await self._untaken([q for q in range(n) if not taken[q]], events, dead)
+        full: Batch | None = None
         jobs = []
         for i, s in enumerate(self.sinks):
-            name, dflt = s.name, self._defaults[i]
-            pos: list[int] | None
-            if routes is None:
-                pos = None if dflt else []
-            else:
-                pos = [p for p, r in enumerate(routes) if (dflt if r is None else name in r)]
-                if len(pos) == n:
-                    pos = None
+            pos = picks[i]
             if pos is None:  # every event: the chunk's shared batch (one encoding)
                 if full is None:
                     full = Batch(events, self.codec)
@@ -156,6 +180,16 @@ class SinkSet:
         if len(dead) > 1:
             dead.sort()
         return dead
+
+    async def _untaken(self, pos: list[int], events: Sequence[Any], dead: list[tuple[int, str, str]]) -> None:
+        """Events no sink takes (no route, no default sink selects them): dead-lettered."""
+        why = f"{REFUSED}: no sink takes it (no route rule names a sink for it, and no sink with default = true selects it)"
+        batch = Batch([events[p] for p in pos], self.codec)
+        now = time.time()
+        dead.extend((p, "routing", why) for p in pos)
+        await self._to_deadletter(
+            [DeadLetter(t, f"sink routing: {why}", "$", "routing", now, self.worker) for t in batch.texts], count=True
+        )
 
     async def _deliver_some(
         self, index: int, sink: Sink, events: list[Any], pos: list[int], dead: list[tuple[int, str, str]]

@@ -95,3 +95,46 @@ def test_unknown_sinks_and_no_default_sink_are_config_errors() -> None:
     none_default = dataclasses.replace(ok, sinks=(JsonlSinkConfig(name="side", default=False),))
     with pytest.raises(ConfigError, match="every sink has default = false"):
         check_routes(none_default)
+
+
+def test_a_sink_when_selects_unrouted_events_and_an_event_no_sink_takes_is_deadlettered(tmp_path: Path) -> None:
+    cfgs = [
+        JsonlSinkConfig(name="premium", path=str(tmp_path / "premium.jsonl"), fsync="never",
+                        when={"path": "data.tier", "eq": "premium"}),
+        JsonlSinkConfig(name="free", path=str(tmp_path / "free.jsonl"), fsync="never",
+                        when={"any": [{"path": "data.tier", "eq": "free"}, {"path": "data.n", "gt": 7}]}),
+        JsonlSinkConfig(name="audit", path=str(tmp_path / "audit.jsonl"), fsync="never", default=False),
+    ]
+    tiers = ["premium", "free", None, "free", 5, "premium", None, None, "x", "premium"]
+    events = [ev(i, tier=t) for i, t in enumerate(tiers)]  # e4: tier 5 (eq is false, no error)
+    routes: list[frozenset[str] | None] = [None] * 10
+    routes[1] = frozenset({"audit"})  # a route wins over the selectors
+
+    async def go() -> list[Any]:
+        ss = build_sinkset(cfgs, deadletter=DeadLetterConfig(path=str(tmp_path / "dl.jsonl")),
+                           event_type=GenericEvent, id_field="id")
+        await ss.open()
+        try:
+            return [await ss.commit(events), await ss.commit(events, routes)]
+        finally:
+            await ss.close()
+
+    plain, routed = asyncio.run(go())
+    # e2, e4, e6, e7 go nowhere: dead-lettered (once per commit), never silently dropped
+    for dead in (plain, routed):
+        assert [(p, s) for p, s, _ in dead] == [(2, "routing"), (4, "routing"), (6, "routing"), (7, "routing")]
+        assert all("no sink takes it" in why for _, _, why in dead)
+    assert _read(tmp_path / "premium.jsonl") == ["e0", "e5", "e9"] * 2
+    assert _read(tmp_path / "free.jsonl") == ["e1", "e3", "e8", "e9", "e3", "e8", "e9"]
+    assert _read(tmp_path / "audit.jsonl") == ["e1"]
+    assert len((tmp_path / "dl.jsonl").read_text().splitlines()) == 8
+
+
+def test_a_bad_when_is_a_config_error_naming_the_sink() -> None:
+    p = Pipeline(name="t", event_type=GenericEvent, key="id",
+                 sinks=(JsonlSinkConfig(name="a"), JsonlSinkConfig(name="b", when={"path": "x", "regexp": "y"})))
+    with pytest.raises(ConfigError, match=r"^sinks\[1\]\.when\.regexp: unknown operator 'regexp'"):
+        check_routes(p)
+    with pytest.raises(ConfigError, match=r"^sinks\[1\]\.when\.regex: bad regular expression"):
+        build_sinkset([JsonlSinkConfig(name="a"), JsonlSinkConfig(name="b", when={"path": "x", "regex": "("})],
+                      event_type=GenericEvent)
