@@ -175,3 +175,7 @@ def test_check_config_refuses_a_route_to_an_unknown_sink(tmp_path: Path) -> None
     assert r.returncode == 0 and "premium-to-audit (route -> audit, main)" in r.stdout, r.stdout + r.stderr
     r = _cli("serve", "--config", str(bad))
     assert r.returncode == 78 and "mian" in r.stderr
+    typo = tmp_path / "typo.toml"  # a sink's own selector is checked with its path too
+    typo.write_text(CONFIG.replace('default = false\n', 'default = false\nwhen = { path = "type", regexp = "log" }\n'))
+    r = _cli("check-config", str(typo))
+    assert r.returncode == 2 and "`$.sinks[1].when.regexp`: unknown operator 'regexp'" in r.stderr, r.stderr
