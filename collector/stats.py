@@ -72,6 +72,8 @@ RESTARTS = 16  # supervisor slot: workers respawned
 RECEIVED = 17  # supervisor slot: events accepted by handle()
 DROPPED_DUP = 18  # duplicates dropped by the dedup stage
 DEADLETTERED = 19
+FILTERED = 20  # events a filter or rule dropped on purpose (kind "filtered")
+ENRICHED = 21  # events through the enrichment step, less the lookups that finally failed
 # latency histogram of chunk processing: bucket i counts latencies <= LATENCY_BOUNDS_MS[i]
 LAT_BUCKETS = 24
 LATENCY_BOUNDS_MS = (0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, float("inf"))
@@ -109,7 +111,7 @@ _SLOT = struct.Struct(f"<{WORDS}q")
 _HEAD = struct.Struct(f"<{LOOKUP_BASE}q")  # what read() sums: the words before the per-lookup ones
 _F64 = struct.Struct("<d")
 _SUMMED = (EVENTS, FAILED, CHUNKS, LOOKUP_CALLS, CACHE_HITS, COALESCED, LOOKUP_FAILURES,
-           INFLIGHT, LAT_SUM_US, LAT_COUNT, DROPPED_DUP, DEADLETTERED)
+           INFLIGHT, LAT_SUM_US, LAT_COUNT, DROPPED_DUP, DEADLETTERED, FILTERED, ENRICHED)
 _pick_summed = itemgetter(*_SUMMED)
 # what a replaced worker's slot hands to the supervisor's before it is reset: its counters,
 # latency buckets and sink figures (not INFLIGHT: its chunks are redelivered, nor the
@@ -304,6 +306,8 @@ class Stats(msgspec.Struct, frozen=True):
     uptime: float
     workers: list[WorkerStats]
     sinks: list[SinkStats]
+    filtered_events: int = 0  # dropped on purpose by a filter or a rule
+    enriched_events: int = 0  # through enrichment, less the lookups that finally failed
 
 
 def sweep_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
@@ -461,6 +465,8 @@ class StatsBlock:
             worker_restarts=sup[RESTARTS],
             duplicates_dropped=tot[DROPPED_DUP],
             deadlettered=tot[DEADLETTERED],
+            filtered_events=tot[FILTERED],
+            enriched_events=tot[ENRICHED],
             lookup_calls=tot[LOOKUP_CALLS],
             cache_hits=tot[CACHE_HITS],
             coalesced_calls=tot[COALESCED],

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  lookup {lk.name}: {lk.target} from {lk.key}" + (f" via {lk.source.name!r}" if lk.source is not None else ""))
     for st in p.stages:
         if getattr(st, "is_rules", False):
-            print(f"  rules {st.name}: {', '.join(f'{r.name} ({r.action})' for r in st.rules)}")
+            print(f"  rules {st.name}: {', '.join(_rule(r) for r in st.rules)}")
         elif getattr(st, "integrity", None) == "sequence":
             # sessions are per worker: only a pipeline sharded by the session sees each one whole
             note = "" if (p.key == st.session and p.shard == "key") else (
@@ -54,3 +54,10 @@ def run(args: argparse.Namespace) -> int:
         src = cfg.source
         print(f"  source {src.kind} {src.url} stream {src.stream} ({', '.join(src.subjects)}) durable {src.durable}")
     return 0
+
+
+def _rule(r: object) -> str:
+    """``name (action)``; a route rule with its sinks: ``name (route -> audit, main)``."""
+    sinks = getattr(r, "sinks", None)
+    action = getattr(r, "action", "")
+    return f"{getattr(r, 'name', '')} ({action}{' -> ' + ', '.join(sinks) if sinks else ''})"

@@ -23,8 +23,9 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..http.schemas import Health, Metrics
+from ..http.schemas import Health, Metrics, ProcessorMetrics, ProcessorStatus
 from ..sinks import build_sinkset, sink_names
+from .processor import ProcessorViews
 
 if TYPE_CHECKING:
     from ..engine import Collector
@@ -62,6 +63,7 @@ class Views:
         self._names: dict[int, str] = {}
         self.ingress: NatsIngress | None = None  # the daemon's [source] consumer, if any
         self.ingress_base: dict[str, int] = {}  # counters of ingresses stopped by reloads
+        self.processor = ProcessorViews(self)  # /processor/status, /metrics/processor
 
     # ------------------------------------------------------------------ the engine serving
     def serve(self, collector: Collector, coalescer: Coalescer) -> None:
@@ -138,6 +140,14 @@ class Views:
     def sink_names(self) -> dict[int, str]:
         """Sink index in the stats → its name."""
         return self._names
+
+    async def processor_status(self) -> ProcessorStatus:
+        """``/processor/status``: workers, sinks, sources, Redis."""
+        return await self.processor.status()
+
+    def processor_metrics(self) -> ProcessorMetrics:
+        """``/metrics/processor``: seed 003's key metrics."""
+        return self.processor.metrics()
 
     # ------------------------------------------------------------------ figures
     def _metrics_of(self, collector: Collector) -> dict[str, Any]:
@@ -247,6 +257,7 @@ class Views:
     async def close_probes(self) -> None:
         """Close the probe sinks (rebuilt at the next /ready, from the engine then serving)."""
         probes, self._probes, self._probe_cache = self._probes, None, None
+        await self.processor.close()
         if probes is not None:
             with contextlib.suppress(Exception):
                 await probes.close()

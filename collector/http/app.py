@@ -7,6 +7,8 @@
                  ── route(request) ─► routes.ingest.IngestRoutes  POST /events, /events/batch
                                       routes.status.StatusRoutes  GET /metrics, /metrics/prometheus,
                                                                   /health, /ready, /openapi.json
+                                      routes.processor.ProcessorRoutes GET /processor/status,
+                                                                  /metrics/processor
                                       405 with Allow, or 404
     the routes ─► Backend (backend.py), which the daemon implements
 
@@ -24,6 +26,7 @@ from .bodies import ENCODINGS
 from .protocol import Handler, HttpServer, Request, Response, error
 from .routes.aggregates import AggregateRoutes
 from .routes.ingest import IngestRoutes
+from .routes.processor import ProcessorRoutes
 from .routes.status import StatusRoutes
 from .schemas import ErrorResponse, json_encoder
 
@@ -44,6 +47,7 @@ class App:
         self.ingest = IngestRoutes(backend, config.server)
         self.status = StatusRoutes(backend, config.server)
         self.aggregates = AggregateRoutes(backend)
+        self.processor = ProcessorRoutes(backend)
         self.routes: dict[tuple[str, str], Handler] = {
             ("POST", "/events"): self.ingest.post_event,
             ("POST", "/events/batch"): self.ingest.post_batch,
@@ -56,6 +60,8 @@ class App:
             ("GET", "/processor/aggregation"): self.aggregates.get_aggregation,
             ("GET", "/processor/filters"): self.aggregates.get_filters,
             ("GET", "/processor/enrichment"): self.status.get_enrichment,
+            ("GET", "/processor/status"): self.processor.get_status,
+            ("GET", "/metrics/processor"): self.processor.get_metrics,
             ("GET", "/materialized"): self.aggregates.get_materialized,
         }
         self._paths = {p for _, p in self.routes}

@@ -7,6 +7,7 @@
                         enrichment() (also GET /processor/enrichment)
                         (metrics().integrity: the pipeline's integrity() figures)
     routes/aggregates.py ── aggregates(), aggregate(name, key), view(name) ───────────┤
+    routes/processor.py ── processor_status(), processor_metrics() ──────────────────┤
                                                                                       ▼
                                                    Backend (the daemon's: collector.daemon.views)
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from ..results import ErrorItem
     from ..sources.metrics import SourceMetrics
     from ..stats import Stats
-    from .schemas import Health, Metrics
+    from .schemas import Health, Metrics, ProcessorMetrics, ProcessorStatus
 
 __all__ = ["Backend", "Submitted"]
 
@@ -71,6 +72,14 @@ class Backend(Protocol):
 
     async def ready(self) -> Health:
         """Readiness: healthy, and every sink answers its probe."""
+        ...
+
+    async def processor_status(self) -> ProcessorStatus:
+        """``/processor/status``: workers, sinks, sources and Redis servers, each probed (bounded)."""
+        ...
+
+    def processor_metrics(self) -> ProcessorMetrics:
+        """``/metrics/processor``: seed 003's key metrics from the shared-memory statistics."""
         ...
 
     def stats(self) -> Stats:

@@ -23,6 +23,8 @@ from .schemas import (
     Health,
     ItemResult,
     Metrics,
+    ProcessorMetrics,
+    ProcessorStatus,
 )
 
 if TYPE_CHECKING:
@@ -52,7 +54,7 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
     )
     (schemas, components) = msgspec.json.schema_components(
         [event_type, EventBatch, EventResponse, BatchResponse, ItemResult, ErrorResponse, Metrics, Health,
-         EnrichmentStats],
+         EnrichmentStats, ProcessorStatus, ProcessorMetrics],
         ref_template=_REF,
     )
     if len(event_structs(event_type)) > 1:
@@ -150,6 +152,16 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
                 "summary": "Enrichment statistics (seed 003): per lookup, success rate, cache and Redis hits, "
                            "misses, errors by kind, breaker state, call latencies; summed over the workers",
                 "responses": {"200": {"description": "per-lookup figures", **_json("EnrichmentStats")}}}},
+            "/processor/status": {"get": {
+                "summary": "Processor status (seed 003): health of workers, sinks, enrichment sources and Redis",
+                "responses": {"200": {"description": "`ok`, or `degraded` (a sink, source or Redis server down)",
+                                      **_json("ProcessorStatus")},
+                              "503": {"description": "`unhealthy`: a worker down or silent, or stopping",
+                                      **_json("ProcessorStatus")}}}},
+            "/metrics/processor": {"get": {
+                "summary": "Processor metrics (seed 003): processed, enriched, filtered, deduplicated totals, "
+                           "processing durations, cache hit ratio, worker utilisation",
+                "responses": {"200": {"description": "the figures", **_json("ProcessorMetrics")}}}},
             "/materialized": {"get": {"summary": "The pack's materialized view (seed 001's casino figures)",
                                       "responses": {"200": {"description": "the view", **_obj()},
                                                     "404": {"description": "the pack declares no such view",

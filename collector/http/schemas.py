@@ -12,8 +12,9 @@ import msgspec
 from ..sources.metrics import SourceMetrics
 
 __all__ = [
-    "BatchRequest", "BatchResponse", "EnrichmentStats", "ErrorResponse", "EventResponse", "Health", "ItemResult",
-    "Metrics", "json_encoder",
+    "BatchRequest", "BatchResponse", "ComponentHealth", "DurationBucket", "EnrichmentStats", "ErrorResponse",
+    "EventResponse", "Health", "ItemResult", "Metrics", "ProcessingDuration", "ProcessorMetrics", "ProcessorStatus",
+    "WorkerUtilization", "WorkersHealth", "json_encoder",
 ]
 
 json_encoder = msgspec.json.Encoder()
@@ -123,4 +124,85 @@ class Health(msgspec.Struct, omit_defaults=True):
     workers: int
     heartbeats_fresh: bool
     sinks: dict[str, bool] | None = None
+    detail: str | None = None
+
+
+class DurationBucket(msgspec.Struct):
+    """Chunks whose processing took at most ``le_ms`` milliseconds (cumulative; null: +Inf)."""
+
+    le_ms: float | None
+    count: int
+
+
+class ProcessingDuration(msgspec.Struct):
+    """Chunk processing time, decode to sink commit: a histogram and percentiles estimated
+    from it (each the upper bound of the bucket it falls in; null before any chunk)."""
+
+    chunks: int
+    mean_ms: float
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    buckets: list[DurationBucket]
+
+
+class WorkerUtilization(msgspec.Struct):
+    """One worker process: CPU time over wall time since the previous read (first read: since it started)."""
+
+    index: int
+    pid: int
+    alive: bool
+    utilization_percent: float
+    events: int
+    inflight: int
+
+
+class ProcessorMetrics(msgspec.Struct):
+    """``GET /metrics/processor``: seed 003's key metrics.
+
+    ``events_*_total`` of processed, deduplicated, failed and dead-lettered events are
+    those of ``/metrics`` (kept across reloads); filtered, enriched, the durations, the
+    cache figures and utilisation are the serving engine's (a reload starts them afresh).
+    """
+
+    events_processed_total: int
+    events_enriched_total: int
+    events_filtered_total: int
+    events_deduplicated_total: int
+    events_failed_total: int
+    events_deadlettered_total: int
+    processing_duration: ProcessingDuration
+    enrichment_cache_hit_ratio: float | None  # cache hits ÷ (hits + calls made); null before any lookup
+    enrichment: dict[str, int]  # lookup_calls, cache_hits, coalesced, lookup_failures
+    worker_utilization_percent: float  # mean over the live workers
+    workers: list[WorkerUtilization]
+
+
+class ComponentHealth(msgspec.Struct, omit_defaults=True):
+    """One sink, source or Redis server: ``ok`` null when it cannot be probed."""
+
+    ok: bool | None
+    kind: str | None = None
+    detail: str | None = None
+
+
+class WorkersHealth(msgspec.Struct):
+    """The worker processes."""
+
+    alive: int
+    total: int
+    heartbeats_fresh: bool
+    inflight_events: int
+
+
+class ProcessorStatus(msgspec.Struct, omit_defaults=True):
+    """``GET /processor/status``: ``ok``; ``degraded`` (workers fine, some sink, source or
+    Redis server down: 200 still); ``unhealthy`` (a worker down or silent, or stopping: 503)."""
+
+    status: str
+    uptime_seconds: float
+    workers: WorkersHealth
+    sinks: dict[str, ComponentHealth]
+    sources: dict[str, ComponentHealth]
+    redis: dict[str, ComponentHealth]  # redacted URL → reachability; empty when nothing uses Redis
     detail: str | None = None

@@ -75,7 +75,25 @@ def build_pipeline(cfg: DaemonConfig) -> Pipeline:
         changes["lookups"] = tuple(lk for lk in p.lookups if lk.target not in mine) + extra
     if rules is not None or more:
         changes["stages"] = (*p.stages, *more, *([rules] if rules is not None else []))
-    return dataclasses.replace(p, **changes) if changes else p
+    p = dataclasses.replace(p, **changes) if changes else p
+    _check_routes(p, rules, more)
+    return p
+
+
+def _check_routes(p: Pipeline, rules: Any, more: list[Any]) -> None:
+    """Route rules name sinks of the pipeline (errors with the config path of the rule)."""
+    from ..sinks.routing import route_errors
+
+    for st, why in route_errors(p):
+        if st is None:
+            raise ConfigError(f"`$.{why.partition(': ')[0]}`: {why.partition(': ')[2]}")
+        path, _, rest = why.partition(": ")
+        if st is rules:
+            raise ConfigError(f"`$.{path}`: {rest}")
+        k = next((k for k, m in enumerate(more) if m is st), None)
+        if k is not None:
+            raise ConfigError(f"`$.stages[{k}].{path}`: {rest}")
+        raise ConfigError(f"stage {st.name!r}: `{path}`: {rest}")
 
 
 def config_stages(cfg: DaemonConfig) -> list[Any]:

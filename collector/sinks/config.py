@@ -71,6 +71,17 @@ Retries = Annotated[
 Backoff = Annotated[float, Meta(gt=0, description="first retry delay in seconds; doubles per retry (each delay drawn from [d/2, d]: jitter)")]
 BackoffMax = Annotated[float, Meta(gt=0, description="longest retry delay in seconds")]
 Timeout = Annotated[float, Meta(gt=0, description="seconds one write attempt may take before it counts as failed")]
+Default = Annotated[
+    bool,
+    Meta(description="take the events no `route` rule sent to named sinks (a routed event goes only to the sinks "
+         "its rules name); false: only the events routed here (see docs/rules.md)"),
+]
+When = Annotated[
+    dict[str, Any] | None,
+    Meta(description="a condition in the rules' form (`{ path = \"type\", eq = \"page_view\" }`): of the events no "
+         "`route` rule sent to named sinks, this sink takes those it selects (with `default` true); an event no "
+         "sink takes is dead-lettered"),
+]
 
 
 class _SinkBase(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind"):
@@ -81,6 +92,8 @@ class _SinkBase(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_fie
     backoff: Backoff = 0.05
     backoff_max: BackoffMax = 5.0
     timeout: Timeout = 30.0
+    default: Default = True
+    when: When = None
 
     def __repr__(self) -> str:
         # a DSN may carry a password: reprs (and so logs, tracebacks) show it redacted
@@ -339,7 +352,7 @@ def _describe(tp: Any) -> tuple[str, str]:
         text = " \\| ".join(f"`{a}`" for a in typing.get_args(tp))
     else:
         text = getattr(tp, "__name__", None) or str(tp).replace("|", "\\|")
-        text = text.replace("NoneType", "None")
+        text = text.replace("NoneType", "None").replace("typing.", "")
         text = f"`{text}`"
     return text, desc
 

@@ -28,6 +28,7 @@ import msgspec
 from .. import stats as S
 from ..retry import Backoff
 from .base import Batch, DeadLetter, EventCodec, Sink
+from .routing import compile_when
 
 __all__ = ["GAVE_UP", "REFUSED", "SinkSet"]
 
@@ -72,6 +73,14 @@ class SinkSet:
         self.worker = worker
         self.deadlettered = 0  # events this sinkset sent to the dead-letter sink
         self._dl_index = len(self.sinks)  # metrics of the dead-letter sink go after the sinks
+        # routing: unrouted events go to the sinks with ``default`` (every sink unless set
+        # false) whose ``when`` selects them (no ``when``: all of them)
+        self._defaults = [getattr(s.config, "default", True) for s in self.sinks]
+        self._when = [
+            None if getattr(s.config, "when", None) is None else compile_when(s.config.when, f"sinks[{i}].when")
+            for i, s in enumerate(self.sinks)
+        ]
+        self._all_default = all(self._defaults) and not any(self._when)
         self._opened = False
 
     def __bool__(self) -> bool:
@@ -86,8 +95,15 @@ class SinkSet:
             await asyncio.gather(*(s.open() for s in parts))
         self._opened = True
 
-    async def commit(self, events: Sequence[Any]) -> list[tuple[int, str, str]]:
+    async def commit(
+        self, events: Sequence[Any], routes: Sequence[frozenset[str] | None] | None = None
+    ) -> list[tuple[int, str, str]]:
         """Store ``events`` in every sink; return when all hold them (or dead-lettered).
+
+        ``routes[i]`` (when given) names the sinks event ``i`` goes to, or is None: the
+        event goes to every sink with ``default`` (true unless configured), as every
+        event does without ``routes``. Every route of the chunk is written before this
+        returns; dead positions are positions of ``events`` whatever sinks took them.
 
         Never raises for a store failure: a failing sink retries with exponential
         backoff and jitter until it succeeds or its retry budget is spent (then the
@@ -104,6 +120,8 @@ class SinkSet:
         sinks = self.sinks
         if not sinks or not events:
             return []
+        if routes is not None or not self._all_default:
+            return await self._commit_routed(events, routes)
         batch = Batch(events, self.codec)
         dead: list[tuple[int, str, str]] = []  # events of this commit a sink did not store
         if len(sinks) == 1:
@@ -113,6 +131,73 @@ class SinkSet:
         if len(dead) > 1:
             dead.sort()
         return dead
+
+    async def _commit_routed(
+        self, events: Sequence[Any], routes: Sequence[frozenset[str] | None] | None
+    ) -> list[tuple[int, str, str]]:
+        """Each sink writes the events routed to it (a sub-batch), all concurrently; an
+        event no sink takes is dead-lettered (reason: no sink takes it)."""
+        n = len(events)
+        picks: list[list[int] | None] = []  # per sink: the positions it takes (None: all)
+        for i, s in enumerate(self.sinks):
+            name, dflt, when = s.name, self._defaults[i], self._when[i]
+            pos: list[int] | None
+            takes = dflt  # whether it takes unrouted events (those its `when` selects)
+            sel: list[bool] | None = when(events) if dflt and when is not None else None
+            if routes is None:
+                if not takes:
+                    pos = []
+                elif sel is None:
+                    pos = None
+                else:
+                    pos = [p for p, ok in enumerate(sel) if ok]
+            else:
+                pos = [p for p, r in enumerate(routes)
+                       if (name in r if r is not None else takes and (sel is None or sel[p]))]
+            picks.append(None if pos is not None and len(pos) == n else pos)
+        dead: list[tuple[int, str, str]] = []
+        if all(p is not None for p in picks):
+            taken = bytearray(n)
+            for p in picks:
+                for q in p or ():
+                    taken[q] = 1
+            if not all(taken):
+                await self._untaken([q for q in range(n) if not taken[q]], events, dead)
+        full: Batch | None = None
+        jobs = []
+        for i, s in enumerate(self.sinks):
+            pos = picks[i]
+            if pos is None:  # every event: the chunk's shared batch (one encoding)
+                if full is None:
+                    full = Batch(events, self.codec)
+                jobs.append(self._deliver(i, s, full, 0, dead))
+            elif pos:
+                jobs.append(self._deliver_some(i, s, [events[p] for p in pos], pos, dead))
+        if len(jobs) == 1:
+            await jobs[0]
+        elif jobs:
+            await asyncio.gather(*jobs)
+        if len(dead) > 1:
+            dead.sort()
+        return dead
+
+    async def _untaken(self, pos: list[int], events: Sequence[Any], dead: list[tuple[int, str, str]]) -> None:
+        """Events no sink takes (no route, no default sink selects them): dead-lettered."""
+        why = f"{REFUSED}: no sink takes it (no route rule names a sink for it, and no sink with default = true selects it)"
+        batch = Batch([events[p] for p in pos], self.codec)
+        now = time.time()
+        dead.extend((p, "routing", why) for p in pos)
+        await self._to_deadletter(
+            [DeadLetter(t, f"sink routing: {why}", "$", "routing", now, self.worker) for t in batch.texts], count=True
+        )
+
+    async def _deliver_some(
+        self, index: int, sink: Sink, events: list[Any], pos: list[int], dead: list[tuple[int, str, str]]
+    ) -> None:
+        """``sink`` writes a part of the chunk; its dead entries are mapped back to chunk positions."""
+        mine: list[tuple[int, str, str]] = []
+        await self._deliver(index, sink, Batch(events, self.codec), 0, mine)
+        dead.extend((pos[p], name, why) for p, name, why in mine)
 
     async def _deliver(self, index: int, sink: Sink, batch: Batch, at: int, dead: list[tuple[int, str, str]]) -> None:
         """One sink writes ``batch``, which starts at position ``at`` of the commit."""

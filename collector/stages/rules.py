@@ -5,28 +5,30 @@
     Rules(rules=[Rule(name, when=Cond, action, set/rename/remove/render, missing, on_error)])
       ── __post_init__: compiled once to check (ConfigError naming rules[i].when.all[0].regex)
       ── build(): compiled once per worker into closures ─► RulesRuntime(events) ─► drops
+                                                             take_routes() ─► id(event) → sinks
                                                              snapshot() ─► msgpack counters
     supervisor: Rules.merge(partials) ─► {rule: {evaluated, matched, ...}} ─► read(result, key)
 
 Rules run in order, one rule over the chunk's undecided events at a time. ``allow`` and
 ``block`` decide an event (later rules do not see it); ``transform`` changes it and
-evaluation goes on with the next rule. An event no rule decides passes. Conditions are
+evaluation goes on with the next rule; ``route`` names the sinks the event goes to
+(:mod:`collector.stages.routing`; the runner hands them to the sink set) and goes on.
+An event no rule decides passes. Conditions (:mod:`collector.stages.conditions`) are
 closures over ``operator`` functions and attribute getters: no parsing per event, no
 ``eval``; regexes are compiled once. A rule first runs over the whole chunk by C-level
-maps (``_P.many``); a chunk with a missing field or a raising value runs that rule one
-event at a time (``_P.one``), with the rule's ``missing`` and ``on_error``. See
-docs/rules.md. ``Filter`` (a Python predicate) is kept as it was.
+maps (``CompiledCond.many``); a chunk with a missing field or a raising value runs that
+rule one event at a time (``CompiledCond.one``), with the rule's ``missing`` and
+``on_error``. See docs/rules.md. ``Filter`` (a Python predicate) is kept as it was.
 """
 
 from __future__ import annotations
 
 import logging
-import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from itertools import compress, repeat
+from itertools import compress
 from operator import attrgetter
 from typing import Any, Literal
 
@@ -35,17 +37,18 @@ import msgspec
 from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from .base import Stage
+from .conditions import MISSED_AT, OPERATORS, CompiledCond, Cond, Missing, compile_cond, path_getter
+from .routing import ACTIONS, Routes, add_routes, check_route
 
 __all__ = ["COUNTERS", "Cond", "Filter", "Rule", "Rules", "RulesRuntime", "decode_rules"]
 
 log = logging.getLogger("collector.rules")
 
 # per rule, summed across workers by Rules.merge
-COUNTERS = ("evaluated", "matched", "allowed", "blocked", "transformed", "missing", "errors")
-_EV, _MA, _AL, _BL, _TR, _MI, _ER = range(len(COUNTERS))
-_U = msgspec.UNSET
-Unset = msgspec.UnsetType
-Scalar = int | float | str | bool
+COUNTERS = ("evaluated", "matched", "allowed", "blocked", "transformed", "missing", "errors", "routed")
+_EV, _MA, _AL, _BL, _TR, _MI, _ER, _RO = range(len(COUNTERS))
+assert _MI == MISSED_AT
+Edit = Callable[[Any], None]
 
 
 @dataclass(frozen=True)
@@ -76,38 +79,13 @@ class Filter(Stage):
 
 
 # ---------------------------------------------------------------------------- the config form
-class Cond(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    """A condition: one operator on ``path``, or one combinator (``all``, ``any``, ``not``).
-
-    ``{path = "user.type", eq = "premium"}``, ``{path = "data.score", range = [90, 100]}``,
-    ``{all = [{...}, {...}]}``, ``{not = {...}}``. ``range`` is inclusive at both ends;
-    ``contains`` is substring (strings) or membership (lists, dict keys); ``regex`` is a
-    search (anchor it with ``^...$``); ``in`` is membership of the field's value in the
-    list; ``exists`` is true when the path resolves to a value that is not None.
-    """
-
-    path: str | Unset = _U
-    eq: Any = _U
-    ne: Any = _U
-    gt: int | float | str | Unset = _U
-    ge: int | float | str | Unset = _U
-    lt: int | float | str | Unset = _U
-    le: int | float | str | Unset = _U
-    contains: Scalar | Unset = _U
-    regex: str | Unset = _U
-    in_: list[Any] | Unset = msgspec.field(default=_U, name="in")
-    range: tuple[int | float | str, int | float | str] | Unset = _U
-    exists: bool | Unset = _U
-    all: list[Cond] | Unset = _U
-    any: list[Cond] | Unset = _U
-    not_: Cond | Unset = msgspec.field(default=_U, name="not")
-
-
 class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """A named rule: a condition (none: every event) and an action.
 
     ``action``: ``allow`` (pass; decided), ``block`` (drop as ``filtered``, the reason
-    naming the rule; decided), ``transform`` (apply the edits, go on with the next rule).
+    naming the rule; decided), ``transform`` (apply the edits, go on with the next rule),
+    ``route`` (the event goes to the named ``sinks`` only, plus those of any later
+    ``route`` rule it matches; edits apply as a hint; go on with the next rule).
     The edits (``set`` path → value, ``render`` path → template, ``rename`` old path →
     new path, ``remove`` paths) apply with ``transform`` and, as a mark, with ``allow``.
     ``missing``: the value of a comparison whose field is missing (absent, None, or a
@@ -122,7 +100,8 @@ class Rule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_default
 
     name: str
     when: Cond | None = None
-    action: str = "allow"  # allow, block, transform (checked when compiled, with a hint for route)
+    action: str = "allow"  # allow, block, transform, route (checked when compiled)
+    sinks: list[str] = msgspec.field(default_factory=list)  # route: the sinks the event goes to
     set: dict[str, Any] = msgspec.field(default_factory=dict)
     render: dict[str, str] = msgspec.field(default_factory=dict)
     rename: dict[str, str] = msgspec.field(default_factory=dict)
@@ -232,84 +211,10 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(RulesPartial)
 
 
-class _Missing(Exception):
-    """A condition read a field that is absent or None."""
-
-
-_MISSING_EXC = _Missing()
-
-Pred = Callable[[Any], bool]
-Edit = Callable[[Any], None]
-
-
-class _P:
-    """A compiled condition: ``one(event)`` and ``many(events) -> mask``.
-
-    ``many`` is the fast path over a chunk: C-level maps of getters and ``operator``
-    functions, every condition evaluated on every event; it raises when any event
-    lacks a field, has a value of another kind, or raises, and the chunk then goes
-    through ``one`` (short-circuit, missing fields and errors as the rule says).
-    """
-
-    __slots__ = ("many", "one")
-
-    def __init__(self, one: Pred, many: Many) -> None:
-        self.one = one
-        self.many = many
-
-
-Many = Callable[[list[Any], dict[str, Any]], list[Any]]
-
-
-class _Slow(Exception):
-    """The chunk cannot take the fast path (a missing field, a mixed container)."""
-
-
-_SLOW = _Slow()
-_GAP: list[Any] = []  # in a chunk's cache: this path has a gap (by identity)
-
-
-def _many_path(path: str) -> Many:
-    """The values of ``path`` in each event by C-level maps, shared through the chunk's
-    ``cache`` by every condition reading the path or a prefix; raises _Slow on a gap."""
-    head, _, last = path.rpartition(".")
-    attr = attrgetter(last)
-    parent = _many_path(head) if head else None
-    dict_get = dict.get
-
-    def get(events: list[Any], cache: dict[str, Any]) -> list[Any]:
-        vals = cache.get(path)
-        if vals is None:
-            try:
-                if parent is None:
-                    vals = list(map(attr, events))
-                else:
-                    up = parent(events, cache)
-                    kinds = cache.get(head + ".")  # the kinds of the parent's values, once per chunk
-                    if kinds is None:
-                        kinds = cache[head + "."] = set(map(type, up))
-                    if type(None) in kinds:
-                        raise _SLOW
-                    if kinds == {dict}:
-                        vals = list(map(dict_get, up, repeat(last, len(up))))
-                    elif dict in kinds:
-                        raise _SLOW
-                    else:
-                        vals = list(map(attr, up))
-            except (_Slow, AttributeError):
-                vals = _GAP
-            cache[path] = vals
-        if vals is _GAP:
-            raise _SLOW
-        return vals
-
-    return get
-
-
 class _Compiled:
-    __slots__ = ("action", "counts", "edits", "index", "many", "missing", "name", "on_error", "pred", "reason")
+    __slots__ = ("action", "counts", "edits", "index", "many", "missing", "name", "on_error", "pred", "reason", "sinks")
 
-    def __init__(self, index: int, rule: Rule, pred: _P | None, edits: list[Edit], counts: list[int]) -> None:
+    def __init__(self, index: int, rule: Rule, pred: CompiledCond | None, edits: list[Edit], counts: list[int]) -> None:
         self.counts = counts  # this rule's counters (COUNTERS order), shared with its leaves
         self.index = index
         self.name = rule.name
@@ -320,6 +225,7 @@ class _Compiled:
         self.missing = rule.missing
         self.on_error = rule.on_error
         self.reason = rule.reason or f"blocked by rule {rule.name!r}"
+        self.sinks = frozenset(rule.sinks)
 
 
 class RulesRuntime:
@@ -332,9 +238,18 @@ class RulesRuntime:
         self.names = [c.name for c in self.compiled]
         self._snap: bytes | None = None
         self._logged: set[tuple[str, str]] = set()
+        self.routing = any(c.sinks for c in self.compiled)
+        self._routes: Routes = {}
+
+    def take_routes(self) -> Routes:
+        """The sinks the last chunk's routed events go to, by ``id(event)`` (taken once)."""
+        out, self._routes = self._routes, {}
+        return out
 
     def __call__(self, events: list[Any]) -> list[ErrorRecord]:
         """Apply the rules to a chunk; the blocked events are returned as drops."""
+        if self.routing:
+            self._routes = {}
         if not events:
             return []
         self._snap = None
@@ -367,10 +282,13 @@ class RulesRuntime:
             drop = [i for i, m in enumerate(mask) if m is _BLOCK]  # raised, and on_error = block
             if r.action == "block":
                 drop = sorted(drop + matched)
-            elif r.edits and matched:  # transform, or allow with a mark
+            elif r.edits and matched:  # transform, route with a hint, or allow with a mark
                 for i in matched:
                     self._edit(r, alive[i], c)
                 cache.clear()
+            if r.sinks and matched:
+                c[_RO] += len(matched)
+                add_routes(self._routes, [alive[i] for i in matched], r.sinks)
             if r.action == "allow":
                 c[_AL] += len(matched)
             if drop:
@@ -396,7 +314,7 @@ class RulesRuntime:
             try:
                 out.append(pred(e))
                 continue
-            except _Missing:  # only with missing = "error"
+            except Missing:  # only with missing = "error"
                 why = "a field the rule reads is missing"
             except Exception as ex:
                 why = f"{type(ex).__name__}: {ex}"
@@ -441,30 +359,21 @@ _BLOCK: Any = _Block()
 
 
 # ---------------------------------------------------------------------------- compiling
-OPERATORS = ("eq", "ne", "gt", "ge", "lt", "le", "contains", "regex", "in", "range", "exists", "all", "any", "not")
-# test(arg, value): the comparisons mirrored (value > arg is arg < value)
-_CMP: dict[str, Callable[[Any, Any], Any]] = {
-    "eq": operator.eq, "ne": operator.ne, "gt": operator.lt, "ge": operator.le, "lt": operator.gt, "le": operator.ge,
-    "contains": lambda arg, v: arg in v,
-}
-_ORDERED = (int, float, str)
-
-
 def _compile_all(rules: Sequence[Rule], maps: Mapping[str, Mapping[Any, Any]]) -> list[_Compiled]:
     out = []
     for i, r in enumerate(rules):
         at = f"rules[{i}]"
         if not isinstance(r, Rule):
             raise ConfigError(f"{at}: expected a Rule or its dict, got {type(r).__name__}")
-        if r.action not in ("allow", "block", "transform"):
-            hint = " (routing to sinks is not implemented yet)" if r.action == "route" else ""
-            raise ConfigError(f"{at}.action: unknown action {r.action!r}{hint}; known: allow, block, transform")
+        if r.action not in ACTIONS:
+            raise ConfigError(f"{at}.action: unknown action {r.action!r}; known: {', '.join(ACTIONS)}")
+        check_route(r.action, r.sinks, bool(r.set or r.render or r.rename or r.remove), at)
         if r.missing not in (False, True, "error"):
             raise ConfigError(f"{at}.missing: must be false, true or \"error\" (got {r.missing!r})")
         if r.on_error not in ("allow", "block"):
             raise ConfigError(f"{at}.on_error: must be \"allow\" or \"block\" (got {r.on_error!r})")
         counts = [0] * len(COUNTERS)
-        pred = None if r.when is None else _cond(r.when, f"{at}.when", r.missing, counts)
+        pred = None if r.when is None else compile_cond(r.when, f"{at}.when", r.missing, counts)
         edits = _edits(r, at, maps)
         if r.action == "transform" and not edits:
             raise ConfigError(f"{at}: a transform rule needs set, render, rename or remove")
@@ -474,240 +383,11 @@ def _compile_all(rules: Sequence[Rule], maps: Mapping[str, Mapping[Any, Any]]) -
     return out
 
 
-def _path(p: Any, at: str) -> Callable[[Any], Any]:
-    """A getter for a dotted path: attributes of Structs, keys of dicts; raises _Missing."""
-    if not isinstance(p, str) or not p or not all(s.isidentifier() for s in p.split(".")):
-        raise ConfigError(f"{at}: {p!r} is not a field path (names separated by dots: data.value)")
-    parts = p.split(".")
-    if len(parts) == 1:
-        (a,) = parts
-
-        def get1(e: Any) -> Any:
-            v = e.get(a) if type(e) is dict else getattr(e, a, None)
-            if v is None:
-                raise _MISSING_EXC
-            return v
-
-        return get1
-    if len(parts) == 2:
-        a, b = parts
-
-        def get2(e: Any) -> Any:  # the common case, unrolled: data.value
-            d = e.get(a) if type(e) is dict else getattr(e, a, None)
-            v = d.get(b) if type(d) is dict else getattr(d, b, None)
-            if v is None:
-                raise _MISSING_EXC
-            return v
-
-        return get2
-
-    def get(e: Any) -> Any:
-        for s in parts:
-            e = e.get(s) if isinstance(e, dict) else getattr(e, s, None)
-            if e is None:
-                raise _MISSING_EXC
-        return e
-
-    return get
-
-
-def _cond(c: Any, at: str, miss: Any, counts: list[int]) -> _P:
-    """The predicate of condition ``c``; a leaf reading a missing field gives ``miss``
-    (False, True, or "error": raise) and counts it in ``counts``."""
-    if not isinstance(c, Cond):
-        raise ConfigError(f"{at}: expected a condition (Cond or its dict), got {type(c).__name__}")
-    given = [op for op in OPERATORS if getattr(c, "in_" if op == "in" else "not_" if op == "not" else op) is not _U]
-    if len(given) != 1:
-        what = "no operator" if not given else f"several operators ({', '.join(given)})"
-        raise ConfigError(f"{at}: a condition needs exactly one operator, got {what}; known: {', '.join(OPERATORS)}")
-    op = given[0]
-    at_op = f"{at}.{op}"
-    if op in ("all", "any", "not"):
-        if c.path is not _U:
-            raise ConfigError(f"{at}.path: {op} combines conditions; put the path in each of them")
-        if op == "not":
-            inner = _cond(c.not_, at_op, miss, counts)
-            one, many = inner.one, inner.many
-            return _P(lambda e: not one(e), lambda es, cache: list(map(operator.not_, many(es, cache))))
-        subs = c.all if op == "all" else c.any
-        if not isinstance(subs, list | tuple) or not subs:
-            raise ConfigError(f"{at_op}: needs a non-empty list of conditions")
-        preds = [_cond(s, f"{at_op}[{j}]", miss, counts) for j, s in enumerate(subs)]
-        if len(preds) == 1:
-            return preds[0]
-        return _combine(preds, op)
-    if c.path is _U:
-        raise ConfigError(f"{at}.path: {op} needs the path of the field it reads")
-    get = _path(c.path, f"{at}.path")
-    arg = getattr(c, "in_" if op == "in" else op)
-    if op == "exists":
-        if not isinstance(arg, bool):
-            raise ConfigError(f"{at_op}: expected true or false, got {arg!r}")
-
-        def exists(e: Any) -> bool:
-            try:
-                get(e)
-            except _Missing:
-                return not arg
-            return arg
-
-        mget = _many_path(c.path)
-        same = operator.is_not if arg else operator.is_
-
-        def all_exist(events: list[Any], cache: dict[str, Any]) -> list[Any]:
-            vals = mget(events, cache)
-            return list(map(same, vals, repeat(None, len(vals))))
-
-        return _P(exists, all_exist)
-    if op in ("gt", "ge", "lt", "le"):
-        if isinstance(arg, bool) or not isinstance(arg, _ORDERED):
-            raise ConfigError(f"{at_op}: expected a number or a string, got {type(arg).__name__} {arg!r}")
-    elif op == "contains":
-        if isinstance(arg, list | dict | tuple):
-            raise ConfigError(f"{at_op}: expected one value (a string or a number), got {type(arg).__name__}")
-    elif op == "regex":
-        if not isinstance(arg, str):
-            raise ConfigError(f"{at_op}: expected a regular expression string, got {type(arg).__name__}")
-        try:
-            rx = re.compile(arg)
-        except re.error as ex:
-            raise ConfigError(f"{at_op}: bad regular expression {arg!r}: {ex}") from None
-        test, memo = _memo_search(rx)
-
-        def searched(vals: list[Any]) -> list[Any]:
-            hits = list(map(memo.get, vals))  # TypeError on an unhashable value: the slow path
-            return list(map(test, repeat(None, len(vals)), vals)) if None in hits else hits
-
-        return _leaf(c.path, get, test, None, miss, counts, searched)
-    elif op == "in":
-        if not isinstance(arg, list | tuple | set | frozenset):
-            raise ConfigError(f"{at_op}: expected a list of values, got {type(arg).__name__} {arg!r}")
-        try:
-            values: Any = frozenset(arg)
-        except TypeError:
-            values = tuple(arg)
-        return _leaf(c.path, get, operator.contains, values, miss, counts)
-    elif op == "range":
-        if (
-            not isinstance(arg, list | tuple) or len(arg) != 2
-            or any(isinstance(x, bool) or not isinstance(x, _ORDERED) for x in arg)
-        ):
-            raise ConfigError(f"{at_op}: expected [low, high] (numbers or strings), got {arg!r}")
-        lo, hi = arg
-        try:
-            if lo > hi:
-                raise ConfigError(f"{at_op}: low {lo!r} is above high {hi!r}")
-        except TypeError:
-            raise ConfigError(f"{at_op}: low and high must be of one kind, got {lo!r} and {hi!r}") from None
-        le, ge = operator.le, operator.ge
-
-        def within(vals: list[Any]) -> list[Any]:
-            n = len(vals)
-            return list(map(operator.and_, map(le, repeat(lo, n), vals), map(ge, repeat(hi, n), vals)))
-
-        return _leaf(c.path, get, lambda _, v: lo <= v <= hi, None, miss, counts, within)
-    if op == "contains":
-        return _leaf(c.path, get, _CMP[op], arg, miss, counts,
-                     lambda vals: list(map(operator.contains, vals, repeat(arg, len(vals)))))
-    return _leaf(c.path, get, _CMP[op], arg, miss, counts)
-
-
-def _leaf(
-    path: str, get: Callable[[Any], Any], test: Callable[[Any, Any], Any], arg: Any, miss: Any, counts: list[int],
-    vec: Callable[[list[Any]], list[Any]] | None = None,
-) -> _P:
-    """``test(arg, field value)``; a missing field gives ``miss`` (or raises on "error").
-
-    ``vec(values)`` is the test over a chunk's values (default: ``test`` mapped in C).
-    """
-    mget = _many_path(path)
-    if vec is None:
-        def vec(vals: list[Any]) -> list[Any]:
-            return list(map(test, repeat(arg, len(vals)), vals))
-    test_all = vec
-
-    def many(events: list[Any], cache: dict[str, Any]) -> list[Any]:
-        vals = mget(events, cache)
-        if None in vals:
-            raise _SLOW
-        return test_all(vals)
-
-    if miss == "error":
-        def strict(e: Any) -> bool:
-            try:
-                v = get(e)
-            except _Missing:
-                counts[_MI] += 1
-                raise
-            return test(arg, v)
-
-        return _P(strict, many)
-    missing = bool(miss)
-
-    def leaf(e: Any) -> bool:
-        try:
-            v = get(e)
-        except _Missing:
-            counts[_MI] += 1
-            return missing
-        return test(arg, v)
-
-    return _P(leaf, many)
-
-
-def _memo_search(rx: re.Pattern[str]) -> tuple[Callable[[Any, Any], bool], dict[str, bool]]:
-    """``rx.search(value) is not None``, remembered per value (user agents repeat: a
-    dict hit is several times cheaper than a case-insensitive alternation)."""
-    search = rx.search
-    memo: dict[str, bool] = {}
-
-    def test(_: Any, v: Any) -> bool:
-        r = memo.get(v)
-        if r is None:
-            r = search(v) is not None  # TypeError on a value that is not a string
-            if len(memo) >= 4096:
-                memo.clear()
-            memo[v] = r
-        return r
-
-    return test, memo
-
-
-def _combine(subs: list[_P], op: str) -> _P:
-    """``all`` or ``any`` of the conditions, one event at a time and over a chunk."""
-    one = _short([p.one for p in subs], op == "any")
-    both = operator.and_ if op == "all" else operator.or_
-    manys = [p.many for p in subs]
-
-    def many(events: list[Any], cache: dict[str, Any]) -> list[Any]:
-        mask = manys[0](events, cache)
-        for m in manys[1:]:
-            mask = list(map(both, mask, m(events, cache)))  # bools from every condition
-        return mask
-
-    return _P(one, many)
-
-
-def _short(preds: list[Pred], stop: bool) -> Pred:
-    """``all`` (``stop=False``: the first false decides) or ``any`` (``stop=True``: the first true)."""
-    if len(preds) == 2:
-        a, b = preds
-        return (lambda e: bool(a(e) or b(e))) if stop else (lambda e: bool(a(e) and b(e)))
-
-    def short(e: Any) -> bool:
-        for p in preds:  # a loop: all()/any() over a generator is slower
-            if bool(p(e)) is stop:
-                return stop
-        return not stop
-
-    return short
-
-
 def _set_path(path: str, at: str) -> tuple[Callable[[Any], Any], str]:
     """The parent getter and the last name of a path that is written to."""
-    _path(path, at)  # checks the syntax
+    path_getter(path, at)  # checks the syntax
     head, _, last = path.rpartition(".")
-    parent = _path(head, at) if head else (lambda e: e)
+    parent = path_getter(head, at) if head else (lambda e: e)
     return parent, last
 
 

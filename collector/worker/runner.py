@@ -52,6 +52,7 @@ from ..pipeline import Pipeline, resolve_pipeline
 from ..protocol import Ack, Chunk, ChunkSummary, ErrorRecord, Message
 from ..registry import import_string
 from ..sources.metrics import LookupMeter
+from ..stages.routing import Routes, merge_routes, routes_of
 
 __all__ = ["TICK", "PipelineRunner", "error_path"]
 
@@ -107,7 +108,7 @@ class PipelineRunner:
         }
         # the steps in pipeline order; enrichment runs where an Enrich() stage stands, or
         # after every stage when the pipeline names none (the order before Enrich existed)
-        self.steps: list[tuple[Any, Any] | None] = []
+        self.steps: list[tuple[Any, Any, Any] | None] = []  # (runtime, settle, take_routes)
         self.stateful: list[tuple[str, Any]] = []  # (name, runtime) of stages with mergeable partial state
         self.emitters: list[Any] = []  # runtimes with drain(): records for the sinks
         self.expiring: list[Any] = []  # runtimes with expire(now): called by tick()
@@ -120,7 +121,9 @@ class PipelineRunner:
                     self.steps.append(None)
                 continue
             run = st.build()
-            self.steps.append((run, getattr(run, "settle", None)))
+            # a Rules runtime with route rules hands over each chunk's routes (id(event) → sinks)
+            take = run.take_routes if getattr(run, "routing", False) else None
+            self.steps.append((run, getattr(run, "settle", None), take))
             # published partials are for the supervisor to merge; a stage without merge
             # (Pair) has a snapshot() for persistence, not worth encoding every interval
             if hasattr(run, "snapshot") and hasattr(st, "merge"):
@@ -158,7 +161,9 @@ class PipelineRunner:
         """Build and open the sinks (raises: a boot failure)."""
         if self.pipeline.sinks or self.pipeline.deadletter is not None:
             from ..sinks import build_sinkset
+            from ..sinks.routing import check_routes
 
+            check_routes(self.pipeline)  # a route to a sink the pipeline lacks: a boot failure
             self.sinkset = build_sinkset(
                 list(self.pipeline.sinks),
                 deadletter=self.pipeline.deadletter,
@@ -327,14 +332,22 @@ class PipelineRunner:
         failed = len(errors)
         invalid = list(errors)
         summary = ChunkSummary(counts={}, lookups={})
+        routed: Routes | None = None  # id(event) → (event, the sinks its route rules name)
         for step in self.steps:
             if step is None:
                 if self.enricher is not None:
                     summary.lookups = await self.enricher.enrich(events)
                     self.count_lookups(summary)
+                    # an event whose lookup failed keeps the default (failures of two lookups: two events)
+                    fails = sum(ls.failures for ls in summary.lookups.values())
+                    slot.add(S.ENRICHED, max(len(events) - fails, 0))
                 continue
-            stage, settle = step
+            stage, settle, take = step
             dropped = stage(events)
+            if take is not None:  # taken now: another chunk may run the stage at the next await
+                got = take()
+                if got:
+                    routed = got if routed is None else merge_routes(routed, got)
             if settle is not None:
                 settles.append((settle, events))
             if type(dropped) is not list:  # a stage waiting for another chunk's outcome
@@ -349,6 +362,8 @@ class PipelineRunner:
                     slot.add(S.DROPPED_DUP, 1)
                 elif d.kind == "retry":  # not stored: the caller must send it again
                     failed += 1
+                elif d.kind == "filtered":
+                    slot.add(S.FILTERED, 1)
                 # filtered, unauthorized: answered with their kind, not stored, not retried
                 # and not failures (the stage counts them: rules, auth counters)
             if kept is None:
@@ -386,14 +401,19 @@ class PipelineRunner:
                     ]
                 )
                 slot.add(S.DEADLETTERED, len(invalid))
+            routes = None
+            if routed:
+                routes = routes_of(routed, events)
             if records:
                 n_ev = len(events)
-                dead = await self.sinkset.commit(events + records)
+                if routes is not None:
+                    routes += [None] * len(records)  # emitted records go where unrouted events go
+                dead = await self.sinkset.commit(events + records, routes)
                 if dead and dead[-1][0] >= n_ev:  # sorted: some emitted record was dead-lettered
                     self.count_dead_records([d for d in dead if d[0] >= n_ev], records, n_ev)
                     dead = [d for d in dead if d[0] < n_ev]
             else:
-                dead = await self.sinkset.commit(events) if events else []
+                dead = await self.sinkset.commit(events, routes) if events else []
         else:
             dead = []
         # stored: now (and only now) remembered as seen. Dead-lettered by a sink (store

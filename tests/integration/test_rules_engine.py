@@ -41,11 +41,11 @@ def test_blocked_events_are_reported_per_item_and_counters_are_exact() -> None:
         n_err, n_low, n_tag = sum(errs), sum(low), sum(tagged)
         want = {
             "errors-pass": {"evaluated": len(events), "matched": n_err, "allowed": n_err, "blocked": 0,
-                            "transformed": 0, "missing": 0, "errors": 0},
+                            "transformed": 0, "missing": 0, "errors": 0, "routed": 0},
             "low-bitrate": {"evaluated": len(events) - n_err, "matched": n_low, "allowed": 0, "blocked": n_low,
-                            "transformed": 0, "missing": 0, "errors": 0},
+                            "transformed": 0, "missing": 0, "errors": 0, "routed": 0},
             "tag-tv": {"evaluated": len(events) - n_err - n_low, "matched": n_tag, "allowed": 0, "blocked": 0,
-                       "transformed": n_tag, "missing": 0, "errors": 0},
+                       "transformed": n_tag, "missing": 0, "errors": 0, "routed": 0},
         }
         wait_until(lambda: c.aggregate("filters") == want, 10, what="both workers' rule counters")
         assert c.aggregate("filters", "low-bitrate") == want["low-bitrate"]

@@ -120,7 +120,7 @@ def test_errors_on_some_events_leave_the_others_decided_normally() -> None:
     assert [(d.pos, d.kind, d.reason) for d in drops] == [
         (2, "filtered", "blocked by rule 'big'"), (4, "filtered", "blocked by rule 'big'")]
     assert stage.merge([rt.snapshot()])["big"] == {
-        "evaluated": 5, "matched": 2, "allowed": 0, "blocked": 2, "transformed": 0, "missing": 1, "errors": 1}
+        "evaluated": 5, "matched": 2, "allowed": 0, "blocked": 2, "transformed": 0, "missing": 1, "errors": 1, "routed": 0}
 
 
 def test_order_allow_decides_transform_goes_on_and_counters_sum() -> None:
@@ -145,10 +145,10 @@ def test_order_allow_decides_transform_goes_on_and_counters_sum() -> None:
     assert rt.snapshot() is snap
     got = stage.merge([snap, snap])  # two workers
     assert got["vip"] == {"evaluated": 6, "matched": 2, "allowed": 2, "blocked": 0, "transformed": 2, "missing": 0,
-                          "errors": 0}
+                          "errors": 0, "routed": 0}
     assert got["tag"]["evaluated"] == 4 and got["tag"]["transformed"] == 2
     assert got["drop-big"] == {"evaluated": 4, "matched": 2, "allowed": 0, "blocked": 2, "transformed": 0,
-                               "missing": 2, "errors": 0}
+                               "missing": 2, "errors": 0, "routed": 0}
     assert got["rest"]["allowed"] == 2
     assert stage.read(got, "rest")["evaluated"] == 2 and stage.read(got, "nope") is None
     assert stage.merge([]) == stage.read(stage.merge([]))  # no partial yet: zeros for every rule
@@ -193,7 +193,10 @@ BAD: list[tuple[list[Any], str]] = [
     ([{"name": "a", "when": {"eq": 1}}], "rules[0].when.path: eq needs the path"),
     ([{"name": "a", "when": {"path": "x..y", "eq": 1}}], "rules[0].when.path: 'x..y' is not a field path"),
     ([{"name": "a", "when": {"path": "x", "all": [{"path": "x", "eq": 1}]}}], "rules[0].when.path: all combines"),
-    ([{"name": "a", "action": "route"}], "rules[0].action: unknown action 'route' (routing to sinks is not implemented yet)"),
+    ([{"name": "a", "action": "route"}], "rules[0]: a route rule needs sinks"),
+    ([{"name": "a", "action": "route", "sinks": [""]}], "rules[0].sinks[0]: expected a sink name"),
+    ([{"name": "a", "action": "allow", "sinks": ["x"]}], "rules[0].sinks: only a route rule names sinks"),
+    ([{"name": "a", "action": "rout"}], "rules[0].action: unknown action 'rout'; known: allow, block, transform, route"),
     ([{"name": "a", "action": "transform"}], "rules[0]: a transform rule needs set"),
     ([{"name": "a", "action": "block", "set": {"x": 1}}], "rules[0]: a block rule drops the event"),
     ([{"name": "a", "missing": "maybe"}], "rules[0].missing: Invalid enum value 'maybe'"),
@@ -215,7 +218,7 @@ def test_python_form_is_checked_when_constructed() -> None:
         Rules(rules=[Rule("a", Cond(all=[Cond(path="x", eq=1), Cond(path="x", regex="[")]))])
     with pytest.raises(ConfigError, match=r"^rules\[0\]\.when\.gt: expected a number or a string, got list"):
         Rules(rules=[Rule("a", Cond(path="x", gt=[1]))])
-    with pytest.raises(ConfigError, match=r"^rules\[0\]\.action: unknown action 'route' \(routing to sinks"):
+    with pytest.raises(ConfigError, match=r"^rules\[0\]: a route rule needs sinks"):
         Rules(rules=[Rule("a", None, action="route")])
     # dicts are accepted in the Python form too
     assert Rules(rules=[{"name": "a", "when": {"path": "x", "eq": 1}}]).rules[0] == Rule("a", Cond(path="x", eq=1))
