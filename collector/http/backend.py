@@ -5,6 +5,7 @@
     routes/ingest.py ── pipeline(), submit(items, keys), count_rejected(), stopping ──┐
     routes/status.py ── metrics(), health(), ready(), stats(), sink_names() ──────────┤
                         (metrics().integrity: the pipeline's integrity() figures)
+                    ── ingress(): the NATS [source] (GET /ingress; in /metrics, /ready)┤
     routes/aggregates.py ── aggregates(), aggregate(name, key), view(name) ───────────┤
                                                                                       ▼
                                                    Backend (the daemon's: collector.daemon.views)
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from ..pipeline import Pipeline
     from ..results import ErrorItem
     from ..stats import Stats
-    from .schemas import Health, Metrics
+    from .schemas import Health, IngressStatus, Metrics
 
 __all__ = ["Backend", "Submitted"]
 
@@ -68,7 +69,13 @@ class Backend(Protocol):
         ...
 
     async def ready(self) -> Health:
-        """Readiness: healthy, and every sink answers its probe."""
+        """Readiness: healthy, every sink answers its probe, and the ingress (if any) is connected."""
+        ...
+
+    def ingress(self) -> IngressStatus | None:
+        """The NATS JetStream ``[source]``'s state and counters; None when the daemon has none.
+
+        Never waits on NATS: the consumer's lag is a copy read in the background."""
         ...
 
     def stats(self) -> Stats:

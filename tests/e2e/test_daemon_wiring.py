@@ -156,8 +156,20 @@ def test_serve_with_a_nats_source_stores_every_published_id(tmp_path: Path) -> N
                 wait_until(lambda: len(dd.stored()) >= 400, 60, what="the first 400 events stored")
                 status, m = d.get("/metrics")
                 assert status == 200 and m["ingress"]["acked"] == 400 and m["ingress"]["events"] == 400, m["ingress"]
+                ing = m["ingress"]
+                assert ing["connected"] is True and ing["stream"] == names.stream and ing["durable"] == names.durable
+                assert ing["messages_inflight"] == 0 and ing["terminated"] == 0 and ing["nakked"] == 0, ing
+                wait_until(lambda: (dd.get("/ingress")[1].get("consumer_info_age_s") or 9) < 5, 10,
+                           what="the consumer info read in the background")
+                status, ing = d.get("/ingress")
+                assert status == 200 and ing["num_pending"] == 0 and ing["num_ack_pending"] == 0, ing
+                status, ready = d.get("/ready")
+                assert status == 200 and ready["ingress"]["connected"] is True, ready
                 status, _, prom = d.request("GET", "/metrics/prometheus")
-                assert b"collector_ingress_acked_total 400" in prom and b"collector_ingress_num_pending " in prom
+                lab = f'{{stream="{names.stream}",durable="{names.durable}"}}'.encode()
+                assert b"collector_ingress_acked_total" + lab + b" 400" in prom, prom[-2000:]
+                assert b"collector_ingress_connected" + lab + b" 1" in prom
+                assert b"collector_ingress_num_pending" + lab in prom
 
                 # HTTP ingest alongside
                 status, body = d.post("/events", {"id": "http-1", "type": "user_action", "source": "web"})
