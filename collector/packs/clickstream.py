@@ -260,6 +260,7 @@ class ClickstreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     sqlite_path: str = "clickstream.db"
     pair_ttl: float = 12 * 3600.0
     pair_store: Literal["memory", "redis"] = "memory"
+    pair_prefix: str = "pv:"  # Redis key prefix of the waiting halves (pair_store = "redis")
     dedup_ttl: float = 600.0
 
 
@@ -311,7 +312,7 @@ def clickstream_pipeline(
                  key=("user_id", "data.page_view_id"), time_field="timestamp",
                  carry=("timestamp", "data.page_type", "session_id"), ttl=o.pair_ttl,
                  output_type="page_view", emit="collector.packs.clickstream:page_view_record",
-                 store=o.pair_store, redis_url=o.redis_url, prefix="pv:"),
+                 store=o.pair_store, redis_url=o.redis_url, prefix=o.pair_prefix),
         ]
     if sinks is None:
         if o.role == "ingest":
