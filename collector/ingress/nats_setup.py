@@ -82,14 +82,14 @@ async def ensure(nats: Any, js: Any, cfg: NatsIngressConfig) -> None:
         await js.add_stream(
             api.StreamConfig(
                 name=cfg.stream,
-                subjects=list(cfg.subjects),
+                subjects=list(cfg.stream_subjects or cfg.subjects),
                 retention=api.RetentionPolicy(cfg.retention),
                 max_age=cfg.max_age or None,
                 duplicate_window=cfg.duplicate_window,
                 storage=api.StorageType.FILE,
             )
         )
-        log.info("created NATS stream %s on %s", cfg.stream, cfg.subjects)
+        log.info("created NATS stream %s on %s", cfg.stream, cfg.stream_subjects or cfg.subjects)
     try:
         await js.consumer_info(cfg.stream, cfg.durable)
     except nats.js.errors.NotFoundError:

@@ -152,3 +152,82 @@ def test_two_etl_daemons_on_one_durable_pair_every_page_view_once_through_redis(
     assert sum(i["acked"] for i in ingress) == 2 * N and all(i["fetched"] > 0 for i in ingress), ingress
     print(f"\n{across} of {N} page views had their halves on different daemons; "
           f"rows per daemon: {[len(rs) for rs in rows]}")
+
+
+def test_partitioned_by_subject_each_daemon_pairs_its_users_in_memory(tmp_path: Path, no_leaks: None) -> None:
+    """The other answer: partition the stream by subject. The nats sink publishes to
+    ``<prefix>.<event>.{user_id:p2}`` (the user's partition out of 2), and each daemon has
+    its own durable filtering one partition (``<prefix>.*.0`` / ``.1``), so one user's
+    halves always reach one daemon and per-worker memory pairing is enough."""
+    nats = pytest.importorskip("nats")
+    import msgspec
+    from test_nats import Names
+
+    from collector.packs.clickstream import click_event_type
+    from collector.sinks import NatsSinkConfig, build_sink
+    from collector.sinks.base import Batch, EventCodec
+
+    nurl = _need(os.environ.get("COLLECTOR_NATS_URL") or "nats://127.0.0.1:4222", 4222, "NATS")
+    names = Names()
+    evs, pvs = page_views(N)
+
+    async def publish() -> None:
+        codec = EventCodec(click_event_type(), "id")
+        sink = build_sink(NatsSinkConfig(url=nurl, subject=names.prefix + ".{event}.{user_id:p2}"), index=0,
+                          codec=codec, worker=0)  # type: ignore[arg-type]
+        await sink.open()
+        try:
+            for k in range(0, len(evs), 20):
+                await sink.write(Batch(msgspec.convert(evs[k:k + 20], list[click_event_type()]), codec))
+        finally:
+            await sink.close()
+
+    async def delete() -> None:
+        nc = await nats.connect(nurl, connect_timeout=5)
+        try:
+            with suppress(Exception):
+                await nc.jetstream().delete_stream(names.stream)
+        finally:
+            await nc.close()
+
+    cfg = "\n".join([
+        "[pipeline]", 'pack = "clickstream"', "[pipeline.options]", 'role = "etl"', 'pair_store = "memory"',
+        "[[sinks]]", 'kind = "jsonl"', 'path = "events-{worker}.jsonl"',
+        # whichever daemon starts first creates the stream over every partition
+        "[source]", f"stream_subjects = [{json.dumps(names.prefix + '.>')}]", "",
+    ])
+    daemons: list[Daemon] = []
+    try:
+        for p in (0, 1):
+            (tmp_path / f"p{p}").mkdir()
+            daemons.append(start_daemon(tmp_path / f"p{p}", cfg, workers=1, args=[
+                "--source", nurl, "--stream", names.stream, "--subject", f"{names.prefix}.*.{p}",
+                "--durable", f"{names.durable}-p{p}"]))
+        asyncio.run(publish())
+        wait_until(lambda: sum(len(stored(d)) for d in daemons) >= 3 * N, 120, interval=0.2,
+                   what=f"{3 * N} rows over both daemons")
+        ingress = [d.get("/ingress")[1] for d in daemons]
+        for d in daemons:
+            assert d.stop() == 0, d.log.read_text()[-3000:]
+        rows = [stored(d) for d in daemons]
+    finally:
+        for d in daemons:
+            with suppress(Exception):
+                d.stop()
+        asyncio.run(delete())
+
+    halves = Counter(x["id"] for rs in rows for x in rs if x["event"] != "page_view")
+    assert set(halves) == {e["id"] for e in evs} and max(halves.values()) == 1
+    views = [x for rs in rows for x in rs if x["event"] == "page_view"]
+    by_pv = Counter(v["data"]["page_view_id"] for v in views)
+    assert set(by_pv) == set(pvs) and max(by_pv.values()) == 1, (len(by_pv), len(pvs))
+    assert all(v["data"]["paired"] is True for v in views), [v for v in views if not v["data"]["paired"]][:3]
+    # one user, one daemon; both partitions used
+    owner: dict[str, set[int]] = {}
+    for i, rs in enumerate(rows):
+        for x in rs:
+            owner.setdefault(x["user_id"], set()).add(i)
+    assert all(len(s) == 1 for s in owner.values()), {u: s for u, s in owner.items() if len(s) > 1}
+    assert all(rs for rs in rows), [len(rs) for rs in rows]
+    assert [i["subjects"] for i in ingress] == [[f"{names.prefix}.*.0"], [f"{names.prefix}.*.1"]]
+    assert sum(i["acked"] for i in ingress) == 2 * N, ingress

@@ -81,3 +81,22 @@ def test_openapi_lists_the_ingress() -> None:
             "num_pending", "num_ack_pending", "consumer_info_age_s", "last_error"} <= set(comp["IngressStatus"]["properties"])
     assert comp["Metrics"]["properties"]["ingress"]["anyOf"][0] == {"$ref": "#/components/schemas/IngressStatus"}
     assert "ingress" in comp["Health"]["properties"]
+
+
+def test_subject_template_partitions_a_field() -> None:
+    import pytest
+
+    from collector.errors import ConfigError
+    from collector.sinks.nats import SubjectTemplate, partition
+
+    t = SubjectTemplate("cs.{event}.{user_id:p4}")
+    assert t.fields == ["event", "user_id"] and not t.constant
+    subjects = {t.render({"event": "page_view_start", "user_id": f"u{i}"}) for i in range(200)}
+    assert subjects == {f"cs.page_view_start.{p}" for p in range(4)}
+    # stable: one key, one partition, whatever the process (FNV-1a, not the salted hash)
+    assert partition("u1", 4) == partition("u1", 4) == 3 and partition("", 3) == 0x811C9DC5 % 3
+    assert t.render({"event": "x", "user_id": "a.b"}) == f"cs.x.{partition('a.b', 4)}"
+    assert SubjectTemplate("events.{type}").render({"type": "a.b"}) == "events.a_b"
+    for bad in ("x.{a:q3}", "x.{a:p0}", "x.{a:p}"):
+        with pytest.raises(ConfigError, match="pN"):
+            SubjectTemplate(bad)
