@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import signal
@@ -188,6 +189,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8, help="lookups in flight at once per worker")
     ap.add_argument("--json", action="store_true", help="print one JSON object per run instead of the table")
     a = ap.parse_args()
+    logging.getLogger("collector").setLevel(logging.ERROR)  # the publisher's "disconnected" on close
     print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; lookup latency {a.latency * 1000:g} ms, "
           f"concurrency {a.concurrency} per daemon (1 worker each)", file=sys.stderr)
     rows = []
