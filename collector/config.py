@@ -159,6 +159,11 @@ class NatsIngressConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     durable: Annotated[
         str, Meta(description="durable consumer name: collectors sharing it share the messages")
     ] = "collector"
+    stream_subjects: Annotated[
+        list[str],
+        Meta(description="subjects the stream captures when this collector creates it (empty: `subjects`); "
+             "partitions: `subjects = [\"clickstream.*.0\"]`, `stream_subjects = [\"clickstream.>\"]`"),
+    ] = msgspec.field(default_factory=list)
     connect_timeout: Annotated[
         float, Meta(gt=0, description="seconds to reach the server at start (later outages are retried for ever)")
     ] = 10.0

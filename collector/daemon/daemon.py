@@ -84,7 +84,7 @@ class Daemon:
         if cfg.source is None:
             return
         s = cfg.source
-        self.ingress = self.views.ingress = await run_ingress(collector, s)
+        self.ingress = self.views.consumer = await run_ingress(collector, s)
         log.info("consuming %s stream %s (%s) as durable %s", s.url, s.stream, ",".join(s.subjects), s.durable,
                  extra={"fields": {"event": "ingress_started", "stream": s.stream, "durable": s.durable}})
 

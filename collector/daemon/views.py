@@ -12,6 +12,9 @@
            ─► ready() ──► health + probe_sinks(): each sink's own probe (at most once a
                           second, from sinks built here, never opened for writing)
                           and what the workers last saw of it (from the stats)
+                          + the ingress connected (with a [source])
+           ─► ingress() ─► the NATS [source]: its counters (summed over the ingresses a
+                          reload restarted), state, lag copy and last error
 
 The daemon swaps engines with :meth:`Views.swap` and :meth:`Views.retire`; the
 figures never dip during a reload, and a request reads the engine serving when it runs.
@@ -23,7 +26,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..http.schemas import Health, Metrics, ProcessorMetrics, ProcessorStatus
+from ..http.schemas import Health, IngressStatus, Metrics, ProcessorMetrics, ProcessorStatus
 from ..sinks import build_sinkset, sink_names
 from .processor import ProcessorViews
 
@@ -37,11 +40,13 @@ if TYPE_CHECKING:
     from ..sources.metrics import SourceMetrics
     from ..stats import Stats
 
-__all__ = ["COUNTERS", "INGRESS_GAUGES", "Views"]
+__all__ = ["COUNTERS", "INGRESS_FIGURES", "INGRESS_GAUGES", "Views"]
 
 COUNTERS = ("events_received", "events_processed", "events_failed", "duplicates_dropped",
             "deadlettered", "redelivered_chunks", "worker_restarts")
-INGRESS_GAUGES = ("batches_inflight", "num_pending", "num_ack_pending")  # the rest of its figures are counters
+INGRESS_FIGURES = ("fetched", "events", "acked", "nakked", "redelivered", "terminated", "deadlettered", "fetch_errors",
+                   "batches_inflight", "messages_inflight", "num_pending", "num_ack_pending")
+INGRESS_GAUGES = ("batches_inflight", "messages_inflight", "num_pending", "num_ack_pending")  # the rest: counters
 
 
 class Views:
@@ -61,9 +66,10 @@ class Views:
         self._probe_cache: tuple[float, dict[str, bool]] | None = None
         self._sink_prev: dict[str, tuple[int, int]] = {}  # name → (batches, errors) at the last /ready
         self._names: dict[int, str] = {}
-        self.ingress: NatsIngress | None = None  # the daemon's [source] consumer, if any
+        self.consumer: NatsIngress | None = None  # the daemon's [source] ingress running, if any
         self.ingress_base: dict[str, int] = {}  # counters of ingresses stopped by reloads
         self.processor = ProcessorViews(self)  # /processor/status, /metrics/processor
+        self._last_ingress: NatsIngress | None = None  # the latest one, running or stopped: its stream, its error
 
     # ------------------------------------------------------------------ the engine serving
     def serve(self, collector: Collector, coalescer: Coalescer) -> None:
@@ -91,18 +97,39 @@ class Views:
         for k, v in ing.stats_dict().items():
             if k not in INGRESS_GAUGES:
                 self.ingress_base[k] = self.ingress_base.get(k, 0) + v
-        if self.ingress is ing:
-            self.ingress = None
+        self._last_ingress = ing
+        if self.consumer is ing:
+            self.consumer = None
 
     def ingress_metrics(self) -> dict[str, int] | None:
         """The ingress counters summed over the ingresses this daemon ran, the running one's gauges."""
-        if self.ingress is None and not self.ingress_base:
+        if self.consumer is None and not self.ingress_base:
             return None
-        cur = self.ingress.stats_dict() if self.ingress is not None else {}
+        cur = self.consumer.stats_dict() if self.consumer is not None else {}
         out = dict.fromkeys(cur, 0) | self.ingress_base
         for k, v in cur.items():
             out[k] = v if k in INGRESS_GAUGES else out[k] + v
         return out
+
+    def ingress(self) -> IngressStatus | None:
+        """The NATS ``[source]``: counters over every ingress this daemon ran, the running one's
+        gauges and state (read from memory: the lag is the background watch's copy)."""
+        figures = self.ingress_metrics()
+        ing = self.consumer or self._last_ingress
+        if figures is None or ing is None:
+            return None
+        now = time.monotonic()
+        st = ing.state
+        cfg = ing.cfg
+        counts = {k: figures.get(k, 0) for k in INGRESS_FIGURES}
+        return IngressStatus(
+            stream=cfg.stream, durable=cfg.durable, subjects=list(cfg.subjects),
+            connected=self.consumer is not None and ing.connected,
+            consumer_info_age_s=None if st.info_at is None else round(now - st.info_at, 3),
+            last_error=st.last_error,
+            last_error_age_s=None if st.last_error_at is None else round(now - st.last_error_at, 3),
+            **counts,  # type: ignore[arg-type]
+        )
 
     # ------------------------------------------------------------------ Backend
     def pipeline(self) -> Pipeline:
@@ -196,7 +223,7 @@ class Views:
                      for w in st.workers],
             sinks=[{"name": self._names.get(s.index, str(s.index)), "rows": s.rows, "batches": s.batches,
                     "errors": s.errors, "retries": s.retries, "last_commit_ms": s.last_commit_ms} for s in st.sinks],
-            ingress=self.ingress_metrics(),
+            ingress=self.ingress(),
             integrity=self.collector.integrity() or None,
             enrichment=self.collector.enrichment() or None,
         )
@@ -211,12 +238,17 @@ class Views:
         return Health("ok" if ok else "unhealthy", alive, c.nworkers, fresh, None, detail)
 
     async def ready(self) -> Health:
-        """Readiness: healthy, and every sink answers its probe."""
+        """Readiness: healthy, every sink answers its probe, and the ingress (if any) is connected."""
         h = self.health()
         sinks = await self.probe_sinks()
+        ing = self.ingress()
         ok = h.status == "ok" and all(sinks.values())
         detail = h.detail or (None if ok else "a sink is unreachable: " + ", ".join(k for k, v in sinks.items() if not v))
-        return Health("ready" if ok else "not_ready", h.workers_alive, h.workers, h.heartbeats_fresh, sinks, detail)
+        if ing is not None and not ing.connected:
+            ok = False
+            detail = detail or f"the NATS ingress is not connected ({ing.last_error or 'stopped'})"
+        return Health("ready" if ok else "not_ready", h.workers_alive, h.workers, h.heartbeats_fresh, sinks, detail,
+                      ing)
 
     async def probe_sinks(self) -> dict[str, bool]:
         """Each sink's health: its own probe (``SELECT 1`` for SQL sinks, from the

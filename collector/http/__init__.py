@@ -13,6 +13,7 @@
                │     ─► Collector (workers validate, dedup, enrich, store) ─► per-item results
                ├─ GET /metrics (JSON, or promtext)  ◄── Backend.metrics/stats: shared-memory stats
                ├─ GET /health, /ready               ◄── Backend.health/ready
+               ├─ GET /ingress (the NATS [source])  ◄── Backend.ingress
                └─ GET /openapi.json (openapi: built from the same Structs, schemas.py)
 
 One module per job: ``protocol`` (transport, deadlines, pipelining, drain, counters),

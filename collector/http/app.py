@@ -6,7 +6,7 @@
                                                       415 Content-Type / Content-Encoding
                  ── route(request) ─► routes.ingest.IngestRoutes  POST /events, /events/batch
                                       routes.status.StatusRoutes  GET /metrics, /metrics/prometheus,
-                                                                  /health, /ready, /openapi.json
+                                                                  /health, /ready, /ingress, /openapi.json
                                       routes.processor.ProcessorRoutes GET /processor/status,
                                                                   /metrics/processor
                                       405 with Allow, or 404
@@ -55,6 +55,7 @@ class App:
             ("GET", "/metrics/prometheus"): self.status.get_prometheus,
             ("GET", "/health"): self.status.get_health,
             ("GET", "/ready"): self.status.get_ready,
+            ("GET", "/ingress"): self.status.get_ingress,
             ("GET", "/openapi.json"): self.status.get_openapi,
             ("GET", "/aggregates"): self.aggregates.get_aggregates,
             ("GET", "/processor/aggregation"): self.aggregates.get_aggregation,

@@ -6,6 +6,7 @@
     routes/status.py ── metrics(), health(), ready(), stats(), sink_names(), ────────┤
                         enrichment() (also GET /processor/enrichment)
                         (metrics().integrity: the pipeline's integrity() figures)
+                    ── ingress(): the NATS [source] (GET /ingress; in /metrics, /ready)┤
     routes/aggregates.py ── aggregates(), aggregate(name, key), view(name) ───────────┤
     routes/processor.py ── processor_status(), processor_metrics() ──────────────────┤
                                                                                       ▼
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from ..results import ErrorItem
     from ..sources.metrics import SourceMetrics
     from ..stats import Stats
-    from .schemas import Health, Metrics, ProcessorMetrics, ProcessorStatus
+    from .schemas import Health, IngressStatus, Metrics, ProcessorMetrics, ProcessorStatus
 
 __all__ = ["Backend", "Submitted"]
 
@@ -71,7 +72,13 @@ class Backend(Protocol):
         ...
 
     async def ready(self) -> Health:
-        """Readiness: healthy, and every sink answers its probe."""
+        """Readiness: healthy, every sink answers its probe, and the ingress (if any) is connected."""
+        ...
+
+    def ingress(self) -> IngressStatus | None:
+        """The NATS JetStream ``[source]``'s state and counters; None when the daemon has none.
+
+        Never waits on NATS: the consumer's lag is a copy read in the background."""
         ...
 
     async def processor_status(self) -> ProcessorStatus:

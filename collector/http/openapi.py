@@ -21,6 +21,7 @@ from .schemas import (
     ErrorResponse,
     EventResponse,
     Health,
+    IngressStatus,
     ItemResult,
     Metrics,
     ProcessorMetrics,
@@ -54,7 +55,7 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
     )
     (schemas, components) = msgspec.json.schema_components(
         [event_type, EventBatch, EventResponse, BatchResponse, ItemResult, ErrorResponse, Metrics, Health,
-         EnrichmentStats, ProcessorStatus, ProcessorMetrics],
+         EnrichmentStats, ProcessorStatus, ProcessorMetrics, IngressStatus],
         ref_template=_REF,
     )
     if len(event_structs(event_type)) > 1:
@@ -131,7 +132,13 @@ def document(cfg: ServerConfig, event_type: Any = GenericEvent) -> dict[str, Any
                                             "responses": {"200": {"description": "metrics",
                                                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/health": {"get": {"summary": "Liveness", "responses": health}},
-            "/ready": {"get": {"summary": "Readiness (workers up, sinks reachable)", "responses": health}},
+            "/ready": {"get": {"summary": "Readiness (workers up, sinks reachable, the NATS ingress connected)",
+                               "responses": health}},
+            "/ingress": {"get": {
+                "summary": "The NATS JetStream [source]: connected, stream, durable, messages fetched / acked / "
+                           "nakked / terminated, in flight, the consumer's pending and ack-pending, last error",
+                "responses": {"200": {"description": "the ingress", **_json("IngressStatus")},
+                              "404": {"description": "the daemon has no [source]", **_json("ErrorResponse")}}}},
             "/aggregates": {"get": {"summary": "Every aggregate stage's values, merged over the workers",
                                     "responses": {"200": {"description": "name → value", **_obj()}}}},
             "/processor/aggregation": {"get": {

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .backend import Backend
     from .protocol import HttpServer
+    from .schemas import IngressStatus
 
-__all__ = ["render"]
+__all__ = ["ingress_lines", "render"]
 
 
 def _label(v: Any) -> str:
@@ -127,6 +128,33 @@ def _sources(o: _Out, src: dict[str, Any]) -> None:
                  for n, s in src.items()])
 
 
+_INGRESS_COUNTERS = ("fetched", "events", "acked", "nakked", "redelivered", "terminated", "deadlettered", "fetch_errors")
+_INGRESS_GAUGES = ("batches_inflight", "messages_inflight", "num_pending", "num_ack_pending")
+
+
+def ingress_lines(ing: IngressStatus) -> list[str]:
+    """The exposition lines of the NATS [source] alone."""
+    o = _Out()
+    _ingress(o, ing)
+    return o.lines
+
+
+def _ingress(o: _Out, ing: IngressStatus) -> None:
+    """The NATS [source]: messages unless the name says events; labelled by stream and durable."""
+    lab = {"stream": ing.stream, "durable": ing.durable}
+    o.metric("collector_ingress_connected", "gauge", "NATS ingress: 1 while connected to NATS.",
+             [(lab, int(ing.connected))])
+    for k in _INGRESS_COUNTERS:
+        o.metric(f"collector_ingress_{k}_total", "counter", f"NATS ingress: {k.replace('_', ' ')}.",
+                 [(lab, getattr(ing, k))])
+    for k in _INGRESS_GAUGES:
+        o.metric(f"collector_ingress_{k}", "gauge", f"NATS ingress: {k.replace('_', ' ')}.", [(lab, getattr(ing, k))])
+    if ing.consumer_info_age_s is not None:
+        o.metric("collector_ingress_consumer_info_age_seconds", "gauge",
+                 "NATS ingress: age of num_pending / num_ack_pending (JetStream consumer info).",
+                 [(lab, ing.consumer_info_age_s)])
+
+
 def render(backend: Backend, server: HttpServer | None) -> str:
     """The exposition text."""
     m = backend.metrics()
@@ -173,10 +201,8 @@ def render(backend: Backend, server: HttpServer | None) -> str:
     o.histogram("collector_stage_latency_seconds",
                 "Latency per stage: worker_chunk = decode to sink commit of one chunk; http_request = request to answer.",
                 series)
-    for k, v in (m.ingress or {}).items():  # the NATS [source]: messages unless the name says events
-        gauge = k in ("batches_inflight", "num_pending", "num_ack_pending")
-        o.metric(f"collector_ingress_{k}" + ("" if gauge else "_total"), "gauge" if gauge else c,
-                 f"NATS ingress: {k.replace('_', ' ')}.", [({}, v)])
+    if m.ingress is not None:
+        _ingress(o, m.ingress)
     if server is not None:
         o.metric("collector_http_responses_total", c, "HTTP answers by status code.",
                  [({"code": k}, v) for k, v in sorted(server.by_status.items())])

@@ -13,8 +13,8 @@ from ..sources.metrics import SourceMetrics
 
 __all__ = [
     "BatchRequest", "BatchResponse", "ComponentHealth", "DurationBucket", "EnrichmentStats", "ErrorResponse",
-    "EventResponse", "Health", "ItemResult", "Metrics", "ProcessingDuration", "ProcessorMetrics", "ProcessorStatus",
-    "WorkerUtilization", "WorkersHealth", "json_encoder",
+    "EventResponse", "Health", "IngressStatus", "ItemResult", "Metrics", "ProcessingDuration", "ProcessorMetrics",
+    "ProcessorStatus", "WorkerUtilization", "WorkersHealth", "json_encoder",
 ]
 
 json_encoder = msgspec.json.Encoder()
@@ -76,6 +76,36 @@ class ErrorResponse(msgspec.Struct, omit_defaults=True):
     retry_after: int | None = None
 
 
+class IngressStatus(msgspec.Struct):
+    """The daemon's ``[source]``: a NATS JetStream durable pull consumer (``GET /ingress``,
+    ``ingress`` in ``/metrics`` and ``/ready``). Counts are messages unless the name says
+    events; counters sum over the ingresses a daemon ran (reloads restart it), the rest is
+    the running one's. ``num_pending`` and ``num_ack_pending`` are JetStream's consumer
+    info, read in the background every ``lag_interval`` (1 s), never by a request:
+    ``consumer_info_age_s`` says how old they are (null: never read)."""
+
+    stream: str
+    durable: str
+    subjects: list[str]
+    connected: bool  # the connection to NATS is up (false while it reconnects, or once the ingress stopped)
+    fetched: int
+    events: int  # events handed to the engine
+    acked: int
+    nakked: int
+    redelivered: int
+    terminated: int  # poison messages: dead-lettered, then terminated
+    deadlettered: int  # events
+    fetch_errors: int
+    batches_inflight: int
+    messages_inflight: int  # fetched by this daemon, not yet acked, nakked or terminated
+    num_pending: int  # the consumer's lag: stream messages not yet delivered (to any daemon on the durable)
+    num_ack_pending: int  # delivered, not yet acknowledged (every daemon on the durable)
+    consumer_info_age_s: float | None = None
+    last_error: str | None = None  # the last fetch, connection, nak, term or consumer-info error
+    last_error_age_s: float | None = None
+    kind: str = "nats"
+
+
 class Metrics(msgspec.Struct):
     """``GET /metrics`` as JSON (seed 004's fields, then more)."""
 
@@ -94,7 +124,7 @@ class Metrics(msgspec.Struct):
     http_requests: dict[str, int]
     workers: list[dict[str, Any]]
     sinks: list[dict[str, Any]]
-    ingress: dict[str, int] | None = None  # the [source] consumer's counters (fetched, acked, ...); null without one
+    ingress: IngressStatus | None = None  # the [source] consumer (fetched, acked, lag, ...); null without one
     # duplicates per type (Dedup count_by) and sequence gaps (Gaps), by stage; null without such stages
     integrity: dict[str, dict[str, Any]] | None = None
     # per enrichment lookup (collector.sources.metrics.SourceMetrics); null without lookups
@@ -125,6 +155,7 @@ class Health(msgspec.Struct, omit_defaults=True):
     heartbeats_fresh: bool
     sinks: dict[str, bool] | None = None
     detail: str | None = None
+    ingress: IngressStatus | None = None  # /ready with a [source]: not ready while it is disconnected
 
 
 class DurationBucket(msgspec.Struct):

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -46,14 +47,14 @@ import msgspec
 
 from ..config import NatsIngressConfig
 from ..sinks.nats import nats_module
-from .nats_records import IngressStats, NatsDeadLetter
+from .nats_records import IngressState, IngressStats, NatsDeadLetter
 from .nats_settle import BatchSettler
 from .nats_setup import connect, ensure, watch_lag
 
 if TYPE_CHECKING:
     from ..engine import Collector
 
-__all__ = ["IngressStats", "NatsDeadLetter", "NatsIngress", "NatsIngressConfig", "run_ingress"]
+__all__ = ["IngressState", "IngressStats", "NatsDeadLetter", "NatsIngress", "NatsIngressConfig", "run_ingress"]
 
 log = logging.getLogger("collector.ingress")
 
@@ -116,7 +117,8 @@ class NatsIngress:
         self.nats = nats_module()
         self.collector = collector
         self._stats = IngressStats()
-        self.settler = BatchSettler(collector, self.cfg, self._stats)
+        self.state = IngressState()  # last error, when the lag was last read
+        self.settler = BatchSettler(collector, self.cfg, self._stats, self.state)
         self._stop: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.ready = asyncio.Event()
@@ -134,6 +136,12 @@ class NatsIngress:
         """The counters as a dict (for ``/metrics``)."""
         return msgspec.structs.asdict(self._stats)
 
+    @property
+    def connected(self) -> bool:
+        """True while the connection to NATS is up (False before ``run()`` connected, and after it)."""
+        nc = self.nc
+        return bool(nc is not None and nc.is_connected)
+
     def stop(self) -> None:
         """Ask ``run()`` to stop fetching, settle what is in flight and return."""
         if self._stop is not None:
@@ -147,7 +155,7 @@ class NatsIngress:
         self._stop = asyncio.Event()
         if self._stopped_early:
             return
-        nc = await connect(self.nats, cfg, self._stop)
+        nc = await connect(self.nats, cfg, self._stop, self.state)
         if nc is None:  # stopped while connecting
             return
         self.nc = nc
@@ -161,7 +169,7 @@ class NatsIngress:
                 for _ in range(cfg.fetchers)
             ]
             self.ready.set()
-            lag = asyncio.create_task(watch_lag(self.js, cfg, self._stats))
+            lag = asyncio.create_task(watch_lag(self.js, cfg, self._stats, self.state))
             room = asyncio.Semaphore(cfg.max_batches)
             try:
                 await asyncio.gather(*(self._consume(sub, room) for sub in subs))
@@ -193,6 +201,7 @@ class NatsIngress:
             except Exception as e:  # disconnected, server restarting: nats-py reconnects
                 room.release()
                 self._stats.fetch_errors += 1
+                self.state.error(f"fetch: {type(e).__name__}: {e}")
                 failures += 1
                 if failures == 1 or failures % 20 == 0:
                     log.warning("NATS fetch failed (%d in a row): %s: %s", failures, type(e).__name__, e)
@@ -200,16 +209,19 @@ class NatsIngress:
                 continue
             failures = 0
             self._stats.batches_inflight += 1
+            self._stats.messages_inflight += len(msgs)
             t = asyncio.create_task(self.settler.settle(msgs))
             self._tasks.add(t)
-            t.add_done_callback(lambda t: self._batch_done(t, room))
+            t.add_done_callback(functools.partial(self._batch_done, room=room, n=len(msgs)))
 
-    def _batch_done(self, t: asyncio.Task[None], room: asyncio.Semaphore) -> None:
+    def _batch_done(self, t: asyncio.Task[None], room: asyncio.Semaphore, n: int) -> None:
         self._tasks.discard(t)
         self._stats.batches_inflight -= 1
+        self._stats.messages_inflight -= n
         room.release()
         if not t.cancelled() and t.exception() is not None:
             log.error("NATS batch failed: %r", t.exception())
+            self.state.error(f"batch failed: {t.exception()!r}")
 
     async def _drain(self) -> None:
         if not self._tasks:

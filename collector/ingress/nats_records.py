@@ -8,11 +8,13 @@ cannot be handed to the engine.
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 
 from ..sinks.base import DeadLetter
 
-__all__ = ["IngressStats", "NatsDeadLetter"]
+__all__ = ["IngressState", "IngressStats", "NatsDeadLetter"]
 
 
 class IngressStats(msgspec.Struct):
@@ -27,8 +29,22 @@ class IngressStats(msgspec.Struct):
     deadlettered: int = 0  # events: invalid here or in a worker, or in a poison message
     fetch_errors: int = 0
     batches_inflight: int = 0
+    messages_inflight: int = 0  # fetched, not yet settled (acked, nakked or terminated) by this collector
     num_pending: int = 0  # consumer lag: stream messages not yet delivered to the consumer
     num_ack_pending: int = 0  # delivered, not yet acknowledged (all collectors on the consumer)
+
+
+class IngressState(msgspec.Struct):
+    """What is not a counter: when the consumer's lag was last read, the last error."""
+
+    info_at: float | None = None  # time.monotonic() of the last successful consumer info
+    last_error: str | None = None
+    last_error_at: float | None = None  # time.monotonic() of it
+
+    def error(self, text: str) -> None:
+        """Remember ``text`` as the last error (cut to 300 characters)."""
+        self.last_error = text[:300]
+        self.last_error_at = time.monotonic()
 
 
 class NatsDeadLetter(DeadLetter, frozen=True):

@@ -29,7 +29,7 @@ import msgspec
 
 from ..config import NatsIngressConfig
 from ..errors import CollectorError, Overloaded
-from .nats_records import IngressStats, NatsDeadLetter
+from .nats_records import IngressState, IngressStats, NatsDeadLetter
 
 if TYPE_CHECKING:
     from ..engine import Collector
@@ -58,10 +58,12 @@ class _Span:
 class BatchSettler:
     """Hands a batch's events to ``collector`` and settles each message by the result."""
 
-    def __init__(self, collector: Collector, cfg: NatsIngressConfig, stats: IngressStats) -> None:
+    def __init__(self, collector: Collector, cfg: NatsIngressConfig, stats: IngressStats,
+                 state: IngressState | None = None) -> None:
         self.collector = collector
         self.cfg = cfg
         self.stats = stats
+        self.state = state or IngressState()  # its last_error: the last nak, term or failed ack
         p = collector.pipeline
         self.key = p.key
         self.keyed = p.shard != "chunk"
@@ -226,9 +228,11 @@ class BatchSettler:
             self.stats.acked += 1
         except Exception as e:  # not acknowledged: it comes again (a counted redelivery)
             log.warning("NATS ack of %s failed: %s", m.subject, e)
+            self.state.error(f"ack of {m.subject} failed: {type(e).__name__}: {e}")
 
     async def _nak(self, m: Any, md: Any, why: str, delay: float) -> None:
         self.stats.nakked += 1
+        self.state.error(f"nak {m.subject} seq {md.sequence.stream}: {why}")
         log.warning("NATS message %s seq %d not committed (%s): nak, redelivery in %.1fs",
                     m.subject, md.sequence.stream, why, delay)
         with contextlib.suppress(Exception):
@@ -240,6 +244,7 @@ class BatchSettler:
         await self._deadletter([self._record(m, md, ln, f"poison message: {why}", i) for i, ln in enumerate(lines)])
         log.error("NATS message %s seq %d is poison (%s): dead-lettered and terminated", m.subject, md.sequence.stream, why)
         self.stats.terminated += 1
+        self.state.error(f"terminated {m.subject} seq {md.sequence.stream} (poison): {why}")
         with contextlib.suppress(Exception):
             await m.term()
 

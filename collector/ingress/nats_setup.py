@@ -4,7 +4,8 @@
 
     connect(nats, cfg, stop)  ─► nats-py connect, bounded by connect_timeout; None once stop is set
     ensure(nats, js, cfg)     ─► stream_info / consumer_info; create what is missing (create = true)
-    watch_lag(js, cfg, stats) ─► every lag_interval: consumer_info ─► stats.num_pending, num_ack_pending
+    watch_lag(js, cfg, stats, state) ─► every lag_interval (1 s): consumer_info ─► stats.num_pending,
+                                        num_ack_pending, state.info_at (a request never reads it itself)
 
 :class:`~collector.ingress.nats.NatsIngress` calls them from ``run()``.
 """
@@ -13,29 +14,49 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from ..config import NatsIngressConfig
 from ..errors import CollectorError
 from ..sinks.nats import connection_callbacks
-from .nats_records import IngressStats
+from .nats_records import IngressState, IngressStats
 
 __all__ = ["connect", "ensure", "watch_lag"]
 
 log = logging.getLogger("collector.ingress")
 
 
-async def connect(nats: Any, cfg: NatsIngressConfig, stop: asyncio.Event) -> Any:
+def _callbacks(state: IngressState | None) -> dict[str, Any]:
+    """The logging callbacks, also noting errors and disconnections in ``state``."""
+    cbs = connection_callbacks("ingress")
+    if state is None:
+        return cbs
+    err, disc = cbs["error_cb"], cbs["disconnected_cb"]
+
+    async def error_cb(e: Exception) -> None:
+        state.error(f"connection: {type(e).__name__}: {e}")
+        await err(e)
+
+    async def disconnected_cb() -> None:
+        state.error("disconnected from NATS; reconnecting")
+        await disc()
+
+    return {**cbs, "error_cb": error_cb, "disconnected_cb": disconnected_cb}
+
+
+async def connect(nats: Any, cfg: NatsIngressConfig, stop: asyncio.Event, state: IngressState | None = None) -> Any:
     """The connection to ``cfg.url``; None when ``stop`` was set first.
 
     Raises :class:`CollectorError` when NATS is not reachable within ``connect_timeout``.
+    Connection errors and disconnections are noted in ``state``.
     """
     # nats-py retries the first connect for ever too: bound it (a wrong URL is an
     # error at start) and let stop() end it; once connected, outages are retried
     task = asyncio.ensure_future(
         nats.connect(
             servers=cfg.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.5, allow_reconnect=True,
-            **connection_callbacks("ingress"),
+            **_callbacks(state),
         )
     )
     stopped = asyncio.ensure_future(stop.wait())
@@ -61,14 +82,14 @@ async def ensure(nats: Any, js: Any, cfg: NatsIngressConfig) -> None:
         await js.add_stream(
             api.StreamConfig(
                 name=cfg.stream,
-                subjects=list(cfg.subjects),
+                subjects=list(cfg.stream_subjects or cfg.subjects),
                 retention=api.RetentionPolicy(cfg.retention),
                 max_age=cfg.max_age or None,
                 duplicate_window=cfg.duplicate_window,
                 storage=api.StorageType.FILE,
             )
         )
-        log.info("created NATS stream %s on %s", cfg.stream, cfg.subjects)
+        log.info("created NATS stream %s on %s", cfg.stream, cfg.stream_subjects or cfg.subjects)
     try:
         await js.consumer_info(cfg.stream, cfg.durable)
     except nats.js.errors.NotFoundError:
@@ -92,13 +113,21 @@ async def ensure(nats: Any, js: Any, cfg: NatsIngressConfig) -> None:
         log.info("created NATS durable consumer %s on stream %s", cfg.durable, cfg.stream)
 
 
-async def watch_lag(js: Any, cfg: NatsIngressConfig, stats: IngressStats) -> None:
-    """Copy the consumer's lag into ``stats`` every ``lag_interval`` (until cancelled)."""
+async def watch_lag(js: Any, cfg: NatsIngressConfig, stats: IngressStats, state: IngressState | None = None) -> None:
+    """Copy the consumer's lag into ``stats`` every ``lag_interval`` (until cancelled).
+
+    Each read is bounded (``min(5, 2 * lag_interval)`` s); the status endpoints read the
+    copies, never JetStream, so a slow or absent server never holds a request.
+    """
     while True:
         try:
-            info = await js.consumer_info(cfg.stream, cfg.durable)
+            info = await js.consumer_info(cfg.stream, cfg.durable, timeout=min(5.0, max(1.0, 2 * cfg.lag_interval)))
             stats.num_pending = int(info.num_pending or 0)
             stats.num_ack_pending = int(info.num_ack_pending or 0)
+            if state is not None:
+                state.info_at = time.monotonic()
         except Exception as e:
             log.debug("consumer info failed: %s", e)
+            if state is not None:
+                state.error(f"consumer info: {type(e).__name__}: {e}")
         await asyncio.sleep(cfg.lag_interval)

@@ -7,7 +7,8 @@
       ─► TokenAuth: token ─► user_id (auth service, Redis cache; local JWT check when the
                     service is down; "anonymous" for a null token; the token removed)
       ─► Stamp: timestamp
-      ├─ role "ingest": ─► NATS JetStream, subject clickstream.<event> (the seed's Kafka key)
+      ├─ role "ingest": ─► NATS JetStream, subject clickstream.<event> (the seed's Kafka key),
+      │                    clickstream.<event>.<partition of user_id> with ``partitions = N``
       └─ role "all" (no NATS) / "etl" (consuming that stream):
            ─► Gaps (client ``seq`` per ``session_id``)
            ─► Pair page_view_start + page_view_end by (user_id, page_view_id) ─► page_view
@@ -266,12 +267,14 @@ class ClickstreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     redis_url: str = ""  # token cache and (pair_store = "redis") pairing state; empty: per worker
     nats_url: str = ""  # role "ingest": publish here
     subject_prefix: str = "clickstream"
+    partitions: int = 0  # role "ingest": > 0 publishes to <prefix>.<event>.<partition of user_id out of N>
     stream: str = "CLICKSTREAM"
     clickhouse_url: str = ""  # per-type tables in ClickHouse; empty: per-type tables in SQLite
     clickhouse_database: str = "default"
     sqlite_path: str = "clickstream.db"
     pair_ttl: float = 12 * 3600.0
     pair_store: Literal["memory", "redis"] = "memory"
+    pair_prefix: str = "pv:"  # Redis key prefix of the waiting halves (pair_store = "redis")
     dedup_ttl: float = 600.0
 
 
@@ -323,14 +326,14 @@ def clickstream_pipeline(
                  key=("user_id", "data.page_view_id"), time_field="timestamp",
                  carry=("timestamp", "data.page_type", "session_id"), ttl=o.pair_ttl,
                  output_type="page_view", emit="collector.packs.clickstream:page_view_record",
-                 store=o.pair_store, redis_url=o.redis_url, prefix="pv:"),
+                 store=o.pair_store, redis_url=o.redis_url, prefix=o.pair_prefix),
         ]
     if sinks is None:
         if o.role == "ingest":
             from ..sinks.config import NatsSinkConfig
 
-            sinks = (NatsSinkConfig(name="nats", url=o.nats_url, subject=f"{o.subject_prefix}.{{event}}",
-                                    stream=o.stream),)
+            subject = f"{o.subject_prefix}.{{event}}" + (f".{{user_id:p{o.partitions}}}" if o.partitions > 0 else "")
+            sinks = (NatsSinkConfig(name="nats", url=o.nats_url, subject=subject, stream=o.stream),)
         else:
             sinks = _tables_sinks(o, data_dir)
     # role "all": shard by token, so one user's page-view halves (one token) meet in one

@@ -217,7 +217,8 @@ class NatsSinkConfig(_SinkBase, frozen=True, forbid_unknown_fields=True, tag="na
         str,
         Meta(
             description="subject template: `{field}` is replaced by the event's top-level field "
-            "(`events.{type}`: keyed by event type); the stream must capture these subjects"
+            "(`events.{type}`: keyed by event type), `{field:pN}` by its partition out of N (0..N-1, FNV-1a: "
+            "one key, one partition); the stream must capture these subjects"
         ),
     ] = "events.{type}"
     mode: Annotated[

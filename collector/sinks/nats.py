@@ -31,7 +31,7 @@ from ..pipeline import event_type_name
 from .base import Batch, EventCodec, Sink
 from .config import NatsSinkConfig
 
-__all__ = ["NatsSink", "Publisher", "SubjectTemplate", "chunk_id", "connection_callbacks", "nats_module"]
+__all__ = ["NatsSink", "Publisher", "SubjectTemplate", "chunk_id", "connection_callbacks", "nats_module", "partition"]
 
 log = logging.getLogger("collector.sinks")
 
@@ -51,19 +51,54 @@ def nats_module() -> Any:
 _BAD = str.maketrans({" ": "_", ".": "_", "*": "_", ">": "_", "\t": "_", "\r": "_", "\n": "_"})
 
 
+def partition(value: Any, n: int) -> int:
+    """``value``'s partition out of ``n``: FNV-1a (32 bits) of its text, modulo ``n``.
+
+    Stable across processes and versions (not Python's salted ``hash``), so every
+    publisher sends one key to the same partition."""
+    h = 0x811C9DC5
+    for b in str(value).encode():
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h % n
+
+
+def _strip_specs(template: str) -> str:
+    """``template`` without its format specs (``{user_id:p4}`` → ``{user_id}``)."""
+    out = []
+    for lit, f, _spec, conv in string.Formatter().parse(template):
+        out.append(lit.replace("{", "{{").replace("}", "}}"))
+        if f is not None:
+            out.append("{" + f + (f"!{conv}" if conv else "") + "}")
+    return "".join(out)
+
+
 class SubjectTemplate:
     """A subject template such as ``events.{type}``: fields of the event fill the tokens.
 
     A value is made a valid subject token (``.``, ``*``, ``>`` and whitespace become
-    ``_``); a missing or empty value becomes ``_``.
+    ``_``); a missing or empty value becomes ``_``. ``{field:pN}`` is the field's
+    partition out of ``N`` instead (:func:`partition`, ``0`` .. ``N-1``): with
+    ``clickstream.{event}.{user_id:p4}`` one user's events always carry one partition
+    token, so a consumer filtering ``clickstream.*.2`` gets every event of its users.
     """
 
     def __init__(self, template: str) -> None:
         self.template = template
-        self.fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
-        for f in self.fields:
+        self.partitions: dict[str, int] = {}  # field → N, for {field:pN}
+        self.fields = []
+        for _, f, spec, _ in string.Formatter().parse(template):
+            if not f:
+                continue
             if not f.isidentifier():
                 raise ConfigError(f"subject template {template!r}: {{{f}}} must name a top-level field")
+            if spec:
+                if not (spec[0] == "p" and spec[1:].isdigit() and int(spec[1:]) >= 1):
+                    raise ConfigError(f"subject template {template!r}: {{{f}:{spec}}}: the only format is "
+                                      "`pN`, the field's partition out of N (N >= 1)")
+                self.partitions[f] = int(spec[1:])
+            self.fields.append(f)
+        if self.partitions:  # render fills such a field with its partition number
+            self.template = _strip_specs(template)
         if not template or " " in template:
             raise ConfigError(f"subject template {template!r} is empty or has a space")
 
@@ -75,9 +110,13 @@ class SubjectTemplate:
     def render(self, values: dict[str, Any]) -> str:
         """The subject for one event's field values."""
         clean = {}
+        parts = self.partitions
         for f in self.fields:
             v = values.get(f)
-            clean[f] = str(v).translate(_BAD) if v is not None and v != "" else "_"
+            if f in parts:
+                clean[f] = str(partition("" if v is None else v, parts[f]))
+            else:
+                clean[f] = str(v).translate(_BAD) if v is not None and v != "" else "_"
         return self.template.format_map(clean)
 
     def of_objects(self, events: Sequence[Any]) -> list[str]:

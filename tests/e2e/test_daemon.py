@@ -670,7 +670,11 @@ def test_openapi_document_describes_the_validating_structs(daemon: Daemon) -> No
     assert sorted(ev["properties"]["type"]["enum"]) == ["sensor_data", "system_log", "user_action"]
     assert set(ev["required"]) == {"type", "source"}
     assert doc["components"]["schemas"]["EventBatch"]["properties"]["events"]["maxItems"] == 100
-    assert {"/events", "/events/batch", "/metrics", "/health", "/ready"} <= set(doc["paths"])
+    assert {"/events", "/events/batch", "/metrics", "/health", "/ready", "/ingress"} <= set(doc["paths"])
+    ing = doc["components"]["schemas"]["IngressStatus"]
+    assert {"connected", "stream", "durable", "acked", "nakked", "terminated", "messages_inflight", "num_pending",
+            "num_ack_pending", "last_error"} <= set(ing["properties"])
+    assert daemon.get("/ingress")[0] == 404  # no [source]
 
 
 def test_schemathesis_against_the_running_server(daemon: Daemon, tmp_path: Path) -> None:

@@ -156,8 +156,20 @@ def test_serve_with_a_nats_source_stores_every_published_id(tmp_path: Path) -> N
                 wait_until(lambda: len(dd.stored()) >= 400, 60, what="the first 400 events stored")
                 status, m = d.get("/metrics")
                 assert status == 200 and m["ingress"]["acked"] == 400 and m["ingress"]["events"] == 400, m["ingress"]
+                ing = m["ingress"]
+                assert ing["connected"] is True and ing["stream"] == names.stream and ing["durable"] == names.durable
+                assert ing["messages_inflight"] == 0 and ing["terminated"] == 0 and ing["nakked"] == 0, ing
+                wait_until(lambda: (dd.get("/ingress")[1].get("consumer_info_age_s") or 9) < 5, 10,
+                           what="the consumer info read in the background")
+                status, ing = d.get("/ingress")
+                assert status == 200 and ing["num_pending"] == 0 and ing["num_ack_pending"] == 0, ing
+                status, ready = d.get("/ready")
+                assert status == 200 and ready["ingress"]["connected"] is True, ready
                 status, _, prom = d.request("GET", "/metrics/prometheus")
-                assert b"collector_ingress_acked_total 400" in prom and b"collector_ingress_num_pending " in prom
+                lab = f'{{stream="{names.stream}",durable="{names.durable}"}}'.encode()
+                assert b"collector_ingress_acked_total" + lab + b" 400" in prom, prom[-2000:]
+                assert b"collector_ingress_connected" + lab + b" 1" in prom
+                assert b"collector_ingress_num_pending" + lab in prom
 
                 # HTTP ingest alongside
                 status, body = d.post("/events", {"id": "http-1", "type": "user_action", "source": "web"})
@@ -213,3 +225,58 @@ def test_aggregate_stages_from_the_toml_are_read_over_http(tmp_path: Path) -> No
         assert d.get("/processor/aggregation?aggregator=nope")[0] == 404
     finally:
         assert d.stop() == 0
+
+
+@pytest.mark.services
+def test_ready_and_ingress_show_a_nats_outage(tmp_path: Path) -> None:
+    """A private nats-server under a daemon's --source: stopped, /ready answers 503 and
+    /ingress says disconnected (with the error); started again, both recover."""
+    import shutil
+    import socket
+
+    exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if not os.path.exists(exe):
+        if os.environ.get("COLLECTOR_REQUIRE_SERVICES") == "1":
+            pytest.fail("nats-server binary not found (COLLECTOR_REQUIRE_SERVICES=1)")
+        pytest.skip("nats-server binary not found")
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    url = f"nats://127.0.0.1:{port}"
+
+    def server() -> subprocess.Popen[bytes]:
+        cmd = [exe, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "js")]
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up() -> bool:
+        with socket.socket() as sk:
+            return sk.connect_ex(("127.0.0.1", port)) == 0
+
+    srv = server()
+    d: Daemon | None = None
+    try:
+        wait_until(up, 15, what="private nats-server up")
+        d = start_daemon(tmp_path, "[pipeline]\nenrich_latency = 0\n", workers=1,
+                         args=["--source", url, "--stream", "OUTAGE", "--subject", "outage.>", "--durable", "o"])
+        dd = d
+        status, ready = d.get("/ready")
+        assert status == 200 and ready["ingress"]["connected"] is True and ready["ingress"]["stream"] == "OUTAGE"
+        srv.terminate()
+        srv.wait(15)
+        wait_until(lambda: dd.get("/ready")[0] == 503, 15, what="/ready 503 while NATS is down")
+        status, ready = d.get("/ready")
+        assert ready["status"] == "not_ready" and "NATS ingress is not connected" in ready["detail"], ready
+        status, ing = d.get("/ingress")
+        assert status == 200 and ing["connected"] is False and ing["last_error"], ing
+        assert d.get("/health")[0] == 200  # alive: HTTP ingest still works
+        srv = server()
+        wait_until(up, 15, what="private nats-server up again")
+        wait_until(lambda: dd.get("/ready")[0] == 200, 30, what="/ready 200 once reconnected")
+        assert d.get("/ingress")[1]["connected"] is True
+        assert d.stop() == 0
+    finally:
+        if d is not None:
+            with_kill(d.proc)
+        if srv.poll() is None:
+            srv.terminate()
+            srv.wait(15)

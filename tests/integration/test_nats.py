@@ -536,11 +536,16 @@ def test_ingress_reconnects_after_the_server_restarts(tmp_path: Path) -> None:
                 async with consuming(ing):
                     await publish(url, f"{names.prefix}.{{type}}", first)
                     await until(lambda: ing.stats().acked == 300, 30, "first half acked")
+                    assert ing.connected and ing.state.last_error is None, ing.state
                     srv.send_signal(signal.SIGTERM)
                     await asyncio.to_thread(srv.wait, 15)
+                    # what /ingress and /ready show: disconnected, and why
+                    await until(lambda: not ing.connected, 10, "the ingress to see the outage")
                     await asyncio.sleep(1.0)  # fetches fail meanwhile
+                    assert ing.state.last_error is not None, ing.state
                     srv = server()
                     await until(up, 15, "private nats-server up again")
+                    await until(lambda: ing.connected, 30, "the ingress connected again")
                     await publish(url, f"{names.prefix}.{{type}}", second)
                     await until(lambda: ing.stats().acked == 600, 60, "second half acked after the restart")
         finally:

@@ -5,6 +5,7 @@
     GET /metrics ──────────── backend.metrics() ─► JSON (Prometheus text on Accept: text/plain)
     GET /metrics/prometheus ─ backend.stats() + server counters ─► promtext.render
     GET /health, /ready ───── backend.health(), await backend.ready() ─► 200 or 503
+    GET /ingress ──────────── backend.ingress() ─► the NATS [source]'s state (404 without one)
     GET /openapi.json ─────── openapi.document(cfg, pipeline.event_type), cached per (pipeline, cfg)
     GET /processor/enrichment ─ backend.enrichment() ─► per-lookup figures and success rates
 
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 from ...stats import LOOKUP_LAT_BOUNDS_MS
 from ..openapi import document
 from ..promtext import render
-from ..protocol import HttpServer, Request, Response
+from ..protocol import HttpServer, Request, Response, error
 from ..schemas import EnrichmentStats, json_encoder
 
 if TYPE_CHECKING:
@@ -72,6 +73,13 @@ class StatusRoutes:
         """Readiness: workers up and every sink reachable."""
         h = await self.backend.ready()
         return Response(200 if h.status == "ready" else 503, json_encoder.encode(h))
+
+    def get_ingress(self, req: Request) -> Response:
+        """The NATS JetStream ingress: connected, stream, durable, counters, lag, last error."""
+        ing = self.backend.ingress()
+        if ing is None:
+            return error(404, "no_ingress", "this daemon has no [source] (collector serve --source nats://HOST:PORT)")
+        return Response(200, json_encoder.encode(ing))
 
     def get_openapi(self, req: Request) -> Response:
         """The OpenAPI 3.1 document, generated from the API Structs and the pipeline's event."""
