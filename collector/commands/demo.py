@@ -97,7 +97,11 @@ def run(args: argparse.Namespace) -> int:
           f"{res['errors']} non-2xx requests; request latency p50 {lat[len(lat) // 2] * 1000:.1f} ms, "
           f"p99 {lat[int(len(lat) * 0.99)] * 1000:.1f} ms", file=out)
     print("final /metrics:", file=out)
-    print(json.dumps({k: v for k, v in m.items() if k not in ("workers", "sinks")}, indent=2))
+    shown = {k: v for k, v in m.items() if k not in ("workers", "sinks") and v is not None}
+    if shown.get("enrichment"):  # per lookup, without the latency histogram's buckets
+        shown["enrichment"] = {n: {k: v for k, v in s.items() if k != "latency_buckets"}
+                               for n, s in shown["enrichment"].items()}
+    print(json.dumps(shown, indent=2))
     for s in m.get("sinks", []):
         print(f"  sink {s['name']}: {s['rows']:,} rows in {s['batches']:,} batches, {s['errors']} errors", file=out)
     files = sorted(p for p in data_dir.iterdir() if p.suffix == ".jsonl")
