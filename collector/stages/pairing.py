@@ -227,10 +227,40 @@ class PairRuntime:
         now = self.clock()
         self.expire(now)
         sp = self.spec
-        st, en, starts, ends, done = sp.start_type, sp.end_type, self.starts, self.ends, self.done
-        tget, kget, timeget, cget = self._type, self._key, self._time, self._carry
         new_s: list[Any] = []
         new_e: list[Any] = []
+        matches, used = self._scan(events, self.starts, self.ends, now, new_s, new_e)
+        if new_s:
+            self.order_s.append((now, new_s))
+        if new_e:
+            self.order_e.append((now, new_e))
+        if matches:
+            self._emit(matches)
+            paired = [m[0] for m in matches]
+            until = now + sp.replay_ttl
+            self.done.update(dict.fromkeys(paired, until))
+            self.order_d.append((until, paired))
+        self._cap()
+        if used:
+            return [ErrorRecord(i, "$", f"consumed by {sp.name}", "paired") for i in used]
+        return []
+
+    def _scan(
+        self,
+        events: list[Any],
+        starts: dict[Any, Pending],
+        ends: dict[Any, Pending],
+        now: float,
+        new_s: list[Any] | None,
+        new_e: list[Any] | None,
+    ) -> tuple[list[tuple[Any, Pending, Pending]], list[int]]:
+        """One pass over a chunk: each start or end pairs with its other half waiting in
+        ``starts``/``ends`` (popped), or waits there itself (its key appended to
+        ``new_s``/``new_e`` when given). The matches (key, start, end) and the positions
+        of the halves (for ``drop_inputs``). Shared by the memory and Redis stores."""
+        sp = self.spec
+        st, en, done = sp.start_type, sp.end_type, self.done
+        tget, kget, timeget, cget = self._type, self._key, self._time, self._carry
         matches: list[tuple[Any, Pending, Pending]] = []
         used: list[int] = []
         c = self.counters
@@ -268,22 +298,9 @@ class PairRuntime:
                 table, new, dup = (starts, new_s, "duplicate_start") if t == st else (ends, new_e, "duplicate_end")
                 if table.setdefault(key, mine) is not mine:
                     c[dup] += 1  # the first one waits on
-                else:
+                elif new is not None:
                     new.append(key)
-        if new_s:
-            self.order_s.append((now, new_s))
-        if new_e:
-            self.order_e.append((now, new_e))
-        if matches:
-            self._emit(matches)
-            paired = [m[0] for m in matches]
-            until = now + sp.replay_ttl
-            done.update(dict.fromkeys(paired, until))
-            self.order_d.append((until, paired))
-        self._cap()
-        if used:
-            return [ErrorRecord(i, "$", f"consumed by {sp.name}", "paired") for i in used]
-        return []
+        return matches, used
 
     def _emit(self, matches: list[tuple[Any, Pending, Pending]]) -> None:
         self.counters["paired"] += len(matches)

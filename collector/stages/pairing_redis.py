@@ -44,7 +44,6 @@ import msgspec
 from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from .pairing import Pair, PairRuntime, Pending
-from .windows import parse_time
 
 __all__ = ["PAIR_SCRIPT", "SWEEP_SCRIPT", "RedisPairRuntime"]
 
@@ -169,42 +168,9 @@ class RedisPairRuntime(PairRuntime):
         now = self.clock()
         self._forget_due(now)
         sp = self.spec
-        st, en, done = sp.start_type, sp.end_type, self.done
-        tget, kget, timeget, cget = self._type, self._key, self._time, self._carry
         starts: dict[Any, Pending] = {}  # this chunk's unpaired halves
         ends: dict[Any, Pending] = {}
-        matches: list[tuple[Any, Pending, Pending]] = []
-        used: list[int] = []
-        c = self.counters
-        one_carry = len(sp.carry) == 1
-        for i, e in enumerate(events):
-            t = tget(e)
-            if t != st and t != en:
-                continue
-            if sp.drop_inputs:
-                used.append(i)
-            try:
-                key = kget(e)
-                if None in key:
-                    raise TypeError
-                other = ends.pop(key, None) if t == st else starts.pop(key, None)
-            except (AttributeError, TypeError):
-                c["missing_key"] += 1
-                continue
-            ts: float | None
-            if timeget is None:
-                ts = now
-            else:
-                ts = timeget(e)
-                if type(ts) is not float:
-                    ts = parse_time(ts)
-            mine = (now, ts, ((cget(e),) if one_carry else cget(e)) if cget is not None else ())
-            if other is not None:
-                matches.append((key, mine, other) if t == st else (key, other, mine))
-            elif key in done:
-                c["replayed"] += 1
-            elif (starts if t == st else ends).setdefault(key, mine) is not mine:
-                c["duplicate_start" if t == st else "duplicate_end"] += 1
+        matches, used = self._scan(events, starts, ends, now, None, None)
         if matches:
             self._matched(matches, now)
         drops = [ErrorRecord(i, "$", f"consumed by {sp.name}", "paired") for i in used]
