@@ -58,8 +58,10 @@ def test_a_refused_token_is_answered_401_and_not_stored(tmp_path: Path, no_leaks
             assert sorted((e["id"], e["user_id"]) for e in stored) == [
                 ("b1", "user-42"), ("b3", "anonymous"), ("ok-1", "user-42"), ("ok-2", "user-42")]
             assert all("token" not in e for e in stored)
-            counters = wait_until(lambda: (c := d.get("/aggregates")[1].get("auth")) and c["rejected"] == 3 and c,
-                                  10, what="the auth counters in /aggregates")
+            # each worker publishes its counters on its own 0.25 s beat: wait for all of them
+            counters = wait_until(lambda: (c := d.get("/aggregates")[1].get("auth")) and c["rejected"] == 3
+                                  and c["jwt_fallback"] == 1 and c["anonymous"] == 1 and c, 10,
+                                  what="the auth counters in /aggregates")
             assert counters["anonymous"] == 1 and counters["jwt_fallback"] == 1
         finally:
             assert d.stop() == 0, d.log.read_text()[-3000:]
