@@ -14,9 +14,6 @@ For the demo, tests and machines without the internet: point a ``rates`` source'
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
-import sys
 from decimal import Decimal, InvalidOperation
 
 __all__ = ["add_arguments", "run"]
@@ -49,28 +46,8 @@ def _rates(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM or SIGINT; exit 0."""
+    """Serve until SIGTERM or SIGINT; exit 0 (1: the address is taken)."""
     from collector.sources.rates import RatesService
 
     svc = RatesService(_rates(args.rate), host=args.host, port=args.port)
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await svc.start()
-        except OSError as e:
-            print(f"collector rates-service: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
-        if args.port_file:
-            with open(args.port_file, "w") as f:
-                f.write(f"{svc.port}\n")
-        print(f"rates service on {svc.url}", flush=True)
-        await stop.wait()
-        await svc.close()
-        print(f"rates service stopped after {svc.requests} request(s)", file=sys.stderr, flush=True)
-
-    asyncio.run(serve())
-    return 0
+    return svc.serve_forever("rates service on {svc.url}", args.port_file)

@@ -239,21 +239,12 @@ def pack_pipeline(cfg: Any, sinks: tuple[Any, ...], deadletter: Any) -> Pipeline
                            players_schema=opts.players_schema, rates_max_age=opts.rates_max_age, sinks=sinks, deadletter=deadletter)
 
 
-_BUILTIN: list[Any] = []  # the built-in rates service of this process, started once
-
-
 def builtin_rates_url() -> str:
     """The URL of the built-in deterministic rates service, started in this process on
     first use on a free 127.0.0.1 port and kept for the process's life (no internet)."""
-    if not _BUILTIN:
-        from ..sources.rates import RatesService
+    from ..sources.rates import RatesService
 
-        svc = RatesService()
-        cm = svc.running()
-        cm.__enter__()
-        _BUILTIN.extend((svc, cm))
-    svc = _BUILTIN[0]
-    return str(svc.url)
+    return RatesService.shared().url
 
 
 def generate_casino(n: int, *, seed: int = 0, start_id: int = 1) -> list[dict[str, Any]]:

@@ -381,26 +381,18 @@ def default_sinks(cfg: Any, data_dir: str) -> tuple[Any, ...]:
     return _tables_sinks(o, data_dir)
 
 
-_BUILTIN: list[Any] = []  # the built-in auth service of this process, started once
-
-
 def builtin_auth() -> Any:
     """The built-in auth service (:class:`collector.sources.auth.AuthService`, the demo
-    key), started in this process on first use on a free 127.0.0.1 port and kept for
-    the process's life: ``collector serve --pack clickstream`` without ``auth_url``."""
-    if not _BUILTIN:
-        import logging
+    key), started in this process on first use and kept for the process's life:
+    ``collector serve --pack clickstream`` without ``auth_url``."""
+    import logging
 
-        from ..sources.auth import AuthService
+    from ..sources.auth import AuthService
 
-        svc = AuthService()
-        cm = svc.running()
-        cm.__enter__()
-        _BUILTIN.extend((svc, cm))
-        logging.getLogger("collector.packs").info(
-            "clickstream: no auth_url given; the built-in auth service runs at %s (POST /tokens issues tokens)",
-            svc.url)
-    return _BUILTIN[0]
+    svc = AuthService.shared()
+    logging.getLogger("collector.packs").info(
+        "clickstream: no auth_url given; the built-in auth service runs at %s (POST /tokens issues tokens)", svc.url)
+    return svc
 
 
 async def migrate(dsn: str, schema: str = "public") -> list[str]:

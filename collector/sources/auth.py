@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -33,7 +32,7 @@ import msgspec
 
 from ..errors import missing
 from .http import aiohttp_module, read_bounded
-from .rates import serve_on_thread
+from .local_service import LocalService
 
 log = logging.getLogger("collector.sources.auth")
 
@@ -216,26 +215,24 @@ class JwtCheck:
         return user
 
 
-class AuthService:
+class AuthService(LocalService):
     """The built-in token service on 127.0.0.1 (see the module docstring).
 
     ``with svc.running(): svc.verify_url`` runs it on a thread of its own.
     """
 
+    name = "auth-service"
+
     def __init__(self, key: str = "collector-demo-key-change-me-0123456789", host: str = "127.0.0.1", port: int = 0,
                  algorithm: str = "HS256") -> None:
+        super().__init__(host, port)
         self.jwt = jwt_module("the built-in auth service")
         self.key = key
         self.algorithm = algorithm
-        self.host = host
-        self.port = port
         self.down = False  # /verify answers 503
         self.delay = 0.0  # seconds /verify waits before answering
         self.calls = 0  # /verify requests
-        self.requests = 0  # every request
         self.revoked: set[str] = set()
-        self.server: asyncio.Server | None = None
-        self.handlers: set[asyncio.Task[Any]] = set()  # open connections, ended by close()
 
     @property
     def url(self) -> str:
@@ -271,9 +268,14 @@ class AuthService:
             return 401, {"reason": f"invalid token: {e}"}
         return 200, {"user_id": str(claims["sub"]), "expires_at": claims["exp"]}
 
-    async def _answer(self, method: bytes, target: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+    async def answer(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        """``/verify``, ``/tokens`` and ``/health`` (see the module docstring)."""
+        status, doc = await self._route(method, target, headers, body)
+        return status, msgspec.json.encode(doc)
+
+    async def _route(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         u = urlsplit(target)
-        if u.path == "/verify" and method == b"GET":
+        if u.path == "/verify" and method == "GET":
             self.calls += 1
             if self.delay:
                 await asyncio.sleep(self.delay)
@@ -285,7 +287,7 @@ class AuthService:
             if not token:
                 return 401, {"reason": "no token: send Authorization: Bearer <token> or ?token="}
             return self.check(token)
-        if u.path == "/tokens" and method == b"POST":
+        if u.path == "/tokens" and method == "POST":
             try:
                 req = msgspec.json.decode(body)
                 user, ttl = req["user_id"], float(req.get("ttl", 3600))
@@ -297,58 +299,7 @@ class AuthService:
             return 200, {"token": token, "expires_at": exp}
         if u.path == "/health":
             return 200, {"status": "ok"}
-        return 404, {"reason": f"no route {method.decode()} {u.path}"}
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self.handlers.add(task)
-            task.add_done_callback(self.handlers.discard)
-        reasons = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
-                   503: b"Service Unavailable"}
-        try:
-            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                                     ValueError):
-                while True:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    lines = head.decode("latin-1").split("\r\n")
-                    method, target, _ = lines[0].split(" ", 2)
-                    headers = {}
-                    for line in lines[1:]:
-                        name, sep, value = line.partition(":")
-                        if sep:
-                            headers[name.strip().lower()] = value.strip()
-                    n = int(headers.get("content-length", "0") or 0)
-                    if n > 65536:
-                        break
-                    body = await reader.readexactly(n) if n else b""
-                    self.requests += 1
-                    status, doc = await self._answer(method.encode(), target, headers, body)
-                    out = msgspec.json.encode(doc)
-                    writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                                 % (status, reasons.get(status, b"Error"), len(out), out))
-                    await writer.drain()
-        finally:
-            writer.close()
-
-    async def start(self) -> None:
-        """Listen (on a free port when ``port`` is 0)."""
-        self.server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        """Stop listening and end the open connections."""
-        if self.server is not None:
-            self.server.close()
-            for t in list(self.handlers):  # kept-alive connections: Python 3.11 does not end them
-                t.cancel()
-            if self.handlers:
-                await asyncio.wait(self.handlers, timeout=5)
-            await self.server.wait_closed()
-
-    def running(self, timeout: float = 10.0) -> contextlib.AbstractContextManager[None]:
-        """Serve on a thread of its own for the ``with`` block."""
-        return serve_on_thread(self.start, self.close, "auth-service", timeout)
+        return 404, {"reason": f"no route {method} {u.path}"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -359,14 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--key", default="collector-demo-key-change-me-0123456789", help="the HS256 signing key")
     a = ap.parse_args(argv)
     svc = AuthService(a.key, host=a.host, port=a.port)
-
-    async def serve() -> None:
-        await svc.start()
-        print(f"auth service on {svc.url} (POST /tokens, GET /verify)", flush=True)
-        await asyncio.Event().wait()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+    raise SystemExit(svc.serve_forever("auth service on {svc.url} (POST /tokens, GET /verify)"))
 
 
 if __name__ == "__main__":

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Sequence
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -37,8 +35,9 @@ import msgspec
 from .base import Failure, Source, SourceError
 from .config import RatesSourceConfig
 from .http import aiohttp_module, read_bounded
+from .local_service import LocalService
 
-__all__ = ["DEFAULT_RATES", "RatesService", "RatesSource", "convert", "serve_on_thread"]
+__all__ = ["DEFAULT_RATES", "RatesService", "RatesSource", "convert"]
 
 # deterministic rates (units per 1 EUR) served by the built-in service
 DEFAULT_RATES: dict[str, str] = {"EUR": "1", "USD": "1.0832", "GBP": "0.8571", "NZD": "1.7964", "BTC": "0.0000161"}
@@ -137,19 +136,18 @@ class RatesSource(Source):
         return f"rates {self.config.url}"
 
 
-class RatesService:
+class RatesService(LocalService):
     """A deterministic ``/latest`` service on 127.0.0.1 (see the module docstring).
 
     ``with svc.running(): svc.url`` runs it on a thread of its own;
     ``requests`` counts the requests served. ``rates`` may be changed while it runs.
     """
 
+    name = "rates-service"
+
     def __init__(self, rates: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host, port)
         self.rates = dict(rates or DEFAULT_RATES)
-        self.host = host
-        self.port = port
-        self.requests = 0
-        self.server: asyncio.Server | None = None
 
     @property
     def url(self) -> str:
@@ -162,79 +160,20 @@ class RatesService:
         date = time.strftime("%Y-%m-%d", time.gmtime())
         return f'{{"success": true, "base": "EUR", "date": "{date}", "rates": {{{rates}}}}}'.encode()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
-                self.requests += 1
-                if path.split(b"?")[0] == b"/latest":
-                    status, body = b"200 OK", self.body()
-                else:
-                    status, body = b"404 Not Found", b'{"error": "not found"}'
-                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-                await writer.drain()
-        writer.close()
-
-    async def start(self) -> None:
-        """Listen (on a free port when ``port`` is 0)."""
-        self.server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        """Stop listening."""
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-    def running(self, timeout: float = 10.0) -> contextlib.AbstractContextManager[None]:
-        """Serve on a thread of its own for the ``with`` block."""
-        return serve_on_thread(self.start, self.close, "rates-service", timeout)
-
-
-@contextlib.contextmanager
-def serve_on_thread(
-    start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]], name: str, timeout: float = 10.0
-) -> Iterator[None]:
-    """Run a server on an event loop of its own thread for the ``with`` block (bounded start and stop)."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(start())
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(stop())
-        loop.close()
-
-    th = threading.Thread(target=run, name=name, daemon=True)
-    th.start()
-    if not ready.wait(timeout):
-        raise RuntimeError(f"{name} did not start within {timeout}s")
-    try:
-        yield
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        th.join(timeout)
+    async def answer(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        """``/latest``: the table; anything else: 404."""
+        if target.split("?")[0] == "/latest":
+            return 200, self.body()
+        return 404, b'{"error": "not found"}'
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m collector.sources.rates [--host H] [--port P]``."""
+    """``python -m collector.sources.rates [--host H] [--port P]`` (``collector rates-service`` has more)."""
     ap = argparse.ArgumentParser(description="Serve deterministic FX rates in exchangerate.host's /latest format.")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8089)
     a = ap.parse_args(argv)
-    svc = RatesService(host=a.host, port=a.port)
-
-    async def serve() -> None:
-        await svc.start()
-        print(f"rates service on {svc.url}", flush=True)
-        await asyncio.Event().wait()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+    raise SystemExit(RatesService(host=a.host, port=a.port).serve_forever("rates service on {svc.url}"))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from collector.sources.rates import serve_on_thread
+from collector.sources.local_service import serve_on_thread
 
 
 def free_port() -> int:
