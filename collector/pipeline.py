@@ -136,6 +136,7 @@ class Pipeline:
                         f"client.{lk.method}(), but the client "
                         f"{type(self.client).__name__} has no method {lk.method!r}"
                     )
+        self._check_holding_stages()
         for lk in self.lookups:
             for f in (lk.key, lk.target):
                 if f not in fields:
@@ -143,6 +144,28 @@ class Pipeline:
                         f"pipeline {self.name!r}: lookup {lk.name!r} names field {f!r}, "
                         f"which {event_type_name(self.event_type)} does not have"
                     )
+
+    def _check_holding_stages(self) -> None:
+        """A stage that holds events across chunks (``holds``: Order with a buffer) sends
+        them straight to the sinks when it releases them, past every later step: it must
+        be the last stage, and lookups must run before it (an ``Enrich()`` ahead of it)."""
+        stages = [st for st in self.stages if not getattr(st, "is_enrich", False)]
+        for i, st in enumerate(stages):
+            if not getattr(st, "holds", False):
+                continue
+            name = getattr(st, "name", type(st).__name__)
+            if i != len(stages) - 1:
+                raise ConfigError(
+                    f"pipeline {self.name!r}: stage {name!r} holds events (max_delay) and releases them "
+                    f"straight to the sinks, so it must be the last stage (stage "
+                    f"{getattr(stages[-1], 'name', '?')!r} comes after it)"
+                )
+            enrich_before = any(getattr(s, "is_enrich", False) for s in self.stages[: self.stages.index(st)])
+            if self.lookups and not enrich_before:
+                raise ConfigError(
+                    f"pipeline {self.name!r}: stage {name!r} holds events (max_delay), and the lookups run "
+                    "after every stage unless placed: put Enrich() before it"
+                )
 
     def with_sinks(self, *sinks: Any) -> Pipeline:
         """A copy of this pipeline writing to ``sinks``."""

@@ -2,7 +2,7 @@
 
 Engine figures come from the shared-memory stats block (no message to any worker);
 HTTP figures from the server's own counters on the supervisor loop; data-integrity
-figures (duplicates per type, sequence gaps) from ``Metrics.integrity``, the workers'
+figures (duplicates per type, sequence gaps, ordering) from ``Metrics.integrity``, the workers'
 last partials merged in the supervisor.
 """
 
@@ -67,12 +67,29 @@ _SEQUENCE = (
 )
 
 
+# Order counters → (metric, type, help), labelled by stage
+_ORDERING = (
+    ("reordered", "collector_ordering_reordered_total", "counter",
+     "Events that arrived after a newer event of their key and were put back in order."),
+    ("late", "collector_ordering_late_total", "counter",
+     "Events older than the newest one already delivered for their key (stored out of order)."),
+    ("untimed", "collector_ordering_untimed_total", "counter", "Events without a usable time (not ordered)."),
+    ("released_early", "collector_ordering_released_early_total", "counter",
+     "Held events released before their time because the buffer was full (max_held)."),
+    ("held", "collector_ordering_held", "gauge", "Events waiting in the reorder buffers now."),
+)
+
+
 def _integrity(o: _Out, figures: dict[str, dict[str, Any]]) -> None:
-    """Duplicates per type and sequence counters per stage (and type, with ``by``)."""
+    """Duplicates per type, sequence counters per stage (and type, with ``by``),
+    ordering counters per stage."""
     dups = figures.get("duplicates") or {}
     if dups:
         o.metric("collector_duplicates_total", "counter", "Events dropped as repeated ids, per type (Dedup count_by).",
                  [({"stage": stage, "type": t}, n) for stage, by in dups.items() for t, n in by.items()])
+    orders = figures.get("ordering") or {}
+    for key, name, kind, help_ in _ORDERING if orders else ():
+        o.metric(name, kind, help_, [({"stage": stage}, c[key]) for stage, c in orders.items()])
     seqs = figures.get("sequence") or {}
     if not seqs:
         return

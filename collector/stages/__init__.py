@@ -8,7 +8,8 @@
 
 ``base`` holds the contract; stateless stages (``rules``, ``render``), keyed state
 (``dedup``, ``pairing`` and its Redis store ``pairing_redis``, ``integrity``: sequence
-gaps per session), lookups with caches of their own (``auth``: token → user id, through
+gaps per session; ``ordering``: each key's events in timestamp order), lookups with
+caches of their own (``auth``: token → user id, through
 ``sources.auth``), ``stamp`` (the handling time), and mergeable state (``aggregates`` over
 ``windows`` with the functions in ``aggregators``; ``materialized`` views over merged
 aggregates).
@@ -43,6 +44,7 @@ STAGES = {
     "stamp": "collector.stages.stamp:Stamp",
     "auth": "collector.stages.auth:TokenAuth",
     "gaps": "collector.stages.integrity:Gaps",
+    "order": "collector.stages.ordering:Order",
 }
 
 

@@ -11,6 +11,14 @@
                                  the description then has merge(partials) and read(result, key)
     runtime.drain() -> list      optional: an emitter; records it made (Pair), committed to the
                                  sinks with the chunk's events (not positions of the chunk)
+    runtime.settle_records(records, ok, dead)  optional, an emitter's: the fate of what its
+                                 drain() gave, after their commit (Order acks the chunks then)
+    runtime.take_order() -> list optional: the chunk's new order after the call (Order: new
+                                 position → old), the worker permutes the events
+    drops of kind "held"         off the chunk, no answer of their own: the stage commits them
+                                 later through drain() (Order's buffer)
+    runtime.flush()              optional, an emitter's: release all it holds (the drain began)
+    runtime.bind(pipeline)       optional: called once built (Order reads the pipeline's key)
     runtime.expire(now)          optional: called every tick (no traffic needed; the description's
                                  ``tick`` seconds, else 1 s); may return an awaitable
     runtime.aclose()             optional: awaited at the worker's drain (clients, pools)

@@ -103,6 +103,9 @@ class WorkerLoop:
             if pub is not None:
                 pub.cancel()
             if self.tasks:
+                # chunks waiting for their held events (Order's buffer): release them now,
+                # the tick commits them, so the drain does not wait out max_delay
+                self.runner.release_held()
                 await asyncio.gather(*self.tasks, return_exceptions=True)
             if ticker is not None:  # let a round in progress finish its commit
                 self.stopping.set()

@@ -108,7 +108,7 @@ class PipelineRunner:
         }
         # the steps in pipeline order; enrichment runs where an Enrich() stage stands, or
         # after every stage when the pipeline names none (the order before Enrich existed)
-        self.steps: list[tuple[Any, Any, Any] | None] = []  # (runtime, settle, take_routes)
+        self.steps: list[tuple[Any, Any, Any, Any] | None] = []  # (runtime, settle, take_routes, take_order)
         self.stateful: list[tuple[str, Any]] = []  # (name, runtime) of stages with mergeable partial state
         self.emitters: list[Any] = []  # runtimes with drain(): records for the sinks
         self.expiring: list[Any] = []  # runtimes with expire(now): called by tick()
@@ -121,9 +121,13 @@ class PipelineRunner:
                     self.steps.append(None)
                 continue
             run = st.build()
+            if callable(getattr(run, "bind", None)):  # a stage reading the pipeline (Order: its key)
+                run.bind(p)
             # a Rules runtime with route rules hands over each chunk's routes (id(event) → sinks)
             take = run.take_routes if getattr(run, "routing", False) else None
-            self.steps.append((run, getattr(run, "settle", None), take))
+            # a stage that reorders the chunk (Order) hands over the new order
+            reorder = run.take_order if callable(getattr(run, "take_order", None)) else None
+            self.steps.append((run, getattr(run, "settle", None), take, reorder))
             # published partials are for the supervisor to merge; a stage without merge
             # (Pair) has a snapshot() for persistence, not worth encoding every interval
             if hasattr(run, "snapshot") and hasattr(st, "merge"):
@@ -174,14 +178,37 @@ class PipelineRunner:
             )
             await self.sinkset.open()
 
-    def drain_emitters(self) -> list[Any]:
-        """The records every emitter made since its last drain."""
+    def drain_emitters(self) -> tuple[list[Any], list[tuple[Any, int, int]]]:
+        """The records every emitter made since its last drain, and where each emitter
+        that wants to hear of their commit (``settle_records``: Order) has its own."""
         out: list[Any] = []
+        spans: list[tuple[Any, int, int]] = []
         for em in self.emitters:
             recs = em.drain()
             if recs:
+                settle = getattr(em, "settle_records", None)
+                if settle is not None:
+                    spans.append((settle, len(out), len(out) + len(recs)))
                 out += recs
-        return out
+        return out, spans
+
+    @staticmethod
+    def settle_records(
+        spans: list[tuple[Any, int, int]], records: list[Any], ok: bool,
+        dead: list[tuple[int, str, str]] | None = None, at: int = 0,
+    ) -> None:
+        """Tell each emitter with ``settle_records`` the fate of its drained records
+        (``dead``: positions from ``at`` a sink dead-lettered; ``ok`` False: the commit raised)."""
+        for settle, a, b in spans:
+            mine = [(p - at - a, sink, why) for p, sink, why in dead or () if a <= p - at < b]
+            settle(records[a:b], ok, mine)
+
+    def release_held(self) -> None:
+        """The drain began: emitters that hold events (Order's buffer) release them all."""
+        for em in self.emitters:
+            flush = getattr(em, "flush", None)
+            if flush is not None:
+                flush()
 
     async def tick(self) -> int:
         """Expire what is due in every stage that expires, then commit the records made.
@@ -202,14 +229,20 @@ class PipelineRunner:
 
     async def commit_records(self) -> int:
         """Commit what the emitters hold, on its own (tick, drain); the records committed."""
-        records = self.drain_emitters()
+        records, spans = self.drain_emitters()
         if not records:
             return 0
         if self.sinkset is None:
+            self.settle_records(spans, records, True)
             return 0
-        dead = await self.sinkset.commit(records)
+        try:
+            dead = await self.sinkset.commit(records)
+        except BaseException:
+            self.settle_records(spans, records, False)
+            raise
         if dead:
             self.count_dead_records(dead, records, 0)
+        self.settle_records(spans, records, True, dead)
         return len(records)
 
     def count_dead_records(self, dead: list[tuple[int, str, str]], records: list[Any], at: int) -> None:
@@ -233,6 +266,7 @@ class PipelineRunner:
         (a Redis client) are closed.
         """
         if self.sinkset is not None and self.emitters:
+            self.release_held()
             try:
                 await asyncio.wait_for(self.commit_records(), 30)
             except Exception:
@@ -342,8 +376,13 @@ class PipelineRunner:
                     fails = sum(ls.failures for ls in summary.lookups.values())
                     slot.add(S.ENRICHED, max(len(events) - fails, 0))
                 continue
-            stage, settle, take = step
+            stage, settle, take, reorder = step
             dropped = stage(events)
+            if reorder is not None:
+                perm = reorder()
+                if perm is not None:  # the stage's new order: events and their chunk positions
+                    events = list(map(events.__getitem__, perm))
+                    kept = list(map((kept if kept is not None else range(len(perm))).__getitem__, perm))
             if take is not None:  # taken now: another chunk may run the stage at the next await
                 got = take()
                 if got:
@@ -356,6 +395,8 @@ class PipelineRunner:
                 continue
             drop = {d.pos for d in dropped}
             for d in dropped:
+                if d.kind == "held":  # off the chunk: the stage commits it through drain() (Order)
+                    continue
                 d.pos = kept[d.pos] if kept is not None else d.pos
                 errors.append(d)
                 if d.kind == "duplicate":
@@ -382,7 +423,7 @@ class PipelineRunner:
             summary.counts[name] = {
                 (k if type(k) is str else str(k)): v for k, v in Counter(map(get, events)).items()
             }
-        records = self.drain_emitters() if self.emitters else None
+        records, spans = self.drain_emitters() if self.emitters else (None, [])
         if self.sinkset is not None:
             if invalid:
                 from ..sinks import DeadLetter
@@ -408,13 +449,20 @@ class PipelineRunner:
                 n_ev = len(events)
                 if routes is not None:
                     routes += [None] * len(records)  # emitted records go where unrouted events go
-                dead = await self.sinkset.commit(events + records, routes)
+                try:
+                    dead = await self.sinkset.commit(events + records, routes)
+                except BaseException:
+                    self.settle_records(spans, records, False)
+                    raise
                 if dead and dead[-1][0] >= n_ev:  # sorted: some emitted record was dead-lettered
                     self.count_dead_records([d for d in dead if d[0] >= n_ev], records, n_ev)
-                    dead = [d for d in dead if d[0] < n_ev]
+                self.settle_records(spans, records, True, [d for d in dead if d[0] >= n_ev], n_ev)
+                dead = [d for d in dead if d[0] < n_ev]
             else:
                 dead = await self.sinkset.commit(events, routes) if events else []
         else:
+            if records:
+                self.settle_records(spans, records, True)
             dead = []
         # stored: now (and only now) remembered as seen. Dead-lettered by a sink (store
         # full, down past its retries, refused a row) is not stored: a retry must not be

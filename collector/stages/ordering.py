@@ -1,0 +1,360 @@
+"""``Order``: deliver the events of each key in the order of a timestamp field.
+
+::
+
+    no buffer (max_delay 0):  chunk ─► stable sort by `by` (one sort, C key function)
+        ─► the runner permutes the chunk (take_order) ─► sinks, in that order
+        an event older than the newest one already delivered for its key: `late`, passed on
+    buffer (max_delay > 0):   chunk ─► each timed event held per key (heap by `by`), kind
+        "held" (off the chunk, not an error) ─► released in `by` order when older than
+        its key's watermark, or max_delay seconds after it arrived, or the buffer is full
+        ─► drain() (the runner's emitter machinery) ─► sinks commit ─► settle_records()
+        ─► the chunk that brought them is acked (it waited: at-least-once)
+
+Keyed state: shard the pipeline by ``key`` (the default is the pipeline's key) so
+every event of a key reaches one worker. Times are compared as numbers: ``by`` may be
+int or float (any unit; ``max_delay`` is then in that unit), or ``datetime`` / ISO 8601
+strings (converted to epoch seconds, naive = UTC; a chunk holding any of these is
+converted event by event). An event without a usable time is ``untimed``: never
+held, never late, delivered after the chunk's timed events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import heapq
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ..errors import ConfigError
+from ..protocol import ErrorRecord
+from .base import Stage
+from .integrity import field_path
+from .windows import parse_time
+
+__all__ = ["COUNTERS", "Order", "OrderRuntime"]
+
+# summed across workers by Order.merge; `held` is a gauge (events in the buffers now)
+COUNTERS = ("ordered", "reordered", "late", "untimed", "released_early", "forgotten_keys", "held")
+_NUMBERS = {int, float}
+
+
+@dataclass(frozen=True)
+class Order(Stage):
+    """Deliver each key's events in ``by`` order, within a chunk and across chunks.
+
+    ``key``: the field whose events are kept in order (None: the pipeline's key, which
+    the pipeline must shard by). ``max_delay``: None or 0, no buffer (a chunk is sorted;
+    an event older than the newest delivered for its key is ``late`` and passed on);
+    else events wait up to ``max_delay`` (seconds of event time behind the newest of
+    their key, and of processing time since arrival) so a late arrival within it takes
+    its place. At most ``max_held`` events wait per worker (beyond: the oldest arrivals
+    go early, ``released_early``); ``max_keys`` keys are remembered (the oldest
+    forgotten first; a forgotten key's next event is never late). ``tick``: seconds
+    between the idle releases of a buffer. See docs/stateful-stages.md, "Ordering".
+    """
+
+    by: str
+    key: str | None = None
+    max_delay: float | None = None
+    max_held: int = 100_000
+    max_keys: int = 1_000_000
+    tick: float = 0.1
+    name: str = "order"
+
+    def __post_init__(self) -> None:
+        where = f"order stage {self.name!r}"
+        if not isinstance(self.by, str) or not self.by:
+            raise ConfigError(f"{where}: by must name the timestamp field (e.g. by = \"timestamp\")")
+        if self.key is not None and (not isinstance(self.key, str) or not self.key):
+            raise ConfigError(f"{where}: key must name a field (or be left out: the pipeline's key)")
+        if self.max_delay is not None and not self.max_delay >= 0:
+            raise ConfigError(f"{where}: max_delay must be >= 0 seconds, or 0/None for no buffer (got {self.max_delay})")
+        if self.max_held < 1 or self.max_keys < 1 or not self.tick > 0:
+            raise ConfigError(f"{where}: needs max_held >= 1, max_keys >= 1, tick > 0 "
+                              f"(got {self.max_held}, {self.max_keys}, {self.tick})")
+
+    @property
+    def holds(self) -> bool:
+        """Whether events wait in a buffer (then the stage must be the pipeline's last)."""
+        return bool(self.max_delay)
+
+    @property
+    def integrity(self) -> str:
+        """What the daemon's metrics show of this stage: ordering counters."""
+        return "ordering"
+
+    def build(self) -> OrderRuntime:
+        """The ordering state of one worker."""
+        return OrderRuntime(self)
+
+    def merge(self, partials: Sequence[bytes]) -> dict[str, int]:
+        """The workers' counters summed (``held``: events waiting in every worker now)."""
+        out = dict.fromkeys(COUNTERS, 0)
+        for b in partials:
+            for c, v in zip(COUNTERS, _decoder.decode(b), strict=False):
+                out[c] += v
+        return out
+
+    def read(self, result: dict[str, int], key: Any = None, **_: Any) -> dict[str, int]:
+        """The merged counters."""
+        return dict(result)
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(list[int])
+
+
+class _Waiter:
+    """A chunk whose held events are not committed yet: ``left`` of them."""
+
+    __slots__ = ("dead", "done", "failed", "left")
+
+    def __init__(self) -> None:
+        self.left = 0
+        self.dead: list[ErrorRecord] = []
+        self.failed = False
+        self.done = asyncio.Event()
+
+
+class OrderRuntime:
+    """One worker's ordering: call it with a chunk; emitter (``drain``) with a buffer."""
+
+    def __init__(self, spec: Order) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.clock = time.monotonic  # processing time of the buffer (the runner's tick reads it)
+        self._by = field_path(spec.by)
+        self._key = field_path(spec.key) if spec.key is not None else None
+        self.delay = float(spec.max_delay or 0.0)
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.last: dict[Any, Any] = {}  # key → newest time delivered (oldest-inserted first)
+        self.newest: dict[Any, Any] = {}  # key → newest time seen (buffer: what overtook whom)
+        self.held: dict[Any, list[tuple[Any, int, Any]]] = {}  # key → heap (time, seq, event)
+        self.arrivals: collections.deque[tuple[float, Any, Any, int]] = collections.deque()
+        self.out: list[Any] = []
+        self.waiting: dict[int, tuple[_Waiter, int]] = {}  # id(held event) → its chunk, position
+        self._seq = itertools.count()
+        self._perm: list[int] | None = None
+        self._snap: tuple[tuple[int, ...], bytes] | None = None
+
+    def bind(self, pipeline: Any) -> None:
+        """Called by the worker once built: ``key`` None reads the pipeline's key."""
+        if self._key is None:
+            self._key = field_path(pipeline.key)
+
+    # ------------------------------------------------------------------ chunk
+    def __call__(self, events: list[Any]) -> Any:
+        """Order a chunk (no buffer: a permutation for :meth:`take_order`), or hold its
+        timed events (buffer: a coroutine that ends once they were committed)."""
+        if not events:
+            return []
+        times = list(map(self._by, events))
+        if not set(map(type, times)) <= _NUMBERS:
+            times = list(map(parse_time, times))  # ISO strings, datetimes; None where unusable
+        keyget = self._key if self._key is not None else self._missing_key
+        keys = list(map(keyget, events))
+        self.counters["ordered"] += len(events)
+        if self.delay:
+            return self._hold(events, times, keys)
+        self._sort(times, keys)
+        return []
+
+    def take_order(self) -> list[int] | None:
+        """The last chunk's new order (new position → old position), None when unchanged."""
+        perm, self._perm = self._perm, None
+        return perm
+
+    def _missing_key(self, e: Any) -> Any:
+        raise ConfigError(f"order stage {self.name!r}: no key (the worker binds the pipeline's key)")
+
+    def _sort(self, times: list[Any], keys: list[Any]) -> None:
+        c = self.counters
+        n = len(times)
+        pos: list[int] = list(range(n))
+        untimed: list[int] = []
+        if None in times:
+            untimed = [i for i, t in enumerate(times) if t is None]
+            pos = [i for i, t in enumerate(times) if t is not None]
+            times = [times[i] for i in pos]
+            keys = [keys[i] for i in pos]
+            c["untimed"] += len(untimed)
+        order = sorted(range(len(times)), key=times.__getitem__)  # stable: ties keep arrival order
+        if order != list(range(len(times))):
+            c["reordered"] += _overtaken(keys, times)
+            times = list(map(times.__getitem__, order))
+            keys = list(map(keys.__getitem__, order))
+            pos = list(map(pos.__getitem__, order))
+        with contextlib.suppress(TypeError):  # an unhashable key (a JSON object): ordered in the chunk only
+            self._deliver(keys, times)
+        perm = pos + untimed if untimed else pos
+        if perm != list(range(n)):
+            self._perm = perm
+
+    def _deliver(self, keys: list[Any], times: list[Any]) -> None:
+        """Remember the newest time delivered per key (``times`` ascending), counting the late."""
+        last = self.last
+        first = dict(zip(reversed(keys), reversed(times), strict=True))  # key → its oldest here
+        before = {k: last[k] for k, t in first.items() if k in last and t < last[k]}
+        last.update(zip(keys, times, strict=True))  # ascending: the newest of each key wins
+        if before:
+            self.counters["late"] += sum(1 for k, t in zip(keys, times, strict=True) if k in before and t < before[k])
+            for k, t in before.items():
+                if last[k] < t:
+                    last[k] = t
+        self._forget(last)
+
+    def _forget(self, table: dict[Any, Any]) -> None:
+        over = len(table) - self.spec.max_keys
+        if over > 0:
+            for k in list(itertools.islice(table, over)):
+                del table[k]
+                self.newest.pop(k, None)
+            self.counters["forgotten_keys"] += over
+
+    # ------------------------------------------------------------------ buffer
+    def _hold(self, events: list[Any], times: list[Any], keys: list[Any]) -> Any:
+        now = self.clock()
+        c = self.counters
+        last, newest, held, waiting = self.last, self.newest, self.held, self.waiting
+        arrivals, seq, deadline = self.arrivals, self._seq, now + self.delay
+        w = _Waiter()
+        drops: list[ErrorRecord] = []
+        touched: dict[Any, None] = {}
+        for i, (e, t, k) in enumerate(zip(events, times, keys, strict=True)):
+            if t is None:
+                c["untimed"] += 1
+                continue
+            try:
+                lt = last.get(k)
+            except TypeError:  # an unhashable key (a JSON object) cannot be ordered
+                c["untimed"] += 1
+                continue
+            if lt is not None and t < lt:
+                c["late"] += 1  # its successors are gone: passed on with the chunk
+                continue
+            nt = newest.get(k)
+            if nt is not None and t < nt:
+                c["reordered"] += 1
+            else:
+                newest[k] = t
+            s = next(seq)
+            heapq.heappush(held.setdefault(k, []), (t, s, e))
+            arrivals.append((deadline, k, t, s))
+            waiting[id(e)] = (w, i)
+            w.left += 1
+            drops.append(ErrorRecord(i, "$", f"held by {self.name}", "held"))
+            touched[k] = None
+        c["held"] += w.left
+        delay = self.delay
+        for k in touched:  # the event-time watermark: newest seen minus max_delay
+            self._release(k, newest[k] - delay, None)
+        self.expire(now)
+        if not w.left:
+            return drops
+        return self._wait(w, drops)
+
+    async def _wait(self, w: _Waiter, drops: list[ErrorRecord]) -> list[ErrorRecord]:
+        """Until the sinks committed this chunk's held events: ``drops`` and the dead-lettered."""
+        await w.done.wait()
+        if w.failed:
+            raise RuntimeError(f"order stage {self.name!r}: the commit of this chunk's held events failed")
+        if not w.dead:
+            return drops
+        dead = {d.pos for d in w.dead}
+        return [d for d in drops if d.pos not in dead] + w.dead
+
+    def _release(self, k: Any, t: Any, s: int | None) -> int:
+        """Release key ``k``'s held events up to time ``t`` (and sequence ``s``), in order."""
+        h = self.held.get(k)
+        if not h:
+            return 0
+        out = self.out
+        n = 0
+        while h and (h[0][0] < t or (h[0][0] == t and (s is None or h[0][1] <= s))):
+            tt, _, e = heapq.heappop(h)
+            out.append(e)
+            self.last[k] = tt
+            n += 1
+        if not h:
+            del self.held[k]
+            self._forget(self.last)
+        self.counters["held"] -= n
+        return n
+
+    def expire(self, now: float) -> None:
+        """Release what waited ``max_delay`` since arrival (with its key's older events),
+        then the oldest arrivals while more than ``max_held`` wait."""
+        arr = self.arrivals
+        while arr and arr[0][0] <= now:
+            _, k, t, s = arr.popleft()
+            self._release(k, t, s)
+        c = self.counters
+        while c["held"] > self.spec.max_held and arr:
+            _, k, t, s = arr.popleft()
+            c["released_early"] += self._release(k, t, s)
+        if not c["held"]:
+            arr.clear()  # what is left points at released events
+
+    def flush(self) -> None:
+        """Release everything held, each key in order (the worker's drain)."""
+        for k in list(self.held):
+            h = self.held[k]
+            self._release(k, max(h)[0], None)
+        self.arrivals.clear()
+
+    def drain(self) -> list[Any]:
+        """The events released since the last drain, each key's in ``by`` order."""
+        out, self.out = self.out, []
+        return out
+
+    def settle_records(self, records: list[Any], ok: bool, dead: Sequence[tuple[int, str, str]] = ()) -> None:
+        """The sinks committed ``records`` (a drain of this stage; ``ok`` False: the commit
+        failed): the chunks that brought them are answered when all theirs are in."""
+        waiting = self.waiting
+        why = {pos: f"sink {sink}: {r}" for pos, sink, r in dead}
+        for i, e in enumerate(records):
+            got = waiting.pop(id(e), None)
+            if got is None:
+                continue
+            w, pos = got
+            if not ok:
+                w.failed = True
+                w.done.set()
+                continue
+            if i in why:
+                w.dead.append(ErrorRecord(pos, "$", why[i], "deadlettered"))
+            w.left -= 1
+            if not w.left:
+                w.done.set()
+
+    def stats(self) -> dict[str, int]:
+        """The counters (``held``: events waiting now)."""
+        return dict(self.counters)
+
+    def snapshot(self) -> bytes:
+        """The counters as msgpack; the same bytes object while they did not change."""
+        vals = tuple(self.counters[c] for c in COUNTERS)
+        if self._snap is None or self._snap[0] != vals:
+            self._snap = (vals, _encoder.encode(list(vals)))
+        return self._snap[1]
+
+
+def _overtaken(keys: list[Any], times: list[Any]) -> int:
+    """Events (arrival order) that came after a newer event of their key: the ones moved."""
+    newest: dict[Any, Any] = {}
+    n = 0
+    for k, t in zip(keys, times, strict=True):
+        m = newest.get(k)
+        if m is not None and t < m:
+            n += 1
+        else:
+            newest[k] = t
+    return n
