@@ -164,7 +164,7 @@ class Pipeline:
             if self.lookups and not enrich_before:
                 raise ConfigError(
                     f"pipeline {self.name!r}: stage {name!r} holds events (max_delay), and the lookups run "
-                    "after every stage unless placed: put Enrich() before it"
+                    "after every stage unless placed: put Enrich() before it ([[stages]] kind = \"enrich\" in a config)"
                 )
 
     def with_sinks(self, *sinks: Any) -> Pipeline:

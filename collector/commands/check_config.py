@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from collector.config import load_config, options_table, resolved_sinks
     from collector.errors import ConfigError
     from collector.packs import build_pipeline
-    from collector.pipeline import event_type_name
+    from collector.pipeline import event_fields, event_type_name
 
     if args.options:
         print(options_table())
@@ -50,6 +50,16 @@ def run(args: argparse.Namespace) -> int:
                 f"; warning: the pipeline shards by {p.key!r} ({p.shard}), not by the session: "
                 "each worker sees part of a session and counts the others' numbers as gaps")
             print(f"  gaps {st.name}: session {st.session}, seq {st.seq}" + (f", by {st.by}" if st.by else "") + note)
+        elif getattr(st, "integrity", None) == "ordering":
+            key = st.key or p.key
+            fields = event_fields(p.event_type)
+            note = "" if (key == p.key and p.shard == "key") else (
+                f"; warning: the pipeline shards by {p.key!r} ({p.shard}), not by {key!r}: "
+                "a key's events reach several workers, each orders only its own")
+            if st.by.split(".")[0] not in fields:
+                note += f"; warning: {event_type_name(p.event_type)} has no field {st.by!r}: every event is untimed"
+            buf = f"buffer max_delay {st.max_delay} s, max_held {st.max_held}" if st.holds else "no buffer"
+            print(f"  order {st.name}: key {key}, by {st.by}, {buf}" + note)
     if cfg.source is not None:
         src = cfg.source
         print(f"  source {src.kind} {src.url} stream {src.stream} ({', '.join(src.subjects)}) durable {src.durable}")
