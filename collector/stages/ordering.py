@@ -26,9 +26,11 @@ import collections
 import contextlib
 import heapq
 import itertools
+import operator
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -44,6 +46,7 @@ __all__ = ["COUNTERS", "Order", "OrderRuntime"]
 # summed across workers by Order.merge; `held` is a gauge (events in the buffers now)
 COUNTERS = ("ordered", "reordered", "late", "untimed", "released_early", "forgotten_keys", "held")
 _NUMBERS = {int, float}
+_NEVER = float("-inf")  # the newest time delivered for a key not seen yet
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,11 @@ class OrderRuntime:
         self.name = spec.name
         self.clock = time.monotonic  # processing time of the buffer (the runner's tick reads it)
         self._by = field_path(spec.by)
-        self._key = field_path(spec.key) if spec.key is not None else None
+        self._by_plain = _plain(spec.by)
+        self._key: Any = None
+        self._key_plain: Any = None
+        if spec.key is not None:
+            self._bind_key(spec.key)
         self.delay = float(spec.max_delay or 0.0)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.last: dict[Any, Any] = {}  # key → newest time delivered (oldest-inserted first)
@@ -148,7 +155,11 @@ class OrderRuntime:
     def bind(self, pipeline: Any) -> None:
         """Called by the worker once built: ``key`` None reads the pipeline's key."""
         if self._key is None:
-            self._key = field_path(pipeline.key)
+            self._bind_key(pipeline.key)
+
+    def _bind_key(self, path: str) -> None:
+        self._key = field_path(path)
+        self._key_plain = _plain(path)
 
     # ------------------------------------------------------------------ chunk
     def __call__(self, events: list[Any]) -> Any:
@@ -156,11 +167,12 @@ class OrderRuntime:
         timed events (buffer: a coroutine that ends once they were committed)."""
         if not events:
             return []
-        times = list(map(self._by, events))
+        times = _values(self._by, self._by_plain, events)
         if not set(map(type, times)) <= _NUMBERS:
             times = list(map(parse_time, times))  # ISO strings, datetimes; None where unusable
-        keyget = self._key if self._key is not None else self._missing_key
-        keys = list(map(keyget, events))
+        if self._key is None:
+            raise ConfigError(f"order stage {self.name!r}: no key (the worker binds the pipeline's key)")
+        keys = _values(self._key, self._key_plain, events)
         self.counters["ordered"] += len(events)
         if self.delay:
             return self._hold(events, times, keys)
@@ -172,13 +184,9 @@ class OrderRuntime:
         perm, self._perm = self._perm, None
         return perm
 
-    def _missing_key(self, e: Any) -> Any:
-        raise ConfigError(f"order stage {self.name!r}: no key (the worker binds the pipeline's key)")
-
     def _sort(self, times: list[Any], keys: list[Any]) -> None:
         c = self.counters
-        n = len(times)
-        pos: list[int] = list(range(n))
+        pos: list[int] | None = None  # None: positions unchanged (0..n-1)
         untimed: list[int] = []
         if None in times:
             untimed = [i for i, t in enumerate(times) if t is None]
@@ -186,29 +194,29 @@ class OrderRuntime:
             times = [times[i] for i in pos]
             keys = [keys[i] for i in pos]
             c["untimed"] += len(untimed)
-        order = sorted(range(len(times)), key=times.__getitem__)  # stable: ties keep arrival order
-        if order != list(range(len(times))):
+        ts = sorted(times)
+        if ts != times:  # in order already (the common case) costs one C pass of each
+            order = sorted(range(len(times)), key=times.__getitem__)  # stable: ties keep arrival order
             c["reordered"] += _overtaken(keys, times)
-            times = list(map(times.__getitem__, order))
+            times = ts
             keys = list(map(keys.__getitem__, order))
-            pos = list(map(pos.__getitem__, order))
+            pos = list(map(pos.__getitem__, order)) if pos is not None else order
         with contextlib.suppress(TypeError):  # an unhashable key (a JSON object): ordered in the chunk only
             self._deliver(keys, times)
-        perm = pos + untimed if untimed else pos
-        if perm != list(range(n)):
-            self._perm = perm
+        if pos is not None:
+            self._perm = pos + untimed if untimed else pos
 
     def _deliver(self, keys: list[Any], times: list[Any]) -> None:
         """Remember the newest time delivered per key (``times`` ascending), counting the late."""
         last = self.last
-        first = dict(zip(reversed(keys), reversed(times), strict=True))  # key → its oldest here
-        before = {k: last[k] for k, t in first.items() if k in last and t < last[k]}
+        prev = list(map(last.get, keys, itertools.repeat(_NEVER)))  # C calls, no per-event bytecode
+        late = sum(map(operator.lt, times, prev))
         last.update(zip(keys, times, strict=True))  # ascending: the newest of each key wins
-        if before:
-            self.counters["late"] += sum(1 for k, t in zip(keys, times, strict=True) if k in before and t < before[k])
-            for k, t in before.items():
-                if last[k] < t:
-                    last[k] = t
+        if late:
+            self.counters["late"] += late
+            for k, p in zip(keys, prev, strict=True):  # a key whose events were all late keeps its newest
+                if last[k] < p:
+                    last[k] = p
         self._forget(last)
 
     def _forget(self, table: dict[Any, Any]) -> None:
@@ -226,6 +234,7 @@ class OrderRuntime:
         last, newest, held, waiting = self.last, self.newest, self.held, self.waiting
         arrivals, seq, deadline = self.arrivals, self._seq, now + self.delay
         w = _Waiter()
+        why = f"held by {self.name}"
         drops: list[ErrorRecord] = []
         touched: dict[Any, None] = {}
         for i, (e, t, k) in enumerate(zip(events, times, keys, strict=True)):
@@ -250,7 +259,7 @@ class OrderRuntime:
             arrivals.append((deadline, k, t, s))
             waiting[id(e)] = (w, i)
             w.left += 1
-            drops.append(ErrorRecord(i, "$", f"held by {self.name}", "held"))
+            drops.append(ErrorRecord(i, "$", why, "held"))
             touched[k] = None
         c["held"] += w.left
         delay = self.delay
@@ -345,6 +354,21 @@ class OrderRuntime:
         if self._snap is None or self._snap[0] != vals:
             self._snap = (vals, _encoder.encode(list(vals)))
         return self._snap[1]
+
+
+def _plain(path: str) -> Any:
+    """A C getter for a top-level field (None for a dotted path)."""
+    return None if "." in path else attrgetter(path)
+
+
+def _values(get: Any, plain: Any, events: list[Any]) -> list[Any]:
+    """``get`` of every event: one C call each when the field is top-level and present."""
+    if plain is not None:
+        try:
+            return list(map(plain, events))
+        except AttributeError:  # a union member without the field, a dict: the slow getter
+            pass
+    return list(map(get, events))
 
 
 def _overtaken(keys: list[Any], times: list[Any]) -> int:
