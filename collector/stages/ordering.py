@@ -47,6 +47,9 @@ __all__ = ["COUNTERS", "Order", "OrderRuntime"]
 COUNTERS = ("ordered", "reordered", "late", "untimed", "released_early", "forgotten_keys", "held")
 _NUMBERS = {int, float}
 _NEVER = float("-inf")  # the newest time delivered for a key not seen yet
+_LAST = float("inf")  # a sequence number after every other: (t, _LAST) bounds all entries at t
+_FOREVER = float("inf")
+_waiter_of = operator.itemgetter(3)
 
 
 @dataclass(frozen=True)
@@ -144,10 +147,13 @@ class OrderRuntime:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.last: dict[Any, Any] = {}  # key → newest time delivered (oldest-inserted first)
         self.newest: dict[Any, Any] = {}  # key → newest time seen (buffer: what overtook whom)
-        self.held: dict[Any, list[tuple[Any, int, Any]]] = {}  # key → heap (time, seq, event)
-        self.arrivals: collections.deque[tuple[float, Any, Any, int]] = collections.deque()
+        self.held: dict[Any, list[tuple[Any, ...]]] = {}  # key → heap of entries (time, seq, event, waiter, pos)
+        # per chunk held: (deadline, {key: its newest entry}); entries are (time, seq, event,
+        # its chunk's waiter, its position there)
+        self.arrivals: collections.deque[tuple[float, dict[Any, tuple[Any, ...]]]] = collections.deque()
         self.out: list[Any] = []
-        self.waiting: dict[int, tuple[_Waiter, int]] = {}  # id(held event) → its chunk, position
+        self.out_wait: list[tuple[Any, ...]] = []  # the entries of ``out``
+        self.drained: dict[int, list[tuple[Any, ...]]] = {}  # id(first record of a drain) → its entries
         self._seq = itertools.count()
         self._perm: list[int] | None = None
         self._snap: tuple[tuple[int, ...], bytes] | None = None
@@ -231,12 +237,12 @@ class OrderRuntime:
     def _hold(self, events: list[Any], times: list[Any], keys: list[Any]) -> Any:
         now = self.clock()
         c = self.counters
-        last, newest, held, waiting = self.last, self.newest, self.held, self.waiting
-        arrivals, seq, deadline = self.arrivals, self._seq, now + self.delay
+        last, newest, held = self.last, self.newest, self.held
+        seq, heappush = self._seq, heapq.heappush
         w = _Waiter()
         why = f"held by {self.name}"
         drops: list[ErrorRecord] = []
-        touched: dict[Any, None] = {}
+        newest_held: dict[Any, tuple[Any, ...]] = {}  # key → its newest entry held from this chunk
         for i, (e, t, k) in enumerate(zip(events, times, keys, strict=True)):
             if t is None:
                 c["untimed"] += 1
@@ -254,20 +260,27 @@ class OrderRuntime:
                 c["reordered"] += 1
             else:
                 newest[k] = t
-            s = next(seq)
-            heapq.heappush(held.setdefault(k, []), (t, s, e))
-            arrivals.append((deadline, k, t, s))
-            waiting[id(e)] = (w, i)
-            w.left += 1
+            entry = (t, next(seq), e, w, i)
+            h = held.get(k)
+            if h is None:
+                held[k] = [entry]
+            else:
+                heappush(h, entry)
+            top = newest_held.get(k)
+            if top is None or entry > top:
+                newest_held[k] = entry
             drops.append(ErrorRecord(i, "$", why, "held"))
-            touched[k] = None
-        c["held"] += w.left
-        delay = self.delay
-        for k in touched:  # the event-time watermark: newest seen minus max_delay
-            self._release(k, newest[k] - delay, None)
-        self.expire(now)
-        if not w.left:
+        if not drops:
             return drops
+        w.left = len(drops)
+        c["held"] += w.left
+        # processing time: at the deadline, each key's newest entry from this chunk goes,
+        # with everything older of its key
+        self.arrivals.append((now + self.delay, newest_held))
+        delay = self.delay
+        for k in newest_held:  # the event-time watermark: newest seen minus max_delay
+            self._release(k, (newest[k] - delay, _LAST))
+        self.expire(now)
         return self._wait(w, drops)
 
     async def _wait(self, w: _Waiter, drops: list[ErrorRecord]) -> list[ErrorRecord]:
@@ -280,18 +293,21 @@ class OrderRuntime:
         dead = {d.pos for d in w.dead}
         return [d for d in drops if d.pos not in dead] + w.dead
 
-    def _release(self, k: Any, t: Any, s: int | None) -> int:
-        """Release key ``k``'s held events up to time ``t`` (and sequence ``s``), in order."""
+    def _release(self, k: Any, upto: tuple[Any, ...]) -> int:
+        """Release key ``k``'s held entries up to ``upto`` (time, sequence), in order."""
         h = self.held.get(k)
-        if not h:
+        if not h or h[0] > upto:
             return 0
-        out = self.out
+        out, wait = self.out, self.out_wait
+        heappop = heapq.heappop
         n = 0
-        while h and (h[0][0] < t or (h[0][0] == t and (s is None or h[0][1] <= s))):
-            tt, _, e = heapq.heappop(h)
-            out.append(e)
-            self.last[k] = tt
+        entry = h[0]
+        while h and h[0] <= upto:
+            entry = heappop(h)
+            out.append(entry[2])
+            wait.append(entry)
             n += 1
+        self.last[k] = entry[0]
         if not h:
             del self.held[k]
             self._forget(self.last)
@@ -303,45 +319,50 @@ class OrderRuntime:
         then the oldest arrivals while more than ``max_held`` wait."""
         arr = self.arrivals
         while arr and arr[0][0] <= now:
-            _, k, t, s = arr.popleft()
-            self._release(k, t, s)
+            for k, entry in arr.popleft()[1].items():
+                self._release(k, entry)
         c = self.counters
-        while c["held"] > self.spec.max_held and arr:
-            _, k, t, s = arr.popleft()
-            c["released_early"] += self._release(k, t, s)
+        while c["held"] > self.spec.max_held and arr:  # key by key from the oldest arrivals
+            group = arr[0][1]
+            k = next(iter(group))
+            c["released_early"] += self._release(k, group.pop(k))
+            if not group:
+                arr.popleft()
         if not c["held"]:
             arr.clear()  # what is left points at released events
 
     def flush(self) -> None:
         """Release everything held, each key in order (the worker's drain)."""
         for k in list(self.held):
-            h = self.held[k]
-            self._release(k, max(h)[0], None)
+            self._release(k, (_FOREVER,))
         self.arrivals.clear()
 
     def drain(self) -> list[Any]:
         """The events released since the last drain, each key's in ``by`` order."""
         out, self.out = self.out, []
+        if out:
+            # their chunks, found again by the first event when the commit is settled
+            self.drained[id(out[0])] = self.out_wait
+            self.out_wait = []
         return out
 
     def settle_records(self, records: list[Any], ok: bool, dead: Sequence[tuple[int, str, str]] = ()) -> None:
         """The sinks committed ``records`` (a drain of this stage; ``ok`` False: the commit
         failed): the chunks that brought them are answered when all theirs are in."""
-        waiting = self.waiting
-        why = {pos: f"sink {sink}: {r}" for pos, sink, r in dead}
-        for i, e in enumerate(records):
-            got = waiting.pop(id(e), None)
-            if got is None:
-                continue
-            w, pos = got
-            if not ok:
+        entries = self.drained.pop(id(records[0]), None) if records else None
+        if entries is None:
+            return
+        if not ok:
+            for w in {id(e[3]): e[3] for e in entries}.values():
                 w.failed = True
                 w.done.set()
-                continue
-            if i in why:
-                w.dead.append(ErrorRecord(pos, "$", why[i], "deadlettered"))
-            w.left -= 1
-            if not w.left:
+            return
+        for pos, sink, r in dead:
+            e = entries[pos]
+            e[3].dead.append(ErrorRecord(e[4], "$", f"sink {sink}: {r}", "deadlettered"))
+        for w, n in collections.Counter(map(_waiter_of, entries)).items():
+            w.left -= n
+            if w.left <= 0:
                 w.done.set()
 
     def stats(self) -> dict[str, int]:

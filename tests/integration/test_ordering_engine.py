@@ -8,13 +8,16 @@ its path. Every wait is bounded.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 from conftest import wait_until
 from ledger import Ledger
@@ -24,6 +27,7 @@ from collector import Collector
 from collector.config import load_config
 from collector.packs import build_pipeline
 from collector.stages.ordering import Order
+from collector.stages.rules import Filter
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -53,6 +57,19 @@ def test_without_a_buffer_an_older_event_in_a_later_chunk_is_late_and_stored(tmp
         got = wait_until(lambda: counters(c)["ordered"] == 6 and counters(c), 10, what="published counters")
     assert got["late"] == 2 and got["reordered"] == 3  # 10, 11 after 12; 5 after 13 (9, 5: after 12, late)
     assert per_user(stored(db))["a"] == [10.0, 11.0, 12.0, 5.0, 9.0, 13.0]  # every event stored
+
+
+def test_answers_name_the_original_positions_after_the_chunk_was_reordered(tmp_path: Path) -> None:
+    db = str(tmp_path / "r.db")
+    p = pipeline(db)
+    p = dataclasses.replace(p, stages=(*p.stages, Filter("order_support:not_dropped")))
+    items: list[Any] = [{"id": "a3", "user_id": "a", "ts": 3}, {"id": "bad", "user_id": "a"},
+                        {"id": "a1", "user_id": "a", "ts": 1}, {"id": "drop-a2", "user_id": "a", "ts": 2}]
+    with Collector(p, workers=1) as c:
+        res = c.handle(msgspec.json.encode(items)).wait(timeout=30)
+    # the filter saw [a1, drop-a2, a3]: its drop at 1 is the batch's item 3
+    assert sorted((e.index, e.kind) for e in res.errors) == [(1, "invalid"), (3, "filtered")]
+    assert [r["id"] for r in stored(db)] == ["a1", "a3"]
 
 
 def test_with_a_buffer_chunks_arriving_out_of_order_are_put_back(tmp_path: Path) -> None:

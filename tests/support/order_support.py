@@ -57,3 +57,8 @@ def per_user(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
     for r in rows:
         out.setdefault(r["user_id"], []).append(r["ts"])
     return out
+
+
+def not_dropped(e: Reading) -> bool:
+    """A filter after the ordering: readings whose id starts with ``drop`` are filtered out."""
+    return not e.id.startswith("drop")
