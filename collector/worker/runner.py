@@ -29,6 +29,10 @@ worker loop runs every ``tick_interval`` seconds (the smallest ``tick`` among th
 stages, default 1 s) so records are made without traffic; ``tick`` commits what the
 emitters then hold on its own, concurrently with the chunks' commits. A runtime with
 ``aclose()`` is closed at the drain.
+
+``Order`` (see stages/base.py) adds: ``settle_records`` (an emitter hears of its drained
+records' commit), ``flush()`` at the drain, drops of kind ``held`` (off the chunk, no
+answer of their own), and ``take_order()`` (the runner permutes events and positions).
 """
 
 from __future__ import annotations
@@ -193,10 +197,7 @@ class PipelineRunner:
         return out, spans
 
     @staticmethod
-    def settle_records(
-        spans: list[tuple[Any, int, int]], records: list[Any], ok: bool,
-        dead: list[tuple[int, str, str]] | None = None, at: int = 0,
-    ) -> None:
+    def settle_records(spans: list[Any], records: list[Any], ok: bool, dead: list[Any] | None = None, at: int = 0) -> None:
         """Tell each emitter with ``settle_records`` the fate of its drained records
         (``dead``: positions from ``at`` a sink dead-lettered; ``ok`` False: the commit raised)."""
         for settle, a, b in spans:
