@@ -138,7 +138,12 @@ class Snapshot(msgspec.Struct, tag=6, array_like=True):
     taken_at: float  # the worker's time.time() when the partial was taken
 
 
-Message = Chunk | Stop | Ready | BootFailed | Ack | Snapshot
+class Release(msgspec.Struct, tag=7, array_like=True):
+    """The collector is draining: stages holding events (Order's buffer) release them now,
+    so the chunks waiting for them finish without waiting out their delay."""
+
+
+Message = Chunk | Stop | Ready | BootFailed | Ack | Snapshot | Release
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

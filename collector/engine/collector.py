@@ -223,6 +223,7 @@ class Collector(Reads):
             self._state = "closing"
         self.admission.wake()
         if drain:
+            self.pool.release_held()  # held events (Order's buffer) go now, not after their delay
             while self.ledger.ops and time.monotonic() < deadline and self.fatal_error is None:
                 await asyncio.sleep(0.01)
         self.ledger.fail_all(self.fatal_error or CollectorClosed("the collector closed before this operation finished"))

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from .. import stats as S
 from ..errors import WorkerBootError, WorkerError
 from ..pipeline import Pipeline
-from ..protocol import Ack, BootFailed, FrameWriter, Ready, Snapshot, Stop, read_frames
+from ..protocol import Ack, BootFailed, FrameWriter, Ready, Release, Snapshot, Stop, read_frames
 from ..worker import BOOT_FAILURE, WorkerSpec, worker_main
 
 __all__ = ["PoolOwner", "WorkerPool", "WorkerSlot", "describe_exit"]
@@ -316,6 +316,13 @@ class WorkerPool:
             if w.process is not None and w.process.is_alive():
                 with contextlib.suppress(Exception):
                     w.process.kill()
+
+    def release_held(self) -> None:
+        """Ask every worker to release what its stages hold (the drain began)."""
+        for w in self.slots:
+            if w.writer is not None and not w.exited:
+                with contextlib.suppress(Exception):
+                    w.send(Release())
 
     async def stop(self, deadline: float) -> None:
         """Ask every worker to stop, wait until ``deadline``, then kill and reap them."""

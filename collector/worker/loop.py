@@ -4,6 +4,7 @@
 
     channel (socketpair, frames) ──► read Chunk ──► task per CHUNK (never per event)
         ──► PipelineRunner.run_chunk ──► Ack ──► FrameWriter (one write per loop turn)
+    Release ──► stages release what they hold (the collector began to drain: Order's buffer)
     Stop or EOF ──► drain: wait for the chunk tasks, close the sinks, flush the acks
     heartbeat task ──► stamps the shared-memory slot; exits if the parent is gone
     publish task ──► every SNAPSHOT_INTERVAL: Snapshot(stage, partial) of each stateful
@@ -35,6 +36,7 @@ from ..protocol import (
     Chunk,
     FrameWriter,
     Ready,
+    Release,
     Snapshot,
     Stop,
     encode_frame,
@@ -176,6 +178,8 @@ class WorkerLoop:
                 t = loop.create_task(self.guarded(msg))
                 self.tasks.add(t)
                 t.add_done_callback(self.tasks.discard)
+            elif type(msg) is Release:  # the collector drains: held events go now
+                self.runner.release_held()
             elif type(msg) is Stop:
                 return
 
