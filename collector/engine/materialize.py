@@ -38,6 +38,8 @@ class Partials:
         self.nworkers = nworkers
         self.live: dict[str, list[Snapshot | None]] = {}
         self.retired: dict[str, list[bytes]] = {}
+        # stage → its description's ``retired(partial) -> partial`` (Order: gauges to 0)
+        self.retirers: dict[str, Any] = {}
 
     def put(self, i: int, snap: Snapshot) -> None:
         """Worker ``i`` published a partial (a newer one replaces the older)."""
@@ -51,7 +53,8 @@ class Partials:
         for stage, slots in self.live.items():
             snap = slots[i]
             if snap is not None:
-                self.retired.setdefault(stage, []).append(snap.data)
+                fn = self.retirers.get(stage)  # a gauge (events held) died with the worker
+                self.retired.setdefault(stage, []).append(fn(snap.data) if fn is not None else snap.data)
                 slots[i] = None
 
     def of(self, stage: str) -> list[bytes]:
@@ -80,6 +83,8 @@ class Materialized:
     def __init__(self, pipeline: Pipeline, nworkers: int) -> None:
         self.pipeline = pipeline
         self.partials = Partials(nworkers)
+        self.partials.retirers = {st.name: st.retired for st in pipeline.stages
+                                  if is_stateful(st) and callable(getattr(st, "retired", None))}
         self._cache: dict[str, tuple[list[bytes], Any]] = {}
 
     def stage(self, name: str) -> Any:

@@ -18,6 +18,9 @@
     drops of kind "held"         off the chunk, no answer of their own: the stage commits them
                                  later through drain() (Order's buffer)
     runtime.flush()              optional, an emitter's: release all it holds (the drain began)
+    runtime.redelivered(events)  optional: called instead of runtime(events) for a chunk
+                                 delivered again after a worker died (sent alone: Order does
+                                 not hold it)
     runtime.bind(pipeline)       optional: called once built (Order reads the pipeline's key)
     runtime.expire(now)          optional: called every tick (no traffic needed; the description's
                                  ``tick`` seconds, else 1 s); may return an awaitable

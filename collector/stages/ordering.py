@@ -109,6 +109,13 @@ class Order(Stage):
                 out[c] += v
         return out
 
+    def retired(self, partial: bytes) -> bytes:
+        """A dead worker's last partial as it stays merged: its counters, ``held`` 0 (the
+        events it held come back in its redelivered chunks, held by its replacement)."""
+        vals = _decoder.decode(partial)
+        vals[COUNTERS.index("held")] = 0
+        return _encoder.encode(vals)
+
     def read(self, result: dict[str, int], key: Any = None, **_: Any) -> dict[str, int]:
         """The merged counters."""
         return dict(result)
@@ -171,6 +178,16 @@ class OrderRuntime:
     def __call__(self, events: list[Any]) -> Any:
         """Order a chunk (no buffer: a permutation for :meth:`take_order`), or hold its
         timed events (buffer: a coroutine that ends once they were committed)."""
+        return self._run(events, self.delay)
+
+    def redelivered(self, events: list[Any]) -> Any:
+        """A chunk delivered again after a worker died. The supervisor sends such a chunk
+        alone (it may be what killed the worker) and nothing else until it is answered,
+        so it is not held for ``max_delay``: its events are put in order with what is
+        held of their keys and released at once (the answer waits for their commit)."""
+        return self._run(events, 0.0)
+
+    def _run(self, events: list[Any], delay: float) -> Any:
         if not events:
             return []
         times = _values(self._by, self._by_plain, events)
@@ -181,7 +198,7 @@ class OrderRuntime:
         keys = _values(self._key, self._key_plain, events)
         self.counters["ordered"] += len(events)
         if self.delay:
-            return self._hold(events, times, keys)
+            return self._hold(events, times, keys, delay)
         self._sort(times, keys)
         return []
 
@@ -234,7 +251,7 @@ class OrderRuntime:
             self.counters["forgotten_keys"] += over
 
     # ------------------------------------------------------------------ buffer
-    def _hold(self, events: list[Any], times: list[Any], keys: list[Any]) -> Any:
+    def _hold(self, events: list[Any], times: list[Any], keys: list[Any], delay: float) -> Any:
         now = self.clock()
         c = self.counters
         last, newest, held = self.last, self.newest, self.held
@@ -276,8 +293,7 @@ class OrderRuntime:
         c["held"] += w.left
         # processing time: at the deadline, each key's newest entry from this chunk goes,
         # with everything older of its key
-        self.arrivals.append((now + self.delay, newest_held))
-        delay = self.delay
+        self.arrivals.append((now + delay, newest_held))
         for k in newest_held:  # the event-time watermark: newest seen minus max_delay
             self._release(k, (newest[k] - delay, _LAST))
         self.expire(now)

@@ -378,7 +378,8 @@ class PipelineRunner:
                     slot.add(S.ENRICHED, max(len(events) - fails, 0))
                 continue
             stage, settle, take, reorder = step
-            dropped = stage(events)
+            # a chunk delivered again after a worker died goes alone: a stage may treat it apart
+            dropped = stage(events) if not chunk.attempt else getattr(stage, "redelivered", stage)(events)
             if reorder is not None:
                 perm = reorder()
                 if perm is not None:  # the stage's new order: events and their chunk positions

@@ -168,3 +168,22 @@ def test_a_buffered_order_must_be_last_with_lookups_before_it() -> None:
     Pipeline(name="p", event_type=Ev, key="user_id", stages=(Filter(lambda e: True), Order(by="ts", max_delay=1)))
     Pipeline(name="p", event_type=Ev, key="user_id", stages=(Order(by="ts"), Filter(lambda e: True)))  # no buffer
     assert Enrich().is_enrich
+
+
+def test_a_redelivered_chunk_is_released_at_once_in_order_with_what_is_held() -> None:
+    rt, _ = buffered()
+    w = hold(rt, evs(("a", 5), ("b", 1)))
+    w2 = rt.redelivered(evs(("a", 3), ("a", 4)))
+    assert [(e.user_id, e.ts) for e in rt.drain()] == [("a", 3), ("a", 4), ("a", 5)]  # b's 1 still waits
+    assert rt.stats()["held"] == 1
+    w.close()
+    w2.close()
+
+
+def test_a_dead_workers_partial_keeps_its_counters_not_its_held_gauge() -> None:
+    spec = Order(by="ts", key="user_id", max_delay=10.0)
+    rt = spec.build()
+    hold(rt, evs(("a", 2), ("a", 1))).close()
+    assert spec.merge([rt.snapshot()])["held"] == 2
+    gone = spec.merge([spec.retired(rt.snapshot())])
+    assert gone["held"] == 0 and gone["ordered"] == 2 and gone["reordered"] == 1
