@@ -37,6 +37,7 @@ __all__ = [
     "Stop",
     "decode_frame",
     "encode_frame",
+    "ndjson_lines",
     "read_frames",
 ]
 
@@ -142,6 +143,15 @@ Message = Chunk | Stop | Ready | BootFailed | Ack | Snapshot
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
+
+
+def ndjson_lines(payload: bytes) -> list[bytes]:
+    """The events of an NDJSON payload: its lines, blank ones skipped (not events).
+
+    A chunk's positions count these lines, so the worker that reports an error at
+    position ``i`` and the supervisor that places it agree on what ``i`` is.
+    """
+    return [ln for ln in payload.split(b"\n") if ln.strip()]
 
 
 def encode_frame(msg: Message) -> bytes:

@@ -7,7 +7,7 @@
     on_ack(i, ack) ─► errors, counts, events → the operation; chunk done; pump(i)
     take_back(i) ─► a dead worker's chunks, oldest first ─► requeue(i, ...) for the
                     replacement, or failed as ``lost`` after ``max_attempts`` deliveries
-    last chunk of an operation done ─► op.finish() ─► admission.release(op.total)
+    last chunk of an operation done ─► op.finish() ─► admission.release(op.admitted)
 
 The ledger never touches a process: it sends through :class:`Channel` objects that
 the worker pool gives it, and the pool tells it when a worker is ready or gone.
@@ -24,13 +24,15 @@ from typing import Any, Protocol
 import msgspec
 
 from .. import stats as S
-from ..protocol import Ack, Chunk
+from ..protocol import Ack, Chunk, ChunkSummary, ErrorRecord, ndjson_lines
 from ..results import ErrorItem
 from .admission import Admission
 from .operation import Operation
 from .plan import Entry
 
 __all__ = ["Channel", "Ledger"]
+
+_NO_SUMMARY = ChunkSummary()
 
 
 class Channel(Protocol):
@@ -149,28 +151,56 @@ class Ledger:
         if self.suspect[i] == ack.id:
             self.suspect[i] = 0
         op = e.op
-        if ack.errors:
+        if op.parts is not None:  # NDJSON ranges: placed once every chunk is counted
+            op.parts[e.lo] = (ack.handled + ack.failed, ack.errors, ack.events if op.events is not None else None)
+        elif ack.errors:
             pos = e.positions
             op.errors.extend(ErrorItem(pos[r.pos], r.path, r.reason, r.kind) for r in ack.errors)
         op.acc.add(ack.summary)
         if op.reported_keys is not None and ack.summary.keys:
             op.reported_keys.update(ack.summary.keys)
-        if ack.events is not None and op.events is not None:
-            evs = self.decode_events(ack.events)
-            pos = e.positions
-            if ack.errors:
-                bad = {r.pos for r in ack.errors}
-                kept = [p for i, p in enumerate(pos) if i not in bad]
-            else:
-                kept = pos
-            out = op.events
-            for p, ev in zip(kept, evs, strict=False):
-                out[p] = ev
+        if ack.events is not None and op.events is not None and op.parts is None:
+            self.place_events(op.events, e.positions, ack)
         op.account(ack.handled, ack.failed)
         op.worker_counted += ack.handled + ack.failed
         self.complete(e)
         self.pump(i)
         return True
+
+    def place_events(self, out: list[Any], pos: Sequence[int], ack: Ack) -> None:
+        """Put a chunk's returned events at their input positions (failed ones stay None)."""
+        assert ack.events is not None
+        evs = self.decode_events(ack.events)
+        if ack.errors:
+            bad = {r.pos for r in ack.errors}
+            pos = [p for i, p in enumerate(pos) if i not in bad]
+        for p, ev in zip(pos, evs, strict=False):
+            out[p] = ev
+
+    def resolve(self, op: Operation) -> None:
+        """NDJSON ranges: the operation's total, error indices and events from the counts.
+
+        Chunk ``k``'s lines start after the lines of chunks ``0..k-1``, so positions are
+        known only now; ``received`` is corrected from the estimate to the count.
+        """
+        parts, op.parts = op.parts, None
+        assert parts is not None
+        want = op.events is not None
+        events: list[Any] = []
+        total = 0
+        for n, errs, evs in parts:
+            if errs:
+                op.errors.extend(ErrorItem(total + r.pos, r.path, r.reason, r.kind) for r in errs)
+            if want:
+                part: list[Any] = [None] * n
+                if evs is not None:
+                    self.place_events(part, range(n), Ack(0, 0, 0, errs, _NO_SUMMARY, evs))
+                events += part
+            total += n
+        if self.counters is not None:
+            self.counters.add(S.RECEIVED, total - op.admitted)
+        op.total = total
+        op.events = events if want else None
 
     def take_back(self, i: int) -> list[Entry]:
         """Worker ``i`` died: the chunks it held and did not acknowledge, oldest first."""
@@ -200,6 +230,12 @@ class Ledger:
 
     def fail(self, e: Entry, reason: str) -> None:
         """A chunk that cannot be delivered: its events fail as ``lost``."""
+        if e.op.parts is not None:  # NDJSON range no worker counted: count it here (rare)
+            n = len(ndjson_lines(bytes(e.payload)))
+            e.op.parts[e.lo] = (n, [ErrorRecord(i, "$", reason, "lost") for i in range(n)], None)
+            e.op.account(0, n)
+            self.complete(e)
+            return
         e.op.errors.extend(ErrorItem(p, "$", reason, "lost") for p in e.positions)
         e.op.account(0, len(e.positions))
         self.complete(e)
@@ -214,6 +250,8 @@ class Ledger:
 
     def op_done(self, op: Operation, exc: BaseException | None = None) -> None:
         """Complete ``op`` (or fail it with ``exc``) and release its in-flight room."""
+        if op.parts is not None and exc is None:
+            self.resolve(op)
         op.finish(exc)
         # account in the supervisor's slot the events no worker counted (rejected before
         # routing, unencodable, lost), so received == handled + in flight
@@ -222,7 +260,7 @@ class Ledger:
             self.counters.add(S.EVENTS, missing)
             self.counters.add(S.FAILED, missing)
         self.ops.discard(op)
-        self.admission.release(op.total)
+        self.admission.release(op.admitted)
 
     def fail_all(self, exc: BaseException) -> None:
         """Fail every open operation with ``exc`` (a fatal error, or closing)."""

@@ -67,7 +67,7 @@ class Plan:
     ndjson: bool  # payloads are NDJSON (else a JSON array)
     encode: Callable[[Any], bytes | None]  # Entry → payload (plan.Planner's encoder)
     routed: list[Any] | None
-    slices: list[tuple[int, int, int, int]] | None = None  # (start, end, first index, lines)
+    slices: list[tuple[int, int, int, int]] | None = None  # NDJSON byte ranges: (start, end, ordinal, 0)
     body: bytes | None = None
 
     def empty(self) -> bool:
@@ -84,7 +84,8 @@ class Operation:
     """
 
     def __init__(self, total: int, return_events: bool, distinct_keys: int) -> None:
-        self.total = total
+        self.total = total  # an estimate until resolved when ``parts`` is set
+        self.admitted = total  # what admission (max_inflight) counted for it
         self.handled = 0
         self.failed = 0
         self.errors: list[ErrorItem] = []
@@ -99,6 +100,9 @@ class Operation:
         self.worker_counted = 0  # events the workers' stats slots account for
         self.plan: Plan | None = None  # how the input was cut (set by the Planner)
         self.reported_keys: set[Any] | None = None  # shard="chunk": distinct keys workers saw
+        # NDJSON ranges (shard="chunk"): per chunk ordinal, the worker's count of lines,
+        # its errors and events, placed in the input once every chunk is counted
+        self.parts: list[Any] | None = None
         self.loop_thread: int | None = None  # the supervisor loop's thread: wait() there deadlocks
         self._cond = threading.Condition()
         self._result: OperationResult | None = None

@@ -49,7 +49,7 @@ import msgspec
 from .. import stats as S
 from ..enrich import Enricher, build_enricher
 from ..pipeline import Pipeline, resolve_pipeline
-from ..protocol import Ack, Chunk, ChunkSummary, ErrorRecord, Message
+from ..protocol import Ack, Chunk, ChunkSummary, ErrorRecord, Message, ndjson_lines
 from ..registry import import_string
 from ..sources.metrics import LookupMeter
 from ..stages.routing import Routes, merge_routes, routes_of
@@ -261,9 +261,9 @@ class PipelineRunner:
         return seen
 
     def items(self, payload: bytes, ndjson: bool) -> list[Any]:
-        """The raw JSON text of each item of a chunk."""
+        """The raw JSON text of each item of a chunk (an NDJSON chunk's blank lines are none)."""
         if ndjson:
-            return payload.split(b"\n")
+            return ndjson_lines(payload)
         return self.dec_raw.decode(payload)
 
     def decode(self, payload: bytes, ndjson: bool = False) -> tuple[list[Any], list[int] | None, list[ErrorRecord]]:
@@ -271,7 +271,7 @@ class PipelineRunner:
         try:
             if ndjson:
                 # one array parse beats decode_lines; a blank line makes it fail (",,")
-                # and the slow path below reports it as an item of its own
+                # and the slow path below skips it: blank lines are not events
                 return self.dec.decode(b"[" + payload.replace(b"\n", b",") + b"]"), None, []
             else:
                 return self.dec.decode(payload), None, []

@@ -27,6 +27,7 @@ from engine_clients import (
     Crasher,
     Flaky,
     Immediate,
+    KillsOn,
     SlowAsync,
     SlowBlocking,
     TooSlow,
@@ -500,3 +501,41 @@ def test_chunk_sharding_reports_bad_ndjson_lines_by_index() -> None:
     assert res.handled_events == 4998 and res.failed_events == 2
     assert [(e.index, e.path) for e in res.errors] == [(10, "$"), (4321, "$.bitrate_kbps")]
     assert "malformed JSON" in res.errors[0].reason
+
+
+def test_chunk_sharding_skips_blank_lines_and_counts_from_the_workers() -> None:
+    events = generate_events(6000, users=300, seed=5)
+    lines = [msgspec.json.encode(e) for e in events]
+    lines[2500] = b'{"id": 2500, "user_id": '  # malformed
+    # blank lines anywhere (also CRLF and blanks-only lines) are not events, and not errors
+    body = b"\n \r\n" + b"\n\n".join(lines[:3000]) + b"\r\n\t\r\n" + b"\r\n".join(lines[3000:]) + b"\n\n"
+    with Collector(playback_pipeline(Immediate(), shard="chunk"), workers=2, chunk_size=400) as c:
+        res = c.handle(body, return_events=True).wait(timeout=60)
+        st = c.stats()
+    assert res.handled_events == 5999 and res.failed_events == 1
+    assert [(e.index, e.kind) for e in res.errors] == [(2500, "invalid")]
+    assert res.batch.events == 6000  # the count, not the supervisor's estimate
+    assert len(res.events) == 6000 and res.events[2500] is None
+    assert [e.id for e in res.events if e is not None] == [e.id for e in events if e.id != 2500]
+    # the estimate the supervisor admitted is corrected by the workers' counts
+    assert st.received_events == 6000 and st.inflight_events == 0
+
+
+def test_chunk_sharding_ndjson_survives_a_worker_death_and_fails_a_poison_chunk_alone(tmp_path: Path) -> None:
+    events = generate_events(4000, users=300, seed=6)
+    poison = events[1234].user_id = "poison"  # one event: one chunk kills every worker it meets
+    body = b"\n".join(msgspec.json.encode(e) for e in events)
+    with Collector(
+        playback_pipeline(KillsOn(poison), shard="chunk"), workers=2, chunk_size=200, heartbeat_timeout=1.5
+    ) as c:
+        res = c.handle(body, return_events=True).wait(timeout=120)
+        st = c.stats()
+    bad = [i for i, e in enumerate(events) if e.user_id == poison]
+    lost = {e.index for e in res.errors}
+    assert all(e.kind == "lost" for e in res.errors)
+    assert bad == [1234] and 1234 in lost  # the poison chunk fails, its lines by input index
+    assert 0 < len(lost) <= 2 * 200 and sorted(lost) == list(range(min(lost), max(lost) + 1))
+    assert res.handled_events + res.failed_events == 4000 and res.failed_events == len(lost)
+    kept = [e.id for e in res.events if e is not None]
+    assert kept == [e.id for i, e in enumerate(events) if i not in lost]  # once each, in order
+    assert st.worker_restarts >= 3 and st.received_events == 4000

@@ -77,8 +77,22 @@ def test_planner_chunk_mode_cuts_ndjson_at_newlines_covering_every_line() -> Non
     parts = cut(p, op)
     entries = parts[0][1]
     assert parts[-1] == (None, None)
-    assert sum(e.n for e in entries) == 95
     assert b"\n".join(bytes(e.payload) for e in entries) == body  # views of the caller's bytes
+    # the supervisor cuts ranges and counts nothing: each worker counts its chunk's lines
+    assert [e.lo for e in entries] == list(range(len(entries)))
+    assert all(8 <= bytes(e.payload).count(b"\n") + 1 <= 12 for e in entries[:-1])
+    assert 80 <= op.total <= 110  # an estimate until the acks give the count
+
+
+def test_planner_chunk_mode_leaves_blank_lines_to_the_workers() -> None:
+    p = Planner(Pipeline(name="t", event_type=Ev, key="user", shard="chunk"), nworkers=2, chunk_size=4)
+    lines = [msgspec.json.encode(e) for e in events(20)]
+    body = b"\r\n \n" + b"\n\n".join(lines[:10]) + b"\r\n" + b"\r\n".join(lines[10:]) + b"\n\n  \n"
+    op = p.prepare(body, False)
+    entries = cut(p, op)[0][1]
+    got = [ln.strip() for e in entries for ln in bytes(e.payload).split(b"\n") if ln.strip()]
+    assert got == lines  # every event in exactly one range, in order
+    assert not bytes(entries[-1].payload).endswith((b"\n", b" "))  # trailing blanks trimmed
 
 
 # ---------------------------------------------------------------- Admission
