@@ -13,6 +13,7 @@ plus a function that returns a Pipeline built from these generic parts.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from .errors import ConfigError
 from .registry import import_string  # kept here: pipeline.import_string was its first home
 
 __all__ = [
-    "Lookup", "Pipeline", "event_fields", "event_structs", "event_type_name", "import_string", "resolve_pipeline",
+    "Lookup", "Pipeline", "ShardMap", "event_fields", "event_structs", "event_type_name", "import_string", "resolve_pipeline",
 ]
 
 
@@ -153,6 +154,30 @@ def _replace(p: Pipeline, **changes: Any) -> Pipeline:
     import dataclasses
 
     return dataclasses.replace(p, **changes)
+
+
+class ShardMap(dict[Any, int]):
+    """key → worker index, computed once per key with a stable hash (crc32).
+
+    The pipeline's shard function: the supervisor routes lists by it and workers route
+    the NDJSON ranges they are dealt by it (``shard="key"``), so both agree on a key's
+    owner.
+
+    ``map(shards.__getitem__, keys)`` runs in C for known keys; only a new key costs
+    Python code. Stable across processes and restarts, unlike ``hash()`` of a str.
+    """
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def __missing__(self, k: Any) -> int:
+        v = self[k] = self.of(k)
+        return v
+
+    def of(self, k: Any) -> int:
+        """The worker of ``k`` without remembering it (keys that never repeat, like ids)."""
+        return zlib.crc32(k.encode() if type(k) is str else repr(k).encode()) % self.n
 
 
 def resolve_pipeline(spec: Pipeline | str | Callable[[], Pipeline]) -> Pipeline:

@@ -33,6 +33,8 @@ __all__ = [
     "FrameWriter",
     "LookupSummary",
     "Ready",
+    "Routed",
+    "RoutedPart",
     "Snapshot",
     "Stop",
     "decode_frame",
@@ -57,6 +59,11 @@ class Chunk(msgspec.Struct, tag=1, array_like=True):
     attempt: int = 0
     ndjson: bool = False  # payload is NDJSON instead of a JSON array
     op: int = 0  # the operation it belongs to (workers report each key once per op)
+    # shard="key" NDJSON: route this range over ``route`` workers (keep this worker's
+    # events, send the others back in a Routed); ``part``: events another worker routed
+    # here. Both report each key once per op, as shard="chunk" does.
+    route: int = 0
+    part: bool = False
 
 
 class Stop(msgspec.Struct, tag=2, array_like=True):
@@ -127,6 +134,28 @@ class Ack(msgspec.Struct, tag=5, array_like=True):
     worker_latency: float = 0.0
 
 
+class RoutedPart(msgspec.Struct, array_like=True):
+    """The events of a routed range that belong to ``worker``, and where they were."""
+
+    worker: int
+    payload: bytes  # JSON array of the events
+    positions: bytes  # array('I'): each event's line index in the range
+
+
+class Routed(msgspec.Struct, tag=7, array_like=True):
+    """A worker routed a range (Chunk ``route``): its line count and the others' parts.
+
+    Sent before the range's own Ack, on the same channel, so the supervisor knows the
+    parts to wait for before that Ack can arrive. ``own``: the line indices this
+    worker kept (array('I')); lines that failed to decode are its own too.
+    """
+
+    id: int
+    lines: int
+    own: bytes
+    parts: list[RoutedPart]
+
+
 class Snapshot(msgspec.Struct, tag=6, array_like=True):
     """A stateful stage's partial state in one worker (aggregates), sent periodically.
 
@@ -139,7 +168,7 @@ class Snapshot(msgspec.Struct, tag=6, array_like=True):
     taken_at: float  # the worker's time.time() when the partial was taken
 
 
-Message = Chunk | Stop | Ready | BootFailed | Ack | Snapshot
+Message = Chunk | Stop | Ready | BootFailed | Ack | Snapshot | Routed
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..results import BatchAccumulator, ErrorItem, OperationResult
 
-__all__ = ["Operation", "Plan", "Progress", "Waiters"]
+__all__ = ["Operation", "Plan", "Progress", "RangePart", "Waiters"]
 
 _op_ids = itertools.count(1)
 
@@ -69,10 +69,29 @@ class Plan:
     routed: list[Any] | None
     slices: list[tuple[int, int, int, int]] | None = None  # NDJSON byte ranges: (start, end, ordinal, 0)
     body: bytes | None = None
+    route: int = 0  # shard="key" NDJSON ranges: the workers route them over this many
 
     def empty(self) -> bool:
         """Nothing for the workers (every input was rejected, or there was none)."""
         return not self.routed and not self.slices
+
+
+class RangePart:
+    """What the workers reported of one NDJSON range (an operation's ``parts[k]``).
+
+    ``lines``: the range's count of events (-1 until known); ``errors`` with line
+    indices in the range; ``events`` when the operation returns them. A routed range
+    (``shard="key"``) also has ``own``: the lines its router answers for.
+    """
+
+    __slots__ = ("errors", "events", "lines", "own", "routed")
+
+    def __init__(self) -> None:
+        self.lines = -1
+        self.errors: list[Any] = []
+        self.events: list[Any] | None = None
+        self.routed = False
+        self.own: list[int] | None = None
 
 
 class Operation:
@@ -100,9 +119,9 @@ class Operation:
         self.worker_counted = 0  # events the workers' stats slots account for
         self.plan: Plan | None = None  # how the input was cut (set by the Planner)
         self.reported_keys: set[Any] | None = None  # shard="chunk": distinct keys workers saw
-        # NDJSON ranges (shard="chunk"): per chunk ordinal, the worker's count of lines,
-        # its errors and events, placed in the input once every chunk is counted
-        self.parts: list[Any] | None = None
+        # NDJSON ranges: per range ordinal, the workers' count of lines, errors and
+        # events, placed in the input once every range is counted (Ledger.resolve)
+        self.parts: list[RangePart] | None = None
         self.loop_thread: int | None = None  # the supervisor loop's thread: wait() there deadlocks
         self._cond = threading.Condition()
         self._result: OperationResult | None = None

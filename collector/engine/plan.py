@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
-import zlib
 from collections.abc import Callable, Iterator
 from operator import attrgetter, eq, methodcaller
 from typing import Any
@@ -26,35 +25,15 @@ from typing import Any
 import msgspec
 
 from ..errors import InvalidInput
-from ..pipeline import Pipeline, event_type_name
+from ..pipeline import Pipeline, ShardMap, event_type_name
 from ..results import ErrorItem
-from .operation import Operation, Plan
+from .operation import Operation, Plan, RangePart
 
 __all__ = ["Entry", "Plan", "Planner", "ShardMap"]
 
 NO_KEY: Any = object()  # the key of an input rejected before routing
 _NON_BLANK = re.compile(rb"[^ \t\r\n]")  # the first byte of JSON text (json.org's whitespace)
 Submission = tuple[list[list["Entry"]] | None, list["Entry"] | None]
-
-
-class ShardMap(dict[Any, int]):
-    """key → worker index, computed once per key with a stable hash (crc32).
-
-    ``map(shards.__getitem__, keys)`` runs in C for known keys; only a new key costs
-    Python code. Stable across processes and restarts, unlike ``hash()`` of a str.
-    """
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n = n
-
-    def __missing__(self, k: Any) -> int:
-        v = self[k] = self.of(k)
-        return v
-
-    def of(self, k: Any) -> int:
-        """The worker of ``k`` without remembering it (keys that never repeat, like ids)."""
-        return zlib.crc32(k.encode() if type(k) is str else repr(k).encode()) % self.n
 
 
 class _KeyOf(msgspec.Struct):
@@ -75,7 +54,9 @@ class Entry:
     ``[lo, hi)`` of the routed inputs, this worker's share of it, from ``offset``.
     """
 
-    __slots__ = ("_positions", "attempt", "hi", "id", "items", "lo", "n", "offset", "op", "payload", "sent_at", "worker")
+    __slots__ = (
+        "_positions", "attempt", "hi", "id", "items", "lo", "n", "offset", "op", "part_pos", "payload", "sent_at", "worker",
+    )
 
     def __init__(
         self,
@@ -101,6 +82,7 @@ class Entry:
         self.payload: Any = payload  # bytes, or a memoryview of the caller's NDJSON batch
         self.attempt = 0
         self.sent_at = 0.0
+        self.part_pos: list[int] | None = None  # a routed part: its events' lines in range ``lo``
 
     @property
     def positions(self) -> list[int]:
@@ -161,8 +143,12 @@ class Planner:
                 raise InvalidInput("keys= needs a list of raw JSON objects and one key per item")
             items, kind = batch, "raw"
         elif isinstance(batch, (bytes, bytearray, memoryview)):
+            body = bytes(batch)
+            first = _NON_BLANK.search(body)
+            if first is not None and body[first.start()] != 0x5B:  # NDJSON: the workers route it
+                return self._ndjson_ranges(body, first.start(), return_events, route=self.nworkers)
             try:
-                items, keys, kind = self._from_bytes(bytes(batch), errors)
+                items, keys, kind = self._from_bytes(body, errors)
             except msgspec.DecodeError as e:
                 return self._malformed(e, len(batch), return_events)
         elif isinstance(batch, (list, tuple)):
@@ -242,7 +228,7 @@ class Planner:
         op.plan.encode = self._encoder_for(op, kind)
         return op
 
-    def _ndjson_ranges(self, body: bytes, start: int, return_events: bool) -> Operation:
+    def _ndjson_ranges(self, body: bytes, start: int, return_events: bool, route: int = 0) -> Operation:
         """Cut NDJSON into byte ranges of about ``chunk_size`` lines; nothing else.
 
         The supervisor never passes over the whole body (PERF-NOTES: any per-line work
@@ -252,6 +238,10 @@ class Planner:
         of each error come from those counts once every chunk is acknowledged
         (:meth:`Operation.resolve`). Until then ``total`` is the estimate, which is
         also what admission (``max_inflight``) counts.
+
+        ``route`` (``shard="key"``): whichever worker takes a range routes it: it keeps
+        the events whose key it owns and hands the others to their owners through the
+        supervisor, as parts (:meth:`Ledger.on_routed`). Keys never touch this thread.
         """
         end = len(body)
         while end > start and body[end - 1] in b" \t\r\n":  # trailing blanks: a few bytes
@@ -269,8 +259,8 @@ class Planner:
             start = stop + 1
         op = Operation(max(1, (end - first) // avg), return_events, 0)
         op.reported_keys = set()
-        op.parts = [None] * len(slices)
-        op.plan = Plan(range(0), None, True, _no_encoder, None, slices, body)
+        op.parts = [RangePart() for _ in slices]
+        op.plan = Plan(range(0), None, True, _no_encoder, None, slices, body, route)
         return op
 
     def _encoder_for(self, op: Operation, kind: str) -> Callable[[Entry], bytes | None]:

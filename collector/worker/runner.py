@@ -39,7 +39,7 @@ import inspect
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from operator import attrgetter
 from typing import Any
@@ -49,10 +49,18 @@ import msgspec
 from .. import stats as S
 from ..enrich import Enricher, build_enricher
 from ..pipeline import Pipeline, resolve_pipeline
-from ..protocol import Ack, Chunk, ChunkSummary, ErrorRecord, Message, ndjson_lines
+from ..protocol import (
+    Ack,
+    Chunk,
+    ChunkSummary,
+    ErrorRecord,
+    Message,
+    ndjson_lines,
+)
 from ..registry import import_string
 from ..sources.metrics import LookupMeter
 from ..stages.routing import Routes, merge_routes, routes_of
+from .ranges import RangeRouter
 
 __all__ = ["TICK", "PipelineRunner", "error_path"]
 
@@ -83,7 +91,7 @@ class PipelineRunner:
         self.sinkset: Any = None
         self.enricher: Enricher | None = None
         self.counted: dict[int, int] = {}  # chunk id → events it added to INFLIGHT
-        self.seen_keys: dict[int, set[Any]] = {}  # op → keys reported (shard="chunk")
+        self.seen_keys: dict[int, set[Any]] = {}  # op → keys reported (shard="chunk", routed ranges)
         p = resolve_pipeline(pipeline)
         self.pipeline = p
         T = p.event_type
@@ -91,6 +99,7 @@ class PipelineRunner:
         self.dec_one = msgspec.json.Decoder(T)
         self.report_keys = p.shard == "chunk"
         self.keyget = attrgetter(p.key)
+        self.router = RangeRouter(p.key, worker, send)  # shard="key" NDJSON ranges
         self.dec_raw = msgspec.json.Decoder(list[msgspec.Raw])
         self.enc = msgspec.json.Encoder()
         self.executor = ThreadPoolExecutor(p.blocking_threads, thread_name_prefix="collector-blocking")
@@ -301,12 +310,15 @@ class PipelineRunner:
     def fail(self, chunk: Chunk, e: Exception) -> None:
         """A bug in pipeline code fails the chunk's events (not the worker): ack them as errors."""
         self.slot.add(S.INFLIGHT, -self.counted.pop(chunk.id, 0))
+        own = self.router.own_lines.pop(chunk.id, None)
         try:
-            n = len(self.items(chunk.payload, chunk.ndjson))
+            # a routed range answers only for the lines it kept: the others' owners ack theirs
+            lines: Sequence[int] = own if own is not None else range(len(self.items(chunk.payload, chunk.ndjson)))
         except (msgspec.ValidationError, msgspec.DecodeError):
-            n = 0
+            lines = ()
+        n = len(lines)
         reason = f"pipeline error: {type(e).__name__}: {e}"
-        errors = [ErrorRecord(i, "$", reason, "error") for i in range(n)]
+        errors = [ErrorRecord(i, "$", reason, "error") for i in lines]
         self.send(Ack(chunk.id, 0, n, errors, ChunkSummary(counts={}, lookups={})))
         self.slot.count_processed(n, n, 0.0)
 
@@ -326,6 +338,8 @@ class PipelineRunner:
         t0 = time.perf_counter()
         slot = self.slot
         events, kept, errors = self.decode(chunk.payload, chunk.ndjson)
+        if chunk.route:
+            events, kept = self.router.route(chunk, events, kept, errors)
         n_total = len(events) + len(errors)
         slot.add(S.INFLIGHT, n_total)
         self.counted[chunk.id] = n_total
@@ -370,7 +384,7 @@ class PipelineRunner:
                 kept = list(range(len(events)))
             kept = [p for i, p in enumerate(kept) if i not in drop]
             events = [e for i, e in enumerate(events) if i not in drop]
-        if self.report_keys:
+        if self.report_keys or chunk.route or chunk.part:
             seen = self.op_keys(chunk.op)
             try:
                 new = set(map(self.keyget, events)) - seen
@@ -439,6 +453,7 @@ class PipelineRunner:
             errors.sort(key=attrgetter("pos"))
         latency = time.perf_counter() - t0
         ack = Ack(chunk.id, n_total - failed, failed, errors, summary, out, latency)
+        self.router.own_lines.pop(chunk.id, None)
         self.send(ack)
         slot.add(S.INFLIGHT, -n_total)
         del self.counted[chunk.id]

@@ -42,6 +42,7 @@ from collector import (
     Overloaded,
     WorkerBootError,
 )
+from collector.pipeline import ShardMap
 from collector.playback import (
     PlaybackEvent,
     generate_events,
@@ -503,13 +504,14 @@ def test_chunk_sharding_reports_bad_ndjson_lines_by_index() -> None:
     assert "malformed JSON" in res.errors[0].reason
 
 
-def test_chunk_sharding_skips_blank_lines_and_counts_from_the_workers() -> None:
+@pytest.mark.parametrize("shard", ["key", "chunk"])
+def test_ndjson_skips_blank_lines_and_counts_from_the_workers(shard: str) -> None:
     events = generate_events(6000, users=300, seed=5)
     lines = [msgspec.json.encode(e) for e in events]
     lines[2500] = b'{"id": 2500, "user_id": '  # malformed
     # blank lines anywhere (also CRLF and blanks-only lines) are not events, and not errors
     body = b"\n \r\n" + b"\n\n".join(lines[:3000]) + b"\r\n\t\r\n" + b"\r\n".join(lines[3000:]) + b"\n\n"
-    with Collector(playback_pipeline(Immediate(), shard="chunk"), workers=2, chunk_size=400) as c:
+    with Collector(playback_pipeline(Immediate(), shard=shard), workers=2, chunk_size=400) as c:
         res = c.handle(body, return_events=True).wait(timeout=60)
         st = c.stats()
     assert res.handled_events == 5999 and res.failed_events == 1
@@ -521,12 +523,13 @@ def test_chunk_sharding_skips_blank_lines_and_counts_from_the_workers() -> None:
     assert st.received_events == 6000 and st.inflight_events == 0
 
 
-def test_chunk_sharding_ndjson_survives_a_worker_death_and_fails_a_poison_chunk_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shard", ["key", "chunk"])
+def test_ndjson_survives_a_worker_death_and_fails_a_poison_chunk_alone(shard: str) -> None:
     events = generate_events(4000, users=300, seed=6)
     poison = events[1234].user_id = "poison"  # one event: one chunk kills every worker it meets
     body = b"\n".join(msgspec.json.encode(e) for e in events)
     with Collector(
-        playback_pipeline(KillsOn(poison), shard="chunk"), workers=2, chunk_size=200, heartbeat_timeout=1.5
+        playback_pipeline(KillsOn(poison), shard=shard), workers=2, chunk_size=200, heartbeat_timeout=1.5
     ) as c:
         res = c.handle(body, return_events=True).wait(timeout=120)
         st = c.stats()
@@ -534,8 +537,47 @@ def test_chunk_sharding_ndjson_survives_a_worker_death_and_fails_a_poison_chunk_
     lost = {e.index for e in res.errors}
     assert all(e.kind == "lost" for e in res.errors)
     assert bad == [1234] and 1234 in lost  # the poison chunk fails, its lines by input index
-    assert 0 < len(lost) <= 2 * 200 and sorted(lost) == list(range(min(lost), max(lost) + 1))
+    assert 0 < len(lost) <= 2 * 200
+    if shard == "chunk":  # the poison's range fails whole
+        assert sorted(lost) == list(range(min(lost), max(lost) + 1))
+    else:  # only the poison owner's part of its range fails: the lines of the users it owns
+        of = ShardMap(2).of
+        mine = of("poison")
+        span = range(min(lost), max(lost) + 1)
+        assert lost == {i for i in span if of(events[i].user_id) == mine}
     assert res.handled_events + res.failed_events == 4000 and res.failed_events == len(lost)
     kept = [e.id for e in res.events if e is not None]
     assert kept == [e.id for i, e in enumerate(events) if i not in lost]  # once each, in order
     assert st.worker_restarts >= 3 and st.received_events == 4000
+
+
+def test_key_sharded_ndjson_is_routed_by_the_workers_keeping_key_affinity(tmp_path: Path) -> None:
+    """shard="key": the supervisor cuts ranges, workers route events to their key's owner."""
+    events = generate_events(20_000, users=500, seed=8)
+    body = b"\n".join(msgspec.json.encode(e) for e in events)
+    with Collector(playback_pipeline(Immediate()), workers=2, chunk_size=500) as c:
+        res = c.handle(body, return_events=True).wait(timeout=60)
+        again = c.handle(body).wait(timeout=60)
+        st = c.stats()
+    assert res.handled_events == 20_000 and not res.errors
+    assert [e.id for e in res.events] == [e.id for e in events]
+    assert all(e.region == region_of(e.user_id) for e in res.events)
+    assert res.batch.distinct_keys == 500
+    # each user's lookup ran in one worker only: one call per user over both workers
+    assert res.batch.lookups["region"].calls == 500
+    assert again.batch.lookups["region"].calls == 0  # and its cache entry lives there
+    assert all(w.events > 0 for w in st.workers)
+
+
+def test_key_sharded_ndjson_survives_a_router_death_after_it_routed(tmp_path: Path) -> None:
+    """The worker dies on its own part after handing the others theirs: nothing twice, nothing lost."""
+    events = generate_events(6000, users=300, seed=9)
+    body = b"\n".join(msgspec.json.encode(e) for e in events)
+    client = Crasher("sigkill", marker_path(tmp_path, "router"))
+    with Collector(playback_pipeline(client), workers=2, chunk_size=300, heartbeat_timeout=1.5) as c:
+        res = c.handle(body, return_events=True).wait(timeout=60)
+        st = c.stats()
+    assert os.path.exists(marker_path(tmp_path, "router")), "the crash did not happen"
+    assert res.handled_events == 6000 and res.failed_events == 0
+    assert [e.id for e in res.events] == [e.id for e in events]
+    assert st.worker_restarts == 1 and st.received_events == 6000

@@ -64,8 +64,8 @@ def test_planner_reports_bad_input_instead_of_raising() -> None:
     assert "not a valid JSON array" in op.errors[0].reason and "byte" in op.errors[0].reason
     lines = b'{"id": 1, "user": "a"}\nnot json\n[1]\n{"id": 2, "user": "b"}'
     op = p.prepare(lines, False)
-    assert [(e.index, e.kind) for e in op.errors] == [(1, "invalid"), (2, "invalid")]
-    assert op.plan is not None and list(op.plan.base) == [0, 3]
+    # NDJSON is not read here: the workers that route its ranges report bad lines
+    assert not op.errors and op.plan is not None and op.plan.route == 2 and op.plan.slices
     op = p.prepare([{"id": 1, "user": "a"}, 7, {"id": 2, "user": "b"}], False)
     assert [e.index for e in op.errors] == [1] and "Expected `object`" in op.errors[0].reason
 
