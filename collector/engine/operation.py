@@ -132,8 +132,11 @@ class Operation:
     def account(self, handled: int, failed: int) -> None:
         """Count events the workers finished (engine use)."""
         with self._cond:
+            before = self.percent()
             self.handled += handled
             self.failed += failed
+            if self.percent() == before:
+                return  # waiters wake on a new percentage or the end, not on every ack
             self._cond.notify_all()
         self._waiters.wake()
 
