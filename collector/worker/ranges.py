@@ -19,7 +19,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Sequence
 from itertools import compress, repeat
-from operator import attrgetter, eq
+from operator import attrgetter, eq, not_
 from typing import Any
 
 import msgspec
@@ -63,13 +63,18 @@ class RangeRouter:
         own_events, own_pos = events, list(pos)
         parts: list[RoutedPart] = []
         if n > 1:
-            for w in range(n):
-                mask = list(map(eq, owner, repeat(w)))
-                evs, ps = list(compress(events, mask)), list(compress(pos, mask))
-                if w == self.worker:
-                    own_events, own_pos = evs, ps
-                elif evs:
-                    parts.append(RoutedPart(w, self.encode(evs), array("I", ps).tobytes()))
+            mine = list(map(eq, owner, repeat(self.worker)))
+            own_events, own_pos = list(compress(events, mine)), list(compress(pos, mine))
+            if len(own_events) < len(events):
+                # two workers (the common case): the other's events are the rest, one
+                # inverted mask instead of one comparison per worker
+                others = [1 - self.worker] if n == 2 else [w for w in range(n) if w != self.worker]
+                for w in others:
+                    mask = list(map(not_, mine)) if n == 2 else list(map(eq, owner, repeat(w)))
+                    evs = list(compress(events, mask))
+                    if evs:
+                        ps = array("I", compress(pos, mask)).tobytes()
+                        parts.append(RoutedPart(w, self.encode(evs), ps))
         # the lines this worker answers for: its events and the lines that did not decode
         own = self.own_lines[chunk.id] = sorted(own_pos + [r.pos for r in errors]) if errors else own_pos
         self.send(Routed(chunk.id, len(events) + len(errors), array("I", own).tobytes(), parts))
