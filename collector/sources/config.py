@@ -34,6 +34,7 @@ __all__ = [
     "SourceConfig",
     "SourceConfigs",
     "SourcesDoc",
+    "SqliteSourceConfig",
     "decode_source_config",
     "decode_sources",
 ]
@@ -157,6 +158,11 @@ class MysqlSourceConfig(_SqlConfig, frozen=True, tag="mysql"):
     """A MariaDB/MySQL table read with aiomysql: ``WHERE key IN (...)``, one query per batch."""
 
 
+class SqliteSourceConfig(_SqlConfig, frozen=True, tag="sqlite"):
+    """A SQLite file read on a thread of its own, read-only: ``WHERE key IN (...)``, one
+    query per batch. ``dsn``: ``sqlite:///absolute/path.db`` or a plain path."""
+
+
 class RedisSourceConfig(SourceConfig, frozen=True, tag="redis"):
     """Redis values: ``GET`` (one ``MGET`` per batch) or ``HGETALL`` (pipelined) of ``key_template``."""
 
@@ -201,6 +207,7 @@ SourceConfigs = (
     | HttpSourceConfig
     | PostgresSourceConfig
     | MysqlSourceConfig
+    | SqliteSourceConfig
     | RedisSourceConfig
     | MapSourceConfig
     | RatesSourceConfig
