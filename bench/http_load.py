@@ -995,7 +995,7 @@ def start_peer(a: argparse.Namespace, extra: dict[str, Any]) -> PeerServer | Non
     if why and a.peer:
         raise RuntimeError(f"--peer: {why}")
     if why:
-        print(f"peer skipped: {why}", file=sys.stderr)
+        print(f"peer skipped: {why}")  # on stdout: `collector bench http` shows stdout only
         extra["peer_skipped"] = why
         return None
     peer = PeerServer(tempfile.mkdtemp(prefix="http-load-peer-"), a.peer_workers or a.workers, fsync=a.peer_fsync)

@@ -199,7 +199,7 @@ def inmem(args: argparse.Namespace) -> dict[str, Any]:
     for s in summary:
         pre = f"{s['input']}: " if len(inputs) > 1 else ""
         if s["key"] == "collector":
-            series[f"{pre}collector {s['shard']} chunk {s['chunk']}"].append((s["procs"], s["eps"]))
+            series[f"{pre}collector shard={s['shard']}, chunk {s['chunk']}"].append((s["procs"], s["eps"]))
         elif s["key"] in "ab":
             flat[pre + s["system"]] = s["eps"]
         else:
