@@ -2,11 +2,14 @@
 
 ::
 
-    data.make_input ──► payload (JSON array bytes) + the dicts the enrichment reads
+    common.make_input ──► payload (JSON array or NDJSON bytes) + the dicts the enrichment reads
           │
-          ├──► collector  (handle(bytes) ─► workers ─► result)        scenarios.py
-          └──► peers      (a) asyncio+json  (b) msgspec  (c) Pool.imap  peers.py
-                          (d) N processes, no IPC  (e) Bytewax
+          ├──► collector  (handle(bytes), shard key | chunk ─► workers ─► result)   inmem.py
+          └──► peers      (a) asyncio+json  (b) msgspec, 1 process  (c) Pool.imap   peers.py
+                          (d) N processes, no IPC (the ceiling)  (e) Bytewax
+    collector serve ◄──► bench/http_load.py ◄──► uvicorn + plain ASGI app      asgi_peer.py
+                                                 (both started by servers.py)
+    other scenarios (slow-service, seed-000, stats, http, service)             scenarios.py
     measurements (wall, CPU via psutil, peak RSS via VmHWM) ─► report.py: table, JSON, PNG
 
 Everything lives inside the package (not only in ``bench/``) so that ``collector
@@ -21,7 +24,7 @@ __all__ = ["SCENARIOS"]
 
 # scenario name -> "module:function"; imported lazily so `collector bench --help` is fast
 SCENARIOS: dict[str, str] = {
-    "inmem": "collector.benchmarks.scenarios:inmem",
+    "inmem": "collector.benchmarks.inmem:inmem",
     "slow-service": "collector.benchmarks.scenarios:slow_service",
     "seed-000": "collector.benchmarks.scenarios:seed_000",
     "stats": "collector.benchmarks.scenarios:stats_cost",
