@@ -147,7 +147,7 @@ def test_configs_are_tagged_frozen_and_forbid_unknown_fields() -> None:
         decode_source_config({"kind": "http", "urll": "x"})
     with pytest.raises(ConfigError, match="sorcery"):
         decode_source_config({"kind": "sorcery"})
-    assert set(SOURCES) == {"client", "http", "postgres", "mysql", "redis", "map", "rates"}
+    assert set(SOURCES) == {"client", "http", "postgres", "mysql", "redis", "map", "rates", "sqlite"}
     assert source_class("map") is MapSource
     assert "secret" not in repr(decode_source_config({"kind": "postgres", "dsn": "postgresql://u:secret@h/db", "table": "t", "columns": ["a"]}))
     with pytest.raises(ConfigError, match="either"):
