@@ -4,30 +4,35 @@
 
     chunk ─► this worker's window: ids it committed (duplicate, no round trip), ids a chunk
           │  of this worker has in flight (wait for it, as store="memory"), missing keys (pass)
-          └► the rest, one pipelined round trip:   SET {key} p<token> NX PX pending_ttl GET
+          └► the rest, one round trip: the claim script, per key
+                 SET {key} p<token> NX PX pending_ttl GET
                nil   ─► claimed by this chunk: it stores the event
                "d"   ─► stored by another worker or collector: duplicate
-               "p…"  ─► pending in another process: polled (one pipeline per round for all
+               "p…"  ─► pending in another process: polled (one call per round for all
                         the chunk's waiting keys, 5 ms doubling to 100 ms) until "d"
                         (duplicate), gone (claimed here: the other one failed) or ``wait``
                         (kind retry: the client sends it again)
-    sinks committed ─► settle(ok), one pipelined round trip, awaited before the ack:
+    sinks committed ─► settle(ok), one round trip (the settle script), awaited before the ack:
                stored:           SET {key} d PX <its type's TTL>
                failed, or dead-lettered by a sink:
-                                 RELEASE {key} p<token>   (Lua: DEL only if still ours)
+                                 DEL {key}, only if it still holds p<token>
 
 Key layout: ``{prefix}{value}`` for keys of ``field``, ``{prefix}{type}:{value}`` for
-keys of ``key_by_type`` (a str value as it is, anything else as JSON).
+keys of ``key_by_type`` (a str value as it is, anything else as JSON). A chunk's keys
+go to one script call, so on Redis Cluster they must share a slot: one server (or a
+``{tag}`` in ``prefix``).
 
 Why each step: SET NX makes one claimant per key across processes. The claim is a
 *pending* marker, not the stored mark, so an event whose commit fails is not answered
 ``duplicate`` when it is retried, here or in another collector (ack after commit); its
 ``pending_ttl`` bounds how long a claim of a process that died blocks the key. The
-stored mark is a plain ``SET``: the event is stored whatever the marker now says, so
+stored mark is not guarded: the event is stored whatever the key now holds, so
 writing "stored" is never wrong. The release is guarded by the claim's token (unique
 per chunk claim: the worker's random id and a counter), so a late release never
 deletes another claim or a stored mark. A settle that fails (Redis unreachable) is
-kept and sent again at the head of the next round trip or tick.
+kept and sent again before the next claim, or on the next tick. Scripts, not a
+pipeline of one command per key: with redis-py, building and parsing 500 commands
+costs far more than the round trip (``bench/dedup_redis.py`` measures both).
 
 Redis unreachable (``timeout``): the chunk's new ids get ``on_unavailable`` — ``retry``
 (not stored, the client retries) or ``pass`` (stored unchecked) — counted as
@@ -52,12 +57,34 @@ from ..errors import missing
 from ..protocol import ErrorRecord
 from .dedup import Claim, CountingDedupWindow, Dedup
 
-__all__ = ["RELEASE_SCRIPT", "RedisDedupWindow"]
+__all__ = ["CLAIM_SCRIPT", "SETTLE_SCRIPT", "RedisDedupWindow"]
 
 log = logging.getLogger("collector.dedup")
 
-# KEYS: the key; ARGV: the claim's pending value. 1 when it was still ours and is gone
-RELEASE_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# KEYS: the chunk's keys; ARGV: the claim's pending value, its PX. Per key the old value
+# (nil: claimed now). One call per chunk: a pipeline of one SET per key costs the client
+# several times more CPU than the round trip itself (bench/dedup_redis.py)
+CLAIM_SCRIPT = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  out[i] = redis.call('SET', k, ARGV[1], 'NX', 'PX', ARGV[2], 'GET')
+end
+return out
+"""
+# KEYS: keys of one claim; ARGV: its pending value, then per key a TTL in ms (marked
+# stored, whatever the key holds: the event is stored) or 0 (released, only while the
+# key still holds this claim's pending value)
+SETTLE_SCRIPT = """
+for i, k in ipairs(KEYS) do
+  local ms = ARGV[i + 1]
+  if ms == '0' then
+    if redis.call('GET', k) == ARGV[1] then redis.call('DEL', k) end
+  else
+    redis.call('SET', k, 'd', 'PX', ms)
+  end
+end
+return #KEYS
+"""
 DONE = b"d"
 POLL_FIRST, POLL_MAX = 0.005, 0.1  # seconds between polls of keys pending elsewhere
 DOWN_FOR = 1.0  # after a failure, seconds during which Redis is not tried
@@ -65,7 +92,7 @@ LOG_EVERY = 10.0
 MAX_BACKLOG = 100_000  # settle operations kept while Redis is down (the oldest go first)
 
 _json = msgspec.json.Encoder()
-Op = tuple[bytes, bytes | None, int]  # Redis key, claim token (release) or None (stored), TTL ms
+Op = tuple[bytes, bytes, int]  # Redis key, its claim's token, TTL ms (stored) or 0 (release)
 
 
 def _enc(v: Any) -> bytes:
@@ -102,6 +129,7 @@ class RedisDedupWindow(CountingDedupWindow):
         self.unlogged = 0
         self._redis: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._shas: dict[str, str] = {}
 
     def client(self) -> Any:
         """The asyncio Redis client of the running loop (made on first use)."""
@@ -119,6 +147,7 @@ class RedisDedupWindow(CountingDedupWindow):
                 health_check_interval=30,
             )
             self._loop = loop
+            self._shas = {}
         return self._redis
 
     async def aclose(self) -> None:
@@ -209,22 +238,25 @@ class RedisDedupWindow(CountingDedupWindow):
             todo = waiting
 
     async def _set_nx(self, rkeys: list[bytes], token: bytes) -> list[Any]:
-        """One round trip: settles kept from before, then ``SET NX PX GET`` per key."""
-        pipe = self.client().pipeline(transaction=False)
-        kept, self.backlog = self.backlog, []
-        self._add_ops(pipe, kept)
-        for rk in rkeys:
-            pipe.set(rk, token, nx=True, px=self.pending_ms, get=True)
+        """One round trip: ``SET NX PX GET`` of every key (the claim script); the old values."""
+        if self.backlog:  # settles kept while Redis was down go first (their own round trip)
+            await self._apply([])
         self.counters["round_trips"] += 1
-        try:
-            out = await pipe.execute(raise_on_error=False)
-        except BaseException:
-            self._defer(kept)
-            raise
-        for x in out[len(kept):]:
-            if isinstance(x, Exception):
-                raise x
-        return list(out[len(kept):])
+        return list(await self._script(CLAIM_SCRIPT, rkeys, [token, self.pending_ms]))
+
+    async def _script(self, src: str, keys: list[bytes], args: list[Any]) -> Any:
+        """EVALSHA of ``src`` (loaded once per client; again after a Redis restart)."""
+        from redis.exceptions import NoScriptError
+
+        r = self.client()
+        sha = self._shas.get(src)
+        if sha is not None:
+            try:
+                return await r.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                pass
+        sha = self._shas[src] = await r.script_load(src)
+        return await r.evalsha(sha, len(keys), *keys, *args)
 
     def _unavailable(self, claim: Claim, todo: dict[Any, tuple[int, bytes, int]], drops: list[ErrorRecord],
                      e: BaseException | None) -> None:
@@ -266,7 +298,7 @@ class RedisDedupWindow(CountingDedupWindow):
         token = claim.token
         if ok:
             gone = set(self.keys_of(list(failed))) if failed else set()
-            ops: list[Op] = [(rk, token, 0) if k in gone else (rk, None, ms) for k, (rk, ms) in claim.remote.items()]
+            ops: list[Op] = [(rk, token, 0 if k in gone else ms) for k, (rk, ms) in claim.remote.items()]
         else:
             ops = [(rk, token, 0) for rk, _ in claim.remote.values()]
         return self._settle(ops)
@@ -275,24 +307,30 @@ class RedisDedupWindow(CountingDedupWindow):
         if time.monotonic() < self.down_until:
             self._defer(ops)
             return
-        pipe = self.client().pipeline(transaction=False)
-        kept, self.backlog = self.backlog, []
-        self._add_ops(pipe, kept + ops)
-        self.counters["round_trips"] += 1
         try:
-            await pipe.execute(raise_on_error=False)
+            await self._apply(ops)
         except self.errors as e:
             self.counters["settle_errors"] += 1
             self.down_until = time.monotonic() + DOWN_FOR
-            self._defer(kept + ops)
             self._log(e, f"{len(ops)} ids kept to mark stored or release later")
 
-    def _add_ops(self, pipe: Any, ops: list[Op]) -> None:
+    async def _apply(self, ops: list[Op]) -> None:
+        """Mark stored / release ``ops`` and the kept ones: one settle script per claim
+        token (one call for a chunk; more only when kept ones go along); raises when
+        Redis fails, after keeping them all for later."""
+        ops, self.backlog = self.backlog + ops, []
+        by_token: dict[bytes, tuple[list[bytes], list[int]]] = {}
         for rk, token, ms in ops:
-            if token is None:
-                pipe.set(rk, DONE, px=ms)
-            else:
-                pipe.eval(RELEASE_SCRIPT, 1, rk, token)
+            keys, args = by_token.setdefault(token, ([], []))
+            keys.append(rk)
+            args.append(ms)
+        try:
+            for token, (keys, args) in by_token.items():
+                self.counters["round_trips"] += 1
+                await self._script(SETTLE_SCRIPT, keys, [token, *args])
+        except BaseException:
+            self._defer(ops)  # all again: marking stored and releasing twice is harmless
+            raise
 
     def _defer(self, ops: list[Op]) -> None:
         self.backlog += ops
@@ -303,7 +341,7 @@ class RedisDedupWindow(CountingDedupWindow):
 
     async def _flush(self) -> None:
         try:
-            await self._settle([])
+            await self._apply([])
         except Exception:  # at the drain: nothing more to do than what _settle logged
             log.debug("dedup %r: flushing kept settles failed", self.spec.name, exc_info=True)
 
