@@ -246,3 +246,15 @@ def test_a_null_id_passes_without_key_by_type_too() -> None:
         assert w.counters["missing_key"] == 3
 
     run(main())
+
+
+def test_the_redis_store_without_the_redis_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from collector.errors import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "redis.exceptions", None)
+    spec = Dedup(store="redis")  # described without it: the workers build it
+    with pytest.raises(MissingDependency, match=r"pip install 'collector\[redis\]'"):
+        spec.build()
