@@ -128,11 +128,11 @@ class Dedup(Stage):
         where = f"dedup {self.name!r}"
         if not self.field:
             raise ConfigError(f"{where}: field must name the key field")
-        if self.ttl <= 0 or self.wait < 0 or self.max_entries < 1:
-            raise ConfigError(f"{where}: needs ttl > 0, wait >= 0, max_entries >= 1")
-        bad = {t: v for t, v in self.ttl_by_type.items() if not v > 0}
+        if not self.ttl >= 0 or self.wait < 0 or self.max_entries < 1:
+            raise ConfigError(f"{where}: needs ttl >= 0, wait >= 0, max_entries >= 1")
+        bad = {t: v for t, v in self.ttl_by_type.items() if not v >= 0}
         if bad:
-            raise ConfigError(f"{where}: ttl_by_type values must be > 0 seconds (got {bad})")
+            raise ConfigError(f"{where}: ttl_by_type values must be seconds >= 0 (got {bad})")
         if (self.ttl_by_type or self.key_by_type) and not self.type_field:
             raise ConfigError(f"{where}: ttl_by_type and key_by_type need type_field (the field holding the type)")
         bad_k = {t: f for t, f in self.key_by_type.items() if not isinstance(f, str) or not f}

@@ -310,7 +310,7 @@ on_unavailable = "pass"
 
 @pytest.mark.parametrize(("change", "why"), [
     (('on_unavailable = "pass"', 'on_unavailable = "maybe"'), "on_unavailable must be one of retry, pass"),
-    (("session = 43200", "session = -1"), "ttl_by_type values must be > 0"),
+    (("session = 43200", "session = -1"), "ttl_by_type values must be seconds >= 0"),
     (('type_field = "type"\n', ""), "need type_field"),
     (('store = "redis"', 'store = "memcached"'), "store must be one of memory, redis"),
     (('placement = "placement_id" }', 'placement = 3 }'), r"Expected `str`, got `int`"),
