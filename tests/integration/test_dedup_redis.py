@@ -127,6 +127,29 @@ def test_two_collectors_share_the_window_an_id_one_stored_is_a_duplicate_for_the
     assert verdict.duplicated == 0 and verdict.stored == 300
 
 
+def test_two_collectors_sent_the_same_ids_at_once_store_each_once(
+    redis_url: str, prefix: str, tmp_path: Path, no_leaks: None
+) -> None:
+    """Both collectors get the same 3,000 ids at the same time, in different chunk
+    orders: every id is claimed by one of them, the other answers ``duplicate`` (after
+    waiting for the claim when it was still pending); the stores hold each id once."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    ledger = Ledger()
+    batch = [attempt(f"c{i}") for i in range(3000)]
+    ledger.send(ev.id for ev in batch)
+    p1 = pipeline(redis_url, prefix, sinks=(JsonlSinkConfig(path=str(one / "events-{worker}.jsonl")),), wait=20)
+    p2 = pipeline(redis_url, prefix, sinks=(JsonlSinkConfig(path=str(two / "events-{worker}.jsonl")),), wait=20)
+    with Collector(p1, workers=2, chunk_size=100) as c1, Collector(p2, workers=2, chunk_size=100) as c2:
+        rev = batch[::-1]
+        op1, op2 = c1.handle(batch), c2.handle(rev)
+        s1 = answer(ledger, op1.wait(timeout=120), batch)
+        s2 = answer(ledger, op2.wait(timeout=120), rev)
+    assert s1["accepted"] + s2["accepted"] == 3000 and s1["duplicate"] + s2["duplicate"] == 3000, (s1, s2)
+    verdict = ledger.check(stored_ids(one, two))
+    verdict.assert_clean()
+    assert verdict.duplicated == 0 and verdict.stored == 3000
+
+
 # ------------------------------------------------------------------ per-type keys and TTLs
 def test_each_type_is_keyed_by_its_own_field_with_its_own_ttl(redis_url: str, prefix: str) -> None:
     spec = dedup(redis_url, prefix, ttl=30, ttl_by_type={"attempt": 0.3, "session": 1.0, "placement": 30})
