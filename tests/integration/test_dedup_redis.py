@@ -287,8 +287,9 @@ def test_a_sink_that_fails_once_its_retry_is_stored_not_dropped(
 # ------------------------------------------------------------------ Redis unavailable
 @pytest.mark.parametrize(("policy", "answers"), [("retry", {"retry": 20}), ("pass", {"accepted": 20})])
 def test_redis_unavailable_applies_the_policy_counted_without_a_crash(
-    policy: str, answers: dict[str, int], redis_url: str, tmp_path: Path, no_leaks: None
+    policy: str, answers: dict[str, int], tmp_path: Path, no_leaks: None
 ) -> None:
+    """Needs no Redis server (the redis package only): the URL points at a closed port."""
     dead = f"redis://127.0.0.1:{closed_port()}/0"
     p = pipeline(dead, "test:dedup:down:", sinks=(JsonlSinkConfig(path=str(tmp_path / "events-{worker}.jsonl")),),
                  on_unavailable=policy, timeout=0.5)
