@@ -7,8 +7,8 @@
                                                                            └ Pair's records ─► sinks
 
 ``base`` holds the contract; stateless stages (``rules``, ``render``), keyed state
-(``dedup``, ``pairing`` and its Redis store ``pairing_redis``, ``integrity``: sequence
-gaps per session), lookups with caches of their own (``auth``: token → user id, through
+(``dedup`` and its Redis store ``dedup_redis``, ``pairing`` and its Redis store
+``pairing_redis``, ``integrity``: sequence gaps per session), lookups with caches of their own (``auth``: token → user id, through
 ``sources.auth``), ``stamp`` (the handling time), and mergeable state (``aggregates`` over
 ``windows`` with the functions in ``aggregators``; ``materialized`` views over merged
 aggregates).

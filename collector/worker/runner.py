@@ -14,6 +14,7 @@ Stages that remember what passed them (dedup) have a ``settle(events, ok, failed
 is called with ``ok=True`` once the sinks committed the chunk (``failed``: the events a
 sink dead-lettered instead of storing, not remembered), and with ``ok=False`` when the
 chunk failed anywhere on the way, so a retried event is not dropped as a duplicate.
+A settle may return an awaitable (a shared store's round trip), awaited before the ack.
 An event a sink dead-lettered is answered with kind ``deadlettered`` (the sink and its
 reason); it counts as handled, not failed: the dead-letter sink holds it.
 Input never fails a chunk: every decode error becomes an :class:`ErrorRecord`.
@@ -331,7 +332,9 @@ class PipelineRunner:
             await self.process(chunk, settles)
         finally:
             for settle, passed in settles:  # left only when the chunk failed
-                settle(passed, False)
+                res = settle(passed, False)
+                if res is not None:  # a shared store (Redis) releases the claims
+                    await res
 
     async def process(self, chunk: Chunk, settles: list[tuple[Any, list[Any]]]) -> None:
         """Decode, stages, enrichment, counts and sinks for a chunk, then its ack."""
@@ -446,7 +449,9 @@ class PipelineRunner:
                 rec = recs[pos] = ErrorRecord(kept[pos] if kept is not None else pos, "$", f"sink {sink}: {why}", "deadlettered")
                 errors.append(rec)
         for settle, passed in settles:
-            settle(passed, True, unstored)
+            res = settle(passed, True, unstored)
+            if res is not None:  # a shared store (Redis) marks the ids stored before the ack
+                await res
         settles.clear()
         out = self.enc.encode(events) if chunk.want_events else None
         if errors and len(errors) > 1:

@@ -17,6 +17,9 @@ def test_a_stage_is_built_from_its_kind_and_fields() -> None:
     assert isinstance(agg, Aggregate) and (agg.name, agg.fn, agg.by) == ("by_type", "count", "type")
     assert isinstance(build_stage({"kind": "enrich"}), Enrich)
     assert isinstance(build_stage({"kind": "collector.stages.dedup:Dedup"}), Dedup)  # an import string
+    shared = build_stage({"kind": "dedup", "store": "redis", "type_field": "type",
+                          "key_by_type": {"attempt": "client_attempt_id"}, "ttl_by_type": {"attempt": 86400}})
+    assert shared.key_by_type == {"attempt": "client_attempt_id"} and shared.ttl_by_type == {"attempt": 86400.0}
     assert set(STAGES) >= {"dedup", "filter", "rules", "enrich", "render", "aggregate", "pair"}
 
 
@@ -26,6 +29,10 @@ def test_a_stage_is_built_from_its_kind_and_fields() -> None:
     ({"kind": "dedup", "tll": 5}, r"`\$.stages\[0\].tll`: unknown field of a 'dedup' stage \(its fields: .*ttl"),
     ({"kind": "dedup", "ttl": "long"}, r"`\$.stages\[0\].ttl`: Expected `float`"),
     ({"kind": "aggregate", "name": "x", "fn": "median"}, r"`\$.stages\[0\]`: .*fn must be one of"),
+    ({"kind": "dedup", "store": "redis", "on_unavailable": "open"}, r"`\$.stages\[0\]`: .*on_unavailable must be"),
+    ({"kind": "dedup", "key_by_type": {"attempt": "client_attempt_id"}}, r"`\$.stages\[0\]`: .*need type_field"),
+    ({"kind": "dedup", "type_field": "t", "key_by_type": {"a": ""}}, r"`\$.stages\[0\]`: .*key_by_type maps"),
+    ({"kind": "dedup", "store": "redis", "redis_url": "127.0.0.1:6379"}, r"`\$.stages\[0\]`: .*redis_url must be"),
 ])
 def test_bad_stage_tables_name_the_path(table: dict[str, object], why: str) -> None:
     with pytest.raises(ConfigError, match=why):
