@@ -146,12 +146,13 @@ _SLOT_READ = (
 )
 assert HEARTBEAT == 0 and PID == 1 and struct.calcsize("<" + _SLOT_READ) == SLOT_BYTES
 _ITEMS = 5  # what _SLOT_READ unpacks per slot: heartbeat, pid, span, ring, sink words
-_SPAN = struct.Struct(f"<{_SPAN1 - _SPAN0}q")
+_SPAN = struct.Struct(f"<{_SPAN1 - _SPAN0}Q")  # unsigned: a sum of counts may pass 2**63
 _span_totals = itemgetter(*(w - _SPAN0 for w in (
     EVENTS, FAILED, CHUNKS, LOOKUP_CALLS, CACHE_HITS, COALESCED, LOOKUP_FAILURES, LAT_SUM_US, LAT_COUNT,
     DROPPED_DUP, DEADLETTERED, FILTERED, ENRICHED, RECEIVED, REDELIVERED, RESTARTS)))
 _OWN = struct.Struct(f"<{READY + 1 - _SPAN0}q")  # a worker's own figures: the head of its span
 _RING = struct.Struct(f"<{2 * RATE_SLOTS}q")
+_SINKS_SUM = struct.Struct(f"<{MAX_SINKS * len(SINK_FIELDS)}Q")
 _NO_SINKS = bytes(_SINKS.size)
 
 
@@ -225,7 +226,7 @@ def _sink_stats(sink_words: tuple[bytes, ...]) -> tuple[SinkStats, ...]:
             total += int.from_bytes(raw, "little")  # every sink word is a count or a duration
             if k < len(sink_words) - 1:  # last-commit times are gauges: the slowest worker's
                 last = list(map(max, last, _SINKS.unpack(raw)[nf - 1 :: nf]))
-    tot = _SINKS.unpack(total.to_bytes(_SINKS.size, "little"))
+    tot = _SINKS_SUM.unpack(total.to_bytes(_SINKS.size, "little"))
     return tuple(
         SinkStats(index=k, rows=rows, batches=batches, errors=errors, retries=retries, last_commit_ms=last[k] / 1000.0)
         for k, (rows, batches, errors, retries) in enumerate(zip(*(tot[f::nf] for f in range(4)), strict=True))
