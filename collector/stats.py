@@ -36,7 +36,7 @@ from multiprocessing import shared_memory
 from operator import itemgetter
 from typing import Any
 
-import msgspec
+from .results import SinkStats, Stats, WorkerStats
 
 __all__ = [
     "LATENCY_BOUNDS_MS",
@@ -167,7 +167,7 @@ _WORKER_MASK = _span_mask(INFLIGHT, READY, RECEIVED, REDELIVERED, RESTARTS)  # t
 # (second, the copy of the block, per worker its _OWN figures + its events in the rate
 # window, all workers' events in it, totals as _span_totals picks them, latency buckets, sinks)
 _Sums = tuple[int, tuple[Any, ...], list[tuple[int, ...]], int, tuple[int, ...],
-              tuple[tuple[float, int], ...], tuple["SinkStats", ...]]
+              tuple[tuple[float, int], ...], tuple[SinkStats, ...]]
 
 
 def _sum_slots(now_sec: int, t: tuple[Any, ...]) -> _Sums:
@@ -346,77 +346,6 @@ class Slot:
         """Drop the memoryviews so the underlying mapping can be closed."""
         self._q.release()
         self._d.release()
-
-
-class SinkStats(msgspec.Struct, frozen=True):
-    """Per-sink delivery figures, summed over workers.
-
-    ``index`` is the sink's position in ``Pipeline.sinks``; the dead-letter sink comes
-    after them, at ``len(Pipeline.sinks)`` (``collector.sinks.sink_names(pipeline)``
-    gives the name of each index). ``rows`` and ``batches`` count chunks committed,
-    ``errors`` failed write attempts, ``retries`` attempts scheduled again after a
-    failure, ``last_commit_ms`` the latest commit's duration (the slowest worker's).
-    Only sinks that wrote or failed at least once are listed; a replaced worker's
-    figures are kept (in the supervisor's slot).
-    """
-
-    index: int
-    rows: int
-    batches: int
-    errors: int
-    retries: int
-    last_commit_ms: float
-
-
-class WorkerStats(msgspec.Struct, frozen=True):
-    """One worker's figures as read from its slot."""
-
-    index: int
-    pid: int
-    alive: bool
-    heartbeat_age: float
-    events: int
-    failed: int
-    chunks: int
-    inflight: int
-    processed_per_sec: float
-    lookup_calls: int
-    cache_hits: int
-    coalesced: int
-    lookup_failures: int
-    avg_latency_ms: float
-
-
-class Stats(msgspec.Struct, frozen=True):
-    """Collector statistics, read from shared memory without waiting for any worker.
-
-    ``total_events`` counts every event handled (valid or rejected) since start;
-    ``processed_per_sec`` is the rate over the last ``RATE_WINDOW`` whole seconds and
-    ``avg_per_sec`` the average since start.
-    """
-
-    total_events: int
-    processed_per_sec: float
-    avg_per_sec: float
-    failed_events: int
-    received_events: int
-    inflight_events: int
-    chunks: int
-    redelivered_chunks: int
-    worker_restarts: int
-    duplicates_dropped: int
-    deadlettered: int
-    lookup_calls: int
-    cache_hits: int
-    coalesced_calls: int
-    lookup_failures: int
-    avg_latency_ms: float
-    latency_buckets_ms: list[tuple[float, int]]
-    uptime: float
-    workers: list[WorkerStats]
-    sinks: list[SinkStats]
-    filtered_events: int = 0  # dropped on purpose by a filter or a rule
-    enriched_events: int = 0  # through enrichment, less the lookups that finally failed
 
 
 # read() builds these positionally: a field added or moved must be added there too
