@@ -1,8 +1,10 @@
-"""What an operation reports: rejected inputs, per-batch workload statistics, the result.
+"""What an operation reports: rejected inputs, per-batch workload statistics, the result;
+and what ``Collector.stats()`` reports (:class:`Stats`).
 
 Workers send a :class:`~collector.protocol.ChunkSummary` with every ack; the
 supervisor merges them into a :class:`BatchAccumulator` and freezes it into
-:class:`BatchStats` when the operation completes.
+:class:`BatchStats` when the operation completes. :class:`Stats` is summed from the
+shared-memory slots by ``collector.stats.StatsBlock.read``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import msgspec
 
 from .protocol import ChunkSummary
 
-__all__ = ["BatchStats", "ErrorItem", "LookupStats", "OperationResult"]
+__all__ = ["BatchStats", "ErrorItem", "LookupStats", "OperationResult", "SinkStats", "Stats", "WorkerStats"]
 
 
 class ErrorItem(msgspec.Struct, frozen=True):
@@ -178,3 +180,74 @@ class OperationResult(msgspec.Struct, frozen=True):
     errors: list[ErrorItem]
     batch: BatchStats
     events: list[Any] | None = None
+
+
+class SinkStats(msgspec.Struct, frozen=True):
+    """Per-sink delivery figures, summed over workers.
+
+    ``index`` is the sink's position in ``Pipeline.sinks``; the dead-letter sink comes
+    after them, at ``len(Pipeline.sinks)`` (``collector.sinks.sink_names(pipeline)``
+    gives the name of each index). ``rows`` and ``batches`` count chunks committed,
+    ``errors`` failed write attempts, ``retries`` attempts scheduled again after a
+    failure, ``last_commit_ms`` the latest commit's duration (the slowest worker's).
+    Only sinks that wrote or failed at least once are listed; a replaced worker's
+    figures are kept (in the supervisor's slot).
+    """
+
+    index: int
+    rows: int
+    batches: int
+    errors: int
+    retries: int
+    last_commit_ms: float
+
+
+class WorkerStats(msgspec.Struct, frozen=True):
+    """One worker's figures as read from its slot."""
+
+    index: int
+    pid: int
+    alive: bool
+    heartbeat_age: float
+    events: int
+    failed: int
+    chunks: int
+    inflight: int
+    processed_per_sec: float
+    lookup_calls: int
+    cache_hits: int
+    coalesced: int
+    lookup_failures: int
+    avg_latency_ms: float
+
+
+class Stats(msgspec.Struct, frozen=True):
+    """Collector statistics, read from shared memory without waiting for any worker.
+
+    ``total_events`` counts every event handled (valid or rejected) since start;
+    ``processed_per_sec`` is the rate over the last ``collector.stats.RATE_WINDOW`` (5)
+    whole seconds and ``avg_per_sec`` the average since start.
+    """
+
+    total_events: int
+    processed_per_sec: float
+    avg_per_sec: float
+    failed_events: int
+    received_events: int
+    inflight_events: int
+    chunks: int
+    redelivered_chunks: int
+    worker_restarts: int
+    duplicates_dropped: int
+    deadlettered: int
+    lookup_calls: int
+    cache_hits: int
+    coalesced_calls: int
+    lookup_failures: int
+    avg_latency_ms: float
+    latency_buckets_ms: list[tuple[float, int]]
+    uptime: float
+    workers: list[WorkerStats]
+    sinks: list[SinkStats]
+    filtered_events: int = 0  # dropped on purpose by a filter or a rule
+    enriched_events: int = 0  # through enrichment, less the lookups that finally failed

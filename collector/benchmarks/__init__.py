@@ -9,7 +9,8 @@
                           (d) N processes, no IPC (the ceiling)  (e) Bytewax
     collector serve ◄──► bench/http_load.py ◄──► uvicorn + plain ASGI app      asgi_peer.py
                                                  (both started by servers.py)
-    other scenarios (slow-service, seed-000, stats, http, service)             scenarios.py
+    c.stats() idle, saturated back to back, saturated and spaced               statscost.py
+    other scenarios (slow-service, seed-000, http, service)                    scenarios.py
     measurements (wall, CPU via psutil, peak RSS via VmHWM) ─► report.py: table, JSON, PNG
 
 Everything lives inside the package (not only in ``bench/``) so that ``collector
@@ -27,7 +28,7 @@ SCENARIOS: dict[str, str] = {
     "inmem": "collector.benchmarks.inmem:inmem",
     "slow-service": "collector.benchmarks.scenarios:slow_service",
     "seed-000": "collector.benchmarks.scenarios:seed_000",
-    "stats": "collector.benchmarks.scenarios:stats_cost",
+    "stats": "collector.benchmarks.statscost:stats_cost",
     "http": "collector.benchmarks.scenarios:http",
     "service": "collector.benchmarks.scenarios:service",
 }

@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from ..playback import InMemoryClient, playback_pipeline
+from ..playback import playback_pipeline
 from .common import (
     ProcSample,
     Progress,
@@ -39,7 +39,7 @@ from .common import (
 )
 from .report import Target, print_table, print_targets
 
-__all__ = ["fake_service", "http", "seed_000", "service", "slow_service", "stats_cost"]
+__all__ = ["fake_service", "http", "seed_000", "service", "slow_service"]
 
 
 def _collector(pipeline: Any, **kw: Any) -> Any:
@@ -219,56 +219,6 @@ def seed_000(args: argparse.Namespace) -> dict[str, Any]:
     print_targets(targets)
     return {"scenario": "seed-000", "config": {"latency": L, "events": 10, "workers": workers, "repeats": repeats},
             "summary": summary, "runs": runs, "targets": [t.to_json() for t in targets]}
-
-
-# ====================================================================== stats
-
-
-def stats_cost(args: argparse.Namespace) -> dict[str, Any]:
-    """Cost of ``c.stats()`` in µs, idle and while the workers are saturated."""
-    n = args.events or (200_000 if args.quick else 1_000_000)
-    workers = max(args.workers) if args.workers else ncpu()
-    inp = make_input(n, args.users, args.device_types)
-    samples: dict[str, list[float]] = {}
-    with _collector(playback_pipeline(InMemoryClient(inp.regions, inp.models)), workers=workers) as c:
-        c.handle(make_input(10_000, args.users, args.device_types, seed=1).payload).wait(timeout=60)
-        idle = []
-        pc = time.perf_counter_ns
-        for _ in range(20_000):
-            t = pc()
-            c.stats()
-            idle.append((pc() - t) / 1000)
-        samples["idle"] = idle
-        busy: list[float] = []
-        rounds = 0
-        deadline = time.monotonic() + (10 if args.quick else 30)
-        while len(busy) < 200_000 and time.monotonic() < deadline:
-            op = c.handle(inp.payload)
-            rounds += 1
-            while not op.done():
-                t = pc()
-                c.stats()
-                busy.append((pc() - t) / 1000)
-            op.wait()
-            if rounds >= (1 if args.quick else 3):
-                break
-        samples["saturated"] = busy
-    summary: list[dict[str, Any]] = []
-    for k, xs in samples.items():
-        s = sorted(xs)
-        summary.append({"state": k, "calls": len(s), "median_us": percentile(s, 0.5), "p90_us": percentile(s, 0.9),
-                        "p99_us": percentile(s, 0.99), "max_us": s[-1] if s else 0.0})
-    print_table(f"stats: c.stats() cost, {workers} workers; saturated = while {n:,}-event batches run",
-                ["state", "calls", "median µs", "p90 µs", "p99 µs", "max µs"],
-                [[s["state"], s["calls"], s["median_us"], s["p90_us"], s["p99_us"], s["max_us"]] for s in summary])
-    sat = summary[-1]
-    targets = [Target("stats() p99 while saturated", sat["p99_us"], 10.0, " µs", False),
-               Target("stats() median while saturated", sat["median_us"], 10.0, " µs", False)]
-    print_targets(targets)
-    return {"scenario": "stats", "config": {"events": n, "workers": workers}, "summary": summary,
-            "targets": [t.to_json() for t in targets],
-            "plot": {"kind": "cdf", "title": "c.stats() call time", "xlabel": "µs",
-                     "series": {k: [_round(x, 3) for x in sorted(v)[:: max(1, len(v) // 5000)]] for k, v in samples.items()}}}
 
 
 # ====================================================================== http
