@@ -70,6 +70,11 @@ class Aggregate:
     dict (all must hold), a picklable predicate or a ``"module:function"`` string.
     ``rate`` counts events per second: over the ``Sliding`` window's last ``size``
     seconds (a moving average) or since the first event (``Global``).
+
+    ``prometheus`` puts the aggregate in the daemon's Prometheus text (the current
+    window's values, one series per group) as long as it has at most ``max_series``
+    groups; with more, only its group count and counters are shown (see
+    ``collector.stages.exposition``).
     """
 
     name: str
@@ -83,6 +88,8 @@ class Aggregate:
     exact_distinct: int = 10_000
     snapshot_top: int = 0  # top_k: items per pane in a snapshot (0: max(4k, 50))
     clock: Callable[[], float] = time.time  # processing time (patch it in tests)
+    prometheus: bool = True
+    max_series: int = 100
 
     def __post_init__(self) -> None:
         where = f"aggregate {self.name!r}"
@@ -94,8 +101,8 @@ class Aggregate:
             raise ConfigError(f"{where}: top_k needs by= (the field whose values are ranked)")
         if self.fn == "rate" and (self.by or self.value):
             raise ConfigError(f"{where}: rate counts all matching events; it takes no by= or value=")
-        if self.k < 1 or self.max_groups < 2 or self.exact_distinct < 0:
-            raise ConfigError(f"{where}: k must be >= 1, max_groups >= 2, exact_distinct >= 0")
+        if self.k < 1 or self.max_groups < 2 or self.exact_distinct < 0 or self.max_series < 1:
+            raise ConfigError(f"{where}: k must be >= 1, max_groups >= 2, exact_distinct >= 0, max_series >= 1")
         self.window.shape()  # checks sizes
 
     def merge(self, partials: Sequence[bytes]) -> AggregateResult:
@@ -105,6 +112,12 @@ class Aggregate:
     def read(self, result: AggregateResult, key: Any = None, **window: Any) -> Any:
         """Plain values from a merged result (see :func:`read`)."""
         return read(result, key, **window)
+
+    def series(self, result: AggregateResult, now: float) -> Any:
+        """The Prometheus figures of a merged result (``exposition.aggregate_series``)."""
+        from .exposition import aggregate_series
+
+        return aggregate_series(self, result, now)
 
     def build(self) -> AggregateRuntime:
         """The running aggregate of one worker."""

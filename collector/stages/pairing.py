@@ -30,7 +30,7 @@ import collections
 import logging
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -131,6 +131,21 @@ class Pair:
                     "function or a 'module:attr' string"
                 ) from None
 
+    # the engine lists the stage among the aggregates (its counters) and in /metrics ``pairs``
+    pairing = True
+
+    def merge(self, partials: Sequence[bytes]) -> dict[str, int]:
+        """The workers' ``partial()`` counters summed (the engine calls this on read)."""
+        out: dict[str, int] = {}
+        for data in partials:
+            for k, v in _counts.decode(data).items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def read(self, result: dict[str, int], key: Any = None, **_: Any) -> Any:
+        """The counters (``paired``, ``expired``, ``orphan``, ``pending``, ...), or one of them."""
+        return dict(result) if key is None else result.get(key, 0)
+
     def build(self) -> PairRuntime:
         """The running pairing of one worker (``store="redis"``: its Redis-backed form)."""
         if self.store == "memory":
@@ -159,6 +174,7 @@ class _State(msgspec.Struct, array_like=True):
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(_State)
+_counts = msgspec.msgpack.Decoder(dict[str, int])
 Pending = tuple[float, float | None, tuple[Any, ...]]  # arrival, event time, carried values
 
 
@@ -175,6 +191,7 @@ class PairRuntime:
         self._carry = attrgetter(*spec.carry) if spec.carry else None
         self._convert = spec.converter()
         self._emit_error = ""
+        self._published: tuple[dict[str, int], bytes] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -191,6 +208,17 @@ class PairRuntime:
     def stats(self) -> dict[str, int]:
         """The counters, with ``pending`` (starts waiting) and ``pending_ends``."""
         return {**self.counters, "pending": len(self.starts), "pending_ends": len(self.ends)}
+
+    def partial(self) -> bytes:
+        """``stats()`` as msgpack bytes for the supervisor to merge: the same bytes
+        object while the counters are unchanged, so an idle worker publishes nothing."""
+        st = self.stats()
+        last = self._published
+        if last is not None and last[0] == st:
+            return last[1]
+        data = _enc.encode(st)
+        self._published = (st, data)
+        return data
 
     def drain(self) -> list[Any]:
         """The records made since the last drain, converted by ``emit`` when set.
