@@ -42,7 +42,8 @@ import msgspec
 from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from . import aggregators as F
-from .windows import Global, Window, WindowShape, times_of
+from .config import AggregateConfig
+from .windows import Global, Window, WindowShape, times_of, window_from_config
 
 __all__ = [
     "Aggregate",
@@ -104,6 +105,14 @@ class Aggregate:
         if self.k < 1 or self.max_groups < 2 or self.exact_distinct < 0 or self.max_series < 1:
             raise ConfigError(f"{where}: k must be >= 1, max_groups >= 2, exact_distinct >= 0, max_series >= 1")
         self.window.shape()  # checks sizes
+
+    @classmethod
+    def from_config(cls, cfg: AggregateConfig) -> Aggregate:
+        """The aggregate a ``[[stages]]`` table declares (decoded into ``AggregateConfig``)."""
+        fields = {f: getattr(cfg, f) for f in cfg.__struct_fields__}
+        by = fields["by"]
+        fields.update(by=tuple(by) if isinstance(by, list) else by, window=window_from_config(cfg.window))
+        return cls(**fields)
 
     def merge(self, partials: Sequence[bytes]) -> AggregateResult:
         """The workers' partials merged (the engine calls this on read); none yet: empty."""

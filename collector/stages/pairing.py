@@ -41,6 +41,7 @@ from .. import registry
 from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from ..registry import import_string
+from .config import PairConfig
 from .windows import parse_time
 
 __all__ = ["Pair", "PairRecord", "PairRuntime"]
@@ -130,6 +131,13 @@ class Pair:
                     f"{where}: emit {self.emit!r} cannot be pickled ({e}); use a module-level "
                     "function or a 'module:attr' string"
                 ) from None
+
+    @classmethod
+    def from_config(cls, cfg: PairConfig) -> Pair:
+        """The pairing a ``[[stages]]`` table declares (decoded into ``PairConfig``)."""
+        fields = {f: getattr(cfg, f) for f in cfg.__struct_fields__}
+        fields.update(key=tuple(cfg.key), carry=tuple(cfg.carry))
+        return cls(**fields)
 
     # the engine lists the stage among the aggregates (its counters) and in /metrics ``pairs``
     pairing = True

@@ -14,7 +14,7 @@ from typing import Any
 
 from conftest import wait_until
 from paths import SUPPORT
-from test_daemon import Daemon, start_daemon
+from test_daemon import Daemon, _cli, start_daemon
 
 CONFIG = '[pipeline]\npack = "stateful_pack:pipeline"\n'
 LINE = re.compile(r"^(collector_(?:aggregate|pairs)_\w+(?:\{[^}]*\})?) (\S+)$")
@@ -99,3 +99,25 @@ def test_aggregates_and_pairing_counters_in_the_prometheus_text(tmp_path: Path, 
                    10, what="the duplicate start")
     finally:
         assert d.stop() == 0, d.log.read_text()[-3000:]
+
+
+def test_check_config_declares_aggregates_and_pairs_and_names_bad_paths(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[stages]]\nkind = "aggregate"\nname = "per_minute"\nfn = "sum"\nvalue = "amount"\n'
+                   'by = ["type", "source"]\nwindow = { kind = "tumbling", size = 60, time_field = "ts" }\n'
+                   '[[stages]]\nkind = "pair"\nstart_type = "open"\nend_type = "close"\nkey = ["user"]\n')
+    r = _cli("check-config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "aggregate per_minute: sum of amount by type, source, tumbling 60 s (event time: ts)" in r.stdout
+    assert "pair pair: open + close on user, ttl 43200 s, store memory" in r.stdout
+    for table, why in [
+        ('kind = "aggregate"\nname = "x"\nwindow = { kind = "hopping", size = 60, hop = -5 }',
+         "`$.stages[0].window.hop`: Expected `float` > 0.0"),
+        ('kind = "aggregate"\nname = "x"\nwindow = { kind = "tumbling", sise = 60 }',
+         "`$.stages[0].window.sise`: unknown field (its fields: lateness, retention, size, time_field)"),
+        ('kind = "pair"\norphan_tll = 5', "`$.stages[0].orphan_tll`: unknown field of a 'pair' stage"),
+        ('kind = "pair"\nttl = "12h"', "`$.stages[0].ttl`: Expected `float`, got `str`"),
+    ]:
+        cfg.write_text(f"[[stages]]\n{table}\n")
+        r = _cli("check-config", str(cfg))
+        assert r.returncode == 2 and why in r.stderr, (table, r.stderr)
