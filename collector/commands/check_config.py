@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  gaps {st.name}: session {st.session}, seq {st.seq}" + (f", by {st.by}" if st.by else "") + note)
         elif getattr(st, "pairing", False):
             print(f"  pair {st.name}: {st.start_type} + {st.end_type} on {', '.join(st.key)}, ttl {st.ttl:g} s, "
-                  f"store {st.store}")
+                  f"store {st.store}" + (f" ({st.state_path})" if st.store == "sqlite" else ""))
         elif callable(getattr(st, "series", None)):
             print(f"  aggregate {st.name}: {_aggregate(st)}")
     if cfg.source is not None:

@@ -150,13 +150,20 @@ class PairConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     ] = None
     tick: Annotated[Positive, Meta(description="seconds between expiry rounds without traffic")] = 1.0
     store: Annotated[
-        str, Meta(description="`memory` (per worker), `redis` (shared, `redis_url`) or `module:attr`"),
+        str, Meta(description="`memory` (per worker, lost on restart), `sqlite` (the file `state_path`, shared by the "
+                  "workers, kept across restarts), `redis` (shared by daemons, `redis_url`) or `module:attr`"),
     ] = "memory"
     redis_url: Annotated[str, Meta(description="store `redis`: the server")] = "redis://127.0.0.1:6379/0"
     prefix: Annotated[str, Meta(description="store `redis`: key prefix")] = "pv:"
     redis_grace: Annotated[Seconds, Meta(description="store `redis`: seconds a waiting half's key outlives its "
                                          "deadline")] = 86400.0
-    sweep_limit: Annotated[int, Meta(ge=1, description="store `redis`: deadlines taken per expiry round trip")] = 1000
+    sweep_limit: Annotated[
+        int, Meta(ge=1, description="store `redis`, `sqlite`: deadlines taken per expiry round trip")
+    ] = 1000
+    state_path: Annotated[
+        str, Meta(description="store `sqlite`: the state file; relative or empty: in `data_dir` (empty: "
+                  "`pairs-{name}.sqlite3`)"),
+    ] = ""
 
 
 # [[stages]] kind → the Struct its table decodes into

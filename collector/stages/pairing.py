@@ -52,7 +52,11 @@ COUNTERS = (
     "missing_key", "output_dropped", "emitted", "emit_errors",
 )
 # store → "module:attr" of its runtime, imported when named (as collector.stages.STAGES)
-STORES = {"memory": "collector.stages.pairing:PairRuntime", "redis": "collector.stages.pairing_redis:RedisPairRuntime"}
+STORES = {
+    "memory": "collector.stages.pairing:PairRuntime",
+    "redis": "collector.stages.pairing_redis:RedisPairRuntime",
+    "sqlite": "collector.stages.pairing_sqlite:SqlitePairRuntime",
+}
 
 
 class PairRecord(msgspec.Struct, omit_defaults=True, gc=False):
@@ -112,6 +116,7 @@ class Pair:
     prefix: str = "pv:"
     redis_grace: float = 86400.0
     sweep_limit: int = 1000
+    state_path: str = ""
 
     def __post_init__(self) -> None:
         where = f"pair {self.name!r}"
@@ -119,6 +124,8 @@ class Pair:
             raise ConfigError(f"{where}: needs a key, ttl > 0, orphan_ttl > 0, max_pending >= 1")
         if self.store not in STORES and ":" not in self.store:
             raise ConfigError(f"{where}: store must be one of {', '.join(STORES)} or 'module:attr' (got {self.store!r})")
+        if self.store == "sqlite" and not self.state_path:
+            raise ConfigError(f"{where}: store 'sqlite' needs state_path (the SQLite file of the waiting halves)")
         if self.tick <= 0 or self.redis_grace < 0 or self.sweep_limit < 1:
             raise ConfigError(f"{where}: needs tick > 0, redis_grace >= 0, sweep_limit >= 1")
         if self.emit is not None and not isinstance(self.emit, str):
@@ -143,8 +150,9 @@ class Pair:
     pairing = True
 
     def merge(self, partials: Sequence[bytes]) -> dict[str, int]:
-        """The workers' ``partial()`` counters summed (the engine calls this on read)."""
-        out: dict[str, int] = {}
+        """The workers' ``partial()`` counters summed (the engine calls this on read); none
+        published yet: every counter 0."""
+        out = dict.fromkeys(COUNTERS, 0)
         for data in partials:
             for k, v in _counts.decode(data).items():
                 out[k] = out.get(k, 0) + v

@@ -5,7 +5,7 @@ one worker.
 ``pipeline()``: a global count, a count per region, the top 3 users, a per-user count
 bounded to ``max_series=5`` (so it is truncated in the Prometheus text), a tumbling
 processing-time count, an aggregate left out of Prometheus, and ``Pair`` of ``start``
-and ``end`` on ``(user, pv)`` with a short orphan TTL.
+and ``end`` on ``(user, pv)`` with a short orphan TTL. ``plays()``: no stages.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class Play(msgspec.Struct, forbid_unknown_fields=True):
     user: str
     region: str = "eu"
     pv: str | None = None
+    at: float | None = None
 
 
 def pipeline() -> Pipeline:
@@ -39,3 +40,8 @@ def pipeline() -> Pipeline:
         Aggregate("hidden", "count", by="type", prometheus=False),
         Pair("start", "end", type_field="type", key=("user", "pv"), time_field=None, orphan_ttl=0.5, tick=0.1),
     ))
+
+
+def plays() -> Pipeline:
+    """The event type alone, sharded by ``user`` (the config's ``[[stages]]`` add the rest)."""
+    return Pipeline("plays", Play, key="user")

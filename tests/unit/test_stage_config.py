@@ -171,3 +171,19 @@ def test_the_stage_options_table_is_in_the_daemon_docs() -> None:
     table = options_table()
     assert "| `window` `sliding` | `step` |" in table and "| `pair` | `orphan_ttl` |" in table
     assert table in doc, "docs/daemon.md's stage options table is stale: paste collector.stages.config.options_table()"
+
+
+def test_a_sqlite_pairing_store_lives_in_the_data_directory(tmp_path: object) -> None:
+    import os
+
+    from collector.stages.pairing import Pair
+
+    cfg = decode_config({"data_dir": str(tmp_path), "pipeline": {"pack": "clickstream", "options": {"role": "etl"}},
+                         "stages": [{"kind": "pair", "name": "views", "store": "sqlite"},
+                                    {"kind": "pair", "name": "abs", "store": "sqlite", "state_path": "/srv/p.db"}]})
+    pairs = [st for st in build_pipeline(cfg).stages if isinstance(st, Pair)]
+    assert [(p.name, p.store, p.state_path) for p in pairs] == [
+        ("pair", "sqlite", os.path.join(str(tmp_path), "pairs.sqlite3")),  # the pack's: seed 002's default
+        ("views", "sqlite", os.path.join(str(tmp_path), "pairs-views.sqlite3")),
+        ("abs", "sqlite", "/srv/p.db"),
+    ]
