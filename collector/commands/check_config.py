@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         elif getattr(st, "pairing", False):
             print(f"  pair {st.name}: {st.start_type} + {st.end_type} on {', '.join(st.key)}, ttl {st.ttl:g} s, "
                   f"store {st.store}" + (f" ({st.state_path})" if st.store == "sqlite" else ""))
-        elif callable(getattr(st, "series", None)):
+        elif getattr(st, "max_series", None) is not None:  # an Aggregate
             print(f"  aggregate {st.name}: {_aggregate(st)}")
     if cfg.source is not None:
         src = cfg.source

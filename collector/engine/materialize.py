@@ -23,6 +23,8 @@ from typing import Any
 
 from ..pipeline import Pipeline
 from ..protocol import Snapshot
+from ..stages.aggregates import Aggregate
+from ..stages.exposition import AggregateSeries, aggregate_series
 
 __all__ = ["Materialized", "Partials", "is_stateful"]
 
@@ -131,14 +133,14 @@ class Materialized:
         return {st.name: self.aggregate(st.name) for st in self.pipeline.stages
                 if getattr(st, "pairing", False) and is_stateful(st)}
 
-    def series(self, now: float | None = None) -> list[Any]:
-        """What the Prometheus text shows of each aggregate stage with a ``series``
-        (``collector.stages.exposition.AggregateSeries``; left out: ``prometheus=False``)."""
+    def series(self, now: float | None = None) -> list[AggregateSeries]:
+        """What the Prometheus text shows of each ``Aggregate`` stage
+        (:func:`~collector.stages.exposition.aggregate_series`; left out: ``prometheus=False``)."""
         t = time.time() if now is None else now
         out = []
         for st in self.pipeline.stages:
-            if callable(getattr(st, "series", None)) and is_stateful(st):
-                s = st.series(self.merged(st.name), t)
+            if isinstance(st, Aggregate):
+                s = aggregate_series(st, self.merged(st.name), t)
                 if s is not None:
                     out.append(s)
         return out

@@ -72,10 +72,8 @@ class Aggregate:
     ``rate`` counts events per second: over the ``Sliding`` window's last ``size``
     seconds (a moving average) or since the first event (``Global``).
 
-    ``prometheus`` puts the aggregate in the daemon's Prometheus text (the current
-    window's values, one series per group) as long as it has at most ``max_series``
-    groups; with more, only its group count and counters are shown (see
-    ``collector.stages.exposition``).
+    ``prometheus``: shown in the daemon's Prometheus text, its values while it has at
+    most ``max_series`` groups (``collector.stages.exposition``).
     """
 
     name: str
@@ -110,8 +108,7 @@ class Aggregate:
     def from_config(cls, cfg: AggregateConfig) -> Aggregate:
         """The aggregate a ``[[stages]]`` table declares (decoded into ``AggregateConfig``)."""
         fields = {f: getattr(cfg, f) for f in cfg.__struct_fields__}
-        by = fields["by"]
-        fields.update(by=tuple(by) if isinstance(by, list) else by, window=window_from_config(cfg.window))
+        fields.update(by=tuple(cfg.by) if isinstance(cfg.by, list) else cfg.by, window=window_from_config(cfg.window))
         return cls(**fields)
 
     def merge(self, partials: Sequence[bytes]) -> AggregateResult:
@@ -121,12 +118,6 @@ class Aggregate:
     def read(self, result: AggregateResult, key: Any = None, **window: Any) -> Any:
         """Plain values from a merged result (see :func:`read`)."""
         return read(result, key, **window)
-
-    def series(self, result: AggregateResult, now: float) -> Any:
-        """The Prometheus figures of a merged result (``exposition.aggregate_series``)."""
-        from .exposition import aggregate_series
-
-        return aggregate_series(self, result, now)
 
     def build(self) -> AggregateRuntime:
         """The running aggregate of one worker."""
