@@ -139,7 +139,7 @@ class Materialized:
         t = time.time() if now is None else now
         out = []
         for st in self.pipeline.stages:
-            if isinstance(st, Aggregate):
+            if isinstance(st, Aggregate) and st.prometheus:  # prometheus=False: not even merged
                 s = aggregate_series(st, self.merged(st.name), t)
                 if s is not None:
                     out.append(s)
