@@ -7,11 +7,13 @@
                                                                            └ Pair's records ─► sinks
 
 ``base`` holds the contract; stateless stages (``rules``, ``render``), keyed state
-(``dedup`` and its Redis store ``dedup_redis``, ``pairing`` and its Redis store
-``pairing_redis``, ``integrity``: sequence gaps per session), lookups with caches of their own (``auth``: token → user id, through
-``sources.auth``), ``stamp`` (the handling time), and mergeable state (``aggregates`` over
-``windows`` with the functions in ``aggregators``; ``materialized`` views over merged
-aggregates).
+(``dedup`` and its Redis store ``dedup_redis``, ``pairing`` and its stores
+``pairing_redis`` and ``pairing_sqlite``, ``integrity``: sequence gaps per session),
+lookups with caches of their own (``auth``: token → user id, through ``sources.auth``),
+``stamp`` (the handling time), and mergeable state (``aggregates`` over ``windows`` with
+the functions in ``aggregators``; ``materialized`` views over merged aggregates;
+``exposition``: what the Prometheus text shows of them). ``config`` holds the TOML
+Structs of ``aggregate`` and ``pair``.
 """
 
 from __future__ import annotations
