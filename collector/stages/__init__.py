@@ -26,7 +26,7 @@ import msgspec
 from .. import registry
 from ..errors import ConfigError
 from .base import Enrich, Stage
-from .config import STAGE_CONFIGS, WINDOWS
+from .config import WINDOWS
 from .dedup import Dedup, DedupWindow
 from .integrity import Gaps
 from .render import Render
@@ -61,7 +61,7 @@ def build_stage(table: dict[str, Any], where: str = "$") -> Any:
     except ConfigError as e:
         raise ConfigError(f"`{where}.kind`: {e}") from None
     args = {k: v for k, v in table.items() if k != "kind"}
-    conf = STAGE_CONFIGS.get(kind)
+    conf = getattr(cls, "config_struct", None)
     if conf is not None:  # a config Struct: nested tables (window) checked with their paths
         fields = set(conf.__struct_fields__)
         unknown = sorted(set(args) - fields)

@@ -104,6 +104,8 @@ class Aggregate:
             raise ConfigError(f"{where}: k must be >= 1, max_groups >= 2, exact_distinct >= 0, max_series >= 1")
         self.window.shape()  # checks sizes
 
+    config_struct = AggregateConfig  # what a [[stages]] table decodes into (a class attribute, not a field)
+
     @classmethod
     def from_config(cls, cfg: AggregateConfig) -> Aggregate:
         """The aggregate a ``[[stages]]`` table declares (decoded into ``AggregateConfig``)."""

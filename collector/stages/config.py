@@ -3,7 +3,8 @@
 ``kind = "aggregate"`` decodes into :class:`AggregateConfig` (its ``window`` a
 :class:`WindowConfig`, tagged on ``kind``: ``global``, ``tumbling``, ``hopping``,
 ``sliding``), ``kind = "pair"`` into :class:`PairConfig`; ``collector.stages.build_stage``
-then makes the stage (``Aggregate.from_config``, ``Pair.from_config``). Every Struct
+then makes the stage (``Aggregate.from_config``, ``Pair.from_config``; each names its
+Struct in ``config_struct``, so a ``module:attr`` kind of either decodes the same). Every Struct
 forbids unknown fields and bounds its numbers, so a typo or a bad value fails
 ``collector check-config`` with its path (``$.stages[0].window.size``)::
 
@@ -29,7 +30,6 @@ from msgspec import Meta
 from ..sinks.config import option_row
 
 __all__ = [
-    "STAGE_CONFIGS",
     "WINDOWS",
     "AggregateConfig",
     "GlobalWindowConfig",
@@ -164,10 +164,6 @@ class PairConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
         str, Meta(description="store `sqlite`: the state file; relative or empty: in `data_dir` (empty: "
                   "`pairs-{name}.sqlite3`)"),
     ] = ""
-
-
-# [[stages]] kind → the Struct its table decodes into
-STAGE_CONFIGS: dict[str, type[msgspec.Struct]] = {"aggregate": AggregateConfig, "pair": PairConfig}
 
 
 def options_table() -> str:

@@ -139,6 +139,8 @@ class Pair:
                     "function or a 'module:attr' string"
                 ) from None
 
+    config_struct = PairConfig  # what a [[stages]] table decodes into (a class attribute, not a field)
+
     @classmethod
     def from_config(cls, cfg: PairConfig) -> Pair:
         """The pairing a ``[[stages]]`` table declares (decoded into ``PairConfig``)."""

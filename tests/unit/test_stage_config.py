@@ -124,6 +124,11 @@ def test_aggregates_and_pairs_from_toml_are_the_python_ones() -> None:
              store="redis", redis_url="redis://127.0.0.1:6379/3", prefix="views:", redis_grace=60, sweep_limit=50,
              name="views"),
     ]
+    # a kind given as an import string decodes through the same Struct
+    assert build_stage({"kind": "collector.stages.aggregates:Aggregate", **tables[1]}) == built[1]
+    with pytest.raises(ConfigError, match=r"`\$.stages\[3\].window.step`: Expected `float` > 0"):
+        build_stage({"kind": "collector.stages.aggregates:Aggregate", "name": "r",
+                     "window": {"kind": "sliding", "step": 0}}, "$.stages[3]")
     # the defaults of a bare table are the Python defaults
     assert build_stage({"kind": "pair"}) == Pair()
     assert build_stage({"kind": "aggregate", "name": "n"}) == Aggregate("n")
