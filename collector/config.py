@@ -246,8 +246,8 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stages: Annotated[
         list[dict[str, Any]],
         Meta(description="`[[stages]]` tables: stages added after the pack's (`kind` = `dedup`, `filter`, "
-             "`enrich`, `render`, `aggregate`, `pair`, `auth` or `module:attr`, then the stage's fields); checked when the "
-             "pipeline is built"),
+             "`enrich`, `render`, `aggregate`, `pair`, `gaps`, `auth` or `module:attr`, then the stage's fields; "
+             "`aggregate` and `pair`: the stage options table); checked when the pipeline is built"),
     ] = msgspec.field(default_factory=list)
     rules: Annotated[
         list[dict[str, Any]],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 __all__ = ["add_arguments", "run"]
 
@@ -50,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
                 f"; warning: the pipeline shards by {p.key!r} ({p.shard}), not by the session: "
                 "each worker sees part of a session and counts the others' numbers as gaps")
             print(f"  gaps {st.name}: session {st.session}, seq {st.seq}" + (f", by {st.by}" if st.by else "") + note)
+        elif getattr(st, "pairing", False):
+            print(f"  pair {st.name}: {st.start_type} + {st.end_type} on {', '.join(st.key)}, ttl {st.ttl:g} s, "
+                  f"store {st.store}" + (f" ({st.state_path})" if st.store == "sqlite" else ""))
+        elif getattr(st, "max_series", None) is not None:  # an Aggregate
+            print(f"  aggregate {st.name}: {_aggregate(st)}")
     if cfg.source is not None:
         src = cfg.source
         print(f"  source {src.kind} {src.url} stream {src.stream} ({', '.join(src.subjects)}) durable {src.durable}")
@@ -61,3 +67,16 @@ def _rule(r: object) -> str:
     sinks = getattr(r, "sinks", None)
     action = getattr(r, "action", "")
     return f"{getattr(r, 'name', '')} ({action}{' -> ' + ', '.join(sinks) if sinks else ''})"
+
+
+def _aggregate(a: Any) -> str:
+    """``count by type, tumbling 60 s (event time: created_at)``."""
+    by = ", ".join(a.by) if isinstance(a.by, tuple) else a.by
+    w = a.window
+    kind = type(w).__name__.lower()
+    size = getattr(w, "size", None)
+    text = f"{a.fn}" + (f" of {a.value}" if a.value else "") + (f" by {by}" if by else "")
+    text += f", {kind}" + (f" {size:g} s" if size is not None else "")
+    if w.time_field:
+        text += f" (event time: {w.time_field})"
+    return text + ("" if a.prometheus else ", not in Prometheus")

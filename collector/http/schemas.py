@@ -127,6 +127,8 @@ class Metrics(msgspec.Struct):
     ingress: IngressStatus | None = None  # the [source] consumer (fetched, acked, lag, ...); null without one
     # duplicates per type (Dedup count_by) and sequence gaps (Gaps), by stage; null without such stages
     integrity: dict[str, dict[str, Any]] | None = None
+    # each Pair stage's counters (paired, expired, orphan, pending, ...); null without one
+    pairs: dict[str, dict[str, int]] | None = None
     # per enrichment lookup (collector.sources.metrics.SourceMetrics); null without lookups
     enrichment: dict[str, SourceMetrics] | None = None
 

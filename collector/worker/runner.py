@@ -119,7 +119,7 @@ class PipelineRunner:
         # the steps in pipeline order; enrichment runs where an Enrich() stage stands, or
         # after every stage when the pipeline names none (the order before Enrich existed)
         self.steps: list[tuple[Any, Any, Any] | None] = []  # (runtime, settle, take_routes)
-        self.stateful: list[tuple[str, Any]] = []  # (name, runtime) of stages with mergeable partial state
+        self.stateful: list[tuple[str, Callable[[], bytes]]] = []  # (name, partial of the runtime) to publish
         self.emitters: list[Any] = []  # runtimes with drain(): records for the sinks
         self.expiring: list[Any] = []  # runtimes with expire(now): called by tick()
         self.closing: list[Any] = []  # runtimes with aclose()
@@ -134,10 +134,11 @@ class PipelineRunner:
             # a Rules runtime with route rules hands over each chunk's routes (id(event) → sinks)
             take = run.take_routes if getattr(run, "routing", False) else None
             self.steps.append((run, getattr(run, "settle", None), take))
-            # published partials are for the supervisor to merge; a stage without merge
-            # (Pair) has a snapshot() for persistence, not worth encoding every interval
-            if hasattr(run, "snapshot") and hasattr(st, "merge"):
-                self.stateful.append((st.name, run))
+            # published partials are for the supervisor to merge: a runtime's partial()
+            # when it has one (Pair: its counters; its snapshot() is its whole state, for
+            # persistence, not worth encoding every interval), else its snapshot()
+            if hasattr(st, "merge") and (hasattr(run, "partial") or hasattr(run, "snapshot")):
+                self.stateful.append((st.name, getattr(run, "partial", None) or run.snapshot))
             if callable(getattr(run, "drain", None)):
                 self.emitters.append(run)
             if callable(getattr(run, "expire", None)):
@@ -165,7 +166,7 @@ class PipelineRunner:
 
     def snapshots(self) -> list[tuple[str, bytes]]:
         """The partial state of every stateful stage (their bytes are reused while idle)."""
-        return [(name, run.snapshot()) for name, run in self.stateful]
+        return [(name, partial()) for name, partial in self.stateful]
 
     async def open(self) -> None:
         """Build and open the sinks (raises: a boot failure)."""
