@@ -20,9 +20,7 @@ import asyncio
 import socket
 import subprocess
 import sys
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +36,6 @@ from collector.sinks import DeadLetterConfig, JsonlSinkConfig
 redis = pytest.importorskip("redis")
 
 
-@pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    p = f"test:dedup:{uuid.uuid4().hex[:12]}:"
-    yield p
-    r = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(r.scan_iter(match=p + "*", count=1000))
-        if keys:
-            r.delete(*keys)
-    finally:
-        r.close()
 
 
 def run(coro: Any) -> Any:
