@@ -581,3 +581,32 @@ def test_key_sharded_ndjson_survives_a_router_death_after_it_routed(tmp_path: Pa
     assert res.handled_events == 6000 and res.failed_events == 0
     assert [e.id for e in res.events] == [e.id for e in events]
     assert st.worker_restarts == 1 and st.received_events == 6000
+
+
+def test_key_sharded_ndjson_answers_a_routed_part_s_drops_at_their_input_index() -> None:
+    """A duplicate found by the owner of a part another worker routed to it is reported
+    at its index in the input and left out of the events returned. Two ranges' events
+    reach their owner in either order, so which copy is kept is not fixed: one is."""
+    import dataclasses
+
+    from collector.stages import Dedup
+
+    events = generate_events(8000, users=400, seed=12)
+    lines = [msgspec.json.encode(e) for e in events]
+    for i in range(100, 8000, 97):  # a copy of the line 5,000 before it (or of line 0)
+        lines[i] = lines[i - 5000 if i >= 5000 else 0]
+    copies: dict[bytes, list[int]] = collections.defaultdict(list)
+    for i, ln in enumerate(lines):
+        copies[ln].append(i)
+    groups = [g for g in copies.values() if len(g) > 1]
+    base = playback_pipeline(Immediate())
+    pipe = dataclasses.replace(base, stages=(Dedup(field="id", wait=30.0), *base.stages))
+    with Collector(pipe, workers=2, chunk_size=300) as c:
+        res = c.handle(b"\n".join(lines), return_events=True).wait(timeout=60)
+    dropped = {e.index for e in res.errors}
+    assert {e.kind for e in res.errors} == {"duplicate"} and len(dropped) == len(res.errors)
+    assert all(len(set(g) - dropped) == 1 for g in groups)  # each id kept once, wherever it came from
+    assert dropped <= {i for g in groups for i in g}
+    assert res.handled_events == 8000 and res.failed_events == 0  # a duplicate is handled, not failed
+    assert res.events is not None and {i for i, e in enumerate(res.events) if e is None} == dropped
+    assert all(e is None or e.id == msgspec.json.decode(lines[i])["id"] for i, e in enumerate(res.events))
