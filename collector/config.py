@@ -240,7 +240,9 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enrich: Annotated[
         list[dict[str, Any]],
         Meta(description="`[[enrich]]` steps (`source`, `key`, `key_fields`, `target`, `name`): each adds a lookup "
-             "of a named source to the pack's pipeline, `target` a field of its event type"),
+             "of a named source to the pack's pipeline, `target` a field of its event type; `on_failure` (`keep`, "
+             "`dead_letter`, `hold`), `on_missing`, `on_error`, `log`, `hold_for`, `then`: its failure policy "
+             "(docs/sources.md)"),
     ] = msgspec.field(default_factory=list)
 
     stages: Annotated[

@@ -112,6 +112,12 @@ class LookupSummary(msgspec.Struct, array_like=True):
     short_circuited: int = 0  # calls refused at once by an open breaker
     shared_hits: int = 0  # keys answered by the shared (Redis) cache level
     keys_fetched: int = 0  # keys asked of the source (÷ calls = keys per batched call)
+    # failure policies (Lookup.on_failure / on_missing / on_error), events
+    kept: int = 0  # failed lookups whose event went on with the field at its default
+    dead_lettered: int = 0  # events sent to the dead-letter sink by the policy
+    held: int = 0  # events held for the source to answer again
+    recovered: int = 0  # held events the source then answered (enriched after all)
+    log_suppressed: int = 0  # per-event log lines over log_rate, not written
 
 
 class ChunkSummary(msgspec.Struct, array_like=True):

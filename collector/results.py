@@ -61,9 +61,17 @@ class LookupStats(msgspec.Struct, frozen=True):
     short_circuited: int = 0
     shared_hits: int = 0
     keys_fetched: int = 0
+    # failure policies (Lookup.on_failure): events kept at the default, dead-lettered,
+    # held, recovered by a hold; per-event log lines over log_rate
+    kept: int = 0
+    dead_lettered: int = 0
+    held: int = 0
+    recovered: int = 0
+    log_suppressed: int = 0
 
 
-_SOURCE_COUNTERS = ("errors", "not_found", "stale", "breaker_opens", "short_circuited", "shared_hits", "keys_fetched")
+_SOURCE_COUNTERS = ("errors", "not_found", "stale", "breaker_opens", "short_circuited", "shared_hits", "keys_fetched",
+                    "kept", "dead_lettered", "held", "recovered", "log_suppressed")
 
 
 class BatchStats(msgspec.Struct, frozen=True):

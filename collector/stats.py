@@ -98,7 +98,7 @@ LOOKUP_FIELDS = (
     "calls", "hits", "shared_hits", "misses", "coalesced", "failures", "not_found", "stale",
     "keys_fetched", "short_circuited", "breaker_opens", "breaker_half_opens", "breaker_closes",
     "err_timeout", "err_http_status", "err_invalid", "err_connection", "err_key", "err_other",
-    "latency_sum_us",
+    "latency_sum_us", "kept", "dead_lettered", "held", "recovered", "log_suppressed",
 )
 LOOKUP_STATE = len(LOOKUP_FIELDS)  # gauge: 0 closed, 1 open, 2 half-open (as of the last chunk)
 LOOKUP_LAT = LOOKUP_STATE + 1

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  sink {sk!r}")
     print(f"  deadletter {dl.path}")
     for lk in p.lookups:
-        print(f"  lookup {lk.name}: {lk.target} from {lk.key}" + (f" via {lk.source.name!r}" if lk.source is not None else ""))
+        print(f"  lookup {lk.name}: {lk.target} from {lk.key}" + (f" via {lk.source.name!r}" if lk.source is not None else "")
+              + f"; {_policy(lk)}")
     for st in p.stages:
         if getattr(st, "is_rules", False):
             print(f"  rules {st.name}: {', '.join(_rule(r) for r in st.rules)}")
@@ -60,6 +61,17 @@ def run(args: argparse.Namespace) -> int:
         src = cfg.source
         print(f"  source {src.kind} {src.url} stream {src.stream} ({', '.join(src.subjects)}) durable {src.durable}")
     return 0
+
+
+def _policy(lk: Any) -> str:
+    """``not found: keep (logged), error: hold 5s/10 tries then dead_letter``."""
+    parts = []
+    for outcome, words in (("not_found", "not found"), ("error", "error")):
+        act = lk.policy_for(outcome)
+        if act == "hold":
+            act = f"hold {lk.hold_for:g}s/{lk.hold_retries} tries then {lk.then}"
+        parts.append(f"{words}: {act}")
+    return ", ".join(parts) + (" (logged per event)" if lk.log else "")
 
 
 def _rule(r: object) -> str:

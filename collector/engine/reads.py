@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import stats as S
 from ..errors import CollectorClosed
-from ..sources.metrics import SourceMetrics, read_sources
+from ..sources.metrics import SourceMetrics, policy_of, read_sources
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -55,7 +55,7 @@ class Reads:
         """
         if self._block is None:
             raise CollectorClosed("the collector is not running")
-        lookups = [(lk.name, _kind(lk)) for lk in self.pipeline.lookups]
+        lookups = [(lk.name, _kind(lk), policy_of(lk)) for lk in self.pipeline.lookups]
         return read_sources(self._block, lookups)
 
     def workers_alive(self) -> list[bool]:

@@ -171,6 +171,11 @@ _SOURCE = (
     ("stale_served", "collector_source_stale_served_total", "Events given a stale value because the source failed."),
     ("keys_fetched", "collector_source_keys_fetched_total", "Keys asked of the source (per call: keys per batched call)."),
     ("short_circuited", "collector_source_short_circuited_total", "Calls refused at once by an open breaker."),
+    ("kept", "collector_source_kept_total", "Events whose lookup failed that went on with the field at its default."),
+    ("dead_lettered", "collector_source_dead_lettered_total", "Events the failure policy sent to the dead-letter sink."),
+    ("held", "collector_source_held_total", "Events held for the source to answer again (failure policy hold)."),
+    ("recovered", "collector_source_recovered_total", "Held events the source then answered (enriched after all)."),
+    ("log_suppressed", "collector_source_log_suppressed_total", "Per-event failure log lines over the step's log_rate."),
 )
 
 

@@ -225,17 +225,17 @@ def casino_pipeline(
     if players_dsn.startswith("sqlite:"):
         from ..sources.config import SqliteSourceConfig
 
-        players: Any = SqliteSourceConfig(dsn=players_dsn, table="players", columns=columns, log_not_found=True)
+        players: Any = SqliteSourceConfig(name="players", dsn=players_dsn, table="players", columns=columns)
     elif players_dsn or players_dsn_env:
         from ..sources.config import PostgresSourceConfig
 
         players = PostgresSourceConfig(
-            dsn=players_dsn, dsn_env=players_dsn_env, table="players", schema=players_schema,
-            columns=columns, log_not_found=True)
+            name="players", dsn=players_dsn, dsn_env=players_dsn_env, table="players", schema=players_schema,
+            columns=columns)
     else:
         from ..sources.config import MapSourceConfig
 
-        players = MapSourceConfig(data=seed_players(), log_not_found=True)
+        players = MapSourceConfig(name="players", data=seed_players())
     aggs, view = seed001()
     return Pipeline(
         name="casino",
@@ -244,7 +244,9 @@ def casino_pipeline(
         id_field="id",
         lookups=(
             Lookup(name="amount_eur", key="currency", key_fields=("amount",), target="amount_eur", source=rates),
-            Lookup(name="player", key="player_id", target="player", source=players),
+            # seed 001: "log that it's missing and leave the field as zero-value": one line
+            # per event (rate-limited), not one per key and chunk
+            Lookup(name="player", key="player_id", target="player", source=players, on_failure="keep", log=True),
         ),
         stages=(
             Enrich(),

@@ -4,7 +4,8 @@
 
     Chunk.payload ──► decode (msgspec, whole chunk; per item only when something is invalid)
         ─► pipeline.stages in order (dedup, filters; a stage may await another chunk)
-        ─► enrich (cache inline, distinct misses concurrently) ─► count (batch statistics)
+        ─► enrich (cache inline, distinct misses concurrently; failure policies: keep, hold,
+       or dead-letter: out of the chunk, to the dead-letter sink) ─► count (batch statistics)
         ─► drain emitters (records a stage made) ─► sinks commit: events + records, one commit
            (invalid items to the dead-letter sink) ─► settle ─► Ack
     tick() every TICK s (the worker loop; no chunk needed) ─► expire(now) of stages that have it
@@ -109,7 +110,9 @@ class PipelineRunner:
             factory = import_string(client, "client factory")
             client = factory() if callable(factory) else factory
         self.client = client
-        self.enricher = build_enricher(p.lookups, client, self.executor, p.event_type) if p.lookups else None
+        self.enricher = (
+            build_enricher(p.lookups, client, self.executor, p.event_type, p.id_field) if p.lookups else None
+        )
         # per-lookup words of the slot (the first MAX_LOOKUPS lookups, in pipeline order)
         self.meters = {
             rt.spec.name: LookupMeter(slot, i, rt)
@@ -324,6 +327,46 @@ class PipelineRunner:
         self.send(Ack(chunk.id, 0, n, errors, ChunkSummary(counts={}, lookups={})))
         self.slot.count_processed(n, n, 0.0)
 
+    async def dead_letter(
+        self, dead: list[Any], events: list[Any], kept: list[int] | None, errors: list[ErrorRecord]
+    ) -> tuple[list[Any], list[int] | None, list[Any]]:
+        """Events an enrichment step's failure policy dead-lettered: out of the chunk, into
+        the dead-letter sink (the event as it was, JSON), answered ``deadlettered``.
+
+        ``dead`` holds ``(event, stage, path, reason)``; an event two steps dead-lettered
+        is one record with both reasons. Returns the chunk's events and positions without
+        them, and the events taken out (not stored: dedup must not remember them).
+        """
+        from ..sinks import DeadLetter
+
+        first: dict[int, list[Any]] = {}
+        for e, stage, path, why in dead:
+            d = first.get(id(e))
+            if d is None:
+                first[id(e)] = [stage, path, why]
+            else:
+                d[2] += f"; {why}"
+        now = time.time()
+        drop: set[int] = set()
+        records = []
+        enc = self.enc
+        for i, e in enumerate(events):
+            d = first.get(id(e))
+            if d is None:
+                continue
+            drop.add(i)
+            errors.append(ErrorRecord(kept[i] if kept is not None else i, d[1], d[2], "deadlettered"))
+            records.append(DeadLetter(enc.encode(e).decode(), d[2], d[1], d[0], now, self.worker))
+        if self.sinkset is not None:
+            await self.sinkset.reject(records)
+        self.slot.add(S.DEADLETTERED, len(records))
+        out = [events[i] for i in sorted(drop)]
+        if kept is None:
+            kept = list(range(len(events)))
+        kept = [p for i, p in enumerate(kept) if i not in drop]
+        events = [e for i, e in enumerate(events) if i not in drop]
+        return events, kept, out
+
     async def run_chunk(self, chunk: Chunk) -> None:
         """Decode, run and commit one chunk, then send its ack (raises on a pipeline bug)."""
         # stages that remember what passed them (dedup) learn the chunk's fate after the
@@ -351,14 +394,18 @@ class PipelineRunner:
         invalid = list(errors)
         summary = ChunkSummary(counts={}, lookups={})
         routed: Routes | None = None  # id(event) → (event, the sinks its route rules name)
+        policy_dead: list[Any] = []  # events a step's failure policy dead-lettered
         for step in self.steps:
             if step is None:
                 if self.enricher is not None:
-                    summary.lookups = await self.enricher.enrich(events)
+                    dead: list[Any] = []
+                    summary.lookups = await self.enricher.enrich(events, dead)
                     self.count_lookups(summary)
                     # an event whose lookup failed keeps the default (failures of two lookups: two events)
                     fails = sum(ls.failures for ls in summary.lookups.values())
                     slot.add(S.ENRICHED, max(len(events) - fails, 0))
+                    if dead:
+                        events, kept, policy_dead = await self.dead_letter(dead, events, kept, errors)
                 continue
             stage, settle, take = step
             dropped = stage(events)
@@ -438,7 +485,7 @@ class PipelineRunner:
         # full, down past its retries, refused a row) is not stored: a retry must not be
         # answered ``duplicate`` (the fault suite's full-filesystem case lost data so),
         # and the answer says ``deadlettered``, not ``accepted``
-        unstored: list[Any] = []
+        unstored: list[Any] = policy_dead
         if dead:
             recs: dict[int, ErrorRecord] = {}
             for pos, sink, why in dead:
