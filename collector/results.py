@@ -29,7 +29,10 @@ class ErrorItem(msgspec.Struct, frozen=True):
     ``deadlettered`` (a sink did not store it: ``reason`` is ``sink NAME: refused this
     event: ...`` when the store refused its data, ``sink NAME: gave up: failed
     N times; ...`` when the sink spent its retry budget; the dead-letter sink holds
-    it and ``collector replay`` stores it later; not remembered by dedup),
+    it and ``collector replay`` stores it later; not remembered by dedup; also an
+    event an enrichment step's failure policy dead-lettered: ``reason`` is ``enrich
+    STEP: refused this event: key K not found in source S`` or ``enrich STEP: gave up:
+    source S failed for key K: WHY``, ``path`` the key field),
     ``error`` (pipeline code raised) or ``lost`` (a chunk that killed its worker on
     every delivery).
     """
