@@ -97,7 +97,9 @@ class Enricher:
             failing.append((lk, summ, gone))
         if pending:
             await self._resolve(pending)
-        await self._apply_policies(failing, dead if dead is not None else [])
+        failing = [f for f in failing if f[2]]  # the keys not found or failed, per step
+        if failing:
+            await self._apply_policies(failing, dead if dead is not None else [])
         for slk, summ in sources:
             slk.report(summ)
         return summaries
@@ -108,10 +110,9 @@ class Enricher:
         # dead-lettered by another step
         holds: list[tuple[Any, LookupSummary, dict[Any, Gone]]] = []
         for lk, summ, gone in failing:
-            if gone:
-                held = lk.policy.triage(gone, summ, dead)
-                if held:
-                    holds.append((lk, summ, held))
+            held = lk.policy.triage(gone, summ, dead)
+            if held:
+                holds.append((lk, summ, held))
         if not holds:
             return
         skip = {id(d[0]) for d in dead}
