@@ -501,7 +501,12 @@ class PipelineRunner:
             if res is not None:  # a shared store (Redis) marks the ids stored before the ack
                 await res
         settles.clear()
-        out = self.enc.encode(events) if chunk.want_events else None
+        out = None
+        if chunk.want_events:
+            # the supervisor places the returned events at the positions without an error
+            # record: a sink's dead-lettered events (still in ``events``) are not returned
+            gone = {id(e) for e in unstored} if unstored else None
+            out = self.enc.encode(events if gone is None else [e for e in events if id(e) not in gone])
         if errors and len(errors) > 1:
             errors.sort(key=attrgetter("pos"))
         latency = time.perf_counter() - t0

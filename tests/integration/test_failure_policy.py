@@ -359,3 +359,21 @@ def test_policy_from_toml_and_bad_values_name_their_path(tmp_path: Path) -> None
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert "lookup segment: segment from user_id via 'users'; not found: hold 2s/10 tries then dead_letter" in r.stdout
+
+
+def test_returned_events_stay_aligned_when_a_step_or_a_sink_dead_letters(http: FaultServer, tmp_path: Path,
+                                                                        no_leaks: None) -> None:
+    evs = users(12, ["a", "missing-1", "b"])
+    for i, e in enumerate(evs):
+        e.device_type = "web" if i % 4 == 0 else "tv"
+    p = pipeline(tmp_path, http_source(http), on_missing="dead_letter")
+    only_tv = JsonlSinkConfig(path=str(tmp_path / "events-{worker}.jsonl"), fsync="never",
+                              when={"path": "device_type", "eq": "tv"})  # a web event: no sink takes it
+    with Collector(p.with_sinks(only_tv), workers=1) as c:
+        res = c.handle(evs, return_events=True).wait(timeout=60)
+    kinds = {e.index: e.reason.partition(":")[0] for e in res.errors}
+    assert kinds == {i: ("enrich region" if evs[i].user_id == "missing-1" else "sink routing")
+                     for i in range(12) if evs[i].user_id == "missing-1" or i % 4 == 0}
+    assert res.events is not None
+    for i, got in enumerate(res.events):
+        assert (got is None) == (i in kinds) and (got is None or (got.id, got.region) == (i, f"v-{evs[i].user_id}"))
