@@ -31,7 +31,7 @@ key = "user_id"
 target = "segment"
 on_missing = "dead_letter"
 on_error = "hold"
-hold_for = 1.5
+hold_for = 2.5
 hold_backoff = 0.05
 then = "keep"
 log = true
@@ -65,8 +65,8 @@ def test_daemon_answers_dead_letters_holds_logs_and_counts_per_policy(tmp_path: 
             status, body = d.post("/events/batch", {"events": [ev("c0", "c"), ev("c1", "d")]})
             assert status == 202 and body["accepted"] == 2, body
 
-            # the source is down for 0.4 s: held, then enriched
-            timer = threading.Timer(0.4, lambda: setattr(srv, "mode", "ok"))
+            # the source is down for 0.8 s: held, then enriched
+            timer = threading.Timer(0.8, lambda: setattr(srv, "mode", "ok"))
             timer.start()
             status, body = d.post("/events/batch", {"events": [ev("e0", "e"), ev("e1", "f")]})
             timer.join()
