@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--chunk-size", type=int, default=1000)
     ap.add_argument("--hold-for", type=float, default=1.0)
+    ap.add_argument("--cases", default="all found,keep,dead_letter,hold", help="comma-separated, of those")
     a = ap.parse_args()
 
     async def batch(req: web.Request) -> web.Response:
@@ -87,6 +88,8 @@ def main() -> None:
             ("hold", a.missing, {"on_failure": "hold", "hold_for": a.hold_for, "then": "keep"}),
         ]
         for name, missing, policy in cases:
+            if name not in a.cases.split(","):
+                continue
             with tempfile.TemporaryDirectory() as d, Collector(pipeline(url, Path(d), **policy), workers=a.workers,
                                                                chunk_size=a.chunk_size) as c:
                 c.handle(events(2000, a.keys, 0, start=10**9)).wait(timeout=60)  # warm the sessions

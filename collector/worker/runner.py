@@ -5,9 +5,9 @@
     Chunk.payload ──► decode (msgspec, whole chunk; per item only when something is invalid)
         ─► pipeline.stages in order (dedup, filters; a stage may await another chunk)
         ─► enrich (cache inline, distinct misses concurrently; failure policies: keep, hold,
-       or dead-letter: out of the chunk, to the dead-letter sink) ─► count (batch statistics)
-        ─► drain emitters (records a stage made) ─► sinks commit: events + records, one commit
-           (invalid items to the dead-letter sink) ─► settle ─► Ack
+           or dead-letter: out of the chunk, see deadletters.py) ─► count (batch statistics)
+        ─► drain emitters (records a stage made) ─► sinks commit: events + records, one commit,
+           while invalid and dead-lettered items go to the dead-letter sink ─► settle ─► Ack
     tick() every TICK s (the worker loop; no chunk needed) ─► expire(now) of stages that have it
         ─► drain emitters ─► sinks commit (records only)
 
@@ -62,6 +62,7 @@ from ..protocol import (
 from ..registry import import_string
 from ..sources.metrics import LookupMeter
 from ..stages.routing import Routes, merge_routes, routes_of
+from .deadletters import take_dead
 from .ranges import RangeRouter
 
 __all__ = ["TICK", "PipelineRunner", "error_path"]
@@ -327,46 +328,6 @@ class PipelineRunner:
         self.send(Ack(chunk.id, 0, n, errors, ChunkSummary(counts={}, lookups={})))
         self.slot.count_processed(n, n, 0.0)
 
-    async def dead_letter(
-        self, dead: list[Any], events: list[Any], kept: list[int] | None, errors: list[ErrorRecord]
-    ) -> tuple[list[Any], list[int] | None, list[Any]]:
-        """Events an enrichment step's failure policy dead-lettered: out of the chunk, into
-        the dead-letter sink (the event as it was, JSON), answered ``deadlettered``.
-
-        ``dead`` holds ``(event, stage, path, reason)``; an event two steps dead-lettered
-        is one record with both reasons. Returns the chunk's events and positions without
-        them, and the events taken out (not stored: dedup must not remember them).
-        """
-        from ..sinks import DeadLetter
-
-        first: dict[int, list[Any]] = {}
-        for e, stage, path, why in dead:
-            d = first.get(id(e))
-            if d is None:
-                first[id(e)] = [stage, path, why]
-            else:
-                d[2] += f"; {why}"
-        now = time.time()
-        drop: set[int] = set()
-        records = []
-        enc = self.enc
-        for i, e in enumerate(events):
-            d = first.get(id(e))
-            if d is None:
-                continue
-            drop.add(i)
-            errors.append(ErrorRecord(kept[i] if kept is not None else i, d[1], d[2], "deadlettered"))
-            records.append(DeadLetter(enc.encode(e).decode(), d[2], d[1], d[0], now, self.worker))
-        if self.sinkset is not None:
-            await self.sinkset.reject(records)
-        self.slot.add(S.DEADLETTERED, len(records))
-        out = [events[i] for i in sorted(drop)]
-        if kept is None:
-            kept = list(range(len(events)))
-        kept = [p for i, p in enumerate(kept) if i not in drop]
-        events = [e for i, e in enumerate(events) if i not in drop]
-        return events, kept, out
-
     async def run_chunk(self, chunk: Chunk) -> None:
         """Decode, run and commit one chunk, then send its ack (raises on a pipeline bug)."""
         # stages that remember what passed them (dedup) learn the chunk's fate after the
@@ -395,17 +356,20 @@ class PipelineRunner:
         summary = ChunkSummary(counts={}, lookups={})
         routed: Routes | None = None  # id(event) → (event, the sinks its route rules name)
         policy_dead: list[Any] = []  # events a step's failure policy dead-lettered
+        rejected: list[Any] = []  # DeadLetter records, written with the commit
         for step in self.steps:
             if step is None:
                 if self.enricher is not None:
-                    dead: list[Any] = []
-                    summary.lookups = await self.enricher.enrich(events, dead)
+                    gone: list[Any] = []  # (event, stage, path, reason) a failure policy dead-lettered
+                    summary.lookups = await self.enricher.enrich(events, gone)
                     self.count_lookups(summary)
                     # an event whose lookup failed keeps the default (failures of two lookups: two events)
                     fails = sum(ls.failures for ls in summary.lookups.values())
                     slot.add(S.ENRICHED, max(len(events) - fails, 0))
-                    if dead:
-                        events, kept, policy_dead = await self.dead_letter(dead, events, kept, errors)
+                    if gone:
+                        events, kept, policy_dead, rejected = take_dead(gone, events, kept, errors, self.enc,
+                                                                        self.worker)
+                        slot.add(S.DEADLETTERED, len(rejected))
                 continue
             stage, settle, take = step
             dropped = stage(events)
@@ -448,39 +412,39 @@ class PipelineRunner:
                 (k if type(k) is str else str(k)): v for k, v in Counter(map(get, events)).items()
             }
         records = self.drain_emitters() if self.emitters else None
+        dead: list[tuple[int, str, str]] = []
         if self.sinkset is not None:
             if invalid:
                 from ..sinks import DeadLetter
 
                 raws = self.items(chunk.payload, chunk.ndjson)
-                await self.sinkset.reject(
-                    [
-                        DeadLetter(
-                            payload=bytes(raws[r.pos]).decode("utf-8", "replace"),
-                            reason=r.reason,
-                            path=r.path,
-                            stage="validate",
-                            time=time.time(),
-                        )
-                        for r in invalid
-                    ]
-                )
+                now = time.time()
+                rejected += [DeadLetter(bytes(raws[r.pos]).decode("utf-8", "replace"), r.reason, r.path, "validate",
+                                        now, self.worker) for r in invalid]
                 slot.add(S.DEADLETTERED, len(invalid))
             routes = None
             if routed:
                 routes = routes_of(routed, events)
+            n_ev = len(events)
             if records:
-                n_ev = len(events)
                 if routes is not None:
                     routes += [None] * len(records)  # emitted records go where unrouted events go
-                dead = await self.sinkset.commit(events + records, routes)
-                if dead and dead[-1][0] >= n_ev:  # sorted: some emitted record was dead-lettered
-                    self.count_dead_records([d for d in dead if d[0] >= n_ev], records, n_ev)
-                    dead = [d for d in dead if d[0] < n_ev]
+                events_out: list[Any] = events + records
             else:
-                dead = await self.sinkset.commit(events, routes) if events else []
-        else:
-            dead = []
+                events_out = events
+            # the dead-letter records are written while the sinks commit (one round of the
+            # writers, not two); both are done before the ack
+            jobs = [self.sinkset.commit(events_out, routes)] if events_out else []
+            if rejected:
+                jobs.append(self.sinkset.reject(rejected))
+            if len(jobs) > 1:
+                dead = (await asyncio.gather(*jobs))[0]
+            elif jobs:
+                got = await jobs[0]
+                dead = got if events_out else []
+            if records and dead and dead[-1][0] >= n_ev:  # sorted: some emitted record was dead-lettered
+                self.count_dead_records([d for d in dead if d[0] >= n_ev], records, n_ev)
+                dead = [d for d in dead if d[0] < n_ev]
         # stored: now (and only now) remembered as seen. Dead-lettered by a sink (store
         # full, down past its retries, refused a row) is not stored: a retry must not be
         # answered ``duplicate`` (the fault suite's full-filesystem case lost data so),
@@ -505,8 +469,8 @@ class PipelineRunner:
         if chunk.want_events:
             # the supervisor places the returned events at the positions without an error
             # record: a sink's dead-lettered events (still in ``events``) are not returned
-            gone = {id(e) for e in unstored} if unstored else None
-            out = self.enc.encode(events if gone is None else [e for e in events if id(e) not in gone])
+            skip = {id(e) for e in unstored} if unstored else None
+            out = self.enc.encode(events if skip is None else [e for e in events if id(e) not in skip])
         if errors and len(errors) > 1:
             errors.sort(key=attrgetter("pos"))
         latency = time.perf_counter() - t0
