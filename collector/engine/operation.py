@@ -14,7 +14,7 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
@@ -70,6 +70,9 @@ class Plan:
     slices: list[tuple[int, int, int, int]] | None = None  # NDJSON byte ranges: (start, end, ordinal, 0)
     body: bytes | None = None
     route: int = 0  # shard="key" NDJSON ranges: the workers route them over this many
+    # (lo, hi, worker) → input indices of that worker's items in segment [lo, hi): worked
+    # out once, when a chunk of it first needs its positions (an error, events returned)
+    shares: dict[tuple[int, int, int], list[int]] = field(default_factory=dict)
 
     def empty(self) -> bool:
         """Nothing for the workers (every input was rejected, or there was none)."""

@@ -92,8 +92,14 @@ class Entry:
             assert plan is not None
             seg = plan.base[self.lo : self.hi]
             if plan.shard_of is not None:
-                mask = map(eq, plan.shard_of[self.lo : self.hi], itertools.repeat(self.worker))
-                seg = list(itertools.compress(seg, mask))
+                # the worker's share of the segment, once per segment and worker: a chunk is
+                # a slice of it, and masking the segment again for every chunk with an error
+                # cost 4 ms per ack (300,000 events, 2 workers: 1 % dead-lettered doubled the time)
+                share = plan.shares.get((self.lo, self.hi, self.worker))
+                if share is None:
+                    mask = map(eq, plan.shard_of[self.lo : self.hi], itertools.repeat(self.worker))
+                    share = plan.shares[self.lo, self.hi, self.worker] = list(itertools.compress(seg, mask))
+                seg = share
             self._positions = list(seg[self.offset : self.offset + self.n])
         return self._positions
 
