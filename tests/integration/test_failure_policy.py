@@ -59,10 +59,10 @@ def users(n: int, keys: list[str]) -> list[PlaybackEvent]:
     return evs
 
 
-def http_source(srv: FaultServer, **resilience: Any) -> HttpSourceConfig:
+def http_source(srv: FaultServer, userinfo: str = "", **resilience: Any) -> HttpSourceConfig:
     """The fault server in batch mode (one request per call), no local caching of answers."""
     return HttpSourceConfig(
-        name="users", url=f"{srv.url}/batch", value_path="value", batch=HttpBatch(response_path="data", max_keys=100),
+        name="users", url=f"http://{userinfo}127.0.0.1:{srv.port}/batch", value_path="value", batch=HttpBatch(response_path="data", max_keys=100),
         resilience=fast(**resilience), cache=CacheConfig(mode="none"),
     )
 
@@ -161,7 +161,8 @@ def test_dead_letter_sends_failed_events_to_the_dead_letter_file_and_stores_the_
     evs = users(200, keys)
     if fault == "error":
         http.mode = "500"
-    with Collector(pipeline(tmp_path, http_source(http), on_failure="dead_letter"), workers=2, chunk_size=40) as c:
+    src = http_source(http, userinfo="user:s3cret@")  # a password in the URL: never in a reason
+    with Collector(pipeline(tmp_path, src, on_failure="dead_letter"), workers=2, chunk_size=40) as c:
         res = c.handle(evs).wait(timeout=60)
         m = c.enrichment()["region"]
     books = Books(tmp_path, evs, res)
@@ -176,7 +177,9 @@ def test_dead_letter_sends_failed_events_to_the_dead_letter_file_and_stores_the_
         assert all(x["region"] == f"v-{x['user_id']}" for x in books.stored.values())
     else:
         assert d["reason"].startswith("enrich region: gave up: source users (http) failed for key ")
-        assert "HTTP 500" in d["reason"] or "500" in d["reason"]
+        assert "SourceError: HTTP 500 from http://user:***@127.0.0.1:" in d["reason"], d["reason"]
+    assert not any("s3cret" in x["reason"] for x in books.dead)
+    assert not any("s3cret" in err.reason for err in books.errors.values())
     assert all(err.kind == "deadlettered" and err.path == "$.user_id" and err.reason.startswith("enrich region: ")
                for err in books.errors.values())
 
