@@ -1,6 +1,6 @@
 """Per-event cost of aggregate stages and of pairing, in one process (a plain script).
 
-    .venv/bin/python bench/aggregates.py [--events 1000000] [--pairs 500000] [--rounds 3]
+    .venv/bin/python bench/aggregates.py [--events 1000000] [--pairs 500000] [--rounds 3] [--pair-stores memory,sqlite]
 
 1. The worker's in-memory playback path over chunks of 2048: decode the JSON chunk
    into ``PlaybackEvent`` Structs, fill region and model from a warm dict cache (the
@@ -13,7 +13,8 @@
    alternating runs: events/s (wall). The engine runs stages before enrichment
    today, so there the per-region count sees the empty region.
 3. ``Pair`` over start/end events (half starts, half ends, ends shuffled up to 2048
-   positions after their start), chunks of 2048: events per second.
+   positions after their start), chunks of 2048: events per second, for each store of
+   ``--pair-stores`` (``memory``; ``sqlite``: in wall time, a fresh state file).
 
 Every figure is the median of ``--rounds`` runs, in CPU time (``time.process_time``):
 on a shared machine wall time mostly measures the neighbours.
@@ -105,16 +106,23 @@ def pair_events(n: int, seed: int = 0) -> list[list[Any]]:
     return [flat[i : i + CHUNK] for i in range(0, len(flat), CHUNK)]
 
 
-def pair_pass(chunks: list[list[Any]]) -> float:
-    """Seconds to pair all chunks with a fresh runtime."""
-    rt = Pair(key=("user_id", "data.page_view_id"), carry=("data.page_type",)).build()
-    gc.collect()
-    t0 = time.process_time()
-    for c in chunks:
-        rt(c)
-        rt.drain()
-    dt = time.process_time() - t0
-    assert rt.stats()["paired"] == sum(map(len, chunks)) // 2, rt.stats()
+def pair_pass(chunks: list[list[Any]], store: str = "memory") -> float:
+    """Seconds to pair all chunks with a fresh runtime: CPU seconds of this process, or
+    wall seconds for ``store="sqlite"`` (its file I/O is part of the cost; a fresh file)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = {"store": "sqlite", "state_path": f"{tmp}/pairs.sqlite3"} if store == "sqlite" else {}
+        rt = Pair(key=("user_id", "data.page_view_id"), carry=("data.page_type",), **extra).build()
+        clock = time.perf_counter if store == "sqlite" else time.process_time
+        gc.collect()
+        t0 = clock()
+        for c in chunks:
+            rt(c)
+            rt.drain()
+        dt = clock() - t0
+        assert rt.stats()["paired"] == sum(map(len, chunks)) // 2, rt.stats()
+        getattr(rt, "close", lambda: None)()
     return dt
 
 
@@ -144,6 +152,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=500_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--engine", action="store_true", help="also run through a real Collector")
+    ap.add_argument("--pair-stores", default="memory", help="pairing stores to measure: memory, sqlite (comma-separated)")
     a = ap.parse_args()
     enc = msgspec.json.Encoder()
     evs = generate_events(a.events, users=50_000, device_types=200, seed=1)
@@ -175,8 +184,10 @@ def main() -> None:
         print(f"  without stages {n / p:12,.0f} events/s")
         print(f"  with the four  {n / q:12,.0f} events/s  (ratio {p / q:.2f})")
     pchunks = pair_events(a.pairs)
-    pt = statistics.median(pair_pass(pchunks) for _ in range(a.rounds))
-    print(f"pairing, {a.pairs:,} start/end events: {pt / a.pairs * 1e6:.3f} µs/event, {a.pairs / pt:,.0f} events/s")
+    for store in a.pair_stores.split(","):
+        pt = statistics.median(pair_pass(pchunks, store) for _ in range(a.rounds))
+        print(f"pairing ({store} store), {a.pairs:,} start/end events: {pt / a.pairs * 1e6:.3f} µs/event, "
+              f"{a.pairs / pt:,.0f} events/s")
 
 
 if __name__ == "__main__":

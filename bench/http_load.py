@@ -10,6 +10,11 @@ runs, in client processes separate from the server:
 * **single 50 %**: open loop at half of that rate on a fixed arrival schedule. Latency
   is measured from each request's *scheduled* send time, so a server that stalls
   cannot hide its queue by slowing the client down (coordinated omission);
+* **peer batched** (default on when uvicorn is installed, off with ``--no-peer``): the
+  same batched load against what a Python user would deploy instead, a plain ASGI app
+  under ``uvicorn --workers 2`` that validates the same body with the same Struct and
+  appends it to a JSONL file (``collector.benchmarks.asgi_peer``), in the same rounds;
+  the ratio collector ÷ peer is printed and written;
 * **floor** (default on, off with ``--quick``): the same clients against a canned
   do-nothing server in its own process, for the client's ceiling and the latency
   floor the machine itself gives at the same rate.
@@ -46,7 +51,6 @@ import re
 import resource
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -61,7 +65,9 @@ from typing import Any
 import msgspec
 import psutil
 
-HOST = "127.0.0.1"
+from collector.benchmarks.asgi_peer import PeerServer, uvicorn_missing
+from collector.benchmarks.servers import HOST, ServerProcess, http_get
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # ============================================================================ payloads
@@ -720,65 +726,13 @@ def run_wrk(url: str, body: bytes, connections: int, duration: float, token: str
 # ============================================================================ daemon
 
 
-def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """A blocking GET to 127.0.0.1 (status, body); status 0 when nothing answered."""
-    import http.client
+class Daemon(ServerProcess):
+    """``collector serve`` in its own session: its port from its JSON log line, ready on ``/ready``."""
 
-    try:
-        c = http.client.HTTPConnection(HOST, port, timeout=timeout)
-        try:
-            c.request("GET", path, headers={"Accept": "application/json"})
-            r = c.getresponse()
-            return r.status, r.read()
-        finally:
-            c.close()
-    except OSError:
-        return 0, b""
+    what = "daemon"
 
-
-class Daemon:
-    """``collector serve`` in its own session: start, wait for /ready, SIGTERM, bounded waits."""
-
-    def __init__(self, cmd: list[str], data_dir: str, log_path: str) -> None:
-        self.cmd = cmd
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    def start(self, timeout: float = 90.0) -> int:
-        """Start the daemon; return its port once ``/ready`` answers 200."""
-        self.port = 0
-        log = open(self.log_path, "wb")  # noqa: SIM115 - the child writes it for its whole life
-        try:
-            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=log, start_new_session=True, cwd=self.data_dir)
-        finally:
-            log.close()
-        end = time.monotonic() + timeout
-        while not self.port:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode} before listening:\n{self.log_tail()}")
-            if time.monotonic() > end:
-                raise RuntimeError(f"no 'listening' log line within {timeout:.0f} s:\n{self.log_tail()}")
-            self.port = self._port_from_log()
-            if not self.port:
-                time.sleep(0.05)
-        while True:
-            status, _ = http_get(self.port, "/ready")
-            if status == 200:
-                return self.port
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.proc.returncode} before ready:\n{self.log_tail()}")
-            if time.monotonic() > end:
-                raise RuntimeError(f"/ready not 200 within {timeout:.0f} s (last {status}):\n{self.log_tail()}")
-            time.sleep(0.1)
-
-    def _port_from_log(self) -> int:
-        try:
-            text = Path(self.log_path).read_bytes()
-        except OSError:
-            return 0
+    def port_from_log(self, text: bytes) -> int:
+        """The port of the daemon's "listening" log line."""
         for line in text.splitlines():
             if b"listening" not in line:
                 continue
@@ -788,28 +742,12 @@ class Daemon:
                 continue
             said = (str(rec.get("msg", "")), str(rec.get("event", "")))
             if any(x.startswith("listening") for x in said) and isinstance(rec.get("port"), int):
-                return rec["port"]
+                return int(rec["port"])
         return 0
 
-    def log_tail(self, n: int = 20) -> str:
-        """The last lines of the daemon's stderr."""
-        try:
-            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM, wait (bounded), then SIGKILL its process group; the exit code."""
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return None if p is None else p.returncode
-        p.send_signal(signal.SIGTERM)
-        try:
-            return p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            # its own session (start_new_session), so the group holds only the daemon and its workers
-            os.killpg(p.pid, signal.SIGKILL)
-            return p.wait(10)
+    def is_ready(self) -> bool:
+        """``GET /ready`` answers 200."""
+        return http_get(self.port, "/ready")[0] == 200
 
 
 def server_pid_for(port: int) -> int | None:
@@ -1023,6 +961,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", metavar="JSON", help="clickstream: a file mapping user ids to their tokens")
     p.add_argument("--wrk", action="store_true", help="cross-check the closed-loop runs with wrk")
     p.add_argument("--profile", metavar="DIR", help="after the rounds, py-spy the daemon in extra, uncounted runs")
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
+                   help="each round, also run the batched load against the uvicorn peer (default: on when "
+                        "uvicorn is installed and the payload is generic)")
+    p.add_argument("--peer-workers", type=int, help="uvicorn workers of the peer (default: --workers)")
+    p.add_argument("--peer-fsync", choices=("never", "request"), default="never",
+                   help="the peer's durability: never (write() only, default) or request (fdatasync before answering)")
     p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=None,
                    help="each round, also run the clients against a canned do-nothing server (default: on, "
                         "off with --quick)")
@@ -1040,6 +984,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.clients < 1 or a.rounds < 1 or a.rounds > 20 or a.batch_size < 1:
         p.error("--clients, --rounds (1..20) and --batch-size must be positive")
     return a
+
+
+def start_peer(a: argparse.Namespace, extra: dict[str, Any]) -> PeerServer | None:
+    """The uvicorn peer, started (or None, with the reason in ``extra["peer_skipped"]``)."""
+    if a.peer is False or "batched" not in a.scenarios:
+        return None
+    why = (f"the peer validates the generic pack's events, not --payload {a.payload}" if a.payload != "generic"
+           else uvicorn_missing())
+    if why and a.peer:
+        raise RuntimeError(f"--peer: {why}")
+    if why:
+        print(f"peer skipped: {why}")  # on stdout: `collector bench http` shows stdout only
+        extra["peer_skipped"] = why
+        return None
+    peer = PeerServer(tempfile.mkdtemp(prefix="http-load-peer-"), a.peer_workers or a.workers, fsync=a.peer_fsync)
+    print("starting the peer: " + " ".join(peer.cmd), file=sys.stderr)
+    extra["peer"] = {"command": peer.cmd, "workers": peer.workers, "fsync": a.peer_fsync}
+    try:
+        peer.start()
+    except (RuntimeError, OSError):
+        stop_peer(peer, extra, False)
+        raise
+    return peer
+
+
+def stop_peer(peer: PeerServer, extra: dict[str, Any], keep: bool) -> None:
+    """Stop the peer; note its exit code and how many events it stored; remove its files."""
+    extra["peer"]["exit"] = rc = peer.stop()
+    extra["peer"]["stored_lines"] = sum(p.read_bytes().count(b"\n") for p in Path(peer.data_dir).glob("peer-*.jsonl"))
+    if rc not in (0, None):
+        print(f"the peer exited with {rc}; its log: {peer.log_path}\n{peer.log_tail()}", file=sys.stderr)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(peer.log_path)
+    if not keep:
+        shutil.rmtree(peer.data_dir, ignore_errors=True)
 
 
 def target_port(url: str) -> int:
@@ -1084,7 +1064,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
     code = 0
+    peer: PeerServer | None = None
     try:
+        peer = start_peer(a, extra)
+        peer_reqs = mk("batched", peer.port, a.batch_size, a.users, a.token, ids=a.ids)[0] if peer else []
         batch_reqs, _ = mk("batched", port, a.batch_size, a.users, a.token, ids=a.ids)
         single_reqs, _ = mk("single", port, a.batch_size, a.users, a.token, count=256, ids=a.ids)
         m_before = metrics(port)
@@ -1097,10 +1080,18 @@ def main(argv: list[str] | None = None) -> int:
             return run_load("single", "closed", port, single_reqs, connections=a.single_connections,
                             clients=a.clients, duration=d, server_pid=pid, events_per_request=1, ids=a.ids, label=label)
 
+        def peer_batched(d: float, label: str = "peer batched") -> dict[str, Any]:
+            assert peer is not None and peer.proc is not None
+            return run_load("batched", "closed", peer.port, peer_reqs, connections=a.connections, clients=a.clients,
+                            duration=d, server_pid=peer.proc.pid, events_per_request=a.batch_size, ids=a.ids,
+                            label=label)
+
         def warm_up() -> None:
             # not counted: connections, server caches, first-use imports
             if "batched" in a.scenarios:
                 batched(1.0, "warm-up")
+                if peer:
+                    peer_batched(1.0, "warm-up")
             if "single" in a.scenarios:
                 single_max(1.0, "warm-up")
 
@@ -1124,10 +1115,10 @@ def main(argv: list[str] | None = None) -> int:
                 warm_up()
             # alternate the scenarios inside each round so slow drift of the machine hits all alike
             if "batched" in a.scenarios:
-                r = batched(a.duration)
-                r["round"] = rnd
-                runs.append(r)
-                print(fmt_row(r), flush=True)
+                for r in (batched(a.duration), *([peer_batched(a.duration)] if peer else [])):
+                    r["round"] = rnd
+                    runs.append(r)
+                    print(fmt_row(r), flush=True)
             if "single" in a.scenarios:
                 r = single_max(a.duration)
                 r["round"] = rnd
@@ -1209,6 +1200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"http_load: {e}", file=sys.stderr)
         code = 1
     finally:
+        if peer is not None:
+            stop_peer(peer, extra, a.keep_data)
         if daemon is not None:
             rc = daemon.stop()
             extra["daemon_exit"] = rc
@@ -1239,6 +1232,13 @@ def main(argv: list[str] | None = None) -> int:
     open_name = f"single {a.load:.0%}"
     if open_name in med:
         targets["single p99 < 10 ms at 50 % load"] = med[open_name]["p99_ms"] < 10
+    if "batched" in med and "peer batched" in med and med["peer batched"]["events_per_s"]:
+        ratio = med["batched"]["events_per_s"] / med["peer batched"]["events_per_s"]
+        extra["peer"]["ratio"] = ratio
+        print(f"\ncollector ÷ uvicorn peer, batched: {ratio:.2f}x (collector: answers after the sinks committed, "
+              f"JSONL fdatasync per group of chunks, dedup, enrichment; peer: validate + append, "
+              f"fsync {extra['peer']['fsync']})")
+        targets["batched >= 1.5x the uvicorn peer"] = ratio >= 1.5
     for k, v in targets.items():
         print(f"target {k}: {'met' if v else 'missed'}")
     result = {

@@ -19,7 +19,7 @@ from conftest import EVENTS, NCPU
 from collector import Collector
 from collector.benchmarks import peers as P
 from collector.benchmarks.clients import FixedLatencyAsync, FixedLatencyBlocking, HttpEnrichClient
-from collector.benchmarks.common import Input, make_input
+from collector.benchmarks.common import FORMATS, Input, make_input
 from collector.benchmarks.scenarios import fake_service
 from collector.playback import InMemoryClient, PlaybackEvent, playback_pipeline
 
@@ -27,26 +27,32 @@ WORKERS = list(range(1, NCPU + 1))
 ROUNDS = 5
 
 
-@pytest.fixture(scope="module", params=WORKERS, ids=lambda w: f"workers={w}")
+@pytest.fixture(scope="module", params=[(w, s) for w in WORKERS for s in ("key", "chunk")],
+                ids=lambda p: f"workers={p[0]}-shard={p[1]}")
 def inmem_collector(request: pytest.FixtureRequest, inp: Input, warm: Input) -> Iterator[Collector]:
-    """A running collector with an in-memory client, warmed up."""
-    with Collector(playback_pipeline(InMemoryClient(inp.regions, inp.models)), workers=request.param) as c:
+    """A running collector with an in-memory client, warmed up (both input formats)."""
+    workers, shard = request.param
+    with Collector(playback_pipeline(InMemoryClient(inp.regions, inp.models), shard=shard), workers=workers) as c:
         c.handle(warm.payload).wait(timeout=120)
+        c.handle(warm.body("ndjson")).wait(timeout=120)
         yield c
 
 
-def test_inmem_collector(benchmark: Any, inmem_collector: Collector, inp: Input) -> None:
-    """Full path: handle(JSON bytes) → result."""
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_inmem_collector(benchmark: Any, inmem_collector: Collector, inp: Input, fmt: str) -> None:
+    """Full path: handle(JSON array or NDJSON bytes) → result."""
     benchmark.extra_info["events"] = EVENTS
-    res = benchmark.pedantic(lambda: inmem_collector.handle(inp.payload).wait(timeout=600), rounds=ROUNDS, iterations=1)
+    body = inp.body(fmt)
+    res = benchmark.pedantic(lambda: inmem_collector.handle(body).wait(timeout=600), rounds=ROUNDS, iterations=1)
     assert res.handled_events == EVENTS
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("peer", ["a", "b"])
-def test_inmem_peer_single(benchmark: Any, peer: str, inp: Input) -> None:
+def test_inmem_peer_single(benchmark: Any, peer: str, inp: Input, fmt: str) -> None:
     """Peers (a) asyncio + json and (b) msgspec, one process."""
     fn = P.naive_asyncio if peer == "a" else P.serial_msgspec
-    r = benchmark.pedantic(lambda: fn(inp), rounds=ROUNDS, iterations=1)
+    r = benchmark.pedantic(lambda: fn(inp, fmt=fmt), rounds=ROUNDS, iterations=1)
     assert r.events == EVENTS
 
 
@@ -61,10 +67,11 @@ def test_inmem_peer_pool(benchmark: Any, procs: int, inp: Input) -> None:
     assert r.events == EVENTS
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("procs", WORKERS, ids=lambda w: f"procs={w}")
-def test_inmem_peer_split(benchmark: Any, procs: int, inp: Input, workdir: str) -> None:
-    """Peer (d): N processes, no IPC. The timer includes spawning; ``wall`` in extra_info does not."""
-    peer = P.SplitPeer(inp, procs, workdir)
+def test_inmem_peer_split(benchmark: Any, procs: int, inp: Input, workdir: str, fmt: str) -> None:
+    """Peer (d), the ceiling: N processes, no IPC. The timer includes spawning; ``wall`` in extra_info does not."""
+    peer = P.SplitPeer(inp, procs, workdir, fmt=fmt)
     walls: list[float] = []
 
     def once() -> P.PeerRun:

@@ -240,14 +240,16 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enrich: Annotated[
         list[dict[str, Any]],
         Meta(description="`[[enrich]]` steps (`source`, `key`, `key_fields`, `target`, `name`): each adds a lookup "
-             "of a named source to the pack's pipeline, `target` a field of its event type"),
+             "of a named source to the pack's pipeline, `target` a field of its event type; `on_failure` (`keep`, "
+             "`dead_letter`, `hold`), `on_missing`, `on_error`, `log`, `hold_for`, `then`: its failure policy "
+             "(docs/sources.md)"),
     ] = msgspec.field(default_factory=list)
 
     stages: Annotated[
         list[dict[str, Any]],
         Meta(description="`[[stages]]` tables: stages added after the pack's (`kind` = `dedup`, `filter`, "
-             "`enrich`, `render`, `aggregate`, `pair`, `auth` or `module:attr`, then the stage's fields); checked when the "
-             "pipeline is built"),
+             "`enrich`, `render`, `aggregate`, `pair`, `gaps`, `auth` or `module:attr`, then the stage's fields; "
+             "`aggregate` and `pair`: the stage options table); checked when the pipeline is built"),
     ] = msgspec.field(default_factory=list)
     rules: Annotated[
         list[dict[str, Any]],

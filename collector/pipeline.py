@@ -13,6 +13,7 @@ plus a function that returns a Pipeline built from these generic parts.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +24,13 @@ from .errors import ConfigError
 from .registry import import_string  # kept here: pipeline.import_string was its first home
 
 __all__ = [
-    "Lookup", "Pipeline", "event_fields", "event_structs", "event_type_name", "import_string", "resolve_pipeline",
+    "FAILURE_POLICIES", "FALLBACKS", "Lookup", "Pipeline", "ShardMap", "event_fields", "event_structs",
+    "event_type_name", "import_string", "resolve_pipeline",
 ]
+
+
+FAILURE_POLICIES = ("keep", "dead_letter", "hold")  # what a failed lookup does to its event
+FALLBACKS = ("keep", "dead_letter")  # what a hold that ran out does
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,16 @@ class Lookup:
     calls of this lookup run at once per worker. When ``returns_duration`` is true the
     method returns ``(value, seconds)``, the fetch time as the service reports it.
 
-    An event whose lookup finally fails keeps ``default`` in ``target`` and is counted
-    in the batch statistics; it is still handled.
+    **Failure policy** (docs/sources.md, "Failure policies"): what happens to an event
+    whose lookup finally fails. ``on_failure`` is ``"keep"`` (the default: ``target``
+    keeps its default, the event goes on, counted), ``"dead_letter"`` (the event goes to
+    the dead-letter sink instead of the sinks, answered ``deadlettered``) or ``"hold"``
+    (the chunk asks the source again, with backoff, for up to ``hold_for`` seconds and
+    ``hold_retries`` tries; then ``then``: ``"keep"`` or ``"dead_letter"``).
+    ``on_missing`` (the source does not have the key) and ``on_error`` (the call failed,
+    no stale value) override it for one outcome; a client method has errors only. With
+    ``log`` each event kept at its default gets one log line (step, source, key,
+    reason), at most ``log_rate`` lines per second per worker (the rest are counted).
     """
 
     name: str
@@ -65,6 +79,15 @@ class Lookup:
     cache: bool = True
     source: Any = None
     key_fields: tuple[str, ...] = ()
+    on_failure: str = "keep"
+    on_missing: str = ""  # empty: as on_failure
+    on_error: str = ""  # empty: as on_failure
+    log: bool = False
+    log_rate: float = 100.0
+    hold_for: float = 5.0
+    hold_retries: int = 10
+    hold_backoff: float = 0.1
+    then: str = "keep"
 
     def __post_init__(self) -> None:
         if bool(self.method) == (self.source is not None):
@@ -80,6 +103,28 @@ class Lookup:
                 f"concurrency >= 1 (got ttl={self.ttl}, timeout={self.timeout}, "
                 f"retries={self.retries}, concurrency={self.concurrency})"
             )
+        for what in ("on_failure", "on_missing", "on_error", "then"):
+            v = getattr(self, what)
+            allowed = FALLBACKS if what == "then" else FAILURE_POLICIES
+            if v not in allowed and not (v == "" and what in ("on_missing", "on_error")):
+                raise ConfigError(f"lookup {self.name!r}: {what} must be one of {', '.join(map(repr, allowed))} (got {v!r})")
+        if self.hold_for <= 0 or self.hold_retries < 1 or self.hold_backoff <= 0 or self.log_rate <= 0:
+            raise ConfigError(
+                f"lookup {self.name!r}: hold_for, hold_backoff and log_rate must be > 0 and hold_retries >= 1 "
+                f"(got hold_for={self.hold_for}, hold_backoff={self.hold_backoff}, log_rate={self.log_rate}, "
+                f"hold_retries={self.hold_retries})"
+            )
+
+    @property
+    def may_dead_letter(self) -> bool:
+        """Whether the failure policy can send an event to the dead-letter sink."""
+        acts = {self.policy_for("not_found"), self.policy_for("error")}
+        return "dead_letter" in acts or ("hold" in acts and self.then == "dead_letter")
+
+    def policy_for(self, outcome: str) -> str:
+        """The policy for ``"not_found"`` or ``"error"``: ``on_missing`` / ``on_error``, else ``on_failure``."""
+        own = self.on_missing if outcome == "not_found" else self.on_error
+        return own or self.on_failure
 
 
 @dataclass(frozen=True)
@@ -138,6 +183,13 @@ class Pipeline:
                     )
         self._check_holding_stages()
         for lk in self.lookups:
+            if lk.may_dead_letter and self.deadletter is None:
+                raise ConfigError(
+                    f"pipeline {self.name!r}: lookup {lk.name!r} dead-letters events whose lookup fails "
+                    f"(on_failure={lk.on_failure!r}, on_missing={lk.on_missing!r}, on_error={lk.on_error!r}, "
+                    f"then={lk.then!r}), but the pipeline has no dead-letter sink: give it one "
+                    "(Pipeline(deadletter=DeadLetterConfig(path=...)); the daemon always has one)"
+                )
             for f in (lk.key, lk.target):
                 if f not in fields:
                     raise ConfigError(
@@ -176,6 +228,30 @@ def _replace(p: Pipeline, **changes: Any) -> Pipeline:
     import dataclasses
 
     return dataclasses.replace(p, **changes)
+
+
+class ShardMap(dict[Any, int]):
+    """key → worker index, computed once per key with a stable hash (crc32).
+
+    The pipeline's shard function: the supervisor routes lists by it and workers route
+    the NDJSON ranges they are dealt by it (``shard="key"``), so both agree on a key's
+    owner.
+
+    ``map(shards.__getitem__, keys)`` runs in C for known keys; only a new key costs
+    Python code. Stable across processes and restarts, unlike ``hash()`` of a str.
+    """
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def __missing__(self, k: Any) -> int:
+        v = self[k] = self.of(k)
+        return v
+
+    def of(self, k: Any) -> int:
+        """The worker of ``k`` without remembering it (keys that never repeat, like ids)."""
+        return zlib.crc32(k.encode() if type(k) is str else repr(k).encode()) % self.n
 
 
 def resolve_pipeline(spec: Pipeline | str | Callable[[], Pipeline]) -> Pipeline:

@@ -33,10 +33,13 @@ __all__ = [
     "FrameWriter",
     "LookupSummary",
     "Ready",
+    "Routed",
+    "RoutedPart",
     "Snapshot",
     "Stop",
     "decode_frame",
     "encode_frame",
+    "ndjson_lines",
     "read_frames",
 ]
 
@@ -56,6 +59,11 @@ class Chunk(msgspec.Struct, tag=1, array_like=True):
     attempt: int = 0
     ndjson: bool = False  # payload is NDJSON instead of a JSON array
     op: int = 0  # the operation it belongs to (workers report each key once per op)
+    # shard="key" NDJSON: route this range over ``route`` workers (keep this worker's
+    # events, send the others back in a Routed); ``part``: events another worker routed
+    # here. Both report each key once per op, as shard="chunk" does.
+    route: int = 0
+    part: bool = False
 
 
 class Stop(msgspec.Struct, tag=2, array_like=True):
@@ -104,6 +112,12 @@ class LookupSummary(msgspec.Struct, array_like=True):
     short_circuited: int = 0  # calls refused at once by an open breaker
     shared_hits: int = 0  # keys answered by the shared (Redis) cache level
     keys_fetched: int = 0  # keys asked of the source (÷ calls = keys per batched call)
+    # failure policies (Lookup.on_failure / on_missing / on_error), events
+    kept: int = 0  # failed lookups whose event went on with the field at its default
+    dead_lettered: int = 0  # events sent to the dead-letter sink by the policy
+    held: int = 0  # events held for the source to answer again
+    recovered: int = 0  # held events the source then answered (enriched after all)
+    log_suppressed: int = 0  # per-event log lines over log_rate, not written
 
 
 class ChunkSummary(msgspec.Struct, array_like=True):
@@ -126,6 +140,28 @@ class Ack(msgspec.Struct, tag=5, array_like=True):
     worker_latency: float = 0.0
 
 
+class RoutedPart(msgspec.Struct, array_like=True):
+    """The events of a routed range that belong to ``worker``, and where they were."""
+
+    worker: int
+    payload: bytes  # JSON array of the events
+    positions: bytes  # array('I'): each event's line index in the range
+
+
+class Routed(msgspec.Struct, tag=7, array_like=True):
+    """A worker routed a range (Chunk ``route``): its line count and the others' parts.
+
+    Sent before the range's own Ack, on the same channel, so the supervisor knows the
+    parts to wait for before that Ack can arrive. ``own``: the line indices this
+    worker kept (array('I')); lines that failed to decode are its own too.
+    """
+
+    id: int
+    lines: int
+    own: bytes
+    parts: list[RoutedPart]
+
+
 class Snapshot(msgspec.Struct, tag=6, array_like=True):
     """A stateful stage's partial state in one worker (aggregates), sent periodically.
 
@@ -138,15 +174,24 @@ class Snapshot(msgspec.Struct, tag=6, array_like=True):
     taken_at: float  # the worker's time.time() when the partial was taken
 
 
-class Release(msgspec.Struct, tag=7, array_like=True):
+class Release(msgspec.Struct, tag=8, array_like=True):
     """The collector is draining: stages holding events (Order's buffer) release them now,
     so the chunks waiting for them finish without waiting out their delay."""
 
 
-Message = Chunk | Stop | Ready | BootFailed | Ack | Snapshot | Release
+Message = Chunk | Stop | Ready | BootFailed | Ack | Snapshot | Routed | Release
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
+
+
+def ndjson_lines(payload: bytes) -> list[bytes]:
+    """The events of an NDJSON payload: its lines, blank ones skipped (not events).
+
+    A chunk's positions count these lines, so the worker that reports an error at
+    position ``i`` and the supervisor that places it agree on what ``i`` is.
+    """
+    return [ln for ln in payload.split(b"\n") if ln.strip()]
 
 
 def encode_frame(msg: Message) -> bytes:

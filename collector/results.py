@@ -1,8 +1,10 @@
-"""What an operation reports: rejected inputs, per-batch workload statistics, the result.
+"""What an operation reports: rejected inputs, per-batch workload statistics, the result;
+and what ``Collector.stats()`` reports (:class:`Stats`).
 
 Workers send a :class:`~collector.protocol.ChunkSummary` with every ack; the
 supervisor merges them into a :class:`BatchAccumulator` and freezes it into
-:class:`BatchStats` when the operation completes.
+:class:`BatchStats` when the operation completes. :class:`Stats` is summed from the
+shared-memory slots by ``collector.stats.StatsBlock.read``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import msgspec
 
 from .protocol import ChunkSummary
 
-__all__ = ["BatchStats", "ErrorItem", "LookupStats", "OperationResult"]
+__all__ = ["BatchStats", "ErrorItem", "LookupStats", "OperationResult", "SinkStats", "Stats", "WorkerStats"]
 
 
 class ErrorItem(msgspec.Struct, frozen=True):
@@ -27,7 +29,10 @@ class ErrorItem(msgspec.Struct, frozen=True):
     ``deadlettered`` (a sink did not store it: ``reason`` is ``sink NAME: refused this
     event: ...`` when the store refused its data, ``sink NAME: gave up: failed
     N times; ...`` when the sink spent its retry budget; the dead-letter sink holds
-    it and ``collector replay`` stores it later; not remembered by dedup),
+    it and ``collector replay`` stores it later; not remembered by dedup; also an
+    event an enrichment step's failure policy dead-lettered: ``reason`` is ``enrich
+    STEP: refused this event: key K not found in source S`` or ``enrich STEP: gave up:
+    source S failed for key K: WHY``, ``path`` the key field),
     ``error`` (pipeline code raised) or ``lost`` (a chunk that killed its worker on
     every delivery).
     """
@@ -59,9 +64,17 @@ class LookupStats(msgspec.Struct, frozen=True):
     short_circuited: int = 0
     shared_hits: int = 0
     keys_fetched: int = 0
+    # failure policies (Lookup.on_failure): events kept at the default, dead-lettered,
+    # held, recovered by a hold; per-event log lines over log_rate
+    kept: int = 0
+    dead_lettered: int = 0
+    held: int = 0
+    recovered: int = 0
+    log_suppressed: int = 0
 
 
-_SOURCE_COUNTERS = ("errors", "not_found", "stale", "breaker_opens", "short_circuited", "shared_hits", "keys_fetched")
+_SOURCE_COUNTERS = ("errors", "not_found", "stale", "breaker_opens", "short_circuited", "shared_hits", "keys_fetched",
+                    "kept", "dead_lettered", "held", "recovered", "log_suppressed")
 
 
 class BatchStats(msgspec.Struct, frozen=True):
@@ -178,3 +191,74 @@ class OperationResult(msgspec.Struct, frozen=True):
     errors: list[ErrorItem]
     batch: BatchStats
     events: list[Any] | None = None
+
+
+class SinkStats(msgspec.Struct, frozen=True):
+    """Per-sink delivery figures, summed over workers.
+
+    ``index`` is the sink's position in ``Pipeline.sinks``; the dead-letter sink comes
+    after them, at ``len(Pipeline.sinks)`` (``collector.sinks.sink_names(pipeline)``
+    gives the name of each index). ``rows`` and ``batches`` count chunks committed,
+    ``errors`` failed write attempts, ``retries`` attempts scheduled again after a
+    failure, ``last_commit_ms`` the latest commit's duration (the slowest worker's).
+    Only sinks that wrote or failed at least once are listed; a replaced worker's
+    figures are kept (in the supervisor's slot).
+    """
+
+    index: int
+    rows: int
+    batches: int
+    errors: int
+    retries: int
+    last_commit_ms: float
+
+
+class WorkerStats(msgspec.Struct, frozen=True):
+    """One worker's figures as read from its slot."""
+
+    index: int
+    pid: int
+    alive: bool
+    heartbeat_age: float
+    events: int
+    failed: int
+    chunks: int
+    inflight: int
+    processed_per_sec: float
+    lookup_calls: int
+    cache_hits: int
+    coalesced: int
+    lookup_failures: int
+    avg_latency_ms: float
+
+
+class Stats(msgspec.Struct, frozen=True):
+    """Collector statistics, read from shared memory without waiting for any worker.
+
+    ``total_events`` counts every event handled (valid or rejected) since start;
+    ``processed_per_sec`` is the rate over the last ``collector.stats.RATE_WINDOW`` (5)
+    whole seconds and ``avg_per_sec`` the average since start.
+    """
+
+    total_events: int
+    processed_per_sec: float
+    avg_per_sec: float
+    failed_events: int
+    received_events: int
+    inflight_events: int
+    chunks: int
+    redelivered_chunks: int
+    worker_restarts: int
+    duplicates_dropped: int
+    deadlettered: int
+    lookup_calls: int
+    cache_hits: int
+    coalesced_calls: int
+    lookup_failures: int
+    avg_latency_ms: float
+    latency_buckets_ms: list[tuple[float, int]]
+    uptime: float
+    workers: list[WorkerStats]
+    sinks: list[SinkStats]
+    filtered_events: int = 0  # dropped on purpose by a filter or a rule
+    enriched_events: int = 0  # through enrichment, less the lookups that finally failed

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -62,6 +63,22 @@ def mysql_dsn() -> str:
 def redis_url() -> str:
     """Redis URL from COLLECTOR_TEST_REDIS."""
     return _need(os.environ.get("COLLECTOR_TEST_REDIS", "redis://127.0.0.1:6379/0"), 6379, "Redis")
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    import redis
+
+    p = f"test:{uuid.uuid4().hex[:12]}:"
+    yield p
+    r = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(r.scan_iter(match=p + "*", count=1000))
+        if keys:
+            r.delete(*keys)
+    finally:
+        r.close()
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,15 @@
 
 ::
 
-    data.make_input ──► payload (JSON array bytes) + the dicts the enrichment reads
+    common.make_input ──► payload (JSON array or NDJSON bytes) + the dicts the enrichment reads
           │
-          ├──► collector  (handle(bytes) ─► workers ─► result)        scenarios.py
-          └──► peers      (a) asyncio+json  (b) msgspec  (c) Pool.imap  peers.py
-                          (d) N processes, no IPC  (e) Bytewax
+          ├──► collector  (handle(bytes), shard key | chunk ─► workers ─► result)   inmem.py
+          └──► peers      (a) asyncio+json  (b) msgspec, 1 process  (c) Pool.imap   peers.py
+                          (d) N processes, no IPC (the ceiling)  (e) Bytewax
+    collector serve ◄──► bench/http_load.py ◄──► uvicorn + plain ASGI app      asgi_peer.py
+                                                 (both started by servers.py)
+    c.stats() idle, saturated back to back, saturated and spaced               statscost.py
+    other scenarios (slow-service, seed-000, http, service)                    scenarios.py
     measurements (wall, CPU via psutil, peak RSS via VmHWM) ─► report.py: table, JSON, PNG
 
 Everything lives inside the package (not only in ``bench/``) so that ``collector
@@ -21,10 +25,10 @@ __all__ = ["SCENARIOS"]
 
 # scenario name -> "module:function"; imported lazily so `collector bench --help` is fast
 SCENARIOS: dict[str, str] = {
-    "inmem": "collector.benchmarks.scenarios:inmem",
+    "inmem": "collector.benchmarks.inmem:inmem",
     "slow-service": "collector.benchmarks.scenarios:slow_service",
     "seed-000": "collector.benchmarks.scenarios:seed_000",
-    "stats": "collector.benchmarks.scenarios:stats_cost",
+    "stats": "collector.benchmarks.statscost:stats_cost",
     "http": "collector.benchmarks.scenarios:http",
     "service": "collector.benchmarks.scenarios:service",
 }

@@ -24,16 +24,22 @@ import psutil
 from ..playback import generate_events, model_of, region_of
 
 __all__ = [
+    "FORMATS",
     "Input",
     "ProcSample",
     "Progress",
     "clear_peak_rss",
     "make_input",
     "median",
+    "ncpu",
     "peak_rss",
     "percentile",
     "spread",
 ]
+
+
+FORMATS = ("json", "ndjson")
+"""Input formats: the events as one JSON array, or as NDJSON (one event per line)."""
 
 
 @dataclass
@@ -46,16 +52,30 @@ class Input:
     payload: bytes
     regions: dict[str, str]
     models: dict[str, str]
-    parts: dict[int, list[bytes]] = field(default_factory=dict)
+    parts: dict[tuple[int, str], list[bytes]] = field(default_factory=dict)
+    bodies: dict[str, bytes] = field(default_factory=dict)
 
-    def split(self, k: int) -> list[bytes]:
-        """The payload cut into ``k`` JSON arrays of consecutive events (cached)."""
-        if k not in self.parts:
+    def body(self, fmt: str = "json") -> bytes:
+        """The events as ``fmt`` (``json``: the payload; ``ndjson``: the same events, one per line)."""
+        if fmt == "json":
+            return self.payload
+        if fmt != "ndjson":
+            raise ValueError(f"input format must be one of {FORMATS} (got {fmt!r})")
+        if fmt not in self.bodies:
+            # no newline after the last line: a producer's body need not end with one
+            self.bodies[fmt] = msgspec.json.Encoder().encode_lines(msgspec.json.decode(self.payload)).rstrip(b"\n")
+        return self.bodies[fmt]
+
+    def split(self, k: int, fmt: str = "json") -> list[bytes]:
+        """The events cut into ``k`` parts of consecutive events, each in ``fmt`` (cached)."""
+        if (k, fmt) not in self.parts:
             events = msgspec.json.decode(self.payload)
             step = -(-len(events) // k)
             enc = msgspec.json.Encoder()
-            self.parts[k] = [enc.encode(events[i * step : (i + 1) * step]) for i in range(k)]
-        return self.parts[k]
+            chunks = [events[i * step : (i + 1) * step] for i in range(k)]
+            self.parts[k, fmt] = ([enc.encode_lines(c).rstrip(b"\n") for c in chunks] if fmt == "ndjson"
+                                  else [enc.encode(c) for c in chunks])
+        return self.parts[k, fmt]
 
 
 def make_input(n: int, users: int = 2000, device_types: int = 20, seed: int = 0) -> Input:
@@ -65,6 +85,11 @@ def make_input(n: int, users: int = 2000, device_types: int = 20, seed: int = 0)
     regions = {f"user-{i}": region_of(f"user-{i}") for i in range(users)}
     models = {f"device-{i}": model_of(f"device-{i}") for i in range(device_types)}
     return Input(n, users, device_types, payload, regions, models)
+
+
+def ncpu() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def median(xs: Sequence[float]) -> float:

@@ -15,6 +15,11 @@ with no sink). ``output="encode"`` adds encoding the enriched events to JSON and
 (e)    Bytewax 0.21 with N processes (when installed): a dataflow engine's cost
 =====  ==========================================================================
 
+Every peer but (e) takes its input in the format the collector gets (``fmt``):
+``"json"``, one JSON array, or ``"ndjson"``, one event per line (decoded with
+``decode_lines``; peer (a) calls ``json.loads`` per line). Peer (e) always reads JSON
+lines, one file per process, which is how a Bytewax source reads.
+
 Setup (spawning pools and processes, reading their part of the input) is outside the
 timed region, as the collector's start-up is.
 """
@@ -48,6 +53,7 @@ __all__ = [
     "PoolPeer",
     "SplitPeer",
     "bytewax_missing",
+    "decode",
     "job_msgspec",
     "naive_asyncio",
     "serial_msgspec",
@@ -62,6 +68,7 @@ PEERS = {
 }
 
 _DEC = msgspec.json.Decoder(list[PlaybackEvent])
+_LINES = msgspec.json.Decoder(PlaybackEvent)
 _ENC = msgspec.json.Encoder()
 _region = attrgetter("region")
 _device = attrgetter("device_type")
@@ -88,12 +95,17 @@ def _emit(events: Any, output: str, out_path: str | None) -> None:
             f.write(_ENC.encode_lines(events))
 
 
+def decode(payload: bytes, fmt: str = "json") -> list[PlaybackEvent]:
+    """``payload`` (a JSON array, or NDJSON when ``fmt="ndjson"``) as ``PlaybackEvent`` Structs."""
+    return _LINES.decode_lines(payload) if fmt == "ndjson" else _DEC.decode(payload)
+
+
 def job_msgspec(
     payload: bytes, regions: dict[str, str], models: dict[str, str], output: str = "count",
-    out_path: str | None = None,
+    out_path: str | None = None, fmt: str = "json",
 ) -> tuple[int, dict[str, int], dict[str, int]]:
     """The job with msgspec: decode, enrich from the dicts, count; returns (n, by_region, by_device)."""
-    events = _DEC.decode(payload)
+    events = decode(payload, fmt)
     for e in events:
         e.region = regions[e.user_id]
         e.model = models[e.device_type]
@@ -120,9 +132,9 @@ class _DictClient:
         return self.models[device_type]
 
 
-async def _naive(inp: Input, output: str, out_path: str | None) -> tuple[int, dict[str, int]]:
+async def _naive(inp: Input, output: str, out_path: str | None, fmt: str) -> tuple[int, dict[str, int]]:
     client = _DictClient(inp.regions, inp.models)
-    events = json.loads(inp.payload)
+    events = [json.loads(line) for line in inp.body(fmt).splitlines()] if fmt == "ndjson" else json.loads(inp.payload)
     by_region: dict[str, int] = {}
     by_dev: dict[str, int] = {}
     for e in events:
@@ -138,22 +150,22 @@ async def _naive(inp: Input, output: str, out_path: str | None) -> tuple[int, di
     return len(events), by_region
 
 
-def naive_asyncio(inp: Input, output: str = "count", out_path: str | None = None) -> PeerRun:
+def naive_asyncio(inp: Input, output: str = "count", out_path: str | None = None, fmt: str = "json") -> PeerRun:
     """Peer (a): stdlib asyncio loop, stdlib json, one await per lookup."""
     t0 = time.perf_counter()
     c0 = time.process_time()
-    n, by_region = asyncio.run(_naive(inp, output, out_path))
+    n, by_region = asyncio.run(_naive(inp, output, out_path, fmt))
     return PeerRun("a", 1, n, time.perf_counter() - t0, time.process_time() - c0, [peak_rss()], by_region)
 
 
 # ---------------------------------------------------------------- (b) serial msgspec
 
 
-def serial_msgspec(inp: Input, output: str = "count", out_path: str | None = None) -> PeerRun:
-    """Peer (b): one process, msgspec."""
+def serial_msgspec(inp: Input, output: str = "count", out_path: str | None = None, fmt: str = "json") -> PeerRun:
+    """Peer (b): one process, msgspec (``decode_lines`` for NDJSON), a plain loop."""
     t0 = time.perf_counter()
     c0 = time.process_time()
-    n, by_region, _ = job_msgspec(inp.payload, inp.regions, inp.models, output, out_path)
+    n, by_region, _ = job_msgspec(inp.body(fmt), inp.regions, inp.models, output, out_path, fmt)
     return PeerRun("b", 1, n, time.perf_counter() - t0, time.process_time() - c0, [peak_rss()], by_region)
 
 
@@ -188,10 +200,12 @@ def _pool_batch(batch: list[PlaybackEvent]) -> tuple[int, dict[str, int], dict[s
 class PoolPeer:
     """Peer (c): the parent decodes, pickles batches to a ``Pool`` of ``procs``, merges counts."""
 
-    def __init__(self, inp: Input, procs: int, batch: int = 2048, output: str = "count", out_dir: str | None = None) -> None:
+    def __init__(self, inp: Input, procs: int, batch: int = 2048, output: str = "count", out_dir: str | None = None,
+                 fmt: str = "json") -> None:
         self.inp = inp
         self.procs = procs
         self.batch = batch
+        self.fmt = fmt
         self.pool = mp.get_context("spawn").Pool(
             procs, initializer=_pool_init, initargs=(inp.regions, inp.models, output, out_dir)
         )
@@ -205,7 +219,7 @@ class PoolPeer:
         cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
         me0 = time.process_time()
         t0 = time.perf_counter()
-        events = _DEC.decode(self.inp.payload)
+        events = decode(self.inp.body(self.fmt), self.fmt)
         b = self.batch
         batches = [events[i : i + b] for i in range(0, len(events), b)]
         n = 0
@@ -231,7 +245,8 @@ class PoolPeer:
 # ---------------------------------------------------------------- (d) split, no IPC
 
 
-def _split_main(conn: Any, path: str, regions: dict[str, str], models: dict[str, str], output: str, out_path: str | None, cpu: int | None) -> None:
+def _split_main(conn: Any, path: str, regions: dict[str, str], models: dict[str, str], output: str, out_path: str | None,
+                cpu: int | None, fmt: str) -> None:
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
     with open(path, "rb") as f:
@@ -239,7 +254,7 @@ def _split_main(conn: Any, path: str, regions: dict[str, str], models: dict[str,
     conn.send("ready")
     conn.recv()
     c0 = time.process_time()
-    n, by_region, _ = job_msgspec(payload, regions, models, output, out_path)
+    n, by_region, _ = job_msgspec(payload, regions, models, output, out_path, fmt)
     conn.send((n, time.process_time() - c0, peak_rss(), by_region))
     conn.recv()
 
@@ -248,17 +263,19 @@ class SplitPeer:
     """Peer (d): ``procs`` processes pinned one per CPU, each with 1/procs of the input.
 
     Each process reads its part from a file and says ready before the clock starts;
-    the parent only sends "go" and collects counts, so there is no IPC on the data.
+    the parent only sends "go" and collects counts, so there is no IPC on the data:
+    the ceiling for ``procs`` cores, whatever the input format.
     """
 
-    def __init__(self, inp: Input, procs: int, workdir: str, output: str = "count") -> None:
+    def __init__(self, inp: Input, procs: int, workdir: str, output: str = "count", fmt: str = "json") -> None:
         self.inp = inp
         self.procs = procs
         self.output = output
         self.workdir = workdir
+        self.fmt = fmt
         self.paths = []
-        for i, part in enumerate(inp.split(procs)):
-            p = os.path.join(workdir, f"split-{procs}-{i}.json")
+        for i, part in enumerate(inp.split(procs, fmt)):
+            p = os.path.join(workdir, f"split-{procs}-{i}.{fmt}")
             if not os.path.exists(p):
                 with open(p, "wb") as f:
                     f.write(part)
@@ -274,7 +291,8 @@ class SplitPeer:
             out = os.path.join(self.workdir, f"split-out-{i}.jsonl") if self.output == "jsonl" else None
             p = ctx.Process(
                 target=_split_main,
-                args=(child, path, self.inp.regions, self.inp.models, self.output, out, cpus[i % len(cpus)] if cpus else None),
+                args=(child, path, self.inp.regions, self.inp.models, self.output, out,
+                      cpus[i % len(cpus)] if cpus else None, self.fmt),
                 daemon=True,
             )
             p.start()
@@ -354,11 +372,11 @@ class BytewaxPeer:
         self.procs = procs
         self.dir = os.path.join(workdir, f"bytewax-{procs}")
         os.makedirs(self.dir, exist_ok=True)
-        for i, part in enumerate(inp.split(procs)):
+        for i, part in enumerate(inp.split(procs, "ndjson")):
             path = os.path.join(self.dir, f"part{i}.jsonl")
             if not os.path.exists(path):
                 with open(path, "wb") as f:
-                    f.write(_ENC.encode_lines(msgspec.json.decode(part)))
+                    f.write(part)
         with open(os.path.join(self.dir, "dicts.json"), "wb") as f:
             f.write(_ENC.encode({"regions": inp.regions, "models": inp.models}))
 

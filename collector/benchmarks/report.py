@@ -33,6 +33,11 @@ class Target:
         """Whether the figure meets the bar."""
         return self.value >= self.bar if self.higher_is_better else self.value <= self.bar
 
+    def to_json(self) -> dict[str, Any]:
+        """The target as it goes into the JSON results."""
+        return {"name": self.name, "value": self.value, "bar": self.bar, "unit": self.unit,
+                "higher_is_better": self.higher_is_better, "ok": self.ok}
+
     def line(self) -> str:
         """One report line."""
         op = ">=" if self.higher_is_better else "<="

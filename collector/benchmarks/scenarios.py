@@ -27,25 +27,19 @@ from typing import Any
 
 import msgspec
 
-from ..playback import InMemoryClient, playback_pipeline
-from . import peers as P
+from ..playback import playback_pipeline
 from .common import (
-    Input,
     ProcSample,
     Progress,
-    clear_peak_rss,
     make_input,
     median,
+    ncpu,
     percentile,
     spread,
 )
 from .report import Target, print_table, print_targets
 
-__all__ = ["http", "inmem", "seed_000", "service", "slow_service", "stats_cost"]
-
-
-def _ncpu() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+__all__ = ["fake_service", "http", "seed_000", "service", "slow_service"]
 
 
 def _collector(pipeline: Any, **kw: Any) -> Any:
@@ -56,231 +50,6 @@ def _collector(pipeline: Any, **kw: Any) -> Any:
 
 def _round(x: float, k: int = 4) -> float:
     return float(f"{x:.{k}g}")
-
-
-# ====================================================================== inmem
-
-
-def _collector_inmem(inp: Input, warm: Input, workers: int, chunk: int, rnd: int) -> dict[str, Any]:
-    pipeline = playback_pipeline(InMemoryClient(inp.regions, inp.models))
-    t0 = time.perf_counter()
-    with _collector(pipeline, workers=workers, chunk_size=chunk) as c:
-        c.handle(warm.payload).wait(timeout=120)
-        startup = time.perf_counter() - t0
-        sup = os.getpid()
-        sample = ProcSample([sup, *c.worker_pids()]).start()
-        t0 = time.perf_counter()
-        op = c.handle(inp.payload)
-        t_handle = time.perf_counter() - t0  # the caller is blocked this long inside handle()
-        res = op.wait(timeout=600)
-        wall = time.perf_counter() - t0
-        sample.stop()
-    wcpu = [v for pid, v in sample.cpu.items() if pid != sup]
-    return {
-        "system": "collector",
-        "procs": workers,
-        "chunk": chunk,
-        "round": rnd,
-        "events": res.handled_events,
-        "failed": res.failed_events,
-        "wall": wall,
-        "eps": inp.n / wall,
-        "handle_call_s": t_handle,
-        "op_elapsed_s": res.elapsed,
-        "startup_s": startup,
-        "cpu_supervisor": sample.cpu[sup],
-        "cpu_workers": sum(wcpu),
-        "cpu": sample.total_cpu(),
-        "rss_supervisor": sample.peak[sup],
-        # the harness process holds the payload and the peers' inputs: growth is the supervisor's own
-        "rss_supervisor_growth": sample.peak[sup] - sample.rss0[sup],
-        "rss_workers": [v for pid, v in sample.peak.items() if pid != sup],
-        "by_region": res.batch.counts.get("region", {}),
-    }
-
-
-def _peer_row(r: P.PeerRun, rnd: int, chunk: int | None = None) -> dict[str, Any]:
-    # (a), (b) run in the harness process; (c) has the harness as its parent plus the
-    # pool; (d), (e) do all their work in their own processes
-    main = r.rss[0] if r.peer in "abc" else 0
-    work = r.rss[1:] if r.peer == "c" else (r.rss if r.peer in "de" else [])
-    return {
-        "system": r.peer,
-        "procs": r.procs,
-        "chunk": chunk,
-        "round": rnd,
-        "events": r.events,
-        "wall": r.wall,
-        "eps": r.events / r.wall if r.wall else 0.0,
-        "cpu": r.cpu,
-        "rss_main": main,
-        "rss_workers": work,
-        "by_region": r.by_region,
-    }
-
-
-def inmem(args: argparse.Namespace) -> dict[str, Any]:
-    """N playback events, in-memory enrichment, full path handle() → result, vs the peers."""
-    quick = args.quick
-    n = args.events or (100_000 if quick else 1_000_000)
-    ncpu = _ncpu()
-    workers = args.workers or list(range(1, ncpu + 1))
-    chunks = args.chunk_sizes or ([2048] if quick else [512, 2048, 8192])
-    repeats = args.repeats or (3 if quick else 5)
-    peers = args.peers
-    print(f"inmem: {n:,} events, {args.users} users, {args.device_types} device types; "
-          f"workers {workers}, chunk sizes {chunks}, {repeats} rounds, peers {','.join(peers) or 'none'}",
-          file=sys.stderr)
-    inp = make_input(n, args.users, args.device_types)
-    warm = make_input(min(20_000, n), args.users, args.device_types, seed=1)
-    expected = P.job_msgspec(inp.payload, inp.regions, inp.models)[1]
-    skipped: dict[str, str] = {}
-    if "e" in peers and (why := P.bytewax_missing()):
-        skipped["e"] = why
-        print(f"peer (e) skipped: {why}", file=sys.stderr)
-    multi = list(workers)
-    per_round = len(workers) * len(chunks) + ("a" in peers) + ("b" in peers) + len(multi) * (
-        ("c" in peers) + ("d" in peers) + ("e" in peers and "e" not in skipped)
-    )
-    prog = Progress(per_round * repeats, "inmem", force=args.progress)
-    workdir = P.tempdir()
-    runs: list[dict[str, Any]] = []
-    try:
-        for rnd in range(repeats):
-            for w in workers:
-                for cs in chunks:
-                    runs.append(_collector_inmem(inp, warm, w, cs, rnd))
-                    prog.step(f"collector w={w} chunk={cs}: {runs[-1]['eps']:,.0f} ev/s")
-            if "a" in peers:
-                clear_peak_rss()
-                runs.append(_peer_row(P.naive_asyncio(inp, args.output), rnd))
-                prog.step(f"(a) {runs[-1]['eps']:,.0f} ev/s")
-            if "b" in peers:
-                clear_peak_rss()
-                runs.append(_peer_row(P.serial_msgspec(inp, args.output), rnd))
-                prog.step(f"(b) {runs[-1]['eps']:,.0f} ev/s")
-            for w in multi:
-                if "c" in peers:
-                    clear_peak_rss()
-                    pool = P.PoolPeer(inp, w, batch=2048, output=args.output, out_dir=workdir)
-                    try:
-                        runs.append(_peer_row(pool.run(), rnd, 2048))
-                    finally:
-                        pool.close()
-                    prog.step(f"(c) x{w} {runs[-1]['eps']:,.0f} ev/s")
-                if "d" in peers:
-                    runs.append(_peer_row(P.SplitPeer(inp, w, workdir, args.output).run(), rnd))
-                    prog.step(f"(d) x{w} {runs[-1]['eps']:,.0f} ev/s")
-                if "e" in peers and "e" not in skipped:
-                    bw = P.BytewaxPeer(inp, w, workdir)
-                    runs.append(_peer_row(bw.run(), rnd))
-                    prog.step(f"(e) x{w} {runs[-1]['eps']:,.0f} ev/s")
-    finally:
-        prog.close()
-        import shutil
-
-        shutil.rmtree(workdir, ignore_errors=True)
-
-    wrong = [f"{r['system']} x{r['procs']} round {r['round']}" for r in runs
-             if r["events"] != n or dict(r["by_region"]) != expected]
-    for r in runs:
-        del r["by_region"]
-    groups: dict[tuple[str, int, int | None], list[dict[str, Any]]] = defaultdict(list)
-    for r in runs:
-        groups[(r["system"], r["procs"], r["chunk"] if r["system"] == "collector" else None)].append(r)
-    ref_w = min(2, max(workers))
-    ref_cs = 2048 if 2048 in chunks else chunks[0]
-    ref = median([r["eps"] for r in groups.get(("collector", ref_w, ref_cs), [])])
-    summary = []
-    for (system, procs, chunk), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "collector", kv[0][0], kv[0][1], kv[0][2] or 0)):
-        eps = [r["eps"] for r in rs]
-        m = median(eps)
-        row: dict[str, Any] = {
-            "system": system if system == "collector" else f"({system}) {P.PEERS[system]}",
-            "key": system,
-            "procs": procs,
-            "chunk": chunk,
-            "runs": len(rs),
-            "eps": m,
-            "spread": spread(eps),
-            "ratio": ref / m if m else 0.0,
-            "cpu_per_m": median([r["cpu"] for r in rs]) / n * 1e6,
-        }
-        if system == "collector":
-            row["cpu_sup_per_m"] = median([r["cpu_supervisor"] for r in rs]) / n * 1e6
-            row["cpu_workers_per_m"] = median([r["cpu_workers"] for r in rs]) / n * 1e6
-            row["rss_supervisor"] = max(r["rss_supervisor"] for r in rs)
-            row["rss_supervisor_growth"] = max(r["rss_supervisor_growth"] for r in rs)
-            row["rss_worker"] = max(max(r["rss_workers"]) for r in rs)
-            row["handle_call_s"] = median([r["handle_call_s"] for r in rs])
-            row["startup_s"] = median([r["startup_s"] for r in rs])
-        else:
-            row["rss_supervisor"] = max(r["rss_main"] for r in rs)
-            row["rss_worker"] = max((max(r["rss_workers"], default=0) for r in rs), default=0)
-        summary.append(row)
-
-    mib = 2**20
-    print_table(
-        f"inmem: {n:,} events; medians of {repeats} alternating rounds; ratio = collector "
-        f"({ref_w} workers, chunk {ref_cs}) ÷ row",
-        ["system", "procs", "chunk", "events/s", "spread", "collector ÷", "CPU s/1M", "sup CPU s/1M",
-         "workers CPU s/1M", "peak RSS main MiB", "main growth MiB", "peak RSS worker MiB"],
-        [[s["system"], s["procs"], s["chunk"] or "", s["eps"], f"{s['spread'] * 100:.0f}%", f"{s['ratio']:.2f}x",
-          s["cpu_per_m"], s.get("cpu_sup_per_m", ""), s.get("cpu_workers_per_m", ""),
-          s["rss_supervisor"] / mib or "-", s.get("rss_supervisor_growth", 0) / mib or "-",
-          s["rss_worker"] / mib or "-"] for s in summary],
-    )
-    coll = [s for s in summary if s["key"] == "collector"]
-    if coll:
-        print(f"  collector: handle() blocks its caller {median([s['handle_call_s'] for s in coll]):.3f} s "
-              f"per {n:,}-event batch (median over configs); start-up {median([s['startup_s'] for s in coll]):.2f} s "
-              "(not in the timings)")
-    if wrong:
-        print(f"  WARNING: wrong counts in {wrong}")
-    for k, why in skipped.items():
-        print(f"  peer ({k}) skipped: {why}")
-    if args.output != "count":
-        print(f"  note: peers ran with --output {args.output}; the collector ran without a sink")
-
-    def peer_eps(key: str, procs: int) -> float:
-        return median([r["eps"] for r in groups.get((key, procs, None), [])])
-
-    targets = []
-    for key, procs, bar, what in (("d", ref_w, 0.8, f"(d) {ref_w} processes, no IPC"), ("a", 1, 7.0, "(a) asyncio + json"),
-                                  ("e", ref_w, 1.5, f"(e) Bytewax x{ref_w}")):
-        pe = peer_eps(key, procs)
-        if key in peers and pe and ref:
-            targets.append(Target(f"inmem collector x{ref_w} ÷ {what}", ref / pe, bar, "x"))
-    print_targets(targets)
-    noise = max((s["spread"] for s in summary), default=0.0)
-    print(f"  noise: largest run-to-run spread (max-min)/median {noise * 100:.0f}%")
-
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    flat: dict[str, float] = {}
-    for s in summary:
-        if s["key"] == "collector":
-            series[f"collector chunk {s['chunk']}"].append((s["procs"], s["eps"]))
-        elif s["key"] in "ab":
-            flat[s["system"]] = s["eps"]
-        else:
-            series[s["system"]].append((s["procs"], s["eps"]))
-    return {
-        "scenario": "inmem",
-        "config": {"events": n, "users": args.users, "device_types": args.device_types, "workers": workers,
-                   "chunk_sizes": chunks, "repeats": repeats, "peers": peers, "output": args.output,
-                   "skipped": skipped},
-        "summary": summary,
-        "runs": runs,
-        "targets": [_target_json(t) for t in targets],
-        "noise_max_spread": noise,
-        "plot": {"kind": "throughput", "title": f"inmem: {n:,} playback events, JSON in, enrich from dict, count",
-                 "series": dict(series), "flat": flat},
-    }
-
-
-def _target_json(t: Target) -> dict[str, Any]:
-    return {"name": t.name, "value": t.value, "bar": t.bar, "unit": t.unit,
-            "higher_is_better": t.higher_is_better, "ok": t.ok}
 
 
 # ====================================================================== slow-service
@@ -308,7 +77,7 @@ def slow_service(args: argparse.Namespace) -> dict[str, Any]:
     n = args.events or (20_000 if quick else 100_000)
     users = args.users if args.users != 2000 or quick else 10_000
     L = 0.05 if args.latency is None else args.latency
-    workers = max(args.workers) if args.workers else _ncpu()
+    workers = max(args.workers) if args.workers else ncpu()
     concs = args.concurrency or ([256] if quick else [256, 32])
     op_size = args.op_size
     repeats = args.repeats or (1 if quick else 3)
@@ -396,7 +165,7 @@ def slow_service(args: argparse.Namespace) -> dict[str, Any]:
         "scenario": "slow-service",
         "config": {"events": n, "users": len(set(uids)), "device_types": args.device_types, "latency": L,
                    "workers": workers, "concurrency": concs, "op_size": op_size, "repeats": repeats},
-        "summary": summary, "runs": runs, "targets": [_target_json(t) for t in targets],
+        "summary": summary, "runs": runs, "targets": [t.to_json() for t in targets],
         "plot": {"kind": "cdf", "title": f"slow-service: operation latency ({op_size} events each, all submitted at t=0)",
                  "series": {k: [_round(x) for x in v] for k, v in latencies.items()},
                  "xlabel": "seconds from handle() to result", "marks": marks},
@@ -413,7 +182,7 @@ def seed_000(args: argparse.Namespace) -> dict[str, Any]:
 
     L = 5.0 if args.latency is None else args.latency  # the seed's service takes 5 s per call
     repeats = args.repeats or (1 if args.quick else 3)
-    workers = max(args.workers) if args.workers else _ncpu()
+    workers = max(args.workers) if args.workers else ncpu()
     prog = Progress(repeats * 2, "seed-000", force=args.progress)
     runs = []
     for kind, client in (("blocking", FixedLatencyBlocking(L)), ("async", FixedLatencyAsync(L))):
@@ -449,57 +218,7 @@ def seed_000(args: argparse.Namespace) -> dict[str, Any]:
         targets.append(Target(f"seed-000 {s['client']} wall (the seed's bar)", s["max"], 3 * L, " s", False))
     print_targets(targets)
     return {"scenario": "seed-000", "config": {"latency": L, "events": 10, "workers": workers, "repeats": repeats},
-            "summary": summary, "runs": runs, "targets": [_target_json(t) for t in targets]}
-
-
-# ====================================================================== stats
-
-
-def stats_cost(args: argparse.Namespace) -> dict[str, Any]:
-    """Cost of ``c.stats()`` in µs, idle and while the workers are saturated."""
-    n = args.events or (200_000 if args.quick else 1_000_000)
-    workers = max(args.workers) if args.workers else _ncpu()
-    inp = make_input(n, args.users, args.device_types)
-    samples: dict[str, list[float]] = {}
-    with _collector(playback_pipeline(InMemoryClient(inp.regions, inp.models)), workers=workers) as c:
-        c.handle(make_input(10_000, args.users, args.device_types, seed=1).payload).wait(timeout=60)
-        idle = []
-        pc = time.perf_counter_ns
-        for _ in range(20_000):
-            t = pc()
-            c.stats()
-            idle.append((pc() - t) / 1000)
-        samples["idle"] = idle
-        busy: list[float] = []
-        rounds = 0
-        deadline = time.monotonic() + (10 if args.quick else 30)
-        while len(busy) < 200_000 and time.monotonic() < deadline:
-            op = c.handle(inp.payload)
-            rounds += 1
-            while not op.done():
-                t = pc()
-                c.stats()
-                busy.append((pc() - t) / 1000)
-            op.wait()
-            if rounds >= (1 if args.quick else 3):
-                break
-        samples["saturated"] = busy
-    summary: list[dict[str, Any]] = []
-    for k, xs in samples.items():
-        s = sorted(xs)
-        summary.append({"state": k, "calls": len(s), "median_us": percentile(s, 0.5), "p90_us": percentile(s, 0.9),
-                        "p99_us": percentile(s, 0.99), "max_us": s[-1] if s else 0.0})
-    print_table(f"stats: c.stats() cost, {workers} workers; saturated = while {n:,}-event batches run",
-                ["state", "calls", "median µs", "p90 µs", "p99 µs", "max µs"],
-                [[s["state"], s["calls"], s["median_us"], s["p90_us"], s["p99_us"], s["max_us"]] for s in summary])
-    sat = summary[-1]
-    targets = [Target("stats() p99 while saturated", sat["p99_us"], 10.0, " µs", False),
-               Target("stats() median while saturated", sat["median_us"], 10.0, " µs", False)]
-    print_targets(targets)
-    return {"scenario": "stats", "config": {"events": n, "workers": workers}, "summary": summary,
-            "targets": [_target_json(t) for t in targets],
-            "plot": {"kind": "cdf", "title": "c.stats() call time", "xlabel": "µs",
-                     "series": {k: [_round(x, 3) for x in sorted(v)[:: max(1, len(v) // 5000)]] for k, v in samples.items()}}}
+            "summary": summary, "runs": runs, "targets": [t.to_json() for t in targets]}
 
 
 # ====================================================================== http
@@ -567,7 +286,7 @@ def service(args: argparse.Namespace) -> dict[str, Any]:
         with fake_service(latency=0.005 if args.latency is None else args.latency) as url:
             return service(argparse.Namespace(**{**vars(args), "url": url}))
     duration = args.duration or (3.0 if args.quick else 15.0)
-    workers = max(args.workers) if args.workers else _ncpu()
+    workers = max(args.workers) if args.workers else ncpu()
     conc = (args.concurrency or [64])[0]
     op_size = args.op_size
     users = args.users

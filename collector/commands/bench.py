@@ -1,9 +1,10 @@
 """``collector bench SCENARIO``: run a benchmark scenario, print a table, save JSON and a plot.
 
-Scenarios (see ``collector/benchmarks``): ``inmem`` (throughput against the peers),
+Scenarios (see ``collector/benchmarks``): ``inmem`` (throughput against the peers
+and the no-IPC ceiling, JSON-array and NDJSON input, both shard modes),
 ``slow-service`` (a slow enrichment service: wall time against its lower bound),
 ``seed-000`` (the seed's 10 events through a 5 s service), ``stats`` (cost of
-``stats()``), ``http`` (the daemon under load, once it exists), ``service URL``
+``stats()``), ``http`` (the daemon under load, beside a uvicorn peer), ``service URL``
 (your own HTTP enrichment endpoint). ``--quick`` runs a sub-minute version.
 """
 
@@ -50,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_ints, default=None, help="worker counts, e.g. 1..2 or 1,2 (default 1..ncpu)")
     p.add_argument("--chunk-sizes", type=_ints, default=None, help="chunk sizes (inmem default 512,2048,8192)")
     p.add_argument("--repeats", type=int, default=None, help="alternating rounds; figures are medians (default 5)")
+    p.add_argument("--input", default=None, metavar="FORMATS",
+                   help="inmem: input formats, json (one JSON array) and/or ndjson (one event per line) "
+                        "(default json,ndjson)")
+    p.add_argument("--shard", default=None, metavar="MODES",
+                   help="inmem: the collector's shard modes, key and/or chunk (default key,chunk)")
     p.add_argument("--peers", default="abcde", help="peers to run beside inmem: letters a-e (default abcde)")
     p.add_argument("--output", choices=("count", "encode", "jsonl"), default="count",
                    help="what peers do after counting (default count: the same job as a collector without a sink)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 __all__ = ["add_arguments", "run"]
 
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  sink {sk!r}")
     print(f"  deadletter {dl.path}")
     for lk in p.lookups:
-        print(f"  lookup {lk.name}: {lk.target} from {lk.key}" + (f" via {lk.source.name!r}" if lk.source is not None else ""))
+        print(f"  lookup {lk.name}: {lk.target} from {lk.key}" + (f" via {lk.source.name!r}" if lk.source is not None else "")
+              + f"; {_policy(lk)}")
     for st in p.stages:
         if getattr(st, "is_rules", False):
             print(f"  rules {st.name}: {', '.join(_rule(r) for r in st.rules)}")
@@ -50,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
                 f"; warning: the pipeline shards by {p.key!r} ({p.shard}), not by the session: "
                 "each worker sees part of a session and counts the others' numbers as gaps")
             print(f"  gaps {st.name}: session {st.session}, seq {st.seq}" + (f", by {st.by}" if st.by else "") + note)
+        elif getattr(st, "pairing", False):
+            print(f"  pair {st.name}: {st.start_type} + {st.end_type} on {', '.join(st.key)}, ttl {st.ttl:g} s, "
+                  f"store {st.store}" + (f" ({st.state_path})" if st.store == "sqlite" else ""))
+        elif getattr(st, "max_series", None) is not None:  # an Aggregate
+            print(f"  aggregate {st.name}: {_aggregate(st)}")
         elif getattr(st, "integrity", None) == "ordering":
             key = st.key or p.key
             fields = event_fields(p.event_type)
@@ -66,8 +73,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy(lk: Any) -> str:
+    """``not found: keep (logged), error: hold 5s/10 tries then dead_letter``."""
+    parts = []
+    for outcome, words in (("not_found", "not found"), ("error", "error")):
+        act = lk.policy_for(outcome)
+        if act == "hold":
+            act = f"hold {lk.hold_for:g}s/{lk.hold_retries} tries then {lk.then}"
+        parts.append(f"{words}: {act}")
+    return ", ".join(parts) + (" (logged per event)" if lk.log else "")
+
+
 def _rule(r: object) -> str:
     """``name (action)``; a route rule with its sinks: ``name (route -> audit, main)``."""
     sinks = getattr(r, "sinks", None)
     action = getattr(r, "action", "")
     return f"{getattr(r, 'name', '')} ({action}{' -> ' + ', '.join(sinks) if sinks else ''})"
+
+
+def _aggregate(a: Any) -> str:
+    """``count by type, tumbling 60 s (event time: created_at)``."""
+    by = ", ".join(a.by) if isinstance(a.by, tuple) else a.by
+    w = a.window
+    kind = type(w).__name__.lower()
+    size = getattr(w, "size", None)
+    text = f"{a.fn}" + (f" of {a.value}" if a.value else "") + (f" by {by}" if by else "")
+    text += f", {kind}" + (f" {size:g} s" if size is not None else "")
+    if w.time_field:
+        text += f" (event time: {w.time_field})"
+    return text + ("" if a.prometheus else ", not in Prometheus")

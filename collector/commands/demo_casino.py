@@ -2,7 +2,8 @@
 
 ::
 
-    [--pg DSN]  collector migrate --pack casino (players created and seeded if missing)
+    players: collector migrate --pack casino (created and seeded if missing) in
+                PostgreSQL (--pg DSN) or in players.db (SQLite) in the data directory
     [--nats URL] a stream of its own (CASINO_DEMO_<hex>, subjects casino_demo_<hex>.{type})
     demo ──Popen──► collector serve --config casino-demo.toml (pack casino, a stdout sink)
       │              [--source URL --stream ... --durable ...]; its stdout ─► casino-events.jsonl
@@ -13,7 +14,7 @@
       └─► a few lines of its stdout: the final events with their descriptions
     [--nats URL] the stream is deleted
 
-Without ``--pg`` the five seed players are served from memory; without ``--nats`` the
+Without ``--pg`` the five seed players are read from SQLite; without ``--nats`` the
 events go through HTTP ingest. The rates come from the built-in rates service.
 """
 
@@ -36,11 +37,10 @@ __all__ = ["run_casino"]
 DEFAULT_RATE = 5000.0  # events/s; the seed's generator makes about 20
 
 
-def _config(args: argparse.Namespace) -> str:
-    """The daemon's TOML: the casino pack, its events on stdout only, players from --pg."""
+def _config(args: argparse.Namespace, players: str) -> str:
+    """The daemon's TOML: the casino pack, its events on stdout only, players from ``players``."""
     lines = ['[pipeline]', 'pack = "casino"', "", "[pipeline.options]"]
-    if args.pg:
-        lines += [f"players_dsn = {json.dumps(args.pg)}", f"players_schema = {json.dumps(args.pg_schema)}"]
+    lines += [f"players_dsn = {json.dumps(players)}", f"players_schema = {json.dumps(args.pg_schema)}"]
     lines += ["", "[[sinks]]", 'kind = "stdout"', ""]
     return "\n".join(lines)
 
@@ -107,14 +107,16 @@ def run_casino(args: argparse.Namespace) -> int:
         rate = DEFAULT_RATE  # a published run needs a count: rate x duration
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="collector-demo-casino-")).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    if args.pg:
-        from collector.packs.casino import migrate
+    from collector.packs.casino import migrate
 
-        steps = asyncio.run(migrate(args.pg, args.pg_schema))
-        print(f"collector demo: players in PostgreSQL, schema {args.pg_schema}: "
-              + ("; ".join(steps) if steps else "up to date"), file=out)
+    # players: PostgreSQL with --pg, else a SQLite file in the data directory, both
+    # created and seeded as `collector migrate --pack casino` does
+    players = args.pg or f"sqlite://{data_dir / 'players.db'}"
+    where = f"PostgreSQL, schema {args.pg_schema}" if args.pg else f"SQLite {data_dir / 'players.db'}"
+    steps = asyncio.run(migrate(players, args.pg_schema))
+    print(f"collector demo: players in {where}: " + ("; ".join(steps) if steps else "up to date"), file=out)
     cfg = data_dir / "casino-demo.toml"
-    cfg.write_text(_config(args))
+    cfg.write_text(_config(args, players))
     serve_args = ["--config", str(cfg)] + (["--workers", str(args.workers)] if args.workers else [])
     tag = uuid.uuid4().hex[:8]
     stream, prefix = f"CASINO_DEMO_{tag}", f"casino_demo_{tag}"
@@ -132,7 +134,7 @@ def run_casino(args: argparse.Namespace) -> int:
             via = f"published to NATS stream {stream}" if args.nats else "POST /events/batch"
             print(f"collector demo: daemon pid {proc.pid} ready on http://127.0.0.1:{port}; casino events "
                   f"{via} at {f'{rate:,.0f}/s' if rate else 'full speed'} for {args.duration:.0f} s "
-                  f"(players: {'PostgreSQL' if args.pg else 'the seed rows in memory'})", file=out)
+                  f"(players: {'PostgreSQL' if args.pg else 'SQLite'})", file=out)
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 if args.nats:
                     sent = runner.run(_publish(args.nats, stream, f"{prefix}.{{type}}", rate, args.duration, port, out))

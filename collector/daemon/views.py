@@ -148,6 +148,10 @@ class Views:
         """Every aggregate of the engine now serving (a reload starts them afresh)."""
         return self.collector.aggregates()
 
+    def aggregate_series(self) -> list[Any]:
+        """The aggregates' figures for the Prometheus text (engine now serving)."""
+        return self.collector.aggregate_series()
+
     def aggregate(self, name: str, key: Any = None, **window: Any) -> Any:
         """One aggregate of the engine now serving."""
         return self.collector.aggregate(name, key, **window)
@@ -225,6 +229,7 @@ class Views:
                     "errors": s.errors, "retries": s.retries, "last_commit_ms": s.last_commit_ms} for s in st.sinks],
             ingress=self.ingress(),
             integrity=self.collector.integrity() or None,
+            pairs=self.collector.pairs() or None,
             enrichment=self.collector.enrichment() or None,
         )
 

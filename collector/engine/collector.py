@@ -27,7 +27,7 @@ from typing import Any
 from .. import stats as S
 from ..errors import CollectorClosed, CollectorError, ConfigError, WorkerBootError
 from ..pipeline import Pipeline, resolve_pipeline
-from ..protocol import Ack, Snapshot
+from ..protocol import Ack, Routed, Snapshot
 from .admission import Admission
 from .ledger import Ledger, events_decoder
 from .loop import LoopThread
@@ -109,6 +109,7 @@ class Collector(Reads):
         self.ledger = Ledger(
             self.pool.slots, window, max_attempts, self.admission, events_decoder(self.pipeline.event_type)
         )
+        self.ledger.ids = self.planner.ids  # routed parts are chunks: one sequence of ids
         self.materialized = Materialized(self.pipeline, n)
         self._block: S.StatsBlock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -261,6 +262,10 @@ class Collector(Reads):
     def worker_acked(self, i: int, ack: Ack) -> None:
         """Worker ``i`` acknowledged a chunk."""
         self.ledger.on_ack(i, ack)
+
+    def worker_routed(self, i: int, msg: Routed) -> None:
+        """Worker ``i`` routed an NDJSON range: queue the other workers' parts."""
+        self.ledger.on_routed(i, msg)
 
     def worker_lost(self, i: int, cause: str) -> None:
         """Worker ``i`` died: its unacknowledged chunks go first to the replacement."""

@@ -5,9 +5,10 @@
     enqueue(op, chunks) ─► queue of worker i (key mode) or the shared queue (chunk mode)
     pump(i) ─► while worker i's window has room: encode the next chunk, send it
     on_ack(i, ack) ─► errors, counts, events → the operation; chunk done; pump(i)
+    on_routed(i, msg) ─► a routed NDJSON range's parts, queued to their owners
     take_back(i) ─► a dead worker's chunks, oldest first ─► requeue(i, ...) for the
                     replacement, or failed as ``lost`` after ``max_attempts`` deliveries
-    last chunk of an operation done ─► op.finish() ─► admission.release(op.total)
+    last chunk of an operation done ─► op.finish() ─► admission.release(op.admitted)
 
 The ledger never touches a process: it sends through :class:`Channel` objects that
 the worker pool gives it, and the pool tells it when a worker is ready or gone.
@@ -16,15 +17,17 @@ the worker pool gives it, and the pool tells it when a worker is ready or gone.
 from __future__ import annotations
 
 import collections
+import itertools
 import time
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from operator import attrgetter
 from typing import Any, Protocol
 
 import msgspec
 
 from .. import stats as S
-from ..protocol import Ack, Chunk
+from ..protocol import Ack, Chunk, ErrorRecord, Routed, ndjson_lines
 from ..results import ErrorItem
 from .admission import Admission
 from .operation import Operation
@@ -68,6 +71,7 @@ class Ledger:
         self.suspect: list[int] = [0] * n
         self.ops: set[Operation] = set()
         self.counters: S.Slot | None = None  # the supervisor's stats slot, once started
+        self.ids: Iterator[int] = itertools.count(1 << 40)  # ids of routed parts (the engine gives the planner's)
 
     # -- in ---------------------------------------------------------------------------
     def enqueue(self, op: Operation, per_worker: list[list[Entry]] | None, shared: list[Entry] | None) -> None:
@@ -135,7 +139,12 @@ class Ledger:
             inflight[e.id] = e
             if e.attempt:
                 self.suspect[i] = e.id
-            if not ch.send(Chunk(e.id, e.payload, op.events is not None, e.attempt, plan.ndjson, op.id)):
+            whole = e.part_pos is None  # not a part another worker routed: as planned
+            msg = Chunk(
+                e.id, e.payload, op.events is not None, e.attempt, plan.ndjson and whole, op.id,
+                plan.route if whole else 0, not whole,
+            )
+            if not ch.send(msg):
                 break  # no channel (the worker is going): take_back() finds the chunk
             if e.attempt:
                 break  # nothing else goes with it
@@ -149,28 +158,107 @@ class Ledger:
         if self.suspect[i] == ack.id:
             self.suspect[i] = 0
         op = e.op
-        if ack.errors:
+        if op.parts is not None:  # NDJSON ranges: placed once every range is counted
+            self.account_range(e, ack)
+        elif ack.errors:
             pos = e.positions
             op.errors.extend(ErrorItem(pos[r.pos], r.path, r.reason, r.kind) for r in ack.errors)
         op.acc.add(ack.summary)
         if op.reported_keys is not None and ack.summary.keys:
             op.reported_keys.update(ack.summary.keys)
-        if ack.events is not None and op.events is not None:
-            evs = self.decode_events(ack.events)
+        if ack.events is not None and op.events is not None and op.parts is None:
             pos = e.positions
             if ack.errors:
                 bad = {r.pos for r in ack.errors}
-                kept = [p for i, p in enumerate(pos) if i not in bad]
-            else:
-                kept = pos
-            out = op.events
-            for p, ev in zip(kept, evs, strict=False):
-                out[p] = ev
+                pos = [p for i, p in enumerate(pos) if i not in bad]
+            self.place_events(op.events, pos, ack.events)
         op.account(ack.handled, ack.failed)
         op.worker_counted += ack.handled + ack.failed
         self.complete(e)
         self.pump(i)
         return True
+
+    def place_events(self, out: list[Any], pos: Sequence[int], events: bytes) -> None:
+        """Put a chunk's returned events (those it stored, in order) at ``pos``."""
+        for p, ev in zip(pos, self.decode_events(events), strict=False):
+            out[p] = ev
+
+    def account_range(self, e: Entry, ack: Ack) -> None:
+        """An NDJSON range's ack (or a routed part's): keep its figures by line in the range."""
+        op = e.op
+        assert op.parts is not None
+        part = op.parts[e.lo]
+        errs = ack.errors
+        if e.part_pos is not None:  # a part another worker routed here: its own indices
+            pos = e.part_pos
+            for r in errs:
+                r.pos = pos[r.pos]
+            lines: Sequence[int] = pos
+        elif part.routed:  # the router's ack: its errors already count lines of the range
+            assert part.own is not None
+            lines = part.own
+        else:  # shard="chunk": the worker counted the range
+            part.lines = ack.handled + ack.failed
+            lines = range(part.lines)
+        if errs:
+            part.errors += errs
+        if ack.events is not None and op.events is not None:
+            if part.events is None:
+                part.events = [None] * part.lines
+            if errs:
+                bad = {r.pos for r in errs}
+                lines = [p for p in lines if p not in bad]
+            self.place_events(part.events, lines, ack.events)
+
+    def on_routed(self, i: int, msg: Routed) -> None:
+        """Worker ``i`` routed a range: queue each other worker's part to its owner.
+
+        The parts are chunks of their own in the ledger (redelivered, failed and
+        acknowledged as any), and the range is done when its router's ack and every
+        part's ack are in. A redelivered range routes again: that second Routed is
+        ignored, the parts of the first are already queued.
+        """
+        e = self.inflight[i].get(msg.id)
+        if e is None or e.op.done() or e.op.parts is None:
+            return
+        part = e.op.parts[e.lo]
+        if part.routed:
+            return
+        part.routed = True
+        part.lines = msg.lines
+        part.own = array("I", msg.own).tolist()
+        op = e.op
+        for p in msg.parts:
+            child = Entry(next(self.ids), op, p.worker, None, e.lo, e.lo, 0, 0, p.payload)
+            child.part_pos = array("I", p.positions).tolist()
+            child.n = len(child.part_pos)
+            op.chunks_left += 1
+            self.queues[p.worker].append(child)
+        for p in msg.parts:
+            self.pump(p.worker)
+
+    def resolve(self, op: Operation) -> None:
+        """NDJSON ranges: the operation's total, error indices and events from the counts.
+
+        Range ``k``'s lines start after the lines of ranges ``0..k-1``, so positions are
+        known only now; ``received`` is corrected from the estimate to the count.
+        """
+        parts, op.parts = op.parts, None
+        assert parts is not None
+        want = op.events is not None
+        events: list[Any] = []
+        total = 0
+        for part in parts:
+            n = max(part.lines, 0)
+            if part.errors:
+                op.errors.extend(ErrorItem(total + r.pos, r.path, r.reason, r.kind) for r in part.errors)
+            if want:
+                events += part.events if part.events is not None else [None] * n
+            total += n
+        if self.counters is not None:
+            self.counters.add(S.RECEIVED, total - op.admitted)
+        op.total = total
+        op.events = events if want else None
 
     def take_back(self, i: int) -> list[Entry]:
         """Worker ``i`` died: the chunks it held and did not acknowledge, oldest first."""
@@ -200,6 +288,21 @@ class Ledger:
 
     def fail(self, e: Entry, reason: str) -> None:
         """A chunk that cannot be delivered: its events fail as ``lost``."""
+        op = e.op
+        if op.parts is not None:  # an NDJSON range, or a routed part of one
+            part = op.parts[e.lo]
+            if e.part_pos is not None:
+                lines: Sequence[int] = e.part_pos
+            elif part.routed:  # its parts went to their owners: only its own lines are lost
+                assert part.own is not None
+                lines = part.own
+            else:  # no worker counted it: count it here (rare)
+                part.lines = len(ndjson_lines(bytes(e.payload)))
+                lines = range(part.lines)
+            part.errors += [ErrorRecord(p, "$", reason, "lost") for p in lines]
+            op.account(0, len(lines))
+            self.complete(e)
+            return
         e.op.errors.extend(ErrorItem(p, "$", reason, "lost") for p in e.positions)
         e.op.account(0, len(e.positions))
         self.complete(e)
@@ -214,6 +317,8 @@ class Ledger:
 
     def op_done(self, op: Operation, exc: BaseException | None = None) -> None:
         """Complete ``op`` (or fail it with ``exc``) and release its in-flight room."""
+        if op.parts is not None and exc is None:
+            self.resolve(op)
         op.finish(exc)
         # account in the supervisor's slot the events no worker counted (rejected before
         # routing, unencodable, lost), so received == handled + in flight
@@ -222,7 +327,7 @@ class Ledger:
             self.counters.add(S.EVENTS, missing)
             self.counters.add(S.FAILED, missing)
         self.ops.discard(op)
-        self.admission.release(op.total)
+        self.admission.release(op.admitted)
 
     def fail_all(self, exc: BaseException) -> None:
         """Fail every open operation with ``exc`` (a fatal error, or closing)."""

@@ -6,6 +6,8 @@
     worker i dies ──► its last partials are retired (kept, merged forever after)
     collector.aggregate(name) ──► stage.merge(retired + live partials) ──► plain values
     collector.integrity() ──────► the same, for the stages with an ``integrity`` kind
+    collector.pairs() ──────────► the same, for ``Pair`` stages (their counters)
+    collector.aggregate_series() ► each aggregate's current window, bounded, for Prometheus
 
 Reading never sends a message to a worker and never waits for one: a read is at most
 one snapshot interval behind the workers (``staleness()`` says how far). A worker that
@@ -21,6 +23,8 @@ from typing import Any
 
 from ..pipeline import Pipeline
 from ..protocol import Snapshot
+from ..stages.aggregates import Aggregate
+from ..stages.exposition import AggregateSeries, aggregate_series
 
 __all__ = ["Materialized", "Partials", "is_stateful"]
 
@@ -127,6 +131,23 @@ class Materialized:
             kind = getattr(st, "integrity", None)
             if kind and is_stateful(st):
                 out.setdefault(kind, {})[st.name] = self.aggregate(st.name)
+        return out
+
+    def pairs(self) -> dict[str, dict[str, int]]:
+        """Each ``Pair`` stage's counters, merged over the workers (empty: none)."""
+        return {st.name: self.aggregate(st.name) for st in self.pipeline.stages
+                if getattr(st, "pairing", False) and is_stateful(st)}
+
+    def series(self, now: float | None = None) -> list[AggregateSeries]:
+        """What the Prometheus text shows of each ``Aggregate`` stage
+        (:func:`~collector.stages.exposition.aggregate_series`; left out: ``prometheus=False``)."""
+        t = time.time() if now is None else now
+        out = []
+        for st in self.pipeline.stages:
+            if isinstance(st, Aggregate) and st.prometheus:  # prometheus=False: not even merged
+                s = aggregate_series(st, self.merged(st.name), t)
+                if s is not None:
+                    out.append(s)
         return out
 
     def view(self, name: str) -> dict[str, Any]:

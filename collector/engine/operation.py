@@ -14,13 +14,13 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
 from ..results import BatchAccumulator, ErrorItem, OperationResult
 
-__all__ = ["Operation", "Plan", "Progress", "Waiters"]
+__all__ = ["Operation", "Plan", "Progress", "RangePart", "Waiters"]
 
 _op_ids = itertools.count(1)
 
@@ -67,12 +67,34 @@ class Plan:
     ndjson: bool  # payloads are NDJSON (else a JSON array)
     encode: Callable[[Any], bytes | None]  # Entry → payload (plan.Planner's encoder)
     routed: list[Any] | None
-    slices: list[tuple[int, int, int, int]] | None = None  # (start, end, first index, lines)
+    slices: list[tuple[int, int, int, int]] | None = None  # NDJSON byte ranges: (start, end, ordinal, 0)
     body: bytes | None = None
+    route: int = 0  # shard="key" NDJSON ranges: the workers route them over this many
+    # (lo, hi, worker) → input indices of that worker's items in segment [lo, hi): worked
+    # out once, when a chunk of it first needs its positions (an error, events returned)
+    shares: dict[tuple[int, int, int], list[int]] = field(default_factory=dict)
 
     def empty(self) -> bool:
         """Nothing for the workers (every input was rejected, or there was none)."""
         return not self.routed and not self.slices
+
+
+class RangePart:
+    """What the workers reported of one NDJSON range (an operation's ``parts[k]``).
+
+    ``lines``: the range's count of events (-1 until known); ``errors`` with line
+    indices in the range; ``events`` when the operation returns them. A routed range
+    (``shard="key"``) also has ``own``: the lines its router answers for.
+    """
+
+    __slots__ = ("errors", "events", "lines", "own", "routed")
+
+    def __init__(self) -> None:
+        self.lines = -1
+        self.errors: list[Any] = []
+        self.events: list[Any] | None = None
+        self.routed = False
+        self.own: list[int] | None = None
 
 
 class Operation:
@@ -84,7 +106,8 @@ class Operation:
     """
 
     def __init__(self, total: int, return_events: bool, distinct_keys: int) -> None:
-        self.total = total
+        self.total = total  # an estimate until resolved when ``parts`` is set
+        self.admitted = total  # what admission (max_inflight) counted for it
         self.handled = 0
         self.failed = 0
         self.errors: list[ErrorItem] = []
@@ -99,6 +122,9 @@ class Operation:
         self.worker_counted = 0  # events the workers' stats slots account for
         self.plan: Plan | None = None  # how the input was cut (set by the Planner)
         self.reported_keys: set[Any] | None = None  # shard="chunk": distinct keys workers saw
+        # NDJSON ranges: per range ordinal, the workers' count of lines, errors and
+        # events, placed in the input once every range is counted (Ledger.resolve)
+        self.parts: list[RangePart] | None = None
         self.loop_thread: int | None = None  # the supervisor loop's thread: wait() there deadlocks
         self._cond = threading.Condition()
         self._result: OperationResult | None = None
@@ -109,8 +135,11 @@ class Operation:
     def account(self, handled: int, failed: int) -> None:
         """Count events the workers finished (engine use)."""
         with self._cond:
+            before = self.percent()
             self.handled += handled
             self.failed += failed
+            if self.percent() == before:
+                return  # waiters wake on a new percentage or the end, not on every ack
             self._cond.notify_all()
         self._waiters.wake()
 

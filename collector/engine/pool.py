@@ -5,6 +5,7 @@
     spawn(slot i) ─► socketpair + Process(worker_main, WorkerSpec) pinned to CPU i
     read(slot i)  ─► Ready → owner.worker_ready(i) │ Ack → owner.worker_acked(i, ack)
                      Snapshot → owner.worker_snapshot(i, snap)
+                     Routed → owner.worker_routed(i, msg)
                      BootFailed → kept for the exit verdict
     sentinel(i)   ─► name the death ─► boot failure or crash loop: owner.fatal(exc)
                      else: owner.worker_lost(i, cause) (chunks taken back) ─► respawn i
@@ -30,7 +31,17 @@ from typing import Any, Protocol
 from .. import stats as S
 from ..errors import WorkerBootError, WorkerError
 from ..pipeline import Pipeline
-from ..protocol import Ack, BootFailed, FrameWriter, Ready, Release, Snapshot, Stop, read_frames
+from ..protocol import (
+    Ack,
+    BootFailed,
+    FrameWriter,
+    Ready,
+    Release,
+    Routed,
+    Snapshot,
+    Stop,
+    read_frames,
+)
 from ..worker import BOOT_FAILURE, WorkerSpec, worker_main
 
 __all__ = ["PoolOwner", "WorkerPool", "WorkerSlot", "describe_exit"]
@@ -91,6 +102,10 @@ class PoolOwner(Protocol):
 
     def worker_snapshot(self, i: int, snap: Snapshot) -> None:
         """Worker ``i`` published a stateful stage's partial state."""
+        ...
+
+    def worker_routed(self, i: int, msg: Routed) -> None:
+        """Worker ``i`` routed an NDJSON range: the other workers' parts."""
         ...
 
     def fatal(self, exc: BaseException) -> None:
@@ -213,6 +228,8 @@ class WorkerPool:
             elif type(msg) is Ready:
                 w.ready = True
                 owner.worker_ready(w.index)
+            elif type(msg) is Routed:
+                owner.worker_routed(w.index, msg)
             elif type(msg) is Snapshot:
                 owner.worker_snapshot(w.index, msg)
             elif type(msg) is BootFailed:

@@ -7,6 +7,7 @@
     aggregate(name) ─── the workers' last partials merged (engine/materialize.py)
     view(name) ──────── a pipeline view rendered from merged aggregates
     integrity() ─────── duplicates per type, sequence gaps: the integrity stages' aggregates
+    pairs() ─────────── each Pair stage's counters; aggregate_series(): for the Prometheus text
     enrichment() ────── per-lookup figures from the same shared-memory slots (sources/metrics.py)
 """
 
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import stats as S
 from ..errors import CollectorClosed
-from ..sources.metrics import SourceMetrics, read_sources
+from ..sources.metrics import SourceMetrics, policy_of, read_sources
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -54,7 +55,7 @@ class Reads:
         """
         if self._block is None:
             raise CollectorClosed("the collector is not running")
-        lookups = [(lk.name, _kind(lk)) for lk in self.pipeline.lookups]
+        lookups = [(lk.name, _kind(lk), policy_of(lk)) for lk in self.pipeline.lookups]
         return read_sources(self._block, lookups)
 
     def workers_alive(self) -> list[bool]:
@@ -91,6 +92,17 @@ class Reads:
         {value: count}}, "sequence": {stage: {gaps, skipped, late, repeated, ...}}}``
         for the pipeline's ``Dedup(count_by=...)`` and ``Gaps`` stages (empty: none)."""
         return self.materialized.integrity()
+
+    def pairs(self) -> dict[str, dict[str, int]]:
+        """Each ``Pair`` stage's counters merged over every worker: ``{stage: {paired,
+        expired, orphan, evicted, duplicate_start, ..., pending, pending_ends}}``
+        (``pending*`` only with the memory store; empty: no Pair stage)."""
+        return self.materialized.pairs()
+
+    def aggregate_series(self) -> list[Any]:
+        """Each aggregate's figures for the Prometheus text (current window, at most
+        ``max_series`` groups): ``collector.stages.exposition.AggregateSeries``."""
+        return self.materialized.series()
 
     def view(self, name: str) -> dict[str, Any]:
         """A materialized view of the pipeline (``Pipeline.views``) rendered now."""

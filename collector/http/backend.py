@@ -5,7 +5,8 @@
     routes/ingest.py ── pipeline(), submit(items, keys), count_rejected(), stopping ──┐
     routes/status.py ── metrics(), health(), ready(), stats(), sink_names(), ────────┤
                         enrichment() (also GET /processor/enrichment)
-                        (metrics().integrity: the pipeline's integrity() figures)
+                        (metrics().integrity / .pairs: the integrity and Pair stages' figures;
+                        aggregate_series(): the aggregates' lines in the Prometheus text)
                     ── ingress(): the NATS [source] (GET /ingress; in /metrics, /ready)┤
     routes/aggregates.py ── aggregates(), aggregate(name, key), view(name) ───────────┤
     routes/processor.py ── processor_status(), processor_metrics() ──────────────────┤
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from ..pipeline import Pipeline
     from ..results import ErrorItem
     from ..sources.metrics import SourceMetrics
+    from ..stages.exposition import AggregateSeries
     from ..stats import Stats
     from .schemas import Health, IngressStatus, Metrics, ProcessorMetrics, ProcessorStatus
 
@@ -103,6 +105,11 @@ class Backend(Protocol):
 
     def aggregates(self) -> dict[str, Any]:
         """Every aggregate stage's plain values, merged over the workers."""
+        ...
+
+    def aggregate_series(self) -> list[AggregateSeries]:
+        """Each aggregate's current-window figures for the Prometheus text, bounded
+        by its ``max_series`` (merged partials: never waits for a worker)."""
         ...
 
     def aggregate(self, name: str, key: Any = None, **window: Any) -> Any:

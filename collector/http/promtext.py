@@ -2,8 +2,10 @@
 
 Engine figures come from the shared-memory stats block (no message to any worker);
 HTTP figures from the server's own counters on the supervisor loop; data-integrity
-figures (duplicates per type, sequence gaps, ordering) from ``Metrics.integrity``, the workers'
-last partials merged in the supervisor.
+figures (duplicates per type, sequence gaps, ordering) from ``Metrics.integrity``, pairing
+counters from ``Metrics.pairs`` and aggregates from ``Backend.aggregate_series()``, all
+the workers' last partials merged in the supervisor (``collector.stages.exposition``
+states the aggregates' cardinality bound).
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from ..stages.exposition import SKIPPED
+
 if TYPE_CHECKING:
+    from ..stages.exposition import AggregateSeries
     from .backend import Backend
     from .protocol import HttpServer
     from .schemas import IngressStatus
@@ -108,6 +113,69 @@ def _integrity(o: _Out, figures: dict[str, dict[str, Any]]) -> None:
              [({"stage": stage}, c["evicted_sessions"]) for stage, c in seqs.items()])
 
 
+def _aggregates(o: _Out, series: list[AggregateSeries]) -> None:
+    """Each aggregate's current window (bounded by its max_series) and its counters."""
+    if not series:
+        return
+    values = []
+    for a in series:
+        lab = {"aggregate": a.name, "fn": a.fn, "window": a.window}
+        values += [(lab if k is None else {**lab, "key": k}, v) for k, v in a.values]
+    o.metric("collector_aggregate_value", "gauge",
+             "An aggregate's value in its current window, per group (key) when grouped.", values)
+    o.metric("collector_aggregate_groups", "gauge", "Groups in the aggregate's current window.",
+             [({"aggregate": a.name}, a.groups) for a in series])
+    o.metric("collector_aggregate_truncated", "gauge",
+             "1 when the aggregate has more groups than its max_series: its values are left out.",
+             [({"aggregate": a.name}, int(a.truncated)) for a in series])
+    starts = [({"aggregate": a.name}, a.window_start) for a in series if a.window_start is not None]
+    if starts:
+        o.metric("collector_aggregate_window_start_seconds", "gauge",
+                 "Start (Unix seconds) of the current tumbling or hopping window.", starts)
+    for key, name, help_ in (("events", "events", "Events the aggregate saw."),
+                             ("matched", "matched", "Events that met the aggregate's where."),
+                             ("evicted_groups", "evicted_groups", "Groups evicted by the max_groups bound.")):
+        o.metric(f"collector_aggregate_{name}_total", "counter", help_,
+                 [({"aggregate": a.name}, a.counters.get(key, 0)) for a in series])
+    o.metric("collector_aggregate_skipped_total", "counter", "Matching events skipped, by reason.",
+             [({"aggregate": a.name, "reason": r}, a.counters.get(r, 0)) for a in series for r in SKIPPED])
+
+
+# Pair counters → (metric, labels beyond the stage, help)
+_PAIRS: tuple[tuple[str, str, dict[str, str], str], ...] = (
+    ("paired", "collector_pairs_paired_total", {}, "Start/end pairs made."),
+    ("expired", "collector_pairs_expired_total", {}, "Starts emitted unpaired after their ttl."),
+    ("orphan", "collector_pairs_orphan_ends_total", {}, "Ends reported without a start after their orphan_ttl."),
+    ("evicted", "collector_pairs_evicted_total", {}, "Waiting halves emitted unpaired by the max_pending bound."),
+    ("duplicate_start", "collector_pairs_duplicates_total", {"half": "start"}, "Second copies of a waiting half."),
+    ("duplicate_end", "collector_pairs_duplicates_total", {"half": "end"}, ""),
+    ("replayed", "collector_pairs_replayed_total", {}, "Halves of a key paired within replay_ttl (not paired twice)."),
+    ("missing_key", "collector_pairs_missing_key_total", {}, "Starts and ends without a usable key."),
+    ("emitted", "collector_pairs_emitted_total", {}, "Records handed to the sinks."),
+    ("emit_errors", "collector_pairs_emit_errors_total", {}, "Records whose emit conversion raised."),
+    ("output_dropped", "collector_pairs_output_dropped_total", {}, "Records dropped by the max_output bound."),
+    ("stored", "collector_pairs_stored_total", {}, "Halves left waiting in the shared store."),
+)
+
+
+def _pairs(o: _Out, pairs: dict[str, dict[str, int]]) -> None:
+    """Each Pair stage's counters; pending halves when the store counts them (memory)."""
+    if not pairs:
+        return
+    by_name: dict[str, tuple[str, list[tuple[dict[str, Any], float]]]] = {}
+    for key, name, extra, help_ in _PAIRS:
+        found: list[tuple[dict[str, Any], float]] = [
+            ({"stage": stage, **extra}, c[key]) for stage, c in pairs.items() if key in c]
+        if found:
+            by_name.setdefault(name, (help_, []))[1].extend(found)
+    for name, (help_, samples) in by_name.items():
+        o.metric(name, "counter", help_, samples)
+    pending: list[tuple[dict[str, Any], float]] = [({"stage": stage, "half": half}, c[key]) for stage, c in pairs.items()
+               for key, half in (("pending", "start"), ("pending_ends", "end")) if key in c]
+    if pending:
+        o.metric("collector_pairs_pending", "gauge", "Halves waiting for their other half.", pending)
+
+
 # SourceMetrics counters → (metric, help); every one labelled by lookup (and source kind)
 _SOURCE = (
     ("calls", "collector_source_calls_total", "Calls made to the source (retries included)."),
@@ -120,6 +188,11 @@ _SOURCE = (
     ("stale_served", "collector_source_stale_served_total", "Events given a stale value because the source failed."),
     ("keys_fetched", "collector_source_keys_fetched_total", "Keys asked of the source (per call: keys per batched call)."),
     ("short_circuited", "collector_source_short_circuited_total", "Calls refused at once by an open breaker."),
+    ("kept", "collector_source_kept_total", "Events whose lookup failed that went on with the field at its default."),
+    ("dead_lettered", "collector_source_dead_lettered_total", "Events the failure policy sent to the dead-letter sink."),
+    ("held", "collector_source_held_total", "Events held for the source to answer again (failure policy hold)."),
+    ("recovered", "collector_source_recovered_total", "Held events the source then answered (enriched after all)."),
+    ("log_suppressed", "collector_source_log_suppressed_total", "Per-event failure log lines over the step's log_rate."),
 )
 
 
@@ -193,6 +266,8 @@ def render(backend: Backend, server: HttpServer | None) -> str:
     o.metric("collector_events_per_second", "gauge", "Events handled per second over the last 5 s.", [({}, m.events_per_second)])
     o.metric("collector_uptime_seconds", "gauge", "Seconds since the daemon started.", [({}, m.uptime_seconds)])
     _integrity(o, m.integrity or {})
+    _pairs(o, m.pairs or {})
+    _aggregates(o, backend.aggregate_series())
     _sources(o, m.enrichment or {})
     ws = st.workers
     o.metric("collector_worker_events_total", c, "Events handled per worker.", [({"worker": w.index}, w.events) for w in ws])

@@ -35,8 +35,11 @@ class ItemResult(msgspec.Struct, omit_defaults=True, gc=False):
     refused its token: ``reason`` says why; not stored), ``deadlettered`` (a sink did not
     store it and the dead-letter sink holds it; ``reason`` names the sink: ``refused
     this event`` when the store refused its data, ``gave up: failed N times`` when the
-    sink spent its retries; ``collector replay`` stores it later, and a retry is stored,
-    not answered ``duplicate``) or ``failed`` (the engine could not process it; retry)."""
+    sink spent its retries; or an enrichment step's failure policy sent it there:
+    ``enrich STEP: refused this event: key K not found in source S`` or ``enrich STEP:
+    gave up: source S failed for key K: ...``, ``path`` the key field; ``collector
+    replay`` stores it later, and a retry is stored, not answered ``duplicate``) or
+    ``failed`` (the engine could not process it; retry)."""
 
     index: int
     status: str
@@ -127,6 +130,8 @@ class Metrics(msgspec.Struct):
     ingress: IngressStatus | None = None  # the [source] consumer (fetched, acked, lag, ...); null without one
     # duplicates per type (Dedup count_by) and sequence gaps (Gaps), by stage; null without such stages
     integrity: dict[str, dict[str, Any]] | None = None
+    # each Pair stage's counters (paired, expired, orphan, pending, ...); null without one
+    pairs: dict[str, dict[str, int]] | None = None
     # per enrichment lookup (collector.sources.metrics.SourceMetrics); null without lookups
     enrichment: dict[str, SourceMetrics] | None = None
 

@@ -73,8 +73,11 @@ def build_pipeline(cfg: DaemonConfig) -> Pipeline:
         # a step filling a field one of the pack's lookups fills replaces that lookup
         mine = {lk.target for lk in extra}
         changes["lookups"] = tuple(lk for lk in p.lookups if lk.target not in mine) + extra
-    if rules is not None or more:
-        changes["stages"] = (*p.stages, *more, *([rules] if rules is not None else []))
+    stages = (*p.stages, *more, *([rules] if rules is not None else []))
+    # state files (the SQLite pairing store's) named relative live in the data directory
+    placed = tuple(_state_in_data_dir(st, cfg.resolved_data_dir()) for st in stages)
+    if rules is not None or more or any(a is not b for a, b in zip(placed, stages, strict=True)):
+        changes["stages"] = placed
     p = dataclasses.replace(p, **changes) if changes else p
     _check_routes(p, rules, more)
     return p
@@ -97,10 +100,29 @@ def _check_routes(p: Pipeline, rules: Any, more: list[Any]) -> None:
 
 
 def config_stages(cfg: DaemonConfig) -> list[Any]:
-    """The stages of the config's ``[[stages]]`` tables, in order."""
+    """The stages of the config's ``[[stages]]`` tables, in order.
+
+    A ``pair`` with ``store = "sqlite"`` and no ``state_path`` gets
+    ``pairs-{name}.sqlite3`` (placed in ``data_dir`` by :func:`build_pipeline`).
+    """
     from ..stages import build_stage
 
-    return [build_stage(t, f"$.stages[{i}]") for i, t in enumerate(cfg.stages)]
+    out = []
+    for i, t in enumerate(cfg.stages):
+        if t.get("kind") == "pair" and t.get("store") == "sqlite" and not t.get("state_path"):
+            t = {**t, "state_path": f"pairs-{t.get('name', 'pair')}.sqlite3"}
+        out.append(build_stage(t, f"$.stages[{i}]"))
+    return out
+
+
+def _state_in_data_dir(st: Any, data_dir: Any) -> Any:
+    """A stage whose relative ``state_path`` (a SQLite pairing store) is put in ``data_dir``."""
+    import os
+
+    path = getattr(st, "state_path", None)
+    if not path or not isinstance(path, str) or os.path.isabs(path):
+        return st
+    return dataclasses.replace(st, state_path=os.path.join(str(data_dir), path))  # Pair: a dataclass
 
 
 def rules_stage(cfg: DaemonConfig) -> Any:

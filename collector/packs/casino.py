@@ -18,6 +18,8 @@ aggregates are exact.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import time
 from datetime import UTC, datetime, timedelta
@@ -122,7 +124,7 @@ class CasinoOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     rates_url: str = ""  # empty: the built-in rates service, started in the daemon
     rates_max_age: float = 60.0
-    players_dsn: str = ""  # PostgreSQL DSN with a players table; empty: the seed rows in memory
+    players_dsn: str = ""  # PostgreSQL DSN, or sqlite:///path.db, with a players table; empty: the seed rows in memory
     players_dsn_env: str = ""
     players_schema: str = "public"
     stdout: bool = True  # log final events to standard output
@@ -146,7 +148,10 @@ def seed_players(now: datetime | None = None) -> dict[int, dict[str, Any]]:
 async def migrate(dsn: str, schema: str = "public") -> list[str]:
     """``collector migrate --pack casino``: create ``schema`` and its ``players`` table if
     missing and insert the seed players that are not there (their last sign-in relative to
-    the database's ``now()``). Returns the steps applied: empty when all was in place."""
+    the database's ``now()``). Returns the steps applied: empty when all was in place.
+    ``sqlite:///path.db`` creates the file and the table there instead (no schema)."""
+    if dsn.startswith("sqlite:"):
+        return _migrate_sqlite(dsn)
     import asyncpg
 
     q = '"' + schema.replace('"', '""') + '"'
@@ -178,6 +183,29 @@ async def migrate(dsn: str, schema: str = "public") -> list[str]:
     return steps
 
 
+def _migrate_sqlite(dsn: str) -> list[str]:
+    """``migrate`` for a SQLite file: the same table and seed rows (times as ISO 8601 text)."""
+    import sqlite3
+
+    from ..sources.sql import sqlite_path
+
+    path = sqlite_path(dsn)
+    steps: list[str] = []
+    if not os.path.exists(path):
+        steps.append(f"created {path}")
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'players'").fetchone() is None:
+            conn.execute("CREATE TABLE players (id INTEGER PRIMARY KEY, email TEXT NOT NULL, last_signed_in_at TEXT)")
+            steps.append("created table players")
+        rows = seed_players()
+        have = {r[0] for r in conn.execute("SELECT id FROM players")}
+        new = [r for i, r in rows.items() if i not in have]
+        conn.executemany("INSERT INTO players (id, email, last_signed_in_at) VALUES (:id, :email, :last_signed_in_at)", new)
+        if new:
+            steps.append("seeded players " + ", ".join(str(r["id"]) for r in new))
+    return steps
+
+
 def casino_pipeline(
     rates_url: str,
     *,
@@ -193,16 +221,21 @@ def casino_pipeline(
     from ..sources.config import RatesSourceConfig
 
     rates = RatesSourceConfig(url=rates_url, max_age=rates_max_age)
-    if players_dsn or players_dsn_env:
+    columns = ("id", "email", "last_signed_in_at")
+    if players_dsn.startswith("sqlite:"):
+        from ..sources.config import SqliteSourceConfig
+
+        players: Any = SqliteSourceConfig(name="players", dsn=players_dsn, table="players", columns=columns)
+    elif players_dsn or players_dsn_env:
         from ..sources.config import PostgresSourceConfig
 
-        players: Any = PostgresSourceConfig(
-            dsn=players_dsn, dsn_env=players_dsn_env, table="players", schema=players_schema,
-            columns=("id", "email", "last_signed_in_at"), log_not_found=True)
+        players = PostgresSourceConfig(
+            name="players", dsn=players_dsn, dsn_env=players_dsn_env, table="players", schema=players_schema,
+            columns=columns)
     else:
         from ..sources.config import MapSourceConfig
 
-        players = MapSourceConfig(data=seed_players(), log_not_found=True)
+        players = MapSourceConfig(name="players", data=seed_players())
     aggs, view = seed001()
     return Pipeline(
         name="casino",
@@ -211,7 +244,9 @@ def casino_pipeline(
         id_field="id",
         lookups=(
             Lookup(name="amount_eur", key="currency", key_fields=("amount",), target="amount_eur", source=rates),
-            Lookup(name="player", key="player_id", target="player", source=players),
+            # seed 001: "log that it's missing and leave the field as zero-value": one line
+            # per event (rate-limited), not one per key and chunk
+            Lookup(name="player", key="player_id", target="player", source=players, on_failure="keep", log=True),
         ),
         stages=(
             Enrich(),

@@ -273,9 +273,17 @@ class ClickstreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     clickhouse_database: str = "default"
     sqlite_path: str = "clickstream.db"
     pair_ttl: float = 12 * 3600.0
-    pair_store: Literal["memory", "redis"] = "memory"
+    # "sqlite": the waiting halves in data_dir/pairs.sqlite3, kept across restarts (seed 002)
+    pair_store: Literal["sqlite", "memory", "redis"] = "sqlite"
+    pair_state_path: str = "pairs.sqlite3"  # pair_store = "sqlite": relative to the data directory
     pair_prefix: str = "pv:"  # Redis key prefix of the waiting halves (pair_store = "redis")
     dedup_ttl: float = 600.0
+
+
+def _in_data_dir(path: str, data_dir: str | None) -> str:
+    import os
+
+    return path if data_dir is None or os.path.isabs(path) else os.path.join(data_dir, path)
 
 
 def _tables_sinks(opts: ClickstreamOptions, data_dir: str | None) -> tuple[Any, ...]:
@@ -285,13 +293,9 @@ def _tables_sinks(opts: ClickstreamOptions, data_dir: str | None) -> tuple[Any, 
 
         return (ClickhouseSinkConfig(name="clickhouse", url=opts.clickhouse_url, database=opts.clickhouse_database,
                                      table="{event}"),)
-    import os
-
     from ..sinks.config import SqliteSinkConfig
 
-    path = opts.sqlite_path if data_dir is None or os.path.isabs(opts.sqlite_path) else os.path.join(
-        data_dir, opts.sqlite_path)
-    return (SqliteSinkConfig(name="tables", path=path, table="{event}"),)
+    return (SqliteSinkConfig(name="tables", path=_in_data_dir(opts.sqlite_path, data_dir), table="{event}"),)
 
 
 def clickstream_pipeline(
@@ -326,7 +330,8 @@ def clickstream_pipeline(
                  key=("user_id", "data.page_view_id"), time_field="timestamp",
                  carry=("timestamp", "data.page_type", "session_id"), ttl=o.pair_ttl,
                  output_type="page_view", emit="collector.packs.clickstream:page_view_record",
-                 store=o.pair_store, redis_url=o.redis_url, prefix=o.pair_prefix),
+                 store=o.pair_store, redis_url=o.redis_url, prefix=o.pair_prefix,
+                 state_path=_in_data_dir(o.pair_state_path, data_dir) if o.pair_store == "sqlite" else ""),
         ]
     if sinks is None:
         if o.role == "ingest":

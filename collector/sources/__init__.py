@@ -29,6 +29,7 @@ SOURCES: dict[str, str] = {
     "http": "collector.sources.http:HttpSource",
     "postgres": "collector.sources.sql:PostgresSource",
     "mysql": "collector.sources.sql:MysqlSource",
+    "sqlite": "collector.sources.sql:SqliteSource",
     "redis": "collector.sources.redis:RedisSource",
     "map": "collector.sources.memory:MapSource",
     "rates": "collector.sources.rates:RatesSource",

@@ -34,11 +34,14 @@ __all__ = [
     "SourceConfig",
     "SourceConfigs",
     "SourcesDoc",
+    "SqliteSourceConfig",
     "decode_source_config",
     "decode_sources",
 ]
 
 Seconds = Annotated[float, Meta(ge=0)]
+Policy = Literal["keep", "dead_letter", "hold"]  # pipeline.FAILURE_POLICIES
+Fallback = Literal["keep", "dead_letter"]  # pipeline.FALLBACKS
 
 
 class CacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -157,6 +160,11 @@ class MysqlSourceConfig(_SqlConfig, frozen=True, tag="mysql"):
     """A MariaDB/MySQL table read with aiomysql: ``WHERE key IN (...)``, one query per batch."""
 
 
+class SqliteSourceConfig(_SqlConfig, frozen=True, tag="sqlite"):
+    """A SQLite file read on a thread of its own, read-only: ``WHERE key IN (...)``, one
+    query per batch. ``dsn``: ``sqlite:///absolute/path.db`` or a plain path."""
+
+
 class RedisSourceConfig(SourceConfig, frozen=True, tag="redis"):
     """Redis values: ``GET`` (one ``MGET`` per batch) or ``HGETALL`` (pipelined) of ``key_template``."""
 
@@ -201,6 +209,7 @@ SourceConfigs = (
     | HttpSourceConfig
     | PostgresSourceConfig
     | MysqlSourceConfig
+    | SqliteSourceConfig
     | RedisSourceConfig
     | MapSourceConfig
     | RatesSourceConfig
@@ -208,13 +217,27 @@ SourceConfigs = (
 
 
 class EnrichStep(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """One enrichment step of a pipeline: ``event.<target>`` from source ``source`` by ``key``."""
+    """One enrichment step of a pipeline: ``event.<target>`` from source ``source`` by ``key``,
+    and what an event whose lookup failed gets (the failure policy of :class:`~collector.Lookup`)."""
 
     source: Annotated[str, Meta(description="the `name` of a `[[sources]]` entry")]
     key: str
     target: str
     key_fields: tuple[str, ...] = ()
     name: Annotated[str, Meta(description="the lookup's name in statistics (default: the target field)")] = ""
+    on_failure: Annotated[
+        Policy,
+        Meta(description="an event whose lookup failed: `keep` (the field keeps its default), `dead_letter` (to the "
+             "dead-letter sink, not the sinks) or `hold` (ask again for up to `hold_for` s, then `then`)"),
+    ] = "keep"
+    on_missing: Annotated[Policy | None, Meta(description="instead of `on_failure` when the source does not have the key")] = None
+    on_error: Annotated[Policy | None, Meta(description="instead of `on_failure` when the call failed (no stale value)")] = None
+    log: Annotated[bool, Meta(description="log one line per event kept at its default (step, source, key, reason)")] = False
+    log_rate: Annotated[float, Meta(gt=0, description="per-event log lines per second per worker; the rest are counted")] = 100.0
+    hold_for: Annotated[float, Meta(gt=0, description="hold: seconds a chunk waits for the source at most")] = 5.0
+    hold_retries: Annotated[int, Meta(ge=1, description="hold: times the held keys are asked again at most")] = 10
+    hold_backoff: Annotated[float, Meta(gt=0, description="hold: first wait before asking again, doubling up to 2 s (equal jitter)")] = 0.1
+    then: Annotated[Fallback, Meta(description="hold: what the events still unanswered get, `keep` or `dead_letter`")] = "keep"
 
 
 class SourcesDoc(msgspec.Struct, frozen=True, kw_only=True):
@@ -249,8 +272,15 @@ def decode_sources(doc: Any) -> tuple[Any, ...]:
         cfg = named.get(step.source)
         if cfg is None:
             raise ConfigError(f"sources: $.enrich[{i}].source {step.source!r} is not a source (known: {sorted(named)})")
-        lookups.append(Lookup(name=step.name or step.target, key=step.key, target=step.target,
-                              key_fields=step.key_fields, source=cfg))
+        try:
+            lookups.append(Lookup(
+                name=step.name or step.target, key=step.key, target=step.target, key_fields=step.key_fields,
+                source=cfg, on_failure=step.on_failure, on_missing=step.on_missing or "",
+                on_error=step.on_error or "", log=step.log, log_rate=step.log_rate, hold_for=step.hold_for,
+                hold_retries=step.hold_retries, hold_backoff=step.hold_backoff, then=step.then,
+            ))
+        except ConfigError as e:
+            raise ConfigError(f"sources: {e} - at `$.enrich[{i}]`") from None
     return tuple(lookups)
 
 

@@ -175,7 +175,7 @@ class SourceFetcher:
     async def _store(self, keys: list[Any], got: dict[Any, Any], out: dict[Any, tuple[int, Any]]) -> None:
         now = self.clock()
         cache = self.cache
-        failed: list[Any] = []
+        failed: dict[Any, str] = {}  # key → why the source could not answer it
         shared: list[tuple[Any, int, Any]] = []
         for k in keys:
             v = got.get(k, MISS)
@@ -190,33 +190,35 @@ class SourceFetcher:
                 self.acc.errors += 1
                 self.kinds[4] += 1
                 log.warning("lookup %s: %s: key %r: %s", self.name, self.source.describe(), k, v.reason)
-                failed.append(k)
+                failed[k] = v.reason
             else:
                 out[k] = (FOUND, v)
                 if cache is not None:
                     cache.put(k, v, FOUND, now)
                 shared.append((k, FOUND, v))
         if failed:
-            self._failed(failed, out, reason=None)
+            self._failed(list(failed), out, reason=failed)
         if self.shared is not None and shared:
             try:
                 await asyncio.wait_for(self.shared.put_many(shared), self.timeout)
             except Exception as e:
                 log.warning("lookup %s: shared cache write failed: %s", self.name, error_reason(e))
 
-    def _failed(self, keys: list[Any], out: dict[Any, tuple[int, Any]], reason: str | None) -> None:
+    def _failed(self, keys: list[Any], out: dict[Any, tuple[int, Any]], reason: str | dict[Any, str]) -> None:
         """Failed keys: a stale value if one may be served, else the default; both cached
-        for ``error_ttl`` so a failing source is not asked again per chunk."""
+        for ``error_ttl`` so a failing source is not asked again per chunk. An ``ERROR``
+        answer carries the reason (one for the call, or one per key) for the failure
+        policy's log line and dead-letter reason."""
         now = self.clock()
         cache = self.cache
         for k in keys:
             v = cache.stale_value(k, now) if cache is not None else MISS
             if v is MISS:
-                out[k] = (ERROR, None)
+                out[k] = (ERROR, reason if isinstance(reason, str) else reason.get(k, "failed"))
                 if cache is not None:
                     cache.put(k, FAIL, ERROR, now)
             else:
                 out[k] = (STALE, v)
                 cache.put(k, v, ERROR, now)  # type: ignore[union-attr]
-        if reason is not None:
+        if isinstance(reason, str):
             log.debug("lookup %s: %d key(s) answered without the source: %s", self.name, len(keys), reason)

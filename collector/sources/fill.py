@@ -19,7 +19,9 @@ from .cache import FAIL, SKIP
 __all__ = ["compile_fill"]
 
 
-def compile_fill(key: str, target: str, skip: bool = False, key_fields: tuple[str, ...] = ()) -> Callable[..., Any]:
+def compile_fill(
+    key: str, target: str, skip: bool = False, key_fields: tuple[str, ...] = (), collect: bool = False
+) -> Callable[..., Any]:
     """``for e in events: hit → e.<target> = v, miss → misses[k].append(e)``.
 
     Generated once per lookup (as dataclasses does) because attribute access with
@@ -29,20 +31,31 @@ def compile_fill(key: str, target: str, skip: bool = False, key_fields: tuple[st
     that leaves the field alone, and the function returns ``(hits, failed)``; with
     ``key_fields`` the key is the tuple ``(e.<key>, e.<f>, ...)``. With ``skip``, an event
     whose key field is None is not looked up at all (a deposit has no game, a game_start
-    no currency): its field keeps its default and nothing is counted.
+    no currency): its field keeps its default and nothing is counted. With ``collect``
+    (and ``skip``: a step with a failure policy), the function takes two more dicts,
+    ``nf`` and ``err``, and groups the events of cached not-found and failed keys in them
+    (key → events), for the policy to act on.
     """
     names = (key, *key_fields)
     assert all(n.isidentifier() for n in names) and target.isidentifier()
     kexpr = f"e.{key}" if not key_fields else "(" + ", ".join(f"e.{n}" for n in names) + ")"
     setter = f"            e.{target} = v\n"
-    if skip:
+    if skip and collect:
+        group = "                g = {d}.get(k)\n                if g is None:\n                    {d}[k] = [e]\n" \
+                "                else:\n                    g.append(e)\n"
+        setter = (
+            "            if v is SKIP:\n" + group.format(d="nf")
+            + "            elif v is FAIL:\n                failed += 1\n" + group.format(d="err")
+            + f"            else:\n                e.{target} = v\n"
+        )
+    elif skip:
         setter = (
             "            if v is SKIP:\n                pass\n"
             "            elif v is FAIL:\n                failed += 1\n"
             f"            else:\n                e.{target} = v\n"
         )
     src = (
-        "def fill(events, get, MISS, misses):\n"
+        f"def fill(events, get, MISS, misses{', nf, err' if collect else ''}):\n"
         "    hits = failed = 0\n"
         "    for e in events:\n"
         + (f"        if e.{key} is None:\n            continue\n" if skip else "")

@@ -25,6 +25,7 @@ from urllib.parse import quote
 import msgspec
 
 from ..errors import missing
+from ..sinks.config import redact_dsn
 from .base import Failure, Source, SourceError, gather_keys
 from .config import HttpSourceConfig
 
@@ -114,12 +115,12 @@ class HttpSource(Source):
             if resp.status in cfg.not_found_status:
                 return _NOT_FOUND
             if resp.status >= 400:
-                raise SourceError(f"HTTP {resp.status} from {url}", "http_status")
+                raise SourceError(f"HTTP {resp.status} from {redact_dsn(url)}", "http_status")
             raw = await read_bounded(resp, cfg.max_body)
         try:
             return self.dec.decode(raw)
         except msgspec.DecodeError as e:
-            raise SourceError(f"invalid JSON from {url}: {e}", "invalid") from None
+            raise SourceError(f"invalid JSON from {redact_dsn(url)}: {e}", "invalid") from None
 
     async def get_many(self, keys: Sequence[Any]) -> dict[Any, Any]:
         """One request per key (concurrently), or batched requests in batch mode."""
@@ -136,7 +137,7 @@ class HttpSource(Source):
         try:
             return dig(doc, cfg.value_path)
         except (KeyError, TypeError):
-            raise SourceError(f"answer from {url} has no {cfg.value_path!r}", "invalid") from None
+            raise SourceError(f"answer from {redact_dsn(url)} has no {cfg.value_path!r}", "invalid") from None
 
     async def _batch(self, keys: Sequence[Any]) -> dict[Any, Any]:
         cfg = self.config
@@ -176,6 +177,4 @@ class HttpSource(Source):
             await s.close()
 
     def describe(self) -> str:
-        from ..sinks.config import redact_dsn
-
         return f"http {redact_dsn(self.config.url)}"

@@ -6,6 +6,7 @@
                          └► lead(k): bounded concurrency ─► call (timeout; blocking
                               clients on the thread pool) ─► retries with jitter
                               ─► cache the value, settle the followers │ FAILED
+    refetch (a hold, :mod:`.policy`): the same leads, for the held keys
 
 The source path (``source = ...`` lookups) is :mod:`.source_runtime`.
 """
@@ -21,10 +22,11 @@ from typing import Any
 from ..pipeline import Lookup
 from ..protocol import LookupSummary
 from ..retry import Backoff
-from .cache import FOUND, LocalCache
+from .cache import ERROR, FOUND, LocalCache
 from .client import is_async
 from .fill import compile_fill
 from .guard import Flights
+from .policy import StepPolicy
 
 __all__ = ["FAILED", "LookupRuntime"]
 
@@ -50,6 +52,8 @@ class LookupRuntime:
         self.sem = asyncio.Semaphore(spec.concurrency)
         self.fill = compile_fill(spec.key, spec.target)
         self.backoff = Backoff(spec.backoff, cap=float("inf"), retries=spec.retries)
+        self.policy = StepPolicy(spec, f"client method {spec.method}")
+        self.holds: set[asyncio.Task[Any]] = set()  # leads a hold started (kept referenced)
 
     def sweep(self, now: float) -> None:
         """Drop entries older than ttl (a walk from the oldest that stops at a live one)."""
@@ -120,5 +124,34 @@ class LookupRuntime:
         self.flights.settle(k, v)
         return v
 
+    async def refetch(self, keys: list[Any], timeout: float, summ: LookupSummary) -> dict[Any, tuple[int, Any]]:
+        """Call the client again for ``keys`` (a hold), joining calls under way; wait at
+        most ``timeout`` (a call still running goes on and fills the cache)."""
+        loop = asyncio.get_running_loop()
+        futs: dict[Any, asyncio.Future[Any]] = {}
+        for k in keys:
+            fut = self.flights.get(k)
+            if fut is None:
+                t = loop.create_task(self.lead(k, summ))  # one per distinct held key, never per event
+                self.holds.add(t)
+                t.add_done_callback(self.holds.discard)
+                fut = self.flights.get(k)
+                assert fut is not None
+            futs[k] = fut
+        done, _ = await asyncio.wait(set(futs.values()), timeout=timeout)
+        out: dict[Any, tuple[int, Any]] = {}
+        for k, f in futs.items():
+            if f not in done:
+                out[k] = (ERROR, "no answer within hold_for")
+            elif f.cancelled() or f.result() is FAILED:
+                out[k] = (ERROR, "every try failed")
+            else:
+                out[k] = (FOUND, f.result())
+        return out
+
     async def close(self) -> None:
-        """Nothing to release: the client belongs to the pipeline."""
+        """Cancel the calls holds started; the client belongs to the pipeline."""
+        for t in list(self.holds):
+            t.cancel()
+        if self.holds:
+            await asyncio.gather(*self.holds, return_exceptions=True)

@@ -27,11 +27,12 @@ from ..protocol import LookupSummary
 from .fetch import ERROR_KINDS
 from .guard import CLOSED, HALF_OPEN, OPEN
 
-__all__ = ["BREAKER_STATES", "LookupMeter", "SourceMetrics", "percentile", "read_sources"]
+__all__ = ["BREAKER_STATES", "LookupMeter", "SourceMetrics", "percentile", "policy_of", "read_sources"]
 
 BREAKER_STATES = (CLOSED, OPEN, HALF_OPEN)  # gauge value = index
 _F = {f: i for i, f in enumerate(S.LOOKUP_FIELDS)}
 _ERR0 = _F["err_timeout"]
+_POLICY0 = _F["kept"]  # kept, dead_lettered, held, recovered, log_suppressed
 _NB = len(S.LOOKUP_LAT_BOUNDS_MS)
 
 
@@ -74,6 +75,12 @@ class SourceMetrics(msgspec.Struct, frozen=True):
     breaker_transitions: dict[str, int]
     latency_ms: dict[str, float]
     latency_buckets: list[int]
+    policy: dict[str, str] = {}
+    kept: int = 0
+    dead_lettered: int = 0
+    held: int = 0
+    recovered: int = 0
+    log_suppressed: int = 0
 
 
 def percentile(buckets: list[tuple[float, int]], q: float) -> float:
@@ -123,6 +130,7 @@ class LookupMeter:
             f.kinds = [0] * len(kinds)
         else:  # a client method's failed calls: no kind to tell
             v[_ERR0 + len(ERROR_KINDS) - 1] = s.errors
+        v[_POLICY0 : _POLICY0 + 5] = s.kept, s.dead_lettered, s.held, s.recovered, s.log_suppressed
         lats = s.latencies
         if lats:
             v[_F["latency_sum_us"]] = int(sum(lats) * 1e6)
@@ -140,8 +148,16 @@ class LookupMeter:
             slot.set(self.base + S.LOOKUP_STATE, BREAKER_STATES.index(br.state))
 
 
-def read_sources(block: S.StatsBlock, lookups: list[tuple[str, str]]) -> dict[str, SourceMetrics]:
-    """``{name: SourceMetrics}`` for ``lookups`` ((name, kind) in Pipeline.lookups order)."""
+def policy_of(lk: Any) -> dict[str, str]:
+    """A lookup's failure policy as shown with its metrics: per outcome, and a hold's ``then``."""
+    out = {"not_found": lk.policy_for("not_found"), "error": lk.policy_for("error")}
+    if "hold" in out.values():
+        out["then"] = lk.then
+    return out
+
+
+def read_sources(block: S.StatsBlock, lookups: list[tuple[Any, ...]]) -> dict[str, SourceMetrics]:
+    """``{name: SourceMetrics}`` for ``lookups`` ((name, kind[, policy]) in Pipeline.lookups order)."""
     n = min(len(lookups), S.MAX_LOOKUPS)
     if not n:
         return {}
@@ -160,7 +176,8 @@ def read_sources(block: S.StatsBlock, lookups: list[tuple[str, str]]) -> dict[st
                 states[k][st if 0 <= st < 3 else 0] += 1
     out: dict[str, SourceMetrics] = {}
     for k in range(n):
-        name, kind = lookups[k]
+        name, kind = lookups[k][:2]
+        policy = lookups[k][2] if len(lookups[k]) > 2 else {}
         t = tot[k]
         c = dict(zip(S.LOOKUP_FIELDS, t, strict=False))
         events = c["hits"] + c["misses"]
@@ -197,5 +214,11 @@ def read_sources(block: S.StatsBlock, lookups: list[tuple[str, str]]) -> dict[st
                 "p99": percentile(buckets, 0.99),
             },
             latency_buckets=[x for _, x in buckets],
+            policy=policy,
+            kept=c["kept"],
+            dead_lettered=c["dead_lettered"],
+            held=c["held"],
+            recovered=c["recovered"],
+            log_suppressed=c["log_suppressed"],
         )
     return out

@@ -9,6 +9,8 @@
                                most ``max_batch`` keys, concurrently, each a
                                SourceFetcher.fetch (cache levels, breaker, retries, stale)
                           ─► the group's future maps key → (outcome, value) ─► fill the events
+                                 (failed keys ─► ``gone`` for the step's failure policy)
+    refetch (a hold, :mod:`.policy`): the held keys again, past the local cache, same flights
 
 The fetch path itself is :mod:`.fetch`; the client-method path is :mod:`.lookup`.
 """
@@ -28,6 +30,7 @@ from .cache import ERROR, FOUND, NOT_FOUND
 from .fetch import STALE, SourceFetcher, error_reason
 from .fill import compile_fill
 from .guard import Flights
+from .policy import Gone, StepPolicy
 
 __all__ = ["SourceRuntime"]
 
@@ -47,7 +50,9 @@ class SourceRuntime:
         self.cache, self.shared, self.breaker = self.fetcher.cache, self.fetcher.shared, self.fetcher.breaker
         self.timeout = self.fetcher.timeout
         self.get: Callable[[Any, Any], Any] = self.cache.values.get if self.cache is not None else {}.get
-        self.fill = compile_fill(spec.key, spec.target, skip=True, key_fields=spec.key_fields)
+        cfg = source.config
+        self.policy = StepPolicy(spec, f"{cfg.name} ({source.kind})" if getattr(cfg, "name", "") else source.describe())
+        self.fill = compile_fill(spec.key, spec.target, skip=True, key_fields=spec.key_fields, collect=True)
         self.flights = Flights()
         self.linger = source.config.resilience.linger
         self.pending: list[Any] = []
@@ -61,11 +66,14 @@ class SourceRuntime:
         if self.cache is not None:
             self.cache.sweep(now)
 
-    async def resolve(self, misses: dict[Any, list[Any]], summ: LookupSummary) -> None:
+    async def resolve(
+        self, misses: dict[Any, list[Any]], summ: LookupSummary, gone: dict[Any, Gone] | None = None
+    ) -> None:
         """Fill the events of ``misses`` (key → events): join calls under way, start the rest.
 
         A call's keys share one future whose result maps each key to its outcome, so a
-        chunk waits on a few futures, not on one per key.
+        chunk waits on a few futures, not on one per key. With ``gone`` (a step with a
+        failure policy), the keys not found or failed (no stale value) go there.
         """
         waits: list[tuple[Any, list[Any], asyncio.Future[Any] | None]] = []
         new: list[Any] = []
@@ -97,6 +105,8 @@ class SourceRuntime:
             assert fut is not None
             if fut.cancelled() or fut.exception() is not None:
                 summ.failures += len(evs)
+                if gone is not None:
+                    gone[k] = Gone(ERROR, "the call was cancelled", evs, "failures")
                 continue
             outcome, v = fut.result().get(k, failed)
             if outcome in (FOUND, STALE):
@@ -107,8 +117,43 @@ class SourceRuntime:
                     summ.failures += len(evs)
             elif outcome == NOT_FOUND:
                 summ.not_found += len(evs)
+                if gone is not None:
+                    gone[k] = Gone(NOT_FOUND, "not found", evs, "not_found")
             else:
                 summ.failures += len(evs)
+                if gone is not None:
+                    gone[k] = Gone(ERROR, v if isinstance(v, str) else "no answer", evs, "failures")
+
+    async def refetch(self, keys: list[Any], timeout: float, summ: LookupSummary) -> dict[Any, tuple[int, Any]]:
+        """Ask again for ``keys`` (a hold): past the local cache, joining calls under way
+        (other chunks' holds of the same key share one call); waits at most ``timeout``.
+
+        key → (outcome, value; the reason for ``ERROR``). The calls' figures reach the
+        chunk's summary through :meth:`report`, like every call's.
+        """
+        futs: dict[Any, asyncio.Future[Any]] = {}
+        new: list[Any] = []
+        under_way = self.flights.calls.get
+        for k in keys:
+            f = under_way(k)
+            if f is None:
+                new.append(k)
+            else:
+                futs[k] = f
+        if new:
+            mine = self.submit(new)
+            for k in new:
+                futs[k] = mine
+        done, _ = await asyncio.wait(set(futs.values()), timeout=timeout)
+        out: dict[Any, tuple[int, Any]] = {}
+        for k, f in futs.items():
+            if f not in done:
+                out[k] = (ERROR, "no answer within hold_for")
+            elif f.cancelled() or f.exception() is not None:
+                out[k] = (ERROR, "the call was cancelled")
+            else:
+                out[k] = f.result().get(k, (ERROR, "no answer"))
+        return out
 
     def submit(self, keys: list[Any]) -> asyncio.Future[Any]:
         """Send ``keys`` out now, or after ``linger`` seconds together with later chunks' keys.

@@ -1,14 +1,15 @@
-"""The ``postgres`` (asyncpg) and ``mysql`` (aiomysql) kinds: one query per batch of keys.
+"""The ``postgres`` (asyncpg), ``mysql`` (aiomysql) and ``sqlite`` kinds: one query per batch of keys.
 
 ::
 
     distinct keys of a chunk ─► SELECT key, cols FROM table WHERE key = ANY($1)   (postgres)
-                                SELECT key, cols FROM table WHERE key IN (...)     (mysql)
+                                SELECT key, cols FROM table WHERE key IN (...)     (mysql, sqlite)
                              ─► {key: value}: one value column gives a scalar, several a dict
 
 Never one query per event: the runtime hands a chunk's distinct misses in calls of at
 most ``max_keys`` keys. Connections are pooled (``pool_size`` per worker), created
-inside the worker's loop. A query that fails because its connection was dropped
+inside the worker's loop (SQLite: one read-only connection on a thread of the source's
+own, the stdlib driver being blocking). A query that fails because its connection was dropped
 (server restart, idle kill, ``pg_terminate_backend``) is sent once more on a fresh
 connection before it counts as failed. SQL sources are uncached by default (seed 001:
 "DB results may not be cached"), so every chunk sees the rows as they are; autocommit
@@ -27,9 +28,9 @@ from urllib.parse import unquote, urlsplit
 from ..errors import ConfigError, missing
 from ..sinks.config import redact_dsn
 from .base import Source
-from .config import MysqlSourceConfig, PostgresSourceConfig
+from .config import MysqlSourceConfig, PostgresSourceConfig, SqliteSourceConfig
 
-__all__ = ["MysqlSource", "PostgresSource"]
+__all__ = ["MysqlSource", "PostgresSource", "SqliteSource", "sqlite_path"]
 
 log = logging.getLogger("collector.sources")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -217,3 +218,66 @@ class MysqlSource(_SqlSource):
             p, self.pool = self.pool, None
             p.close()
             await p.wait_closed()
+
+
+def sqlite_path(dsn: str) -> str:
+    """The file of a ``sqlite:///path`` DSN (or of a plain path)."""
+    return dsn[len("sqlite://"):] if dsn.startswith("sqlite://") else dsn
+
+
+def _dict_row(cur: Any, row: tuple[Any, ...]) -> dict[str, Any]:
+    return {d[0]: v for d, v in zip(cur.description, row, strict=True)}
+
+
+class SqliteSource(_SqlSource):
+    """``SqliteSource(dsn="sqlite:///var/lib/collector/players.db", table="players", columns=(...))``.
+
+    Read-only (``mode=ro``): the source never creates the file or takes a write lock, so
+    the process that owns the database writes on while workers read fresh rows.
+    """
+
+    kind = "sqlite"
+    Config = SqliteSourceConfig
+    keys_clause = "IN ({keys})"  # one ? per key, written at query time
+
+    def __init__(self, config: Any = None, /, **fields: Any) -> None:
+        import sqlite3
+
+        self.sqlite3 = sqlite3
+        self.lost = (sqlite3.OperationalError,)  # locked, file replaced: once more on a new connection
+        self.conn: Any = None
+        self.executor: Any = None
+        super().__init__(config, **fields)
+
+    def _query(self, keys: list[Any]) -> list[Any]:
+        """On the source's thread: the rows for ``keys``."""
+        if self.conn is None:
+            path = sqlite_path(self.dsn)
+            if not os.path.exists(path):
+                raise ConfigError(f"sqlite source: no database at {path} (create it: collector migrate)")
+            self.conn = self.sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            self.conn.row_factory = _dict_row
+        marks = ", ".join("?" * len(keys)) or "NULL"
+        try:
+            return list(self.conn.execute(self.sql.replace("{keys}", marks), keys).fetchall())
+        except self.lost:
+            self.conn.close()
+            self.conn = None
+            raise
+
+    async def fetch(self, keys: list[Any]) -> list[Any]:
+        import asyncio
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(1, thread_name_prefix="collector-sqlite")
+        self.queries += 1
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._query, keys)
+
+    async def close(self) -> None:
+        if self.executor is not None:
+            ex, self.executor = self.executor, None
+            if self.conn is not None:
+                ex.submit(self.conn.close).result()
+                self.conn = None
+            ex.shutdown(wait=False)

@@ -42,7 +42,8 @@ import msgspec
 from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from . import aggregators as F
-from .windows import Global, Window, WindowShape, times_of
+from .config import AggregateConfig
+from .windows import Global, Window, WindowShape, times_of, window_from_config
 
 __all__ = [
     "Aggregate",
@@ -70,6 +71,9 @@ class Aggregate:
     dict (all must hold), a picklable predicate or a ``"module:function"`` string.
     ``rate`` counts events per second: over the ``Sliding`` window's last ``size``
     seconds (a moving average) or since the first event (``Global``).
+
+    ``prometheus``: shown in the daemon's Prometheus text, its values while it has at
+    most ``max_series`` groups (``collector.stages.exposition``).
     """
 
     name: str
@@ -83,6 +87,8 @@ class Aggregate:
     exact_distinct: int = 10_000
     snapshot_top: int = 0  # top_k: items per pane in a snapshot (0: max(4k, 50))
     clock: Callable[[], float] = time.time  # processing time (patch it in tests)
+    prometheus: bool = True
+    max_series: int = 100
 
     def __post_init__(self) -> None:
         where = f"aggregate {self.name!r}"
@@ -94,9 +100,18 @@ class Aggregate:
             raise ConfigError(f"{where}: top_k needs by= (the field whose values are ranked)")
         if self.fn == "rate" and (self.by or self.value):
             raise ConfigError(f"{where}: rate counts all matching events; it takes no by= or value=")
-        if self.k < 1 or self.max_groups < 2 or self.exact_distinct < 0:
-            raise ConfigError(f"{where}: k must be >= 1, max_groups >= 2, exact_distinct >= 0")
+        if self.k < 1 or self.max_groups < 2 or self.exact_distinct < 0 or self.max_series < 1:
+            raise ConfigError(f"{where}: k must be >= 1, max_groups >= 2, exact_distinct >= 0, max_series >= 1")
         self.window.shape()  # checks sizes
+
+    config_struct = AggregateConfig  # what a [[stages]] table decodes into (a class attribute, not a field)
+
+    @classmethod
+    def from_config(cls, cfg: AggregateConfig) -> Aggregate:
+        """The aggregate a ``[[stages]]`` table declares (decoded into ``AggregateConfig``)."""
+        fields = {f: getattr(cfg, f) for f in cfg.__struct_fields__}
+        fields.update(by=tuple(cfg.by) if isinstance(cfg.by, list) else cfg.by, window=window_from_config(cfg.window))
+        return cls(**fields)
 
     def merge(self, partials: Sequence[bytes]) -> AggregateResult:
         """The workers' partials merged (the engine calls this on read); none yet: empty."""

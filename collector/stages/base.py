@@ -4,7 +4,8 @@
 
     Stage (frozen description, picklable) ──build()──► runtime in each worker
     runtime(events) ─► drops [ErrorRecord(pos, path, reason, kind)], or a coroutine of them
-    runtime.settle(events, ok, failed)  optional: the chunk's fate after the sinks (dedup, gaps);
+    runtime.settle(events, ok, failed)  optional: the chunk's fate after the sinks (dedup, gaps; may
+                                 return an awaitable, awaited before the ack: a shared store);
                                  ``failed``: the events a sink dead-lettered instead
     runtime.snapshot() -> bytes  optional: partial state the supervisor merges (aggregates, gaps,
                                  dedup with count_by; a description may say `stateful = False`);

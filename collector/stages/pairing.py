@@ -30,7 +30,7 @@ import collections
 import logging
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -41,6 +41,7 @@ from .. import registry
 from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from ..registry import import_string
+from .config import PairConfig
 from .windows import parse_time
 
 __all__ = ["Pair", "PairRecord", "PairRuntime"]
@@ -51,7 +52,11 @@ COUNTERS = (
     "missing_key", "output_dropped", "emitted", "emit_errors",
 )
 # store → "module:attr" of its runtime, imported when named (as collector.stages.STAGES)
-STORES = {"memory": "collector.stages.pairing:PairRuntime", "redis": "collector.stages.pairing_redis:RedisPairRuntime"}
+STORES = {
+    "memory": "collector.stages.pairing:PairRuntime",
+    "redis": "collector.stages.pairing_redis:RedisPairRuntime",
+    "sqlite": "collector.stages.pairing_sqlite:SqlitePairRuntime",
+}
 
 
 class PairRecord(msgspec.Struct, omit_defaults=True, gc=False):
@@ -111,6 +116,7 @@ class Pair:
     prefix: str = "pv:"
     redis_grace: float = 86400.0
     sweep_limit: int = 1000
+    state_path: str = ""
 
     def __post_init__(self) -> None:
         where = f"pair {self.name!r}"
@@ -118,6 +124,8 @@ class Pair:
             raise ConfigError(f"{where}: needs a key, ttl > 0, orphan_ttl > 0, max_pending >= 1")
         if self.store not in STORES and ":" not in self.store:
             raise ConfigError(f"{where}: store must be one of {', '.join(STORES)} or 'module:attr' (got {self.store!r})")
+        if self.store == "sqlite" and not self.state_path:
+            raise ConfigError(f"{where}: store 'sqlite' needs state_path (the SQLite file of the waiting halves)")
         if self.tick <= 0 or self.redis_grace < 0 or self.sweep_limit < 1:
             raise ConfigError(f"{where}: needs tick > 0, redis_grace >= 0, sweep_limit >= 1")
         if self.emit is not None and not isinstance(self.emit, str):
@@ -130,6 +138,31 @@ class Pair:
                     f"{where}: emit {self.emit!r} cannot be pickled ({e}); use a module-level "
                     "function or a 'module:attr' string"
                 ) from None
+
+    config_struct = PairConfig  # what a [[stages]] table decodes into (a class attribute, not a field)
+
+    @classmethod
+    def from_config(cls, cfg: PairConfig) -> Pair:
+        """The pairing a ``[[stages]]`` table declares (decoded into ``PairConfig``)."""
+        fields = {f: getattr(cfg, f) for f in cfg.__struct_fields__}
+        fields.update(key=tuple(cfg.key), carry=tuple(cfg.carry))
+        return cls(**fields)
+
+    # the engine lists the stage among the aggregates (its counters) and in /metrics ``pairs``
+    pairing = True
+
+    def merge(self, partials: Sequence[bytes]) -> dict[str, int]:
+        """The workers' ``partial()`` counters summed (the engine calls this on read); none
+        published yet: every counter 0."""
+        out = dict.fromkeys(COUNTERS, 0)
+        for data in partials:
+            for k, v in _counts.decode(data).items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def read(self, result: dict[str, int], key: Any = None, **_: Any) -> Any:
+        """The counters (``paired``, ``expired``, ``orphan``, ``pending``, ...), or one of them."""
+        return dict(result) if key is None else result.get(key, 0)
 
     def build(self) -> PairRuntime:
         """The running pairing of one worker (``store="redis"``: its Redis-backed form)."""
@@ -159,6 +192,7 @@ class _State(msgspec.Struct, array_like=True):
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(_State)
+_counts = msgspec.msgpack.Decoder(dict[str, int])
 Pending = tuple[float, float | None, tuple[Any, ...]]  # arrival, event time, carried values
 
 
@@ -175,6 +209,7 @@ class PairRuntime:
         self._carry = attrgetter(*spec.carry) if spec.carry else None
         self._convert = spec.converter()
         self._emit_error = ""
+        self._published: tuple[dict[str, int], bytes] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -191,6 +226,17 @@ class PairRuntime:
     def stats(self) -> dict[str, int]:
         """The counters, with ``pending`` (starts waiting) and ``pending_ends``."""
         return {**self.counters, "pending": len(self.starts), "pending_ends": len(self.ends)}
+
+    def partial(self) -> bytes:
+        """``stats()`` as msgpack bytes for the supervisor to merge: the same bytes
+        object while the counters are unchanged, so an idle worker publishes nothing."""
+        st = self.stats()
+        last = self._published
+        if last is not None and last[0] == st:
+            return last[1]
+        data = _enc.encode(st)
+        self._published = (st, data)
+        return data
 
     def drain(self) -> list[Any]:
         """The records made since the last drain, converted by ``emit`` when set.

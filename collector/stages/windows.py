@@ -37,6 +37,7 @@ __all__ = [
     "WindowShape",
     "parse_time",
     "times_of",
+    "window_from_config",
 ]
 
 
@@ -108,6 +109,13 @@ class Sliding(Window):
         """Panes of ``step``."""
         _positive(self, size=self.size, step=self.step)
         return WindowShape("sliding", self.step, self.size, self.step)
+
+
+def window_from_config(cfg: Any) -> Window:
+    """The window a ``collector.stages.config`` window table describes (tagged on ``kind``)."""
+    kind = type(cfg).__struct_config__.tag
+    cls = {"global": Global, "tumbling": Tumbling, "hopping": Hopping, "sliding": Sliding}[kind]
+    return cls(**{f: getattr(cfg, f) for f in cfg.__struct_fields__})
 
 
 def _positive(w: Window, **values: float) -> None:

@@ -8,7 +8,9 @@
                          heartbeat task ──► slot i; exits if the parent is gone   │
                          tick task ──► runner.tick(): expire, commit records      │
       runner.PipelineRunner                                                      ▼
-          decode (msgspec) ─► pipeline.stages in order (dedup, filters, pair)
+          decode (msgspec) ─► [ranges.RangeRouter: a shard="key" NDJSON range keeps
+          this worker's events, the others go back to the supervisor as Routed parts]
+          ─► pipeline.stages in order (dedup, filters, pair)
           ─► enrich ─► count ─► sinks commit (events + emitted records) ─► stages settle ─► Ack ──► channel i
 
 The supervisor imports only :func:`worker_main` (its spawn target), :class:`WorkerSpec`

@@ -4,9 +4,10 @@
 
     Chunk.payload ──► decode (msgspec, whole chunk; per item only when something is invalid)
         ─► pipeline.stages in order (dedup, filters; a stage may await another chunk)
-        ─► enrich (cache inline, distinct misses concurrently) ─► count (batch statistics)
-        ─► drain emitters (records a stage made) ─► sinks commit: events + records, one commit
-           (invalid items to the dead-letter sink) ─► settle ─► Ack
+        ─► enrich (cache inline, distinct misses concurrently; failure policies: keep, hold,
+           or dead-letter: out of the chunk, see deadletters.py) ─► count (batch statistics)
+        ─► drain emitters (records a stage made) ─► sinks commit: events + records, one commit,
+           while invalid and dead-lettered items go to the dead-letter sink ─► settle ─► Ack
     tick() every TICK s (the worker loop; no chunk needed) ─► expire(now) of stages that have it
         ─► drain emitters ─► sinks commit (records only)
 
@@ -14,6 +15,7 @@ Stages that remember what passed them (dedup) have a ``settle(events, ok, failed
 is called with ``ok=True`` once the sinks committed the chunk (``failed``: the events a
 sink dead-lettered instead of storing, not remembered), and with ``ok=False`` when the
 chunk failed anywhere on the way, so a retried event is not dropped as a duplicate.
+A settle may return an awaitable (a shared store's round trip), awaited before the ack.
 An event a sink dead-lettered is answered with kind ``deadlettered`` (the sink and its
 reason); it counts as handled, not failed: the dead-letter sink holds it.
 Input never fails a chunk: every decode error becomes an :class:`ErrorRecord`.
@@ -28,11 +30,8 @@ positions of the chunk: a sink's dead-letter entry past the events counts in
 worker loop runs every ``tick_interval`` seconds (the smallest ``tick`` among the
 stages, default 1 s) so records are made without traffic; ``tick`` commits what the
 emitters then hold on its own, concurrently with the chunks' commits. A runtime with
-``aclose()`` is closed at the drain.
-
-``Order`` (see stages/base.py) adds: ``settle_records`` (an emitter hears of its drained
-records' commit), ``flush()`` at the drain, drops of kind ``held`` (off the chunk, no
-answer of their own), and ``take_order()`` (the runner permutes events and positions).
+``aclose()`` is closed at the drain. ``Order``'s hooks (``settle_records``, ``flush``,
+drops of kind ``held``, ``take_order``, ``redelivered``): stages/base.py, :mod:`.emitters`.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ import inspect
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from operator import attrgetter
 from typing import Any
@@ -53,10 +52,20 @@ import msgspec
 from .. import stats as S
 from ..enrich import Enricher, build_enricher
 from ..pipeline import Pipeline, resolve_pipeline
-from ..protocol import Ack, Chunk, ChunkSummary, ErrorRecord, Message
+from ..protocol import (
+    Ack,
+    Chunk,
+    ChunkSummary,
+    ErrorRecord,
+    Message,
+    ndjson_lines,
+)
 from ..registry import import_string
 from ..sources.metrics import LookupMeter
 from ..stages.routing import Routes, merge_routes, routes_of
+from . import emitters
+from .deadletters import take_dead
+from .ranges import RangeRouter
 
 __all__ = ["TICK", "PipelineRunner", "error_path"]
 
@@ -87,7 +96,7 @@ class PipelineRunner:
         self.sinkset: Any = None
         self.enricher: Enricher | None = None
         self.counted: dict[int, int] = {}  # chunk id → events it added to INFLIGHT
-        self.seen_keys: dict[int, set[Any]] = {}  # op → keys reported (shard="chunk")
+        self.seen_keys: dict[int, set[Any]] = {}  # op → keys reported (shard="chunk", routed ranges)
         p = resolve_pipeline(pipeline)
         self.pipeline = p
         T = p.event_type
@@ -95,6 +104,7 @@ class PipelineRunner:
         self.dec_one = msgspec.json.Decoder(T)
         self.report_keys = p.shard == "chunk"
         self.keyget = attrgetter(p.key)
+        self.router = RangeRouter(p.key, worker, send)  # shard="key" NDJSON ranges
         self.dec_raw = msgspec.json.Decoder(list[msgspec.Raw])
         self.enc = msgspec.json.Encoder()
         self.executor = ThreadPoolExecutor(p.blocking_threads, thread_name_prefix="collector-blocking")
@@ -103,7 +113,9 @@ class PipelineRunner:
             factory = import_string(client, "client factory")
             client = factory() if callable(factory) else factory
         self.client = client
-        self.enricher = build_enricher(p.lookups, client, self.executor, p.event_type) if p.lookups else None
+        self.enricher = (
+            build_enricher(p.lookups, client, self.executor, p.event_type, p.id_field) if p.lookups else None
+        )
         # per-lookup words of the slot (the first MAX_LOOKUPS lookups, in pipeline order)
         self.meters = {
             rt.spec.name: LookupMeter(slot, i, rt)
@@ -113,7 +125,7 @@ class PipelineRunner:
         # the steps in pipeline order; enrichment runs where an Enrich() stage stands, or
         # after every stage when the pipeline names none (the order before Enrich existed)
         self.steps: list[tuple[Any, Any, Any, Any] | None] = []  # (runtime, settle, take_routes, take_order)
-        self.stateful: list[tuple[str, Any]] = []  # (name, runtime) of stages with mergeable partial state
+        self.stateful: list[tuple[str, Callable[[], bytes]]] = []  # (name, partial of the runtime) to publish
         self.emitters: list[Any] = []  # runtimes with drain(): records for the sinks
         self.expiring: list[Any] = []  # runtimes with expire(now): called by tick()
         self.closing: list[Any] = []  # runtimes with aclose()
@@ -132,10 +144,11 @@ class PipelineRunner:
             # a stage that reorders the chunk (Order) hands over the new order
             reorder = run.take_order if callable(getattr(run, "take_order", None)) else None
             self.steps.append((run, getattr(run, "settle", None), take, reorder))
-            # published partials are for the supervisor to merge; a stage without merge
-            # (Pair) has a snapshot() for persistence, not worth encoding every interval
-            if hasattr(run, "snapshot") and hasattr(st, "merge"):
-                self.stateful.append((st.name, run))
+            # published partials are for the supervisor to merge: a runtime's partial()
+            # when it has one (Pair: its counters; its snapshot() is its whole state, for
+            # persistence, not worth encoding every interval), else its snapshot()
+            if hasattr(st, "merge") and (hasattr(run, "partial") or hasattr(run, "snapshot")):
+                self.stateful.append((st.name, getattr(run, "partial", None) or run.snapshot))
             if callable(getattr(run, "drain", None)):
                 self.emitters.append(run)
             if callable(getattr(run, "expire", None)):
@@ -163,7 +176,7 @@ class PipelineRunner:
 
     def snapshots(self) -> list[tuple[str, bytes]]:
         """The partial state of every stateful stage (their bytes are reused while idle)."""
-        return [(name, run.snapshot()) for name, run in self.stateful]
+        return [(name, partial()) for name, partial in self.stateful]
 
     async def open(self) -> None:
         """Build and open the sinks (raises: a boot failure)."""
@@ -183,33 +196,12 @@ class PipelineRunner:
             await self.sinkset.open()
 
     def drain_emitters(self) -> tuple[list[Any], list[tuple[Any, int, int]]]:
-        """The records every emitter made since its last drain, and where each emitter
-        that wants to hear of their commit (``settle_records``: Order) has its own."""
-        out: list[Any] = []
-        spans: list[tuple[Any, int, int]] = []
-        for em in self.emitters:
-            recs = em.drain()
-            if recs:
-                settle = getattr(em, "settle_records", None)
-                if settle is not None:
-                    spans.append((settle, len(out), len(out) + len(recs)))
-                out += recs
-        return out, spans
-
-    @staticmethod
-    def settle_records(spans: list[Any], records: list[Any], ok: bool, dead: list[Any] | None = None, at: int = 0) -> None:
-        """Tell each emitter with ``settle_records`` the fate of its drained records
-        (``dead``: positions from ``at`` a sink dead-lettered; ``ok`` False: the commit raised)."""
-        for settle, a, b in spans:
-            mine = [(p - at - a, sink, why) for p, sink, why in dead or () if a <= p - at < b]
-            settle(records[a:b], ok, mine)
+        """The records every emitter made since its last drain, with their spans (:mod:`.emitters`)."""
+        return emitters.drain(self.emitters)
 
     def release_held(self) -> None:
         """The drain began: emitters that hold events (Order's buffer) release them all."""
-        for em in self.emitters:
-            flush = getattr(em, "flush", None)
-            if flush is not None:
-                flush()
+        emitters.release(self.emitters)
 
     async def tick(self) -> int:
         """Expire what is due in every stage that expires, then commit the records made.
@@ -234,16 +226,16 @@ class PipelineRunner:
         if not records:
             return 0
         if self.sinkset is None:
-            self.settle_records(spans, records, True)
+            emitters.settle(spans, records, True)
             return 0
         try:
             dead = await self.sinkset.commit(records)
         except BaseException:
-            self.settle_records(spans, records, False)
+            emitters.settle(spans, records, False)
             raise
         if dead:
             self.count_dead_records(dead, records, 0)
-        self.settle_records(spans, records, True, dead)
+        emitters.settle(spans, records, True, dead)
         return len(records)
 
     def count_dead_records(self, dead: list[tuple[int, str, str]], records: list[Any], at: int) -> None:
@@ -296,9 +288,9 @@ class PipelineRunner:
         return seen
 
     def items(self, payload: bytes, ndjson: bool) -> list[Any]:
-        """The raw JSON text of each item of a chunk."""
+        """The raw JSON text of each item of a chunk (an NDJSON chunk's blank lines are none)."""
         if ndjson:
-            return payload.split(b"\n")
+            return ndjson_lines(payload)
         return self.dec_raw.decode(payload)
 
     def decode(self, payload: bytes, ndjson: bool = False) -> tuple[list[Any], list[int] | None, list[ErrorRecord]]:
@@ -306,7 +298,7 @@ class PipelineRunner:
         try:
             if ndjson:
                 # one array parse beats decode_lines; a blank line makes it fail (",,")
-                # and the slow path below reports it as an item of its own
+                # and the slow path below skips it: blank lines are not events
                 return self.dec.decode(b"[" + payload.replace(b"\n", b",") + b"]"), None, []
             else:
                 return self.dec.decode(payload), None, []
@@ -336,12 +328,15 @@ class PipelineRunner:
     def fail(self, chunk: Chunk, e: Exception) -> None:
         """A bug in pipeline code fails the chunk's events (not the worker): ack them as errors."""
         self.slot.add(S.INFLIGHT, -self.counted.pop(chunk.id, 0))
+        own = self.router.own_lines.pop(chunk.id, None)
         try:
-            n = len(self.items(chunk.payload, chunk.ndjson))
+            # a routed range answers only for the lines it kept: the others' owners ack theirs
+            lines: Sequence[int] = own if own is not None else range(len(self.items(chunk.payload, chunk.ndjson)))
         except (msgspec.ValidationError, msgspec.DecodeError):
-            n = 0
+            lines = ()
+        n = len(lines)
         reason = f"pipeline error: {type(e).__name__}: {e}"
-        errors = [ErrorRecord(i, "$", reason, "error") for i in range(n)]
+        errors = [ErrorRecord(i, "$", reason, "error") for i in lines]
         self.send(Ack(chunk.id, 0, n, errors, ChunkSummary(counts={}, lookups={})))
         self.slot.count_processed(n, n, 0.0)
 
@@ -354,13 +349,17 @@ class PipelineRunner:
             await self.process(chunk, settles)
         finally:
             for settle, passed in settles:  # left only when the chunk failed
-                settle(passed, False)
+                res = settle(passed, False)
+                if res is not None:  # a shared store (Redis) releases the claims
+                    await res
 
     async def process(self, chunk: Chunk, settles: list[tuple[Any, list[Any]]]) -> None:
         """Decode, stages, enrichment, counts and sinks for a chunk, then its ack."""
         t0 = time.perf_counter()
         slot = self.slot
         events, kept, errors = self.decode(chunk.payload, chunk.ndjson)
+        if chunk.route:
+            events, kept = self.router.route(chunk, events, kept, errors)
         n_total = len(events) + len(errors)
         slot.add(S.INFLIGHT, n_total)
         self.counted[chunk.id] = n_total
@@ -368,14 +367,21 @@ class PipelineRunner:
         invalid = list(errors)
         summary = ChunkSummary(counts={}, lookups={})
         routed: Routes | None = None  # id(event) → (event, the sinks its route rules name)
+        policy_dead: list[Any] = []  # events a step's failure policy dead-lettered
+        rejected: list[Any] = []  # DeadLetter records, written with the commit
         for step in self.steps:
             if step is None:
                 if self.enricher is not None:
-                    summary.lookups = await self.enricher.enrich(events)
+                    gone: list[Any] = []  # (event, stage, path, reason) a failure policy dead-lettered
+                    summary.lookups = await self.enricher.enrich(events, gone)
                     self.count_lookups(summary)
                     # an event whose lookup failed keeps the default (failures of two lookups: two events)
                     fails = sum(ls.failures for ls in summary.lookups.values())
                     slot.add(S.ENRICHED, max(len(events) - fails, 0))
+                    if gone:
+                        events, kept, policy_dead, rejected = take_dead(gone, events, kept, errors, self.enc,
+                                                                        self.worker)
+                        slot.add(S.DEADLETTERED, len(rejected))
                 continue
             stage, settle, take, reorder = step
             # a chunk delivered again after a worker died goes alone: a stage may treat it apart
@@ -413,7 +419,7 @@ class PipelineRunner:
                 kept = list(range(len(events)))
             kept = [p for i, p in enumerate(kept) if i not in drop]
             events = [e for i, e in enumerate(events) if i not in drop]
-        if self.report_keys:
+        if self.report_keys or chunk.route or chunk.part:
             seen = self.op_keys(chunk.op)
             try:
                 new = set(map(self.keyget, events)) - seen
@@ -426,51 +432,53 @@ class PipelineRunner:
                 (k if type(k) is str else str(k)): v for k, v in Counter(map(get, events)).items()
             }
         records, spans = self.drain_emitters() if self.emitters else (None, [])
+        dead: list[tuple[int, str, str]] = []
         if self.sinkset is not None:
             if invalid:
                 from ..sinks import DeadLetter
 
                 raws = self.items(chunk.payload, chunk.ndjson)
-                await self.sinkset.reject(
-                    [
-                        DeadLetter(
-                            payload=bytes(raws[r.pos]).decode("utf-8", "replace"),
-                            reason=r.reason,
-                            path=r.path,
-                            stage="validate",
-                            time=time.time(),
-                        )
-                        for r in invalid
-                    ]
-                )
+                now = time.time()
+                rejected += [DeadLetter(bytes(raws[r.pos]).decode("utf-8", "replace"), r.reason, r.path, "validate",
+                                        now, self.worker) for r in invalid]
                 slot.add(S.DEADLETTERED, len(invalid))
             routes = None
             if routed:
                 routes = routes_of(routed, events)
+            n_ev = len(events)
             if records:
-                n_ev = len(events)
                 if routes is not None:
                     routes += [None] * len(records)  # emitted records go where unrouted events go
-                try:
-                    dead = await self.sinkset.commit(events + records, routes)
-                except BaseException:
-                    self.settle_records(spans, records, False)
-                    raise
+                events_out: list[Any] = events + records
+            else:
+                events_out = events
+            # the dead-letter records are written while the sinks commit (one round of the
+            # writers, not two); both are done before the ack
+            jobs = [self.sinkset.commit(events_out, routes)] if events_out else []
+            if rejected:
+                jobs.append(self.sinkset.reject(rejected))
+            try:
+                if len(jobs) > 1:
+                    dead = (await asyncio.gather(*jobs))[0]
+                elif jobs:
+                    got = await jobs[0]
+                    dead = got if events_out else []
+            except BaseException:
+                if records:
+                    emitters.settle(spans, records, False)
+                raise
+            if records:
                 if dead and dead[-1][0] >= n_ev:  # sorted: some emitted record was dead-lettered
                     self.count_dead_records([d for d in dead if d[0] >= n_ev], records, n_ev)
-                self.settle_records(spans, records, True, [d for d in dead if d[0] >= n_ev], n_ev)
+                emitters.settle(spans, records, True, [d for d in dead if d[0] >= n_ev], n_ev)
                 dead = [d for d in dead if d[0] < n_ev]
-            else:
-                dead = await self.sinkset.commit(events, routes) if events else []
-        else:
-            if records:
-                self.settle_records(spans, records, True)
-            dead = []
+        elif records:  # no sinks: nothing to store them in
+            emitters.settle(spans, records, True)
         # stored: now (and only now) remembered as seen. Dead-lettered by a sink (store
         # full, down past its retries, refused a row) is not stored: a retry must not be
         # answered ``duplicate`` (the fault suite's full-filesystem case lost data so),
         # and the answer says ``deadlettered``, not ``accepted``
-        unstored: list[Any] = []
+        unstored: list[Any] = policy_dead
         if dead:
             recs: dict[int, ErrorRecord] = {}
             for pos, sink, why in dead:
@@ -482,13 +490,21 @@ class PipelineRunner:
                 rec = recs[pos] = ErrorRecord(kept[pos] if kept is not None else pos, "$", f"sink {sink}: {why}", "deadlettered")
                 errors.append(rec)
         for settle, passed in settles:
-            settle(passed, True, unstored)
+            res = settle(passed, True, unstored)
+            if res is not None:  # a shared store (Redis) marks the ids stored before the ack
+                await res
         settles.clear()
-        out = self.enc.encode(events) if chunk.want_events else None
+        out = None
+        if chunk.want_events:
+            # the supervisor places the returned events at the positions without an error
+            # record: a sink's dead-lettered events (still in ``events``) are not returned
+            skip = {id(e) for e in unstored} if unstored else None
+            out = self.enc.encode(events if skip is None else [e for e in events if id(e) not in skip])
         if errors and len(errors) > 1:
             errors.sort(key=attrgetter("pos"))
         latency = time.perf_counter() - t0
         ack = Ack(chunk.id, n_total - failed, failed, errors, summary, out, latency)
+        self.router.own_lines.pop(chunk.id, None)
         self.send(ack)
         slot.add(S.INFLIGHT, -n_total)
         del self.counted[chunk.id]

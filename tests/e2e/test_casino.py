@@ -123,6 +123,29 @@ def test_players_come_from_postgresql_uncached(pg_dsn: str) -> None:
         asyncio.run(sql(f"DROP SCHEMA {schema} CASCADE"))
 
 
+def test_players_from_sqlite_migrated_by_the_cli_uncached(tmp_path: Path) -> None:
+    """Embedded defaults with no PostgreSQL: `collector migrate --pack casino --dsn sqlite:///...`."""
+    import sqlite3
+
+    db = tmp_path / "players.db"
+    run = [sys.executable, "-m", "collector", "migrate", "--pack", "casino", "--dsn", f"sqlite://{db}"]
+    r = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "created table players; seeded players 10, 11, 12, 13, 14" in r.stdout
+    again = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "up to date" in again.stdout  # a second run changes nothing
+    svc = RatesService()
+    ev = {"id": 1, "player_id": 11, "game_id": 100, "type": "game_start", "created_at": "2022-01-10T12:34:56Z"}
+    with svc.running(), Collector(casino_pipeline(svc.url, players_dsn=f"sqlite://{db}"), workers=1) as c:
+        first = c.handle([ev, {**ev, "id": 2, "player_id": 19}], return_events=True).wait(timeout=30).events
+        assert first is not None and first[0].player.email == "jane@example.com"
+        assert first[1].player is None  # not in the table: the field keeps its zero value
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE players SET email = 'changed@example.com' WHERE id = 11")
+        second = c.handle([{**ev, "id": 3}], return_events=True).wait(timeout=30).events
+        assert second is not None and second[0].player.email == "changed@example.com"  # read fresh
+
+
 @pytest.mark.slow
 def test_the_daemon_serves_the_casino_pack_with_events_on_stdout(tmp_path: Path) -> None:
     port_file = tmp_path / "port"

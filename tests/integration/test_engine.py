@@ -27,6 +27,7 @@ from engine_clients import (
     Crasher,
     Flaky,
     Immediate,
+    KillsOn,
     SlowAsync,
     SlowBlocking,
     TooSlow,
@@ -41,6 +42,7 @@ from collector import (
     Overloaded,
     WorkerBootError,
 )
+from collector.pipeline import ShardMap
 from collector.playback import (
     PlaybackEvent,
     generate_events,
@@ -500,3 +502,111 @@ def test_chunk_sharding_reports_bad_ndjson_lines_by_index() -> None:
     assert res.handled_events == 4998 and res.failed_events == 2
     assert [(e.index, e.path) for e in res.errors] == [(10, "$"), (4321, "$.bitrate_kbps")]
     assert "malformed JSON" in res.errors[0].reason
+
+
+@pytest.mark.parametrize("shard", ["key", "chunk"])
+def test_ndjson_skips_blank_lines_and_counts_from_the_workers(shard: str) -> None:
+    events = generate_events(6000, users=300, seed=5)
+    lines = [msgspec.json.encode(e) for e in events]
+    lines[2500] = b'{"id": 2500, "user_id": '  # malformed
+    # blank lines anywhere (also CRLF and blanks-only lines) are not events, and not errors
+    body = b"\n \r\n" + b"\n\n".join(lines[:3000]) + b"\r\n\t\r\n" + b"\r\n".join(lines[3000:]) + b"\n\n"
+    with Collector(playback_pipeline(Immediate(), shard=shard), workers=2, chunk_size=400) as c:
+        res = c.handle(body, return_events=True).wait(timeout=60)
+        st = c.stats()
+    assert res.handled_events == 5999 and res.failed_events == 1
+    assert [(e.index, e.kind) for e in res.errors] == [(2500, "invalid")]
+    assert res.batch.events == 6000  # the count, not the supervisor's estimate
+    assert len(res.events) == 6000 and res.events[2500] is None
+    assert [e.id for e in res.events if e is not None] == [e.id for e in events if e.id != 2500]
+    # the estimate the supervisor admitted is corrected by the workers' counts
+    assert st.received_events == 6000 and st.inflight_events == 0
+
+
+@pytest.mark.parametrize("shard", ["key", "chunk"])
+def test_ndjson_survives_a_worker_death_and_fails_a_poison_chunk_alone(shard: str) -> None:
+    events = generate_events(4000, users=300, seed=6)
+    poison = events[1234].user_id = "poison"  # one event: one chunk kills every worker it meets
+    body = b"\n".join(msgspec.json.encode(e) for e in events)
+    with Collector(
+        playback_pipeline(KillsOn(poison), shard=shard), workers=2, chunk_size=200, heartbeat_timeout=1.5
+    ) as c:
+        res = c.handle(body, return_events=True).wait(timeout=120)
+        st = c.stats()
+    bad = [i for i, e in enumerate(events) if e.user_id == poison]
+    lost = {e.index for e in res.errors}
+    assert all(e.kind == "lost" for e in res.errors)
+    assert bad == [1234] and 1234 in lost  # the poison chunk fails, its lines by input index
+    assert 0 < len(lost) <= 2 * 200
+    if shard == "chunk":  # the poison's range fails whole
+        assert sorted(lost) == list(range(min(lost), max(lost) + 1))
+    else:  # only the poison owner's part of its range fails: the lines of the users it owns
+        of = ShardMap(2).of
+        mine = of("poison")
+        span = range(min(lost), max(lost) + 1)
+        assert lost == {i for i in span if of(events[i].user_id) == mine}
+    assert res.handled_events + res.failed_events == 4000 and res.failed_events == len(lost)
+    kept = [e.id for e in res.events if e is not None]
+    assert kept == [e.id for i, e in enumerate(events) if i not in lost]  # once each, in order
+    assert st.worker_restarts >= 3 and st.received_events == 4000
+
+
+def test_key_sharded_ndjson_is_routed_by_the_workers_keeping_key_affinity(tmp_path: Path) -> None:
+    """shard="key": the supervisor cuts ranges, workers route events to their key's owner."""
+    events = generate_events(20_000, users=500, seed=8)
+    body = b"\n".join(msgspec.json.encode(e) for e in events)
+    with Collector(playback_pipeline(Immediate()), workers=2, chunk_size=500) as c:
+        res = c.handle(body, return_events=True).wait(timeout=60)
+        again = c.handle(body).wait(timeout=60)
+        st = c.stats()
+    assert res.handled_events == 20_000 and not res.errors
+    assert [e.id for e in res.events] == [e.id for e in events]
+    assert all(e.region == region_of(e.user_id) for e in res.events)
+    assert res.batch.distinct_keys == 500
+    # each user's lookup ran in one worker only: one call per user over both workers
+    assert res.batch.lookups["region"].calls == 500
+    assert again.batch.lookups["region"].calls == 0  # and its cache entry lives there
+    assert all(w.events > 0 for w in st.workers)
+
+
+def test_key_sharded_ndjson_survives_a_router_death_after_it_routed(tmp_path: Path) -> None:
+    """The worker dies on its own part after handing the others theirs: nothing twice, nothing lost."""
+    events = generate_events(6000, users=300, seed=9)
+    body = b"\n".join(msgspec.json.encode(e) for e in events)
+    client = Crasher("sigkill", marker_path(tmp_path, "router"))
+    with Collector(playback_pipeline(client), workers=2, chunk_size=300, heartbeat_timeout=1.5) as c:
+        res = c.handle(body, return_events=True).wait(timeout=60)
+        st = c.stats()
+    assert os.path.exists(marker_path(tmp_path, "router")), "the crash did not happen"
+    assert res.handled_events == 6000 and res.failed_events == 0
+    assert [e.id for e in res.events] == [e.id for e in events]
+    assert st.worker_restarts == 1 and st.received_events == 6000
+
+
+def test_key_sharded_ndjson_answers_a_routed_part_s_drops_at_their_input_index() -> None:
+    """A duplicate found by the owner of a part another worker routed to it is reported
+    at its index in the input and left out of the events returned. Two ranges' events
+    reach their owner in either order, so which copy is kept is not fixed: one is."""
+    import dataclasses
+
+    from collector.stages import Dedup
+
+    events = generate_events(8000, users=400, seed=12)
+    lines = [msgspec.json.encode(e) for e in events]
+    for i in range(100, 8000, 97):  # a copy of the line 5,000 before it (or of line 0)
+        lines[i] = lines[i - 5000 if i >= 5000 else 0]
+    copies: dict[bytes, list[int]] = collections.defaultdict(list)
+    for i, ln in enumerate(lines):
+        copies[ln].append(i)
+    groups = [g for g in copies.values() if len(g) > 1]
+    base = playback_pipeline(Immediate())
+    pipe = dataclasses.replace(base, stages=(Dedup(field="id", wait=30.0), *base.stages))
+    with Collector(pipe, workers=2, chunk_size=300) as c:
+        res = c.handle(b"\n".join(lines), return_events=True).wait(timeout=60)
+    dropped = {e.index for e in res.errors}
+    assert {e.kind for e in res.errors} == {"duplicate"} and len(dropped) == len(res.errors)
+    assert all(len(set(g) - dropped) == 1 for g in groups)  # each id kept once, wherever it came from
+    assert dropped <= {i for g in groups for i in g}
+    assert res.handled_events == 8000 and res.failed_events == 0  # a duplicate is handled, not failed
+    assert res.events is not None and {i for i, e in enumerate(res.events) if e is None} == dropped
+    assert all(e is None or e.id == msgspec.json.decode(lines[i])["id"] for i, e in enumerate(res.events))

@@ -8,9 +8,7 @@ The stored rows are read back from the SQLite sink; every wait is bounded.
 from __future__ import annotations
 
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,20 +67,6 @@ def test_an_unpaired_start_is_emitted_after_its_ttl_without_further_traffic(tmp_
 # -- the Redis store
 
 
-@pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    """A fresh key prefix; its keys are deleted afterwards."""
-    import redis
-
-    p = f"pvtest:{uuid.uuid4().hex[:8]}:"
-    yield p
-    r = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(r.scan_iter(match=p + "*"))
-        if keys:
-            r.delete(*keys)
-    finally:
-        r.close()
 
 
 def redis_pipeline(db: str, url: str, prefix: str, **kw: object):  # type: ignore[no-untyped-def]

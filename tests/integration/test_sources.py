@@ -8,6 +8,7 @@ are patched where a TTL or the breaker's reset timeout matters. Every wait is bo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -43,7 +44,7 @@ from collector.sources.memory import MapSource
 from collector.sources.rates import RatesService, RatesSource, convert
 from collector.sources.redis import RedisSource
 from collector.sources.runtime import Enricher, SourceRuntime
-from collector.sources.sql import MysqlSource, PostgresSource
+from collector.sources.sql import MysqlSource, PostgresSource, SqliteSource
 
 T = TypeVar("T")
 
@@ -146,7 +147,7 @@ def test_configs_are_tagged_frozen_and_forbid_unknown_fields() -> None:
         decode_source_config({"kind": "http", "urll": "x"})
     with pytest.raises(ConfigError, match="sorcery"):
         decode_source_config({"kind": "sorcery"})
-    assert set(SOURCES) == {"client", "http", "postgres", "mysql", "redis", "map", "rates"}
+    assert set(SOURCES) == {"client", "http", "postgres", "mysql", "redis", "map", "rates", "sqlite"}
     assert source_class("map") is MapSource
     assert "secret" not in repr(decode_source_config({"kind": "postgres", "dsn": "postgresql://u:secret@h/db", "table": "t", "columns": ["a"]}))
     with pytest.raises(ConfigError, match="either"):
@@ -576,6 +577,47 @@ def test_postgres_one_query_per_chunk_uncached_sees_changes_and_reconnects(pg_ds
         assert evs[0].out == {"email": "p12@example.com", "score": 12}
         await rt.close()
         await rt2.close()
+
+    run(body)
+
+
+def test_sqlite_one_query_per_chunk_read_only_and_uncached_sees_changes(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "players.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE players (id INTEGER PRIMARY KEY, email TEXT, score INTEGER)")
+        db.executemany("INSERT INTO players VALUES (?, ?, ?)", [(i, f"s{i}@example.com", i) for i in range(10, 1510)])
+
+    async def body() -> None:
+        src = SqliteSource(dsn=f"sqlite://{path}", table="players", columns=("email",), resilience=fast())
+        en, rt = runtime(src)
+        keys = list(range(5, 1520)) * 2  # 1500 present, 15 absent, each twice: 2 queries of max_keys 1000
+        evs = events(keys)
+        s = await enrich(en, evs)
+        assert src.queries == 2 and s.keys_fetched == 1515 and s.not_found == 30
+        assert all(e.out == (f"s{e.k}@example.com" if 10 <= e.k < 1510 else None) for e in evs)
+        with contextlib.closing(sqlite3.connect(path)) as db, db:  # the owner writes on while workers read
+            db.execute("UPDATE players SET email = 'changed' WHERE id = 10")
+        evs = events([10])
+        await enrich(en, evs)
+        assert evs[0].out == "changed", "uncached: the next chunk sees the changed row"
+        (h,) = await en.health()
+        assert h["ok"] and h["kind"] == "sqlite"
+        multi = SqliteSource(dsn=str(path), table="players", columns=("email", "score"), resilience=fast())
+        en2, rt2 = runtime(multi)
+        evs = events([12])
+        await enrich(en2, evs)
+        assert evs[0].out == {"email": "s12@example.com", "score": 12}
+        # read-only: a missing file is a counted failure, never created
+        gone = SqliteSource(dsn=f"sqlite://{tmp_path / 'none.db'}", table="players", columns=("email",),
+                            resilience=fast())
+        en3, rt3 = runtime(gone)
+        evs = events([10])
+        s = await enrich(en3, evs)
+        assert evs[0].out is None and s.failures == 1 and not (tmp_path / "none.db").exists()
+        for r in (rt, rt2, rt3):
+            await r.close()
 
     run(body)
 

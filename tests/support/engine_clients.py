@@ -91,6 +91,21 @@ class Crasher:
         return model_of(device_type), 0.0
 
 
+class KillsOn:
+    """SIGKILLs its worker every time it is asked for the region of ``user_id`` (poison)."""
+
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+
+    async def get_region(self, user_id: str) -> tuple[str, float]:
+        if user_id == self.user_id:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return region_of(user_id), 0.0
+
+    async def get_model(self, device_type: str) -> tuple[str, float]:
+        return model_of(device_type), 0.0
+
+
 class Flaky:
     """Fails the first ``fail_times`` calls for each key (per process), then answers."""
 

@@ -197,3 +197,64 @@ def test_count_by_counts_a_copy_that_waited_and_reuses_its_snapshot_while_idle()
         assert Dedup(count_by="type").merge([w.snapshot()]) == {"purchase": 1}
 
     run(main())
+
+
+# ------------------------------------------------------------------ key per type, missing keys
+class Seed3(msgspec.Struct):
+    id: str
+    type: str
+    client_attempt_id: str | None = None
+    session_id: str | None = None
+
+
+def test_key_by_type_keys_each_type_by_its_field_and_missing_keys_pass_counted() -> None:
+    spec = Dedup(ttl=60, type_field="type", key_by_type={"attempt": "client_attempt_id", "session": "session_id"})
+    assert spec.stateful and spec.integrity is None  # publishes its counters, not duplicates per type
+
+    async def main() -> bytes:
+        w = spec.build()
+        chunk = [
+            Seed3("e1", "attempt", client_attempt_id="k"),
+            Seed3("e2", "session", session_id="k"),  # the same value, another type: not a copy
+            Seed3("e3", "attempt", client_attempt_id="k"),  # a copy within the chunk
+            Seed3("e4", "attempt"),  # no key: passes
+            Seed3("e5", "attempt"),
+            Seed3("k", "other"),  # not listed: keyed by `field`, apart from ("attempt", "k")
+        ]
+        assert await drops(w, chunk) == [(2, "duplicate")]
+        w.settle(chunk, True)
+        again = [Seed3("x", "session", session_id="k"), Seed3("e4", "attempt"), Seed3("k", "other")]
+        assert await drops(w, again) == [(0, "duplicate"), (2, "duplicate")]
+        w.settle(again, True)
+        return bytes(w.snapshot())
+
+    result = spec.merge([run(main())])
+    assert result == {} and spec.read(result, counters=True)["missing_key"] == 3
+    assert spec.read(result, "missing_key", counters=True) == 3 and spec.read(spec.merge([]), counters=True)["unavailable"] == 0
+
+
+def test_a_null_id_passes_without_key_by_type_too() -> None:
+    class Maybe(msgspec.Struct):
+        id: str | None
+
+    async def main() -> None:
+        w = Dedup(ttl=60).build()
+        chunk = [Maybe(None), Maybe(None), Maybe("a")]
+        assert await drops(w, chunk) == []
+        w.settle(chunk, True)
+        assert await drops(w, [Maybe(None), Maybe("a")]) == [(1, "duplicate")]
+        assert w.counters["missing_key"] == 3
+
+    run(main())
+
+
+def test_the_redis_store_without_the_redis_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from collector.errors import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "redis.exceptions", None)
+    spec = Dedup(store="redis")  # described without it: the workers build it
+    with pytest.raises(MissingDependency, match=r"pip install 'collector\[redis\]'"):
+        spec.build()

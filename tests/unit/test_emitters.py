@@ -160,13 +160,18 @@ def test_pair_records_in_a_chunk_and_on_tick(tmp_path: Path) -> None:
     pair = Pair(key=("user_id", "pv"), ttl=5.0, clock=lambda: t[0])
     p = Pipeline(name="t", event_type=Click, key="user_id", stages=(pair,), sinks=(SqliteSinkConfig(path=str(tmp_path / "db")),))
     rn = PipelineRunner(p, S.Slot(memoryview(bytearray(S.SLOT_BYTES)), 0), 0, lambda m: None)
-    assert rn.stateful == []  # Pair has no merge: its snapshot is not published every interval
+    # what Pair publishes is its counters (partial()), never its whole state (snapshot())
+    assert [name for name, _ in rn.stateful] == ["pair"]
+    idle = rn.snapshots()[0][1]
+    assert rn.snapshots()[0][1] is idle and pair.merge([idle])["pending"] == 0  # unchanged: the same bytes
 
     async def go() -> None:
         await rn.open()
         body = [Click(1, "page_view_start", "u", 10.0, "a"), Click(2, "page_view_end", "u", 14.0, "a"),
                 Click(3, "page_view_start", "v", 11.0, "b")]
         await rn.run_chunk(Chunk(1, msgspec.json.encode(body)))
+        counts = pair.merge([rn.snapshots()[0][1], idle])
+        assert (counts["paired"], counts["pending"]) == (1, 1)
         t[0] += 5
         assert await rn.tick() == 1
         await rn.close_sinks()

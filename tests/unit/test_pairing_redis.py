@@ -6,31 +6,13 @@ Two runtimes stand for two workers (or daemons) sharing the store.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from test_pairing import T0, Clock, ev
 
 from collector.stages.pairing import Pair
 from collector.stages.pairing_redis import PAIR_SCRIPT, RedisPairRuntime
-
-
-@pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    import redis
-
-    p = f"pvunit:{uuid.uuid4().hex[:8]}:"
-    yield p
-    r = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(r.scan_iter(match=p + "*"))
-        if keys:
-            r.delete(*keys)
-    finally:
-        r.close()
 
 
 def rpair(clock: Clock, url: str, prefix: str, **kw: Any) -> RedisPairRuntime:

@@ -73,3 +73,24 @@ def test_error_kinds() -> None:
     assert ERROR_KINDS[error_kind(SourceError("HTTP 500", "http_status"))] == "http_status"
     assert ERROR_KINDS[error_kind(SourceError("bad", "invalid"))] == "invalid"
     assert ERROR_KINDS[error_kind(ValueError("x"))] == "other"
+
+
+def test_failure_policy_counters_are_per_lookup_words_with_the_policy_shown() -> None:
+    from collector import Lookup
+    from collector.sources.metrics import policy_of
+
+    with S.StatsBlock(2) as block:
+        rt = SimpleNamespace()  # a client-method lookup: no fetcher, no breaker
+        m0 = LookupMeter(block.slots[0], 0, rt)
+        m1 = LookupMeter(block.slots[1], 0, rt)
+        m0.record(LookupSummary(failures=3, kept=1, dead_lettered=2, held=2, recovered=0, log_suppressed=4))
+        m1.record(LookupSummary(failures=0, held=5, recovered=5))
+        lk = Lookup(name="p", key="k", target="t", method="m", on_missing="keep", on_error="hold", then="dead_letter")
+        assert policy_of(lk) == {"not_found": "keep", "error": "hold", "then": "dead_letter"}
+        assert policy_of(Lookup(name="p", key="k", target="t", method="m")) == {"not_found": "keep", "error": "keep"}
+        u = read_sources(block, [("p", "client", policy_of(lk))])["p"]
+        assert (u.kept, u.dead_lettered, u.held, u.recovered, u.log_suppressed) == (1, 2, 7, 5, 4)
+        assert u.policy["error"] == "hold" and u.failures == 3
+        block.supervisor.absorb(block.slots[0])  # a replaced worker's counts are kept
+        block.slots[0].reset()
+        assert read_sources(block, [("p", "client")])["p"].dead_lettered == 2

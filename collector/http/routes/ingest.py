@@ -205,7 +205,9 @@ class IngestRoutes:
         leave it to ``collector replay`` after the store is changed), 503 with
         Retry-After when every sink that did not store it gave up after its retries
         (an outage, a full disk: sent again later it is stored, and dedup did not
-        remember it).
+        remember it). An enrichment step that dead-letters (``on_failure``) answers the
+        same way: 422 when the source does not have the key (``refused this event``),
+        503 when the source failed (``gave up``).
         """
         bad = self._decoded(req) or self._check_body(req.body)
         if bad is not None:
