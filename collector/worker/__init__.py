@@ -8,7 +8,7 @@
                          heartbeat task ──► slot i; exits if the parent is gone   │
                          tick task ──► runner.tick(): expire, commit records      │
       runner.PipelineRunner                                                      ▼
-          decode (msgspec) ─► [ranges.RangeRouter: a shard="key" NDJSON range keeps
+          decoding.ChunkDecoder (msgspec) ─► [ranges.RangeRouter: a shard="key" NDJSON range keeps
           this worker's events, the others go back to the supervisor as Routed parts]
           ─► pipeline.stages in order (dedup, filters, pair)
           ─► enrich ─► count ─► sinks commit (events + emitted records) ─► stages settle ─► Ack ──► channel i

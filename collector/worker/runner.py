@@ -58,27 +58,19 @@ from ..protocol import (
     ChunkSummary,
     ErrorRecord,
     Message,
-    ndjson_lines,
 )
 from ..registry import import_string
 from ..sources.metrics import LookupMeter
 from ..stages.routing import Routes, merge_routes, routes_of
 from . import emitters
 from .deadletters import take_dead
+from .decoding import ChunkDecoder
 from .ranges import RangeRouter
 
-__all__ = ["TICK", "PipelineRunner", "error_path"]
+__all__ = ["TICK", "PipelineRunner"]
 
 TICK = 1.0  # seconds between idle expiry calls when no stage names its own ``tick``
 log = logging.getLogger("collector.worker")
-
-
-def error_path(msg: str) -> tuple[str, str]:
-    """Split msgspec's "Expected `int`, got `str` - at `$.start_at`" into path, reason."""
-    reason, sep, rest = msg.rpartition(" - at `")
-    if sep:
-        return rest.rstrip("`"), reason
-    return "$", msg
 
 
 class PipelineRunner:
@@ -100,12 +92,11 @@ class PipelineRunner:
         p = resolve_pipeline(pipeline)
         self.pipeline = p
         T = p.event_type
-        self.dec = msgspec.json.Decoder(list[T])  # type: ignore[valid-type]
-        self.dec_one = msgspec.json.Decoder(T)
+        decoder = ChunkDecoder(T)
+        self.decode, self.items = decoder.decode, decoder.items
         self.report_keys = p.shard == "chunk"
         self.keyget = attrgetter(p.key)
         self.router = RangeRouter(p.key, worker, send)  # shard="key" NDJSON ranges
-        self.dec_raw = msgspec.json.Decoder(list[msgspec.Raw])
         self.enc = msgspec.json.Encoder()
         self.executor = ThreadPoolExecutor(p.blocking_threads, thread_name_prefix="collector-blocking")
         client = p.client
@@ -286,44 +277,6 @@ class PipelineRunner:
                 del self.seen_keys[next(iter(self.seen_keys))]
             seen = self.seen_keys[op] = set()
         return seen
-
-    def items(self, payload: bytes, ndjson: bool) -> list[Any]:
-        """The raw JSON text of each item of a chunk (an NDJSON chunk's blank lines are none)."""
-        if ndjson:
-            return ndjson_lines(payload)
-        return self.dec_raw.decode(payload)
-
-    def decode(self, payload: bytes, ndjson: bool = False) -> tuple[list[Any], list[int] | None, list[ErrorRecord]]:
-        """Events of a chunk; ``kept`` maps event index → chunk position when some failed."""
-        try:
-            if ndjson:
-                # one array parse beats decode_lines; a blank line makes it fail (",,")
-                # and the slow path below skips it: blank lines are not events
-                return self.dec.decode(b"[" + payload.replace(b"\n", b",") + b"]"), None, []
-            else:
-                return self.dec.decode(payload), None, []
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            pass
-        # slow path, only for chunks that hold an invalid event: item by item
-        errors: list[ErrorRecord] = []
-        try:
-            raws = self.items(payload, ndjson)
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            # the supervisor validated the JSON structure; this is a bug, not input
-            raise RuntimeError(f"chunk payload is not a JSON array: {e}") from e
-        events = []
-        kept: list[int] = []
-        dec_one = self.dec_one
-        for i, raw in enumerate(raws):
-            try:
-                events.append(dec_one.decode(raw))
-                kept.append(i)
-            except msgspec.ValidationError as e:
-                path, reason = error_path(str(e))
-                errors.append(ErrorRecord(i, path, reason, "invalid"))
-            except msgspec.DecodeError as e:
-                errors.append(ErrorRecord(i, "$", f"malformed JSON: {e}", "invalid"))
-        return events, kept, errors
 
     def fail(self, chunk: Chunk, e: Exception) -> None:
         """A bug in pipeline code fails the chunk's events (not the worker): ack them as errors."""

@@ -16,7 +16,7 @@ from collector.enrich import LookupRuntime
 from collector.pipeline import Lookup
 from collector.playback import PlaybackEvent
 from collector.stages import Dedup, Filter
-from collector.worker.runner import error_path
+from collector.worker.decoding import error_path
 
 
 def test_stats_block_sums_slots_and_rates(monkeypatch: pytest.MonkeyPatch) -> None:
