@@ -54,11 +54,13 @@ def compile_fill(
             "            elif v is FAIL:\n                failed += 1\n"
             f"            else:\n                e.{target} = v\n"
         )
+    # hits are counted after the loop (events - skipped - missed): no addition per hit,
+    # the common case; ``misses`` is the caller's fresh dict for this chunk
     src = (
         f"def fill(events, get, MISS, misses{', nf, err' if collect else ''}):\n"
-        "    hits = failed = 0\n"
+        "    nones = failed = 0\n"
         "    for e in events:\n"
-        + (f"        if e.{key} is None:\n            continue\n" if skip else "")
+        + (f"        if e.{key} is None:\n            nones += 1\n            continue\n" if skip else "")
         + f"        k = {kexpr}\n"
         "        v = get(k, MISS)\n"
         "        if v is MISS:\n"
@@ -69,7 +71,7 @@ def compile_fill(
         "                m.append(e)\n"
         "        else:\n"
         f"{setter}"
-        "            hits += 1\n"
+        "    hits = len(events) - nones - (sum(map(len, misses.values())) if misses else 0)\n"
         f"    return {'hits, failed' if skip else 'hits'}\n"
     )
     ns: dict[str, Any] = {"SKIP": SKIP, "FAIL": FAIL}
