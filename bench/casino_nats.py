@@ -25,26 +25,13 @@ import time
 import uuid
 from pathlib import Path
 
-from collector.commands.demo_parts import get_json, start_daemon, stop_daemon
+from collector.commands.demo_parts import get_json, jetstream_stream, start_daemon, stop_daemon
 from collector.commands.publish import publish_events
 from collector.packs.casino import migrate
 
 NATS = os.environ.get("COLLECTOR_TEST_NATS", "nats://127.0.0.1:4222")
 PG = os.environ.get("COLLECTOR_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
-
-async def _stream(name: str, subjects: list[str], delete: bool = False) -> None:
-    import nats
-
-    nc = await nats.connect(NATS, connect_timeout=5)
-    try:
-        js = nc.jetstream()
-        if delete:
-            await js.delete_stream(name)
-        else:
-            await js.add_stream(name=name, subjects=subjects)
-    finally:
-        await nc.close()
 
 
 async def _drop_schema(schema: str) -> None:
@@ -76,7 +63,7 @@ def main() -> int:
     tag = uuid.uuid4().hex[:8]
     stream, prefix, schema = f"CASINO_BENCH_{tag}", f"casino_bench_{tag}", f"casino_bench_{tag}"
     data = Path(tempfile.mkdtemp(prefix="casino-nats-bench-"))
-    asyncio.run(_stream(stream, [f"{prefix}.>"]))
+    asyncio.run(jetstream_stream(NATS, stream, [f"{prefix}.>"]))
     try:
         t0 = time.monotonic()
         pub = argparse.Namespace(pack="casino", file=None, to=NATS, subject=f"{prefix}.{{type}}", rate=0.0,
@@ -107,7 +94,7 @@ def main() -> int:
               f"{messages / took:,.0f} messages/s; {lines:,} lines on stdout; acked {ing.get('acked')}; exit {code}")
         return 0 if code == 0 and lines == events else 1
     finally:
-        asyncio.run(_stream(stream, [], delete=True))
+        asyncio.run(jetstream_stream(NATS, stream, [], delete=True))
         asyncio.run(_drop_schema(schema))
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import msgspec
 
+from collector.benchmarks.common import attribute_read_ns
 from collector.stages.ordering import Order, OrderRuntime
 
 
@@ -91,15 +92,8 @@ def main() -> None:
     ordered, shuffled = events(a.events, 0), events(a.events, 2.0)
     plain = Order(by="ts", key="user_id")
     buffered = Order(by="ts", key="user_id", max_delay=5.0, max_held=1_000_000)
-    ref = []
     chunks = [ordered[i:i + 2048] for i in range(0, len(ordered), 2048)]
-    for _ in range(a.rounds):  # calibration: one attribute read per event, in a Python loop
-        t0 = time.process_time()
-        for ch in chunks:
-            for e in ch:
-                e.ts  # noqa: B018
-        ref.append((time.process_time() - t0) / len(ordered) * 1e9)
-    r = statistics.median(ref)
+    r = attribute_read_ns(chunks, "ts", a.rounds)  # calibration
     print(f"calibration: a Python loop reading one attribute: {r:.1f} ns/event; "
           f"{a.events} events of 10,000 users, chunks of 2048")
     for name, spec, evs in (

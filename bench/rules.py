@@ -22,6 +22,7 @@ import statistics
 import time
 from typing import Any
 
+from collector.benchmarks.common import attribute_read_ns
 from collector.packs.generic import GenericEvent
 from collector.stages.rules import decode_rules
 
@@ -72,15 +73,9 @@ def main() -> None:
         for ch in chunks:
             (lambda es: [])(ch)
         base.append((time.process_time() - t0) / len(evs) * 1e9)
-    ref = []
-    for _ in range(a.rounds):  # calibration: one attribute read per event, in a Python loop
-        t0 = time.process_time()
-        for ch in chunks:
-            for e in ch:
-                e.data  # noqa: B018
-        ref.append((time.process_time() - t0) / len(evs) * 1e9)
-    per = statistics.median(times) / statistics.median(ref)
-    print(f"calibration: a Python loop reading one attribute: {statistics.median(ref):.1f} ns/event; "
+    ref = attribute_read_ns(chunks, "data", a.rounds)  # calibration
+    per = statistics.median(times) / ref
+    print(f"calibration: a Python loop reading one attribute: {ref:.1f} ns/event; "
           f"the 10 rules cost {per:.0f} of those")
     print(f"10 rules: {statistics.median(times):.0f} ns/event (median of {a.rounds}; best {min(times):.0f}); "
           f"empty stage {statistics.median(base):.1f} ns/event; {len(evs)} events, chunks of 2048")

@@ -28,6 +28,7 @@ __all__ = [
     "Input",
     "ProcSample",
     "Progress",
+    "attribute_read_ns",
     "clear_peak_rss",
     "make_input",
     "median",
@@ -85,6 +86,23 @@ def make_input(n: int, users: int = 2000, device_types: int = 20, seed: int = 0)
     regions = {f"user-{i}": region_of(f"user-{i}") for i in range(users)}
     models = {f"device-{i}": model_of(f"device-{i}") for i in range(device_types)}
     return Input(n, users, device_types, payload, regions, models)
+
+
+def attribute_read_ns(chunks: Sequence[Sequence[Any]], field: str, rounds: int) -> float:
+    """Median ns per event of a Python loop reading one attribute of each event: the unit
+    per-event stage costs are quoted in, so figures compare across loaded and idle machines."""
+    assert field.isidentifier()
+    ns: dict[str, Any] = {}
+    # the attribute read inline, as a stage's loop has it (not a getter call)
+    exec(f"def loop(chunks):\n    for ch in chunks:\n        for e in ch:\n            e.{field}\n", ns)
+    loop = ns["loop"]
+    n = sum(map(len, chunks)) or 1
+    times = []
+    for _ in range(rounds):
+        t0 = time.process_time()
+        loop(chunks)
+        times.append((time.process_time() - t0) / n * 1e9)
+    return median(times)
 
 
 def ncpu() -> int:

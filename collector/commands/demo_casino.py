@@ -30,7 +30,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from collector.commands.demo_parts import drive, get_json, live_line, start_daemon, stop_daemon
+from collector.commands.demo_parts import (
+    drive,
+    get_json,
+    jetstream_stream,
+    live_line,
+    start_daemon,
+    stop_daemon,
+)
 
 __all__ = ["run_casino"]
 
@@ -59,19 +66,6 @@ def _samples(lines: list[str], n: int = 6) -> list[str]:
     out += [ln for ln in lines[-n:] if ln not in out]
     return out[:n]
 
-
-async def _stream(url: str, name: str, subjects: list[str], delete: bool = False) -> None:
-    import nats
-
-    nc = await nats.connect(url, connect_timeout=5)
-    try:
-        js = nc.jetstream()
-        if delete:
-            await js.delete_stream(name)
-        else:
-            await js.add_stream(name=name, subjects=subjects)
-    finally:
-        await nc.close()
 
 
 async def _publish(url: str, stream: str, subject: str, rate: float, duration: float, port: int,
@@ -121,7 +115,7 @@ def run_casino(args: argparse.Namespace) -> int:
     tag = uuid.uuid4().hex[:8]
     stream, prefix = f"CASINO_DEMO_{tag}", f"casino_demo_{tag}"
     if args.nats:
-        asyncio.run(_stream(args.nats, stream, [f"{prefix}.>"]))
+        asyncio.run(jetstream_stream(args.nats, stream, [f"{prefix}.>"]))
         serve_args += ["--source", args.nats, "--stream", stream, "--subject", f"{prefix}.>",
                        "--durable", f"casino-demo-{tag}"]
     events_path, log_path = data_dir / "casino-events.jsonl", data_dir / "daemon.log"
@@ -145,7 +139,7 @@ def run_casino(args: argparse.Namespace) -> int:
             code = stop_daemon(proc)
     finally:
         if args.nats:
-            asyncio.run(_stream(args.nats, stream, [], delete=True))
+            asyncio.run(jetstream_stream(args.nats, stream, [], delete=True))
     lines = [ln for ln in events_path.read_text().splitlines() if ln.strip()]
     missing = sum("not found" in ln for ln in log_path.read_text().splitlines())
     print(f"\nsent {sent:,} events; {len(lines):,} final events on the daemon's stdout ({events_path}); "

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["HttpClient", "drive", "get_json", "live_line", "start_daemon", "stop_daemon"]
+__all__ = ["HttpClient", "drive", "get_json", "jetstream_stream", "live_line", "start_daemon", "stop_daemon"]
 
 
 class HttpClient:
@@ -197,3 +197,18 @@ def stop_daemon(proc: subprocess.Popen[bytes]) -> int:
             proc.kill()
             return proc.wait(10)
     return proc.returncode
+
+
+async def jetstream_stream(url: str, name: str, subjects: list[str], delete: bool = False) -> None:
+    """Create JetStream stream ``name`` on ``subjects`` (or delete it): a demo's or bench's own stream."""
+    import nats
+
+    nc = await nats.connect(url, connect_timeout=5)
+    try:
+        js = nc.jetstream()
+        if delete:
+            await js.delete_stream(name)
+        else:
+            await js.add_stream(name=name, subjects=subjects)
+    finally:
+        await nc.close()
