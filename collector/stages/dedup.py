@@ -33,7 +33,7 @@ from .. import registry
 from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from .base import Stage
-from .integrity import field_path
+from .integrity import field_path, values_of
 
 __all__ = ["COUNTERS", "STORES", "Claim", "CountingDedupWindow", "Dedup", "DedupCounts", "DedupWindow"]
 
@@ -234,28 +234,20 @@ class DedupWindow:
         # claims of the chunks in flight, by the identity of the event list the worker
         # passed (it passes the same list to settle())
         self.claims: dict[int, Claim] = {}
-        self.field = self.spec_field = spec.field
+        self.field = spec.field
         self.dget = field_path(spec.field)
         self.ttl = spec.ttl
         self.cap = spec.max_entries
-        self.tfield = spec.type_field
         self.tget = field_path(spec.type_field) if spec.type_field else None
         self.by_type = dict(spec.ttl_by_type or {})
         self.wait = spec.wait
-        self.get = attrgetter(spec.field)
+        self.values = values_of(spec.field)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.key_by_type = {t: field_path(f) for t, f in (spec.key_by_type or {}).items()}
-        self.keys_of = self._typed_keys if self.key_by_type else self._keys
+        self.keys_of = self._typed_keys if self.key_by_type else self.values
         # called with (events, drops) when a chunk had drops (count_by); the common case,
         # all new and distinct, returns before it
         self.on_drops: Callable[[list[Any], list[ErrorRecord]], None] | None = None
-
-    def _keys(self, events: list[Any]) -> list[Any]:
-        """Each event's ``field`` (one C-level map; a union member without it: None)."""
-        try:
-            return list(map(self.get, events))
-        except AttributeError:
-            return list(map(field_path(self.spec_field), events))
 
     def _typed_keys(self, events: list[Any]) -> list[Any]:
         """Each event's key: ``(type, value)`` for a type in ``key_by_type``, else ``field``;

@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from .base import Stage
 
-__all__ = ["COUNTERS", "Gaps", "GapsPartial", "GapsRuntime", "field_path"]
+__all__ = ["COUNTERS", "Gaps", "GapsPartial", "GapsRuntime", "field_path", "values_of"]
 
 # per ``by`` value, summed across workers by Gaps.merge
 COUNTERS = ("gaps", "skipped", "late", "repeated", "untracked")
@@ -285,6 +285,24 @@ def field_path(path: str) -> Callable[[Any], Any]:
         return e
 
     return dotted
+
+
+def values_of(path: str) -> Callable[[list[Any]], list[Any]]:
+    """``path`` of every event of a chunk, as :func:`field_path` reads it: one C-level map
+    when the field is top-level and every event has it (the common case), else the
+    per-event getter (a union member without the field, a dict, a dotted path)."""
+    get = field_path(path)
+    if "." in path:
+        return lambda events: list(map(get, events))
+    plain = attrgetter(path)
+
+    def values(events: list[Any]) -> list[Any]:
+        try:
+            return list(map(plain, events))
+        except AttributeError:
+            return list(map(get, events))
+
+    return values
 
 
 def _label(get: Any, e: Any) -> Any:

@@ -30,7 +30,6 @@ import operator
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -38,7 +37,7 @@ import msgspec
 from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from .base import Stage
-from .integrity import field_path
+from .integrity import values_of
 from .windows import parse_time
 
 __all__ = ["COUNTERS", "Order", "OrderRuntime"]
@@ -144,10 +143,8 @@ class OrderRuntime:
         self.spec = spec
         self.name = spec.name
         self.clock = time.monotonic  # processing time of the buffer (the runner's tick reads it)
-        self._by = field_path(spec.by)
-        self._by_plain = _plain(spec.by)
-        self._key: Any = None
-        self._key_plain: Any = None
+        self._times = values_of(spec.by)
+        self._keys: Any = None
         if spec.key is not None:
             self._bind_key(spec.key)
         self.delay = float(spec.max_delay or 0.0)
@@ -167,12 +164,11 @@ class OrderRuntime:
 
     def bind(self, pipeline: Any) -> None:
         """Called by the worker once built: ``key`` None reads the pipeline's key."""
-        if self._key is None:
+        if self._keys is None:
             self._bind_key(pipeline.key)
 
     def _bind_key(self, path: str) -> None:
-        self._key = field_path(path)
-        self._key_plain = _plain(path)
+        self._keys = values_of(path)
 
     # ------------------------------------------------------------------ chunk
     def __call__(self, events: list[Any]) -> Any:
@@ -190,12 +186,12 @@ class OrderRuntime:
     def _run(self, events: list[Any], delay: float) -> Any:
         if not events:
             return []
-        times = _values(self._by, self._by_plain, events)
+        times = self._times(events)
         if not set(map(type, times)) <= _NUMBERS:
             times = list(map(parse_time, times))  # ISO strings, datetimes; None where unusable
-        if self._key is None:
+        if self._keys is None:
             raise ConfigError(f"order stage {self.name!r}: no key (the worker binds the pipeline's key)")
-        keys = _values(self._key, self._key_plain, events)
+        keys = self._keys(events)
         self.counters["ordered"] += len(events)
         if self.delay:
             return self._hold(events, times, keys, delay)
@@ -391,21 +387,6 @@ class OrderRuntime:
         if self._snap is None or self._snap[0] != vals:
             self._snap = (vals, _encoder.encode(list(vals)))
         return self._snap[1]
-
-
-def _plain(path: str) -> Any:
-    """A C getter for a top-level field (None for a dotted path)."""
-    return None if "." in path else attrgetter(path)
-
-
-def _values(get: Any, plain: Any, events: list[Any]) -> list[Any]:
-    """``get`` of every event: one C call each when the field is top-level and present."""
-    if plain is not None:
-        try:
-            return list(map(plain, events))
-        except AttributeError:  # a union member without the field, a dict: the slow getter
-            pass
-    return list(map(get, events))
 
 
 def _overtaken(keys: list[Any], times: list[Any]) -> int:
