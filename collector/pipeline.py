@@ -239,15 +239,26 @@ class ShardMap(dict[Any, int]):
 
     ``map(shards.__getitem__, keys)`` runs in C for known keys; only a new key costs
     Python code. Stable across processes and restarts, unlike ``hash()`` of a str.
+    At most ``MAX`` keys are remembered (~40 MB); then the map starts afresh (forgotten
+    keys are recomputed, to the same worker).
     """
+
+    MAX = 200_000
 
     def __init__(self, n: int) -> None:
         super().__init__()
         self.n = n
 
     def __missing__(self, k: Any) -> int:
+        if len(self) >= self.MAX:
+            self.clear()
         v = self[k] = self.of(k)
         return v
+
+    @staticmethod
+    def hashable(k: Any) -> Any:
+        """``k`` as a dict can hold it: a JSON list or object by its repr (as :meth:`of` hashes it)."""
+        return repr(k) if isinstance(k, (list, dict)) else k
 
     def of(self, k: Any) -> int:
         """The worker of ``k`` without remembering it (keys that never repeat, like ids)."""

@@ -107,9 +107,9 @@ class Collector(Reads):
             heartbeat_timeout,
         )
         self.ledger = Ledger(
-            self.pool.slots, window, max_attempts, self.admission, events_decoder(self.pipeline.event_type)
+            self.pool.slots, window, max_attempts, self.admission, events_decoder(self.pipeline.event_type),
+            self.planner.ids,
         )
-        self.ledger.ids = self.planner.ids  # routed parts are chunks: one sequence of ids
         self.materialized = Materialized(self.pipeline, n)
         self._block: S.StatsBlock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -17,7 +17,6 @@ the worker pool gives it, and the pool tells it when a worker is ready or gone.
 from __future__ import annotations
 
 import collections
-import itertools
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +29,7 @@ from .. import stats as S
 from ..protocol import Ack, Chunk, ErrorRecord, Routed, ndjson_lines
 from ..results import ErrorItem
 from .admission import Admission
-from .operation import Operation
+from .operation import Operation, RangePart
 from .plan import Entry
 
 __all__ = ["Channel", "Ledger"]
@@ -56,6 +55,7 @@ class Ledger:
         max_attempts: int,
         admission: Admission,
         decode_events: Callable[[bytes], list[Any]],
+        ids: Iterator[int],
     ) -> None:
         self.channels = channels
         self.window = window
@@ -71,7 +71,7 @@ class Ledger:
         self.suspect: list[int] = [0] * n
         self.ops: set[Operation] = set()
         self.counters: S.Slot | None = None  # the supervisor's stats slot, once started
-        self.ids: Iterator[int] = itertools.count(1 << 40)  # ids of routed parts (the engine gives the planner's)
+        self.ids = ids  # chunk ids, shared with the planner: routed parts are chunks too
 
     # -- in ---------------------------------------------------------------------------
     def enqueue(self, op: Operation, per_worker: list[list[Entry]] | None, shared: list[Entry] | None) -> None:
@@ -160,18 +160,18 @@ class Ledger:
         op = e.op
         if op.parts is not None:  # NDJSON ranges: placed once every range is counted
             self.account_range(e, ack)
-        elif ack.errors:
-            pos = e.positions
-            op.errors.extend(ErrorItem(pos[r.pos], r.path, r.reason, r.kind) for r in ack.errors)
+        else:
+            pos = e.positions if ack.errors or ack.events is not None else ()
+            if ack.errors:
+                op.errors.extend(ErrorItem(pos[r.pos], r.path, r.reason, r.kind) for r in ack.errors)
+            if ack.events is not None and op.events is not None:
+                if ack.errors:
+                    bad = {r.pos for r in ack.errors}
+                    pos = [p for i, p in enumerate(pos) if i not in bad]
+                self.place_events(op.events, pos, ack.events)
         op.acc.add(ack.summary)
         if op.reported_keys is not None and ack.summary.keys:
             op.reported_keys.update(ack.summary.keys)
-        if ack.events is not None and op.events is not None and op.parts is None:
-            pos = e.positions
-            if ack.errors:
-                bad = {r.pos for r in ack.errors}
-                pos = [p for i, p in enumerate(pos) if i not in bad]
-            self.place_events(op.events, pos, ack.events)
         op.account(ack.handled, ack.failed)
         op.worker_counted += ack.handled + ack.failed
         self.complete(e)
@@ -189,17 +189,14 @@ class Ledger:
         assert op.parts is not None
         part = op.parts[e.lo]
         errs = ack.errors
-        if e.part_pos is not None:  # a part another worker routed here: its own indices
-            pos = e.part_pos
-            for r in errs:
-                r.pos = pos[r.pos]
-            lines: Sequence[int] = pos
-        elif part.routed:  # the router's ack: its errors already count lines of the range
-            assert part.own is not None
-            lines = part.own
-        else:  # shard="chunk": the worker counted the range
+        lines = answers_for(e, part)
+        if lines is None:  # shard="chunk": the worker counted the range
             part.lines = ack.handled + ack.failed
             lines = range(part.lines)
+        elif e.part_pos is not None:  # a part another worker routed here: its own indices
+            for r in errs:
+                r.pos = lines[r.pos]
+        # (a router's errors already count lines of the range)
         if errs:
             part.errors += errs
         if ack.events is not None and op.events is not None:
@@ -222,16 +219,16 @@ class Ledger:
         if e is None or e.op.done() or e.op.parts is None:
             return
         part = e.op.parts[e.lo]
-        if part.routed:
+        if part.own is not None:
             return
-        part.routed = True
         part.lines = msg.lines
-        part.own = array("I", msg.own).tolist()
+        # arrays, not lists: no Python int per line in the supervisor (read only on
+        # errors, returned events or a failure)
+        part.own = array("I", msg.own)
         op = e.op
         for p in msg.parts:
             child = Entry(next(self.ids), op, p.worker, None, e.lo, e.lo, 0, 0, p.payload)
-            child.part_pos = array("I", p.positions).tolist()
-            child.n = len(child.part_pos)
+            child.part_pos = array("I", p.positions)
             op.chunks_left += 1
             self.queues[p.worker].append(child)
         for p in msg.parts:
@@ -291,12 +288,8 @@ class Ledger:
         op = e.op
         if op.parts is not None:  # an NDJSON range, or a routed part of one
             part = op.parts[e.lo]
-            if e.part_pos is not None:
-                lines: Sequence[int] = e.part_pos
-            elif part.routed:  # its parts went to their owners: only its own lines are lost
-                assert part.own is not None
-                lines = part.own
-            else:  # no worker counted it: count it here (rare)
+            lines = answers_for(e, part)  # a routed range: only its own lines, the parts are elsewhere
+            if lines is None:  # no worker counted it: count it here (rare)
                 part.lines = len(ndjson_lines(bytes(e.payload)))
                 lines = range(part.lines)
             part.errors += [ErrorRecord(p, "$", reason, "lost") for p in lines]
@@ -334,6 +327,13 @@ class Ledger:
         for op in list(self.ops):
             op.finish(exc)
         self.ops.clear()
+
+
+def answers_for(e: Entry, part: RangePart) -> Sequence[int] | None:
+    """The lines of its range that entry ``e`` answers for: a routed part's, or a router's
+    own (and those that did not decode); None for a shard="chunk" range (all of it,
+    counted by its worker)."""
+    return e.part_pos if e.part_pos is not None else part.own
 
 
 def events_decoder(event_type: type[msgspec.Struct]) -> Callable[[bytes], list[Any]]:

@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
@@ -67,7 +67,7 @@ class Plan:
     ndjson: bool  # payloads are NDJSON (else a JSON array)
     encode: Callable[[Any], bytes | None]  # Entry → payload (plan.Planner's encoder)
     routed: list[Any] | None
-    slices: list[tuple[int, int, int, int]] | None = None  # NDJSON byte ranges: (start, end, ordinal, 0)
+    slices: list[tuple[int, int]] | None = None  # NDJSON byte ranges (start, end), in input order
     body: bytes | None = None
     route: int = 0  # shard="key" NDJSON ranges: the workers route them over this many
     # (lo, hi, worker) → input indices of that worker's items in segment [lo, hi): worked
@@ -84,17 +84,17 @@ class RangePart:
 
     ``lines``: the range's count of events (-1 until known); ``errors`` with line
     indices in the range; ``events`` when the operation returns them. A routed range
-    (``shard="key"``) also has ``own``: the lines its router answers for.
+    (``shard="key"``) also has ``own``, once its router said how it split it: the lines
+    the router answers for.
     """
 
-    __slots__ = ("errors", "events", "lines", "own", "routed")
+    __slots__ = ("errors", "events", "lines", "own")
 
     def __init__(self) -> None:
         self.lines = -1
         self.errors: list[Any] = []
         self.events: list[Any] | None = None
-        self.routed = False
-        self.own: list[int] | None = None
+        self.own: Sequence[int] | None = None
 
 
 class Operation:

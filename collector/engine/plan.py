@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from operator import attrgetter, eq, methodcaller
 from typing import Any
 
@@ -40,10 +40,10 @@ class _KeyOf(msgspec.Struct):
     """Decodes only the shard key of a JSON object; other fields are skipped unparsed."""
 
 
-def key_decoders(key: str) -> tuple[msgspec.json.Decoder[Any], msgspec.json.Decoder[Any]]:
-    """Decoders of the key alone: of one object (NDJSON lines) and of an array."""
+def key_decoder(key: str) -> msgspec.json.Decoder[Any]:
+    """Decoder of a JSON array that builds only each object's shard key."""
     T = msgspec.defstruct("_KeyOf_" + key, [(key, Any, None)], bases=(_KeyOf,))
-    return msgspec.json.Decoder(T), msgspec.json.Decoder(list[T])  # type: ignore[valid-type]
+    return msgspec.json.Decoder(list[T])  # type: ignore[valid-type]
 
 
 class Entry:
@@ -82,7 +82,7 @@ class Entry:
         self.payload: Any = payload  # bytes, or a memoryview of the caller's NDJSON batch
         self.attempt = 0
         self.sent_at = 0.0
-        self.part_pos: list[int] | None = None  # a routed part: its events' lines in range ``lo``
+        self.part_pos: Sequence[int] | None = None  # a routed part: its events' lines in range ``lo``
 
     @property
     def positions(self) -> list[int]:
@@ -133,7 +133,7 @@ class Planner:
         self.chunked = pipeline.shard == "chunk"
         self.enc = msgspec.json.Encoder()
         self.dec_raw = msgspec.json.Decoder(list[msgspec.Raw])
-        self.dec_key_line, self.dec_keys = key_decoders(self.key)
+        self.dec_keys = key_decoder(self.key)
         self.shards = ShardMap(nworkers)
         self.ids = itertools.count(1)
 
@@ -150,20 +150,15 @@ class Planner:
             items, kind = batch, "raw"
         elif isinstance(batch, (bytes, bytearray, memoryview)):
             body = bytes(batch)
-            first = _NON_BLANK.search(body)
-            if first is not None and body[first.start()] != 0x5B:  # NDJSON: the workers route it
-                return self._ndjson_ranges(body, first.start(), return_events, route=self.nworkers)
-            try:
-                items, keys, kind = self._from_bytes(body, errors)
-            except msgspec.DecodeError as e:
-                return self._malformed(e, len(batch), return_events)
+            got = self._from_bytes(body, return_events)
+            if isinstance(got, Operation):  # NDJSON (the workers route it) or a malformed array
+                return got
+            items, keys, kind = got, self._keys_of(got, body, errors), "raw"
         elif isinstance(batch, (list, tuple)):
             items, keys, kind = self._from_list(batch, errors)
         else:
             raise self._wrong_type(batch)
         total = len(items)
-        if len(self.shards) > 200_000:  # bounded (~40 MB): forget keys, they are recomputed
-            self.shards.clear()
         if errors:  # inputs rejected here are not routed
             base: range | list[int] = [i for i, k in enumerate(keys) if k is not NO_KEY]
             routed = [items[i] for i in base]
@@ -178,13 +173,13 @@ class Planner:
             shard_of = list(map(shard, keys)) if many else None
             distinct = len(set(keys))
         except TypeError:  # an unhashable key (a JSON list or object): use its repr
-            keys = [repr(k) if isinstance(k, (list, dict)) else k for k in keys]
+            keys = list(map(ShardMap.hashable, keys))
             shard_of = list(map(shard, keys)) if many else None
             distinct = len(set(keys))
         op = Operation(total, return_events, distinct)
         op.errors.extend(errors)
         op.failed = len(errors)
-        op.plan = Plan(base, shard_of, kind == "lines", _no_encoder, routed)
+        op.plan = Plan(base, shard_of, False, _no_encoder, routed)
         op.plan.encode = self._encoder_for(op, kind)
         return op
 
@@ -194,7 +189,7 @@ class Planner:
             f"(JSON array or NDJSON); got {type(batch).__name__}"
         )
 
-    def _malformed(self, e: msgspec.DecodeError, size: int, return_events: bool) -> Operation:
+    def _malformed(self, e: Exception, size: int, return_events: bool) -> Operation:
         """A JSON array that does not parse: one failed input, reported, not raised."""
         why = str(e)
         if "byte" not in why:  # msgspec names the byte except when the input ends early
@@ -210,19 +205,11 @@ class Planner:
     def _prepare_chunked(self, batch: Any, return_events: bool) -> Operation:
         """``shard="chunk"``: no keys, no routing; NDJSON is cut at newlines unparsed."""
         if isinstance(batch, (bytes, bytearray, memoryview)):
-            body = bytes(batch)
-            first = _NON_BLANK.search(body)  # C scan of leading blanks only, no copy
-            if first is None:
-                items: list[Any] = []
-                kind = "raw"
-            elif body[first.start()] == 0x5B:  # "[": a JSON array
-                try:
-                    items = self.dec_raw.decode(body)
-                except msgspec.DecodeError as e:
-                    return self._malformed(e, len(body), return_events)
-                kind = "raw"
-            else:
-                return self._ndjson_ranges(body, first.start(), return_events)
+            got = self._from_bytes(bytes(batch), return_events)
+            if isinstance(got, Operation):
+                return got
+            items: list[Any] = got
+            kind = "raw"
         elif isinstance(batch, (list, tuple)):
             items = batch if isinstance(batch, list) else list(batch)
             kind = "objects"
@@ -230,11 +217,25 @@ class Planner:
             raise self._wrong_type(batch)
         op = Operation(len(items), return_events, 0)
         op.reported_keys = set()
-        op.plan = Plan(range(len(items)), None, kind == "lines", _no_encoder, items)
+        op.plan = Plan(range(len(items)), None, False, _no_encoder, items)
         op.plan.encode = self._encoder_for(op, kind)
         return op
 
-    def _ndjson_ranges(self, body: bytes, start: int, return_events: bool, route: int = 0) -> Operation:
+    def _from_bytes(self, body: bytes, return_events: bool) -> Operation | list[Any]:
+        """``bytes``: NDJSON → an operation of byte ranges (nothing parsed here); a JSON
+        array → its raw items (a malformed one: an operation with that one error);
+        blanks only → no items. Only the leading blanks are scanned, in C, no copy."""
+        first = _NON_BLANK.search(body)
+        if first is None:
+            return []
+        if body[first.start()] != 0x5B:  # not "[": NDJSON
+            return self._ndjson_ranges(body, first.start(), return_events)
+        try:
+            return self.dec_raw.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            return self._malformed(e, len(body), return_events)
+
+    def _ndjson_ranges(self, body: bytes, start: int, return_events: bool) -> Operation:
         """Cut NDJSON into byte ranges of about ``chunk_size`` lines; nothing else.
 
         The supervisor never passes over the whole body (PERF-NOTES: any per-line work
@@ -245,7 +246,7 @@ class Planner:
         (:meth:`Operation.resolve`). Until then ``total`` is the estimate, which is
         also what admission (``max_inflight``) counts.
 
-        ``route`` (``shard="key"``): whichever worker takes a range routes it: it keeps
+        ``shard="key"``: whichever worker takes a range routes it: it keeps
         the events whose key it owns and hands the others to their owners through the
         supervisor, as parts (:meth:`Ledger.on_routed`). Keys never touch this thread.
         """
@@ -255,18 +256,20 @@ class Planner:
         probe = body[start : start + (1 << 16)]
         avg = max(1, len(probe) // (probe.count(b"\n") + 1))
         step = max(1, avg * self.chunk_size)
-        slices: list[tuple[int, int, int, int]] = []
+        slices: list[tuple[int, int]] = []
         find = body.find
         first = start
         while start < end:
             cut = find(b"\n", min(start + step, end), end)
             stop = end if cut < 0 else cut
-            slices.append((start, stop, len(slices), 0))
+            slices.append((start, stop))
             start = stop + 1
-        op = Operation(max(1, (end - first) // avg), return_events, 0)
+        # no events list of the estimated size: resolve() builds it from the counts
+        op = Operation(max(1, (end - first) // avg), False, 0)
+        op.events = [] if return_events else None
         op.reported_keys = set()
         op.parts = [RangePart() for _ in slices]
-        op.plan = Plan(range(0), None, True, _no_encoder, None, slices, body, route)
+        op.plan = Plan(range(0), None, True, _no_encoder, None, slices, body, 0 if self.chunked else self.nworkers)
         return op
 
     def _encoder_for(self, op: Operation, kind: str) -> Callable[[Entry], bytes | None]:
@@ -277,8 +280,6 @@ class Planner:
             assert items is not None
             if kind == "raw":
                 return b"[" + b",".join(items) + b"]"
-            if kind == "lines":
-                return b"\n".join(items)
             try:
                 return enc(items)
             except (TypeError, ValueError, msgspec.EncodeError, OverflowError):
@@ -320,42 +321,6 @@ class Planner:
                 keys.append(NO_KEY)
         return items, keys, "objects"
 
-    def _from_bytes(self, body: bytes, errors: list[ErrorItem]) -> tuple[list[Any], list[Any], str]:
-        stripped = body.lstrip()
-        if not stripped:
-            return [], [], "raw"
-        if stripped[:1] == b"[":
-            # a DecodeError (malformed array) goes up: prepare() reports it as one input
-            try:
-                raws = self.dec_raw.decode(body)
-            except msgspec.ValidationError as e:  # e.g. [1, "x"] is fine; this is not JSON
-                raise msgspec.DecodeError(str(e)) from e
-            return raws, self._keys_of(raws, body, errors), "raw"
-        lines = body.split(b"\n")
-        if b"" in lines or not lines[-1].strip():
-            lines = [ln for ln in lines if ln.strip()]
-        # one key-only pass (other fields are skipped, not built); the lines go on as
-        # they are. Measured on 1M events: turning the whole batch into one array
-        # first is slower here, its 170 MB copies cost more than the parse saves.
-        key = self.key
-        with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
-            found = self.dec_key_line.decode_lines(b"\n".join(lines))
-            if len(found) == len(lines):
-                return lines, [getattr(k, key) for k in found], "lines"
-        raws = self._ndjson_slow(lines, errors)
-        return raws, self._keys_of(raws, b"", errors), "lines"
-
-    def _ndjson_slow(self, lines: list[bytes], errors: list[ErrorItem]) -> list[Any]:
-        dec = msgspec.json.Decoder(msgspec.Raw)
-        raws: list[Any] = []
-        for i, ln in enumerate(lines):
-            try:
-                raws.append(dec.decode(ln))
-            except (msgspec.ValidationError, msgspec.DecodeError) as e:
-                errors.append(ErrorItem(i, "$", f"malformed JSON: {e}", "invalid"))
-                raws.append(None)
-        return raws
-
     def _keys_of(self, raws: list[Any], array: bytes, errors: list[ErrorItem]) -> list[Any]:
         key = self.key
         if array and not errors:
@@ -391,7 +356,7 @@ class Planner:
             assert plan.body is not None
             view = memoryview(plan.body)
             # lo = the chunk's ordinal: its lines' input indices are known once counted
-            entries = [Entry(next(ids), op, -1, None, k, k, 0, 0, view[s:e]) for s, e, k, _ in plan.slices]
+            entries = [Entry(next(ids), op, -1, None, k, k, 0, 0, view[s:e]) for k, (s, e) in enumerate(plan.slices)]
             plan.slices = plan.body = None
             yield None, entries
             yield None, None

@@ -56,7 +56,7 @@ class RangeRouter:
         their line indices in the range.
         """
         n = chunk.route
-        if self.shards.n != n or len(self.shards) > 200_000:  # bounded, as the supervisor's
+        if self.shards.n != n:
             self.shards = ShardMap(n)
         pos: Sequence[int] = kept if kept is not None else range(len(events))
         owner = self.owners(events)
@@ -87,5 +87,5 @@ class RangeRouter:
             return list(map(shard, map(self.keyget, events)))
         except (TypeError, AttributeError):  # a member without the key, an unhashable key
             keys = [getattr(e, self.key, None) for e in events]
-            return [shard(repr(k) if isinstance(k, (list, dict)) else k) for k in keys]
+            return list(map(shard, map(ShardMap.hashable, keys)))
 

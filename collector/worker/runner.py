@@ -421,10 +421,12 @@ class PipelineRunner:
                     emitters.settle(spans, records, False)
                 raise
             if records:
-                if dead and dead[-1][0] >= n_ev:  # sorted: some emitted record was dead-lettered
-                    self.count_dead_records([d for d in dead if d[0] >= n_ev], records, n_ev)
-                emitters.settle(spans, records, True, [d for d in dead if d[0] >= n_ev], n_ev)
-                dead = [d for d in dead if d[0] < n_ev]
+                # sorted by position: the chunk's events first, then the emitted records
+                dead_records = [d for d in dead if d[0] >= n_ev] if dead and dead[-1][0] >= n_ev else []
+                if dead_records:
+                    self.count_dead_records(dead_records, records, n_ev)
+                    dead = dead[: len(dead) - len(dead_records)]
+                emitters.settle(spans, records, True, dead_records, n_ev)
         elif records:  # no sinks: nothing to store them in
             emitters.settle(spans, records, True)
         # stored: now (and only now) remembered as seen. Dead-lettered by a sink (store

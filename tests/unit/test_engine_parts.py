@@ -179,7 +179,8 @@ def ack(chunk: Any, n: int, errors: list[ErrorRecord] | None = None) -> Ack:
 def ledger_with(window: int, max_attempts: int = 3) -> tuple[Ledger, list[FakeChannel], Admission, Planner]:
     chans = [FakeChannel(), FakeChannel()]
     adm = Admission(1_000_000, lambda: None)
-    return Ledger(chans, window, max_attempts, adm, events_decoder(Ev)), chans, adm, Planner(PIPE, 2, 2)
+    planner = Planner(PIPE, 2, 2)
+    return Ledger(chans, window, max_attempts, adm, events_decoder(Ev), planner.ids), chans, adm, planner
 
 
 def feed(ledger: Ledger, planner: Planner, adm: Admission, n: int) -> Any:
