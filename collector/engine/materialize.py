@@ -38,12 +38,13 @@ def is_stateful(st: Any) -> bool:
 class Partials:
     """The latest :class:`Snapshot` of each stage from each worker slot, and retired ones."""
 
-    def __init__(self, nworkers: int) -> None:
+    def __init__(self, nworkers: int, retirers: dict[str, Any] | None = None) -> None:
         self.nworkers = nworkers
         self.live: dict[str, list[Snapshot | None]] = {}
         self.retired: dict[str, list[bytes]] = {}
-        # stage → its description's ``retired(partial) -> partial`` (Order: gauges to 0)
-        self.retirers: dict[str, Any] = {}
+        # stage → its description's ``retired(partial) -> partial``: its gauges (events
+        # held, halves pending, sessions tracked) to 0, they died with the worker
+        self.retirers: dict[str, Any] = retirers or {}
 
     def put(self, i: int, snap: Snapshot) -> None:
         """Worker ``i`` published a partial (a newer one replaces the older)."""
@@ -86,9 +87,8 @@ class Materialized:
 
     def __init__(self, pipeline: Pipeline, nworkers: int) -> None:
         self.pipeline = pipeline
-        self.partials = Partials(nworkers)
-        self.partials.retirers = {st.name: st.retired for st in pipeline.stages
-                                  if is_stateful(st) and callable(getattr(st, "retired", None))}
+        self.partials = Partials(nworkers, {st.name: st.retired for st in pipeline.stages
+                                            if is_stateful(st) and callable(getattr(st, "retired", None))})
         self._cache: dict[str, tuple[list[bytes], Any]] = {}
 
     def stage(self, name: str) -> Any:

@@ -96,6 +96,13 @@ class Gaps(Stage):
         """The sessions of one worker."""
         return GapsRuntime(self)
 
+    def retired(self, partial: bytes) -> bytes:
+        """A dead worker's last partial as it stays merged: its counters, no sessions
+        tracked (they died with it)."""
+        p = _decoder.decode(partial)
+        p.sessions = 0
+        return _encoder.encode(p)
+
     def merge(self, partials: Sequence[bytes]) -> dict[str, Any]:
         """The workers' counters summed: totals, ``sessions``, and ``by`` value → counters."""
         by: dict[Any, dict[str, int]] = {}

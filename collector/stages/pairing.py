@@ -160,6 +160,16 @@ class Pair:
                 out[k] = out.get(k, 0) + v
         return out
 
+    def retired(self, partial: bytes) -> bytes:
+        """A dead worker's last partial as it stays merged: its counters, and no halves
+        pending (a memory store's halves died with it; its redelivered chunks bring them
+        to its replacement; the shared stores publish no pending gauges)."""
+        st = _counts.decode(partial)
+        for gauge in ("pending", "pending_ends"):
+            if gauge in st:
+                st[gauge] = 0
+        return _enc.encode(st)
+
     def read(self, result: dict[str, int], key: Any = None, **_: Any) -> Any:
         """The counters (``paired``, ``expired``, ``orphan``, ``pending``, ...), or one of them."""
         return dict(result) if key is None else result.get(key, 0)

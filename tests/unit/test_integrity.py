@@ -164,3 +164,11 @@ def test_an_unhashable_session_is_skipped() -> None:
     rt = Gaps(session="data.s", seq="data.seq").build()
     feed(rt, [Nested({"s": {"a": 1}, "seq": 1}), Nested({"s": ["x"], "seq": 2})])
     assert rt.sessions == {}
+
+
+def test_a_dead_workers_partial_keeps_its_counts_and_tracks_no_session() -> None:
+    spec = Gaps()
+    rt = spec.build()
+    feed(rt, [Start("a", 1), Start("a", 3), Start("b", 1)])
+    c = spec.read(spec.merge([spec.retired(rt.snapshot())]))
+    assert (c["gaps"], c["sessions"]) == (1, 0)

@@ -195,3 +195,15 @@ def test_emit_must_be_picklable_and_the_store_known() -> None:
         Pair(tick=0)
     with pytest.raises(ConfigError, match="has no attribute"):
         Pair(emit="test_pairing:nope").build()
+
+
+def test_a_dead_workers_partial_keeps_its_counters_and_no_pending_halves() -> None:
+    spec = Pair(key=("user_id", "data.page_view_id"), clock=Clock())
+    rt = spec.build()
+    rt([ev("start", "u1", "a", T0), ev("start", "u2", "b", T0), ev("end", "u3", "c", T0)])
+    rt([ev("end", "u1", "a", T0 + 3)])
+    live = spec.merge([rt.partial()])
+    assert (live["paired"], live["pending"], live["pending_ends"]) == (1, 1, 1)
+    # its halves died with it (its redelivered chunks bring them to the replacement)
+    dead = spec.merge([spec.retired(rt.partial())])
+    assert (dead["paired"], dead["pending"], dead["pending_ends"]) == (1, 0, 0)
