@@ -28,13 +28,15 @@ def compile_fill(
     a constant name is several times cheaper than getattr/setattr on the hot path.
     Field names were checked against the Struct's fields, so they are identifiers.
     With ``skip``, a cached ``SKIP`` (not found) or ``FAIL`` (failed recently) is a hit
-    that leaves the field alone, and the function returns ``(hits, failed)``; with
+    that leaves the field alone, and the function returns ``(hits, failed, skipped)``
+    (events of a cached failed, and not-found, key); with
     ``key_fields`` the key is the tuple ``(e.<key>, e.<f>, ...)``. With ``skip``, an event
     whose key field is None is not looked up at all (a deposit has no game, a game_start
     no currency): its field keeps its default and nothing is counted. With ``collect``
     (and ``skip``: a step with a failure policy), the function takes two more dicts,
     ``nf`` and ``err``, and groups the events of cached not-found and failed keys in them
-    (key → events), for the policy to act on.
+    (key → events), for the policy to act on, and returns ``(hits, failed)``. Without it
+    (a step that only keeps, and logs nothing) those events are counted, not grouped.
     """
     names = (key, *key_fields)
     assert all(n.isidentifier() for n in names) and target.isidentifier()
@@ -50,7 +52,7 @@ def compile_fill(
         )
     elif skip:
         setter = (
-            "            if v is SKIP:\n                pass\n"
+            "            if v is SKIP:\n                skipped += 1\n"
             "            elif v is FAIL:\n                failed += 1\n"
             f"            else:\n                e.{target} = v\n"
         )
@@ -58,7 +60,7 @@ def compile_fill(
     # the common case; ``misses`` is the caller's fresh dict for this chunk
     src = (
         f"def fill(events, get, MISS, misses{', nf, err' if collect else ''}):\n"
-        "    nones = failed = 0\n"
+        "    nones = failed = skipped = 0\n"
         "    for e in events:\n"
         + (f"        if e.{key} is None:\n            nones += 1\n            continue\n" if skip else "")
         + f"        k = {kexpr}\n"
@@ -72,7 +74,7 @@ def compile_fill(
         "        else:\n"
         f"{setter}"
         "    hits = len(events) - nones - (sum(map(len, misses.values())) if misses else 0)\n"
-        f"    return {'hits, failed' if skip else 'hits'}\n"
+        f"    return {('hits, failed' if collect else 'hits, failed, skipped') if skip else 'hits'}\n"
     )
     ns: dict[str, Any] = {"SKIP": SKIP, "FAIL": FAIL}
     exec(src, ns)

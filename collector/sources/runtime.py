@@ -80,13 +80,17 @@ class Enricher:
             gone: dict[Any, Gone] = {}
             if isinstance(lk, SourceRuntime):
                 lk.prepare(lk.clock())
-                nf: dict[Any, list[Any]] = {}
-                err: dict[Any, list[Any]] = {}
-                summ.hits, summ.failures = lk.fill(events, lk.get, _MISS, misses, nf, err)
-                for k, evs in nf.items():
-                    gone[k] = Gone(NOT_FOUND, "not found", evs, "")
-                for k, evs in err.items():
-                    gone[k] = Gone(ERROR, "failed within error_ttl (cached)", evs, "failures")
+                if lk.collects:
+                    nf: dict[Any, list[Any]] = {}
+                    err: dict[Any, list[Any]] = {}
+                    summ.hits, summ.failures = lk.fill(events, lk.get, _MISS, misses, nf, err)
+                    for k, evs in nf.items():
+                        gone[k] = Gone(NOT_FOUND, "not found", evs, "")
+                    for k, evs in err.items():
+                        gone[k] = Gone(ERROR, "failed within error_ttl (cached)", evs, "failures")
+                else:  # kept at their defaults, as triage would keep them
+                    summ.hits, summ.failures, skipped = lk.fill(events, lk.get, _MISS, misses)
+                    summ.kept += skipped + summ.failures
                 sources.append((lk, summ))
             else:
                 if lk.caching:

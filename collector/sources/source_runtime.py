@@ -52,7 +52,11 @@ class SourceRuntime:
         self.get: Callable[[Any, Any], Any] = self.cache.values.get if self.cache is not None else {}.get
         cfg = source.config
         self.policy = StepPolicy(spec, f"{cfg.name} ({source.kind})" if getattr(cfg, "name", "") else source.describe())
-        self.fill = compile_fill(spec.key, spec.target, skip=True, key_fields=spec.key_fields, collect=True)
+        # the events of cached not-found and failed keys are grouped per key only when the
+        # step's policy acts on them (dead-letter, hold, a log line); to keep them silently
+        # they are counted in the fill pass
+        self.collects = spec.log or any(a != "keep" for a in self.policy.actions.values())
+        self.fill = compile_fill(spec.key, spec.target, skip=True, key_fields=spec.key_fields, collect=self.collects)
         self.flights = Flights()
         self.linger = source.config.resilience.linger
         self.pending: list[Any] = []
