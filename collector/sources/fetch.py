@@ -25,6 +25,7 @@ from typing import Any
 from ..pipeline import Lookup
 from ..protocol import LookupSummary
 from ..retry import Backoff
+from ..sinks.config import redact_urls
 from .base import Failure, Source
 from .cache import ERROR, FAIL, FOUND, MISS, NOT_FOUND, SKIP, LocalCache, SharedCache
 from .guard import CircuitBreaker
@@ -59,10 +60,12 @@ def error_kind(e: BaseException) -> int:
 
 
 def error_reason(e: BaseException) -> str:
-    """A short description of ``e`` for a log line ("timeout" for a timeout)."""
+    """A short description of ``e`` for a log line ("timeout" for a timeout), with any
+    URL's password redacted: a driver's message may quote its DSN, and this text goes on
+    to log lines, failure-policy reasons and dead letters."""
     if isinstance(e, TimeoutError):
         return "timeout"
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return redact_urls(f"{type(e).__name__}: {e}") if str(e) else type(e).__name__
 
 
 class SourceFetcher:
@@ -189,8 +192,8 @@ class SourceFetcher:
             elif isinstance(v, Failure):
                 self.acc.errors += 1
                 self.kinds[4] += 1
-                log.warning("lookup %s: %s: key %r: %s", self.name, self.source.describe(), k, v.reason)
-                failed[k] = v.reason
+                why = failed[k] = redact_urls(v.reason)  # a source's own words (see error_reason)
+                log.warning("lookup %s: %s: key %r: %s", self.name, self.source.describe(), k, why)
             else:
                 out[k] = (FOUND, v)
                 if cache is not None:

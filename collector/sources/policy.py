@@ -33,7 +33,6 @@ from typing import Any, Protocol
 from ..pipeline import Lookup
 from ..protocol import LookupSummary
 from ..retry import Backoff
-from ..sinks.config import redact_urls
 from ..sinks.sinkset import GAVE_UP, REFUSED
 from .cache import ERROR, FOUND, NOT_FOUND
 from .fetch import STALE
@@ -123,8 +122,8 @@ class StepPolicy:
         """What went wrong for key ``k``, in words."""
         if g.outcome == NOT_FOUND:
             return f"key {k!r} not found in source {self.source}"
-        # an error's text may quote a URL with a password (a driver's message): never logged
-        return f"source {self.source} failed for key {k!r}: {redact_urls(g.reason)}"
+        # the reason was redacted where it was made (fetch.error_reason)
+        return f"source {self.source} failed for key {k!r}: {g.reason}"
 
     def triage(self, gone: dict[Any, Gone], summ: LookupSummary, dead: list[Dead]) -> dict[Any, Gone] | None:
         """Keep or dead-letter the failed keys now; the ones to hold (None: none)."""
@@ -164,7 +163,7 @@ class StepPolicy:
         spec = self.spec
         what = self.describe(k, g)
         level = logging.INFO if g.outcome == NOT_FOUND else logging.WARNING
-        reason = "not_found" if g.outcome == NOT_FOUND else redact_urls(g.reason)
+        reason = "not_found" if g.outcome == NOT_FOUND else g.reason
         ident = self.event_id
         for e in g.events:
             if not lim.take():
