@@ -144,7 +144,7 @@ class _SqlConfig(SourceConfig, frozen=True):
     table: str = ""
     key_column: str = "id"
     columns: Annotated[tuple[str, ...], Meta(description="value columns: one gives a scalar, several a dict")] = ()
-    query: Annotated[str, Meta(description="instead of table/columns: SELECT key, value... with the keys as $1 (postgres, an array) or `IN ({keys})` (mysql, one placeholder per key)")] = ""
+    query: Annotated[str, Meta(description="instead of table/columns: SELECT key, value... with the keys as $1 (postgres, an array) or `IN ({keys})` (mysql: one placeholder per key; sqlite: the keys as one JSON array)")] = ""
     pool_size: Annotated[int, Meta(ge=1)] = 4
     max_keys: Annotated[int, Meta(ge=1, description="keys per query")] = 1000
     cache: CacheConfig = msgspec.field(default_factory=_uncached)

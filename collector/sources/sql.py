@@ -18,12 +18,16 @@ keeps MySQL from reading an old snapshot. DSNs are never logged (``describe`` re
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+import msgspec
 
 from ..errors import ConfigError, missing
 from ..sinks.config import redact_dsn
@@ -238,7 +242,11 @@ class SqliteSource(_SqlSource):
 
     kind = "sqlite"
     Config = SqliteSourceConfig
-    keys_clause = "IN ({keys})"  # one ? per key, written at query time
+    # the keys as one JSON array parameter: one statement text for any number of keys
+    # (SQLite caches it prepared) and no limit on bound variables; a ``query`` writes
+    # ``IN ({keys})`` for the same
+    keys_clause = "IN ({keys})"
+    _KEYS = "SELECT value FROM json_each(?)"
 
     def __init__(self, config: Any = None, /, **fields: Any) -> None:
         import sqlite3
@@ -246,8 +254,9 @@ class SqliteSource(_SqlSource):
         self.sqlite3 = sqlite3
         self.lost = (sqlite3.OperationalError,)  # locked, file replaced: once more on a new connection
         self.conn: Any = None
-        self.executor: Any = None
+        self.executor: ThreadPoolExecutor | None = None
         super().__init__(config, **fields)
+        self.statement = self.sql.replace("{keys}", self._KEYS)
 
     def _query(self, keys: list[Any]) -> list[Any]:
         """On the source's thread: the rows for ``keys``."""
@@ -257,27 +266,28 @@ class SqliteSource(_SqlSource):
                 raise ConfigError(f"sqlite source: no database at {path} (create it: collector migrate)")
             self.conn = self.sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
             self.conn.row_factory = _dict_row
-        marks = ", ".join("?" * len(keys)) or "NULL"
         try:
-            return list(self.conn.execute(self.sql.replace("{keys}", marks), keys).fetchall())
+            return list(self.conn.execute(self.statement, (_json_text(keys),)).fetchall())
         except self.lost:
             self.conn.close()
             self.conn = None
             raise
 
     async def fetch(self, keys: list[Any]) -> list[Any]:
-        import asyncio
-        from concurrent.futures import ThreadPoolExecutor
-
         if self.executor is None:
             self.executor = ThreadPoolExecutor(1, thread_name_prefix="collector-sqlite")
         self.queries += 1
         return await asyncio.get_running_loop().run_in_executor(self.executor, self._query, keys)
 
     async def close(self) -> None:
-        if self.executor is not None:
-            ex, self.executor = self.executor, None
-            if self.conn is not None:
-                ex.submit(self.conn.close).result()
-                self.conn = None
-            ex.shutdown(wait=False)
+        ex, self.executor = self.executor, None
+        if ex is None:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:  # closed on its own thread, without blocking the loop
+            await asyncio.get_running_loop().run_in_executor(ex, conn.close)
+        ex.shutdown(wait=False)
+
+
+def _json_text(keys: list[Any]) -> str:
+    return msgspec.json.encode(keys).decode()
