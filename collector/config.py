@@ -38,6 +38,7 @@ __all__ = [
     "ServerConfig",
     "default_config",
     "engine_options",
+    "in_dir",
     "load_config",
     "options_table",
 ]
@@ -314,8 +315,9 @@ def _check(cfg: DaemonConfig, where: str) -> None:
         raise ConfigError(f"{where}: `$.sinks`: sink names must be unique (got {names})")
 
 
-def _in_dir(path: str, data_dir: Path) -> str:
-    return path if os.path.isabs(path) else str(data_dir / path)
+def in_dir(path: str, data_dir: Path | str | None) -> str:
+    """``path`` placed in ``data_dir`` when it is relative (and a data directory is given)."""
+    return path if data_dir is None or os.path.isabs(path) else os.path.join(str(data_dir), path)
 
 
 def resolved_sinks(cfg: DaemonConfig) -> tuple[tuple[SinkConfig, ...], DeadLetterConfig]:
@@ -326,10 +328,10 @@ def resolved_sinks(cfg: DaemonConfig) -> tuple[tuple[SinkConfig, ...], DeadLette
     for s in sinks:
         p = getattr(s, "path", None)
         if isinstance(p, str) and s.kind in ("jsonl", "sqlite"):
-            s = msgspec.structs.replace(s, path=_in_dir(p, d))
+            s = msgspec.structs.replace(s, path=in_dir(p, d))
         out.append(s)
     dl = cfg.deadletter or DeadLetterConfig(path="deadletter-{worker}.jsonl")
-    dl = msgspec.structs.replace(dl, path=_in_dir(dl.path, d))
+    dl = msgspec.structs.replace(dl, path=in_dir(dl.path, d))
     return tuple(out), dl
 
 

@@ -25,7 +25,7 @@ import sys
 from typing import Any
 
 from .. import registry
-from ..config import DaemonConfig, resolved_sinks
+from ..config import DaemonConfig, in_dir, resolved_sinks
 from ..errors import ConfigError
 from ..pipeline import Lookup, Pipeline, event_fields, event_type_name, resolve_pipeline
 
@@ -75,8 +75,9 @@ def build_pipeline(cfg: DaemonConfig) -> Pipeline:
         changes["lookups"] = tuple(lk for lk in p.lookups if lk.target not in mine) + extra
     stages = (*p.stages, *more, *([rules] if rules is not None else []))
     # state files (the SQLite pairing store's) named relative live in the data directory
-    placed = tuple(_state_in_data_dir(st, cfg.resolved_data_dir()) for st in stages)
-    if rules is not None or more or any(a is not b for a, b in zip(placed, stages, strict=True)):
+    data_dir = cfg.resolved_data_dir()
+    placed = tuple(_state_in_data_dir(st, data_dir) for st in stages)
+    if placed != p.stages:
         changes["stages"] = placed
     p = dataclasses.replace(p, **changes) if changes else p
     _check_routes(p, rules, more)
@@ -103,26 +104,21 @@ def config_stages(cfg: DaemonConfig) -> list[Any]:
     """The stages of the config's ``[[stages]]`` tables, in order.
 
     A ``pair`` with ``store = "sqlite"`` and no ``state_path`` gets
-    ``pairs-{name}.sqlite3`` (placed in ``data_dir`` by :func:`build_pipeline`).
+    ``pairs-{name}.sqlite3`` (``Pair.from_config``), placed in ``data_dir`` by
+    :func:`build_pipeline`.
     """
     from ..stages import build_stage
 
-    out = []
-    for i, t in enumerate(cfg.stages):
-        if t.get("kind") == "pair" and t.get("store") == "sqlite" and not t.get("state_path"):
-            t = {**t, "state_path": f"pairs-{t.get('name', 'pair')}.sqlite3"}
-        out.append(build_stage(t, f"$.stages[{i}]"))
-    return out
+    return [build_stage(t, f"$.stages[{i}]") for i, t in enumerate(cfg.stages)]
 
 
 def _state_in_data_dir(st: Any, data_dir: Any) -> Any:
     """A stage whose relative ``state_path`` (a SQLite pairing store) is put in ``data_dir``."""
-    import os
-
     path = getattr(st, "state_path", None)
-    if not path or not isinstance(path, str) or os.path.isabs(path):
+    if not path or not isinstance(path, str):
         return st
-    return dataclasses.replace(st, state_path=os.path.join(str(data_dir), path))  # Pair: a dataclass
+    placed = in_dir(path, data_dir)
+    return st if placed == path else dataclasses.replace(st, state_path=placed)  # Pair: a dataclass
 
 
 def rules_stage(cfg: DaemonConfig) -> Any:

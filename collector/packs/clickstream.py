@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from ..config import in_dir
 from ..errors import ConfigError
 from ..pipeline import Pipeline
 
@@ -280,12 +281,6 @@ class ClickstreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     dedup_ttl: float = 600.0
 
 
-def _in_data_dir(path: str, data_dir: str | None) -> str:
-    import os
-
-    return path if data_dir is None or os.path.isabs(path) else os.path.join(data_dir, path)
-
-
 def _tables_sinks(opts: ClickstreamOptions, data_dir: str | None) -> tuple[Any, ...]:
     """One table per event type: ClickHouse when configured, else SQLite."""
     if opts.clickhouse_url:
@@ -295,7 +290,7 @@ def _tables_sinks(opts: ClickstreamOptions, data_dir: str | None) -> tuple[Any, 
                                      table="{event}"),)
     from ..sinks.config import SqliteSinkConfig
 
-    return (SqliteSinkConfig(name="tables", path=_in_data_dir(opts.sqlite_path, data_dir), table="{event}"),)
+    return (SqliteSinkConfig(name="tables", path=in_dir(opts.sqlite_path, data_dir), table="{event}"),)
 
 
 def clickstream_pipeline(
@@ -331,7 +326,7 @@ def clickstream_pipeline(
                  carry=("timestamp", "data.page_type", "session_id"), ttl=o.pair_ttl,
                  output_type="page_view", emit="collector.packs.clickstream:page_view_record",
                  store=o.pair_store, redis_url=o.redis_url, prefix=o.pair_prefix,
-                 state_path=_in_data_dir(o.pair_state_path, data_dir) if o.pair_store == "sqlite" else ""),
+                 state_path=in_dir(o.pair_state_path, data_dir) if o.pair_store == "sqlite" else ""),
         ]
     if sinks is None:
         if o.role == "ingest":

@@ -146,6 +146,9 @@ class Pair:
         """The pairing a ``[[stages]]`` table declares (decoded into ``PairConfig``)."""
         fields = {f: getattr(cfg, f) for f in cfg.__struct_fields__}
         fields.update(key=tuple(cfg.key), carry=tuple(cfg.carry))
+        if cfg.store == "sqlite" and not cfg.state_path:
+            # relative: the daemon puts it in its data directory (packs.build_pipeline)
+            fields["state_path"] = f"pairs-{cfg.name}.sqlite3"
         return cls(**fields)
 
     # the engine lists the stage among the aggregates (its counters) and in /metrics ``pairs``

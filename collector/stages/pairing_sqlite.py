@@ -45,7 +45,6 @@ from typing import Any
 
 import msgspec
 
-from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from .pairing import Pair, PairRuntime, Pending
 
@@ -73,9 +72,7 @@ class SqlitePairRuntime(PairRuntime):
     """
 
     def __init__(self, spec: Pair) -> None:
-        if not spec.state_path:
-            raise ConfigError(f"pair {spec.name!r}: store='sqlite' needs state_path (a SQLite file)")
-        super().__init__(spec)
+        super().__init__(spec)  # Pair checked that store="sqlite" has its state_path
         self.counters["stored"] = 0
         self._db: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None  # one thread: the file's work, in call order
