@@ -40,6 +40,7 @@ import msgspec
 
 from ..http.schemas import BatchResponse, ErrorResponse, ItemResult
 from ..packs.generic import GenericEvent
+from ..worker.decoding import error_path
 from .servers import HOST, ServerProcess
 
 __all__ = ["PeerServer", "app", "stored_events", "uvicorn_missing"]
@@ -81,12 +82,6 @@ class _File:
             cls.fd = -1
 
 
-def _split(msg: str) -> tuple[str, str]:
-    """msgspec's "Expected `int`, got `str` - at `$.x`" as (path below the item, reason)."""
-    reason, sep, rest = msg.rpartition(" - at `")
-    return (rest.rstrip("`")[1:], reason) if sep else ("", msg)
-
-
 def _decode(body: bytes) -> tuple[int, Any, list[GenericEvent]]:
     """(status, answer, events to store) for one batch body."""
     try:
@@ -100,15 +95,15 @@ def _decode(body: bytes) -> tuple[int, Any, list[GenericEvent]]:
     try:
         raw = _raw_batch.decode(body).events
     except msgspec.ValidationError as e:
-        path, reason = _split(str(e))
-        return 422, ErrorResponse("invalid envelope", f"{reason}; send {{\"events\": [...]}}", path=f"${path}"), []
+        path, reason = error_path(str(e))
+        return 422, ErrorResponse("invalid envelope", f"{reason}; send {{\"events\": [...]}}", path=path), []
     events, results = [], []
     for i, r in enumerate(raw):
         try:
             ev = _one.decode(r)
         except msgspec.ValidationError as e:
-            path, reason = _split(str(e))
-            results.append(ItemResult(i, "invalid", path=f"$.events[{i}]{path}", reason=reason))
+            path, reason = error_path(str(e))  # the collector's own reading of msgspec's message
+            results.append(ItemResult(i, "invalid", path=f"$.events[{i}]{path[1:]}", reason=reason))
             continue
         events.append(ev)
         results.append(ItemResult(i, "accepted", ev.id))

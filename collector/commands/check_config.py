@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from collector.errors import ConfigError
     from collector.packs import build_pipeline
     from collector.pipeline import event_fields, event_type_name
+    from collector.stages.aggregates import Aggregate
 
     if args.options:
         print(options_table())
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         elif getattr(st, "pairing", False):
             print(f"  pair {st.name}: {st.start_type} + {st.end_type} on {', '.join(st.key)}, ttl {st.ttl:g} s, "
                   f"store {st.store}" + (f" ({st.state_path})" if st.store == "sqlite" else ""))
-        elif getattr(st, "max_series", None) is not None:  # an Aggregate
+        elif isinstance(st, Aggregate):
             print(f"  aggregate {st.name}: {_aggregate(st)}")
         elif getattr(st, "integrity", None) == "ordering":
             key = st.key or p.key
@@ -75,9 +76,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _policy(lk: Any) -> str:
     """``not found: keep (logged), error: hold 5s/10 tries then dead_letter``."""
+    from collector.sources.metrics import policy_of
+
     parts = []
+    pol = policy_of(lk)
     for outcome, words in (("not_found", "not found"), ("error", "error")):
-        act = lk.policy_for(outcome)
+        act = pol[outcome]
         if act == "hold":
             act = f"hold {lk.hold_for:g}s/{lk.hold_retries} tries then {lk.then}"
         parts.append(f"{words}: {act}")

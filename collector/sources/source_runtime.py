@@ -71,7 +71,7 @@ class SourceRuntime:
             self.cache.sweep(now)
 
     async def resolve(
-        self, misses: dict[Any, list[Any]], summ: LookupSummary, gone: dict[Any, Gone] | None = None
+        self, misses: dict[Any, list[Any]], summ: LookupSummary, gone: dict[Any, Gone]
     ) -> None:
         """Fill the events of ``misses`` (key → events): join calls under way, start the rest.
 
@@ -109,8 +109,7 @@ class SourceRuntime:
             assert fut is not None
             if fut.cancelled() or fut.exception() is not None:
                 summ.failures += len(evs)
-                if gone is not None:
-                    gone[k] = Gone(ERROR, "the call was cancelled", evs, "failures")
+                gone[k] = Gone(ERROR, "the call was cancelled", evs, "failures")
                 continue
             outcome, v = fut.result().get(k, failed)
             if outcome in (FOUND, STALE):
@@ -121,12 +120,10 @@ class SourceRuntime:
                     summ.failures += len(evs)
             elif outcome == NOT_FOUND:
                 summ.not_found += len(evs)
-                if gone is not None:
-                    gone[k] = Gone(NOT_FOUND, "not found", evs, "not_found")
+                gone[k] = Gone(NOT_FOUND, "not found", evs, "not_found")
             else:
                 summ.failures += len(evs)
-                if gone is not None:
-                    gone[k] = Gone(ERROR, v if isinstance(v, str) else "no answer", evs, "failures")
+                gone[k] = Gone(ERROR, v if isinstance(v, str) else "no answer", evs, "failures")
 
     async def refetch(self, keys: list[Any], timeout: float, summ: LookupSummary) -> dict[Any, tuple[int, Any]]:
         """Ask again for ``keys`` (a hold): past the local cache, joining calls under way

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import pickle
 import time
 from collections.abc import Callable, Sequence
@@ -210,7 +211,14 @@ Pending = tuple[float, float | None, tuple[Any, ...]]  # arrival, event time, ca
 
 
 class PairRuntime:
-    """One worker's pending starts and ends; call it with a chunk."""
+    """One worker's pending starts and ends; call it with a chunk.
+
+    ``shared_store`` (the Redis and SQLite forms): the halves that do not pair within a
+    chunk wait in a store the workers share, so the counters add ``stored`` (halves this
+    worker left there) and publish no ``pending`` gauges, and expiry is a periodic sweep.
+    """
+
+    shared_store = False
 
     def __init__(self, spec: Pair) -> None:
         self.spec = spec
@@ -235,9 +243,15 @@ class PairRuntime:
         self.order_d: collections.deque[tuple[float, list[Any]]] = collections.deque()
         self.out: list[PairRecord] = []
         self.counters = dict.fromkeys(COUNTERS, 0)
+        if self.shared_store:
+            self.counters["stored"] = 0
+            self.last_sweep = -math.inf
 
     def stats(self) -> dict[str, int]:
-        """The counters, with ``pending`` (starts waiting) and ``pending_ends``."""
+        """The counters, with ``pending`` (starts waiting) and ``pending_ends`` (a shared
+        store's halves are the store's, not counted here)."""
+        if self.shared_store:
+            return dict(self.counters)
         return {**self.counters, "pending": len(self.starts), "pending_ends": len(self.ends)}
 
     def partial(self) -> bytes:

@@ -87,6 +87,8 @@ class RedisPairRuntime(PairRuntime):
     client. Counters add ``stored`` (halves this worker left waiting in Redis).
     """
 
+    shared_store = True
+
     def __init__(self, spec: Pair) -> None:
         try:
             import redis.asyncio  # noqa: F401
@@ -95,7 +97,6 @@ class RedisPairRuntime(PairRuntime):
                 f"pair {spec.name!r}: store='redis' needs the redis package: pip install 'collector[redis]'"
             ) from None
         super().__init__(spec)
-        self.counters["stored"] = 0
         p = spec.prefix
         self.k_start, self.k_end, self.k_deadlines = f"{p}start:", f"{p}end:", f"{p}deadlines"
         self.ex_start = max(1, math.ceil(spec.ttl + spec.redis_grace))
@@ -103,7 +104,6 @@ class RedisPairRuntime(PairRuntime):
         self._redis: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shas: dict[str, str] = {}
-        self.last_sweep = -math.inf
 
     def client(self) -> Any:
         """The asyncio Redis client of the running loop (made on first use)."""
@@ -159,9 +159,6 @@ class RedisPairRuntime(PairRuntime):
             r, self._redis = self._redis, None
             await r.aclose()
 
-    def stats(self) -> dict[str, int]:
-        """The counters (pending halves are in Redis, shared: not counted here)."""
-        return dict(self.counters)
 
     def __call__(self, events: list[Any]) -> Any:
         """Pair within the chunk; the rest goes to Redis (a coroutine of the drops then)."""

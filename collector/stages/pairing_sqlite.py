@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
-import math
 import os
 import sqlite3
 import time
@@ -61,6 +59,13 @@ CREATE INDEX IF NOT EXISTS done_until ON done (until);
 _enc = msgspec.msgpack.Encoder()
 _carried = msgspec.msgpack.Decoder(list[Any])
 _json = msgspec.json.Encoder()
+_json_dec = msgspec.json.Decoder()
+
+
+def _text(value: Any) -> str:
+    """JSON text of ``value``: a key (a tuple, as a list) as the file stores it, or a list
+    of such texts as one ``json_each`` parameter."""
+    return _json.encode(value).decode()
 _IN = "SELECT value FROM json_each(?)"  # a whole key list as one parameter
 
 
@@ -71,13 +76,13 @@ class SqlitePairRuntime(PairRuntime):
     shared by the workers: not counted. ``close()`` closes the connection.
     """
 
+    shared_store = True
+
     def __init__(self, spec: Pair) -> None:
         super().__init__(spec)  # Pair checked that store="sqlite" has its state_path
-        self.counters["stored"] = 0
         self._db: sqlite3.Connection | None = None
         self._pool: ThreadPoolExecutor | None = None  # one thread: the file's work, in call order
         self._pid = 0
-        self.last_sweep = -math.inf
 
     def db(self) -> sqlite3.Connection:
         """The connection of this process (opened, and the tables made, on first use)."""
@@ -116,9 +121,6 @@ class SqlitePairRuntime(PairRuntime):
         """``close()`` for the worker's drain."""
         self.close()
 
-    def stats(self) -> dict[str, int]:
-        """The counters (pending halves are in the shared file: not counted here)."""
-        return dict(self.counters)
 
     def __call__(self, events: list[Any]) -> Any:
         """Pair within the chunk, then against the file in one transaction: the drops, or
@@ -182,13 +184,15 @@ class SqlitePairRuntime(PairRuntime):
         try:
             taken: list[tuple[Any, Pending, Pending]] = []  # pairs made with a half from the file
             left: list[tuple[dict[Any, Pending], str, dict[Any, str]]] = []
+            texts: dict[Any, str] = {}  # every half's key text, made once
             for table, kind, other in ((starts, "start", "end"), (ends, "end", "start")):
                 if not table:
                     continue
-                ks = {k: _json.encode(list(k)).decode() for k in table}
+                ks = {k: _text(k) for k in table}
+                texts.update(ks)
                 found = {r[0]: r for r in db.execute(
                     f"DELETE FROM halves WHERE kind = ? AND key IN ({_IN}) RETURNING key, arrival, time, carried",
-                    (other, json.dumps(list(ks.values()))))}
+                    (other, _text(list(ks.values()))))}
                 for k, ktext in ks.items():
                     r = found.get(ktext)
                     if r is not None:
@@ -198,19 +202,20 @@ class SqlitePairRuntime(PairRuntime):
                 left.append((table, kind, ks))
             # the replay guard: a half whose partner waited cannot have been paired since
             # (a paired key's halves are gone), so only the rest are asked
-            ask = [_json.encode(list(m[0])).decode() for m in matches]
-            ask += [ks[k] for table, _, ks in left for k in table]
+            # each key's text once: the matches' here, the halves' in ``ks`` above
+            mtext = [_text(m[0]) for m in matches]
+            ask = mtext + [ks[k] for table, _, ks in left for k in table]
             if ask:
                 done = {r[0] for r in db.execute(f"SELECT key FROM done WHERE until > ? AND key IN ({_IN})",
-                                                 (now, json.dumps(ask)))}
+                                                 (now, _text(ask)))}
                 if done:  # paired before (maybe before a restart): a replay, not paired twice
                     for table, _, ks in left:
                         for k in [k for k in table if ks[k] in done]:
                             del table[k]
                             out.counts["replayed"] += 1
-                    kept = [m for m in matches if _json.encode(list(m[0])).decode() not in done]
+                    kept = [i for i, t in enumerate(mtext) if t not in done]
                     out.counts["replayed"] += 2 * (len(matches) - len(kept))
-                    matches = kept
+                    matches, mtext = [matches[i] for i in kept], [mtext[i] for i in kept]
             for table, kind, ks in left:
                 if not table:
                     continue
@@ -221,11 +226,12 @@ class SqlitePairRuntime(PairRuntime):
                 stored = db.total_changes - before
                 out.counts["stored"] += stored
                 out.counts["duplicate_" + kind] += len(table) - stored  # a copy already waits: the first waits on
+            mtext += [texts[k] for k, _, _ in taken]
             matches += taken
             if matches:
                 until = now + sp.replay_ttl
                 db.executemany("INSERT INTO done VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET until = excluded.until",
-                               [(_json.encode(list(m[0])).decode(), until) for m in matches])
+                               [(t, until) for t in mtext])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -243,7 +249,7 @@ class SqlitePairRuntime(PairRuntime):
                 for kind in ("start", "end"):
                     keys = [r[1] for r in due if r[0] == kind]
                     if keys:
-                        db.execute(f"DELETE FROM halves WHERE kind = ? AND key IN ({_IN})", (kind, json.dumps(keys)))
+                        db.execute(f"DELETE FROM halves WHERE kind = ? AND key IN ({_IN})", (kind, _text(keys)))
                 db.execute("DELETE FROM done WHERE until <= ?", (now,))
                 db.execute("COMMIT")
             except BaseException:
@@ -262,7 +268,7 @@ class SqlitePairRuntime(PairRuntime):
         for kind, key, arrival, t, carried in done.due:
             start = kind == "start"
             c["expired" if start else "orphan"] += 1
-            self._unpaired(tuple(json.loads(key)), (arrival, t, tuple(_carried.decode(carried))), start,
+            self._unpaired(tuple(_json_dec.decode(key)), (arrival, t, tuple(_carried.decode(carried))), start,
                            "expired" if start else "orphan_end")
         if done.matches:
             self._emit(done.matches)
