@@ -53,9 +53,9 @@ from typing import Any
 
 import msgspec
 
-from ..errors import missing
 from ..protocol import ErrorRecord
 from .dedup import Claim, CountingDedupWindow, Dedup
+from .redis_scripts import ScriptClient
 
 __all__ = ["CLAIM_SCRIPT", "SETTLE_SCRIPT", "RedisDedupWindow"]
 
@@ -109,10 +109,12 @@ class RedisDedupWindow(CountingDedupWindow):
     """
 
     def __init__(self, spec: Dedup) -> None:
-        try:
-            from redis.exceptions import RedisError
-        except ImportError:
-            raise missing("redis", "redis", f"dedup {spec.name!r} with store='redis'") from None
+        # no retries inside the client: on_unavailable is the policy, and a down server
+        # must cost one timeout, not a backoff series, per chunk
+        self.scripts = ScriptClient(spec.redis_url, what=f"dedup {spec.name!r} with store='redis'",
+                                    timeout=spec.timeout, retries=False)
+        from redis.exceptions import RedisError
+
         super().__init__(spec)
         self.spec = spec
         self.errors = (RedisError, OSError, asyncio.TimeoutError)
@@ -127,36 +129,13 @@ class RedisDedupWindow(CountingDedupWindow):
         self.down_until = 0.0
         self.last_log = -math.inf
         self.unlogged = 0
-        self._redis: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._shas: dict[str, str] = {}
-
-    def client(self) -> Any:
-        """The asyncio Redis client of the running loop (made on first use)."""
-        loop = asyncio.get_running_loop()
-        if self._redis is None or self._loop is not loop:
-            import redis.asyncio as aioredis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-
-            t = self.spec.timeout
-            # no retries inside the client: on_unavailable is the policy, and a down
-            # server must cost one timeout, not a backoff series, per chunk
-            self._redis = aioredis.from_url(
-                self.spec.redis_url, socket_timeout=t, socket_connect_timeout=t, retry=Retry(NoBackoff(), 0),
-                health_check_interval=30,
-            )
-            self._loop = loop
-            self._shas = {}
-        return self._redis
 
     async def aclose(self) -> None:
         """Send what settles are left (briefly), then close the client (at the worker's drain)."""
-        if self._redis is not None:
+        if self.scripts.open:
             if self.backlog:
                 await self._flush()
-            r, self._redis = self._redis, None
-            await r.aclose()
+            await self.scripts.aclose()
 
     def rkey(self, k: Any) -> bytes:
         """The Redis key of a window key (``(type, value)`` or a value)."""
@@ -242,21 +221,7 @@ class RedisDedupWindow(CountingDedupWindow):
         if self.backlog:  # settles kept while Redis was down go first (their own round trip)
             await self._apply([])
         self.counters["round_trips"] += 1
-        return list(await self._script(CLAIM_SCRIPT, rkeys, [token, self.pending_ms]))
-
-    async def _script(self, src: str, keys: list[bytes], args: list[Any]) -> Any:
-        """EVALSHA of ``src`` (loaded once per client; again after a Redis restart)."""
-        from redis.exceptions import NoScriptError
-
-        r = self.client()
-        sha = self._shas.get(src)
-        if sha is not None:
-            try:
-                return await r.evalsha(sha, len(keys), *keys, *args)
-            except NoScriptError:
-                pass
-        sha = self._shas[src] = await r.script_load(src)
-        return await r.evalsha(sha, len(keys), *keys, *args)
+        return list(await self.scripts.run(CLAIM_SCRIPT, rkeys, [token, self.pending_ms]))
 
     def _unavailable(self, claim: Claim, todo: dict[Any, tuple[int, bytes, int]], drops: list[ErrorRecord],
                      e: BaseException | None) -> None:
@@ -327,7 +292,7 @@ class RedisDedupWindow(CountingDedupWindow):
         try:
             for token, (keys, args) in by_token.items():
                 self.counters["round_trips"] += 1
-                await self._script(SETTLE_SCRIPT, keys, [token, *args])
+                await self.scripts.run(SETTLE_SCRIPT, keys, [token, *args])
         except BaseException:
             self._defer(ops)  # all again: marking stored and releasing twice is harmless
             raise

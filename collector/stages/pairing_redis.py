@@ -35,15 +35,14 @@ failure fails the chunk (its events are answered as errors; the client retries).
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
 import msgspec
 
-from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from .pairing import Pair, PairRuntime, Pending
+from .redis_scripts import ScriptClient
 
 __all__ = ["PAIR_SCRIPT", "SWEEP_SCRIPT", "RedisPairRuntime"]
 
@@ -90,75 +89,17 @@ class RedisPairRuntime(PairRuntime):
     shared_store = True
 
     def __init__(self, spec: Pair) -> None:
-        try:
-            import redis.asyncio  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                f"pair {spec.name!r}: store='redis' needs the redis package: pip install 'collector[redis]'"
-            ) from None
+        self.scripts = ScriptClient(spec.redis_url, what=f"pair {spec.name!r} with store='redis'",
+                                    timeout=10, connect_timeout=5)
         super().__init__(spec)
         p = spec.prefix
         self.k_start, self.k_end, self.k_deadlines = f"{p}start:", f"{p}end:", f"{p}deadlines"
         self.ex_start = max(1, math.ceil(spec.ttl + spec.redis_grace))
         self.ex_end = max(1, math.ceil(spec.orphan_ttl + spec.redis_grace))
-        self._redis: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._shas: dict[str, str] = {}
-
-    def client(self) -> Any:
-        """The asyncio Redis client of the running loop (made on first use)."""
-        loop = asyncio.get_running_loop()
-        if self._redis is None or self._loop is not loop:
-            import redis.asyncio as aioredis
-
-            self._redis = aioredis.from_url(
-                self.spec.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
-            )
-            self._loop = loop
-            self._shas = {}
-        return self._redis
-
-    async def _eval(self, script: str, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
-        """``script`` once per ``(keys, args)``, pipelined: one round trip.
-
-        EVALSHA of a script loaded once per client (a registered script in a
-        pipeline would cost a SCRIPT EXISTS round trip per call); what Redis forgot
-        (a restart, SCRIPT FLUSH) is loaded again and only those calls run again.
-        """
-        from redis.exceptions import NoScriptError
-
-        r = self.client()
-        results: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in range(2):
-            sha = self._shas.get(script)
-            if sha is None:
-                sha = self._shas[script] = await r.script_load(script)
-            pipe = r.pipeline(transaction=False)
-            for i in todo:
-                keys, args = calls[i]
-                pipe.evalsha(sha, len(keys), *keys, *args)
-            out = await pipe.execute(raise_on_error=False)
-            again = []
-            for i, x in zip(todo, out, strict=True):
-                if isinstance(x, NoScriptError) and not attempt:
-                    again.append(i)
-                elif isinstance(x, Exception):
-                    raise x
-                else:
-                    results[i] = x
-            if not again:
-                break
-            self._shas.pop(script, None)
-            todo = again
-        return results
 
     async def aclose(self) -> None:
         """Close the client (the worker calls this at its drain)."""
-        if self._redis is not None:
-            r, self._redis = self._redis, None
-            await r.aclose()
-
+        await self.scripts.aclose()
 
     def __call__(self, events: list[Any]) -> Any:
         """Pair within the chunk; the rest goes to Redis (a coroutine of the drops then)."""
@@ -215,7 +156,7 @@ class RedisPairRuntime(PairRuntime):
                 value = _enc.encode((p[0], p[1], list(p[2])))
                 calls.append(([other_k + ks, mine_k + ks, dl], [value, ex, repr(p[0] + ttl), mine_m + ks, other_m + ks]))
                 halves.append((key, p, is_start))
-        results = await self._eval(PAIR_SCRIPT, calls)
+        results = await self.scripts.run_many(PAIR_SCRIPT, calls)
         matches: list[tuple[Any, Pending, Pending]] = []
         c = self.counters
         for (key, mine, is_start), res in zip(halves, results, strict=True):
@@ -239,7 +180,7 @@ class RedisPairRuntime(PairRuntime):
     async def sweep(self, now: float) -> None:
         """Take every half whose deadline passed; each taken one becomes an unpaired record."""
         self.last_sweep = now
-        r = self.client()
+        r = self.scripts.client()
         sp = self.spec
         dl, limit = self.k_deadlines, sp.sweep_limit
         for _ in range(MAX_SWEEP_ROUNDS):
@@ -247,7 +188,7 @@ class RedisPairRuntime(PairRuntime):
             if not members:
                 return
             prefix = sp.prefix.encode()
-            values = await self._eval(SWEEP_SCRIPT, [([prefix + m, dl], [m, repr(now)]) for m in members])
+            values = await self.scripts.run_many(SWEEP_SCRIPT, [([prefix + m, dl], [m, repr(now)]) for m in members])
             c = self.counters
             for m, v in zip(members, values, strict=True):
                 if v is None:

@@ -90,7 +90,7 @@ def test_a_script_redis_forgot_is_loaded_again(redis_url: str, prefix: str) -> N
     async def go() -> None:
         rt = rpair(Clock(), redis_url, prefix)
         await call(rt, [ev("start", "u1", "a", T0)])
-        rt._shas[PAIR_SCRIPT] = "0" * 40  # as after a Redis restart or SCRIPT FLUSH
+        rt.scripts.shas[PAIR_SCRIPT] = "0" * 40  # as after a Redis restart or SCRIPT FLUSH
         await call(rt, [ev("end", "u1", "a", T0 + 1)])
         assert [r.duration_seconds for r in rt.drain()] == [1.0]
         await rt.aclose()
