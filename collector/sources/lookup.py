@@ -26,7 +26,7 @@ from .cache import ERROR, FOUND, LocalCache
 from .client import is_async
 from .fill import compile_fill
 from .guard import Flights
-from .policy import StepPolicy
+from .policy import StepPolicy, answers_within
 
 __all__ = ["FAILED", "LookupRuntime"]
 
@@ -138,16 +138,7 @@ class LookupRuntime:
                 fut = self.flights.get(k)
                 assert fut is not None
             futs[k] = fut
-        done, _ = await asyncio.wait(set(futs.values()), timeout=timeout)
-        out: dict[Any, tuple[int, Any]] = {}
-        for k, f in futs.items():
-            if f not in done:
-                out[k] = (ERROR, "no answer within hold_for")
-            elif f.cancelled() or f.result() is FAILED:
-                out[k] = (ERROR, "every try failed")
-            else:
-                out[k] = (FOUND, f.result())
-        return out
+        return await answers_within(futs, timeout, _answer)
 
     async def close(self) -> None:
         """Cancel the calls holds started; the client belongs to the pipeline."""
@@ -155,3 +146,10 @@ class LookupRuntime:
             t.cancel()
         if self.holds:
             await asyncio.gather(*self.holds, return_exceptions=True)
+
+
+def _answer(_k: Any, f: asyncio.Future[Any]) -> tuple[int, Any]:
+    """A client call's outcome for a hold."""
+    if f.cancelled() or f.result() is FAILED:
+        return (ERROR, "every try failed")
+    return (FOUND, f.result())

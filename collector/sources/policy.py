@@ -37,7 +37,7 @@ from ..sinks.sinkset import GAVE_UP, REFUSED
 from .cache import ERROR, FOUND, NOT_FOUND
 from .fetch import STALE
 
-__all__ = ["HOLD_BACKOFF_CAP", "Dead", "Gone", "LogLimiter", "Refetcher", "StepPolicy"]
+__all__ = ["HOLD_BACKOFF_CAP", "Dead", "Gone", "LogLimiter", "Refetcher", "StepPolicy", "answers_within"]
 
 log = logging.getLogger("collector.sources")
 
@@ -67,6 +67,16 @@ class Refetcher(Protocol):
 
     async def refetch(self, keys: list[Any], timeout: float, summ: LookupSummary) -> dict[Any, tuple[int, Any]]:
         """key → (outcome, value or reason), within ``timeout`` seconds."""
+
+
+async def answers_within(
+    futs: dict[Any, asyncio.Future[Any]], timeout: float, read: Callable[[Any, asyncio.Future[Any]], tuple[int, Any]]
+) -> dict[Any, tuple[int, Any]]:
+    """A hold's re-asks: wait at most ``timeout`` for the futures of the keys (a call still
+    running goes on and fills the cache); key → ``read(key, future)`` for the answered,
+    ``(ERROR, "no answer within hold_for")`` for the rest."""
+    done, _ = await asyncio.wait(set(futs.values()), timeout=timeout)
+    return {k: read(k, f) if f in done else (ERROR, "no answer within hold_for") for k, f in futs.items()}
 
 
 class LogLimiter:

@@ -30,7 +30,7 @@ from .cache import ERROR, FOUND, NOT_FOUND
 from .fetch import STALE, SourceFetcher, error_reason
 from .fill import compile_fill
 from .guard import Flights
-from .policy import Gone, StepPolicy
+from .policy import Gone, StepPolicy, answers_within
 
 __all__ = ["SourceRuntime"]
 
@@ -145,16 +145,7 @@ class SourceRuntime:
             mine = self.submit(new)
             for k in new:
                 futs[k] = mine
-        done, _ = await asyncio.wait(set(futs.values()), timeout=timeout)
-        out: dict[Any, tuple[int, Any]] = {}
-        for k, f in futs.items():
-            if f not in done:
-                out[k] = (ERROR, "no answer within hold_for")
-            elif f.cancelled() or f.exception() is not None:
-                out[k] = (ERROR, "the call was cancelled")
-            else:
-                out[k] = f.result().get(k, (ERROR, "no answer"))
-        return out
+        return await answers_within(futs, timeout, _answer)
 
     def submit(self, keys: list[Any]) -> asyncio.Future[Any]:
         """Send ``keys`` out now, or after ``linger`` seconds together with later chunks' keys.
@@ -249,3 +240,10 @@ class SourceRuntime:
                 except Exception as e:
                     log.warning("lookup %s: close failed: %s", self.name, error_reason(e))
 
+
+def _answer(k: Any, f: asyncio.Future[Any]) -> tuple[int, Any]:
+    """Key ``k``'s outcome in a batched call's answers, for a hold."""
+    if f.cancelled() or f.exception() is not None:
+        return (ERROR, "the call was cancelled")
+    out: tuple[int, Any] = f.result().get(k, (ERROR, "no answer"))
+    return out
