@@ -50,7 +50,7 @@ class Pipelined(RedisDedupWindow):
     async def _set_nx(self, rkeys: list[bytes], token: bytes) -> list[Any]:
         if self.backlog:
             await self._apply([])
-        pipe = self.client().pipeline(transaction=False)
+        pipe = self.scripts.client().pipeline(transaction=False)
         for rk in rkeys:
             pipe.set(rk, token, nx=True, px=self.pending_ms, get=True)
         self.counters["round_trips"] += 1
@@ -58,7 +58,7 @@ class Pipelined(RedisDedupWindow):
 
     async def _apply(self, ops: list[Any]) -> None:
         ops, self.backlog = self.backlog + ops, []
-        pipe = self.client().pipeline(transaction=False)
+        pipe = self.scripts.client().pipeline(transaction=False)
         for rk, token, ms in ops:
             if ms:
                 pipe.set(rk, b"d", px=ms)
