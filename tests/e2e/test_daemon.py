@@ -647,7 +647,14 @@ def test_rules_from_the_config_filter_events_and_show_their_counters(tmp_path: P
         def counters() -> Any:
             return d.get("/processor/filters")[1]["filters"]["rules"]
 
-        wait_until(lambda: counters()["bot-user-agents"]["blocked"] == 2, 10, what="the rule counters")
+        # Each worker publishes its counters on its own clock: wait for the whole expected
+        # picture, not for one worker's part of it.
+        def settled() -> bool:
+            c = counters()
+            return bool(c["bot-user-agents"]["blocked"] == 2 and c["bot-user-agents"]["evaluated"] == 3
+                        and c["high-value-users"]["transformed"] == 1)
+
+        wait_until(settled, 10, what="the rule counters")
         c = counters()
         assert c["bot-user-agents"]["evaluated"] == 3 and c["high-value-users"]["transformed"] == 1
         stored = wait_until(d.stored, 10, what="the stored event")
