@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
 
 import msgspec
 
@@ -30,6 +30,7 @@ __all__ = [
     "Chunk",
     "ChunkSummary",
     "ErrorRecord",
+    "FrameProtocol",
     "FrameWriter",
     "LookupSummary",
     "Ready",
@@ -212,10 +213,10 @@ class FrameWriter:
     many chunks per iteration, and the supervisor sends many.
     """
 
-    __slots__ = ("_buf", "_loop", "writer")
+    __slots__ = ("_buf", "_loop", "transport")
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport = transport
         self._buf: list[bytes] = []
         self._loop = asyncio.get_running_loop()
 
@@ -229,17 +230,87 @@ class FrameWriter:
         if len(self._buf) == 2:
             self._loop.call_soon(self.flush)
 
+    def send_now(self, msg: Message) -> None:
+        """Queue ``msg`` and write the queue at once.
+
+        For the messages a peer waits on (a worker's ack, its routed parts): written at
+        the end of the iteration, they would wait behind every callback already queued
+        in it, such as the next chunk's CPU-bound step (2.6 ms of a 6 ms round trip
+        under HTTP load).
+        """
+        self.send(msg)
+        self.flush()
+
     def flush(self) -> None:
         """Write what is queued now."""
         if self._buf:
             buf, self._buf = self._buf, []
             # the peer may be gone; its process sentinel (or EOF) reports that
             with contextlib.suppress(ConnectionError, RuntimeError):
-                self.writer.writelines(buf)
+                self.transport.writelines(buf)
 
     def pending(self) -> int:
         """Bytes queued in the transport (for backpressure)."""
-        return self.writer.transport.get_write_buffer_size()
+        return self.transport.get_write_buffer_size()
+
+
+class FrameProtocol(asyncio.Protocol):
+    """A channel's frames decoded as its bytes arrive, each handed to ``on_message``.
+
+    :func:`read_frames` wakes a task per burst, and that task runs after every callback
+    already queued in the loop turn: in the daemon's supervisor, behind the turn's HTTP
+    requests (2 ms of a chunk's 6 ms round trip under batched load). Here an ack is
+    accounted in the I/O callback itself. ``closed`` resolves when the peer closes
+    the channel (or dies).
+    """
+
+    def __init__(self, on_message: Callable[[Message], None],
+                 on_connect: Callable[[asyncio.Transport], None] | None = None) -> None:
+        self.on_message = on_message
+        self.on_connect = on_connect
+        self.buf = bytearray()  # the start of a frame not complete yet
+        self.need = 0  # bytes that complete it
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are no subclass of it
+        if self.on_connect is not None:
+            self.on_connect(self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        if buf:
+            buf += data
+            if len(buf) < self.need:  # a large frame still arriving: no copy per piece
+                return
+            data = bytes(buf)
+            buf.clear()
+        n = len(data)
+        pos = 0
+        hsize = FRAME_HEADER.size
+        unpack = FRAME_HEADER.unpack_from
+        with memoryview(data) as view:
+            while n - pos >= hsize:
+                (size,) = unpack(view, pos)
+                end = pos + hsize + size
+                if end > n:
+                    break
+                msg = _decoder.decode(view[pos + hsize:end])
+                pos = end
+                try:
+                    self.on_message(msg)
+                except Exception as e:  # a bug in accounting: reported, the channel goes on
+                    asyncio.get_running_loop().call_exception_handler(
+                        {"message": f"handling a {type(msg).__name__} frame failed", "exception": e, "protocol": self})
+            if pos < n:
+                buf += view[pos:]
+                self.need = hsize + unpack(view, pos)[0] if n - pos >= hsize else hsize
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 async def read_frames(reader: asyncio.StreamReader) -> AsyncIterator[Message]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -34,13 +35,13 @@ from ..pipeline import Pipeline
 from ..protocol import (
     Ack,
     BootFailed,
+    FrameProtocol,
     FrameWriter,
     Ready,
     Release,
     Routed,
     Snapshot,
     Stop,
-    read_frames,
 )
 from ..worker import BOOT_FAILURE, WorkerSpec, worker_main
 
@@ -121,7 +122,7 @@ class WorkerSlot:
         self.cpu = cpu
         self.process: Any = None
         self.pid = 0
-        self.writer: asyncio.StreamWriter | None = None
+        self.transport: asyncio.Transport | None = None
         self.out: FrameWriter | None = None
         self.reader_task: asyncio.Task[None] | None = None
         self.ready = False
@@ -139,6 +140,11 @@ class WorkerSlot:
             return False
         self.out.send(msg)
         return True
+
+    def flush(self) -> None:
+        """Write the frames queued on the channel now (else at the end of the loop turn)."""
+        if self.out is not None:
+            self.out.flush()
 
     def alive(self) -> bool:
         """A process that has not exited."""
@@ -172,6 +178,11 @@ class WorkerPool:
         self.loop = loop
         for w in self.slots:
             self.spawn(w)
+
+    def flush(self) -> None:
+        """Write every channel's queued frames now."""
+        for w in self.slots:
+            w.flush()
 
     def all_ready(self) -> bool:
         """Every slot has a worker that said Ready."""
@@ -215,25 +226,36 @@ class WorkerPool:
         w.reader_task = self.loop.create_task(self.read(w, mine))
 
     async def read(self, w: WorkerSlot, sock: socket.socket) -> None:
-        """Read a worker's frames until its channel closes."""
-        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
-        w.writer = writer
-        w.out = FrameWriter(writer)
+        """Read a worker's frames until its channel closes (they are handled as they
+        arrive, in :meth:`on_message`; this waits for the end)."""
+        assert self.loop is not None
+        _, proto = await self.loop.create_unix_connection(
+            lambda: FrameProtocol(functools.partial(self.on_message, w), functools.partial(self.connected, w)),
+            sock=sock)
+        # when the worker is gone the channel closes; its sentinel tells how it died
+        await proto.closed
+
+    def connected(self, w: WorkerSlot, transport: asyncio.Transport) -> None:
+        """The channel to slot ``w`` is open: its writer exists before any frame is read
+        (a Ready frame pumps chunks to the worker)."""
+        w.transport = transport
+        w.out = FrameWriter(transport)
+
+    def on_message(self, w: WorkerSlot, msg: Any) -> None:
+        """A frame from the worker in slot ``w``."""
         owner = self.owner
-        # when the worker is gone the loop ends; its sentinel tells how it died
-        async for msg in read_frames(reader):
-            if type(msg) is Ack:
-                w.acked += 1
-                owner.worker_acked(w.index, msg)
-            elif type(msg) is Ready:
-                w.ready = True
-                owner.worker_ready(w.index)
-            elif type(msg) is Routed:
-                owner.worker_routed(w.index, msg)
-            elif type(msg) is Snapshot:
-                owner.worker_snapshot(w.index, msg)
-            elif type(msg) is BootFailed:
-                w.boot_error = msg
+        if type(msg) is Ack:
+            w.acked += 1
+            owner.worker_acked(w.index, msg)
+        elif type(msg) is Ready:
+            w.ready = True
+            owner.worker_ready(w.index)
+        elif type(msg) is Routed:
+            owner.worker_routed(w.index, msg)
+        elif type(msg) is Snapshot:
+            owner.worker_snapshot(w.index, msg)
+        elif type(msg) is BootFailed:
+            w.boot_error = msg
 
     def on_sentinel(self, w: WorkerSlot) -> None:
         """The process of slot ``w`` ended."""
@@ -321,10 +343,10 @@ class WorkerPool:
         if w.reader_task is not None:
             w.reader_task.cancel()
             w.reader_task = None
-        if w.writer is not None:
+        if w.transport is not None:
             with contextlib.suppress(Exception):
-                w.writer.close()
-            w.writer = None
+                w.transport.close()
+            w.transport = None
             w.out = None
 
     def kill_all(self) -> None:
@@ -337,7 +359,7 @@ class WorkerPool:
     def release_held(self) -> None:
         """Ask every worker to release what its stages hold (the drain began)."""
         for w in self.slots:
-            if w.writer is not None and not w.exited:
+            if w.transport is not None and not w.exited:
                 with contextlib.suppress(Exception):
                     w.send(Release())
 
@@ -345,7 +367,7 @@ class WorkerPool:
         """Ask every worker to stop, wait until ``deadline``, then kill and reap them."""
         for w in self.slots:
             w.ready = False
-            if w.writer is not None and not w.exited:
+            if w.transport is not None and not w.exited:
                 with contextlib.suppress(Exception):
                     w.send(Stop())
         while any(w.process is not None and w.process.is_alive() for w in self.slots):

@@ -78,9 +78,9 @@ class WorkerLoop:
         loop = asyncio.get_running_loop()
         reader, writer = await asyncio.open_unix_connection(sock=self.sock, limit=1 << 20)
         self.writer = writer
-        self.out = FrameWriter(writer)
+        self.out = FrameWriter(writer.transport)
         try:
-            self.runner = PipelineRunner(self.pipeline, self.slot, self.index, self.out.send)
+            self.runner = PipelineRunner(self.pipeline, self.slot, self.index, self.out.send_now)
             await self.runner.open()
         except Exception as e:  # every boot failure is reported, then we exit
             writer.write(

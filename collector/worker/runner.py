@@ -290,8 +290,8 @@ class PipelineRunner:
         n = len(lines)
         reason = f"pipeline error: {type(e).__name__}: {e}"
         errors = [ErrorRecord(i, "$", reason, "error") for i in lines]
+        self.slot.count_processed(n, n, 0.0)  # before the ack, as in process()
         self.send(Ack(chunk.id, 0, n, errors, ChunkSummary(counts={}, lookups={})))
-        self.slot.count_processed(n, n, 0.0)
 
     async def run_chunk(self, chunk: Chunk) -> None:
         """Decode, run and commit one chunk, then send its ack (raises on a pipeline bug)."""
@@ -460,7 +460,9 @@ class PipelineRunner:
         latency = time.perf_counter() - t0
         ack = Ack(chunk.id, n_total - failed, failed, errors, summary, out, latency)
         self.router.own_lines.pop(chunk.id, None)
-        self.send(ack)
+        # counted before the ack leaves (it is written at once): a caller answered
+        # after it reads /metrics or stats() and must find its events there
         slot.add(S.INFLIGHT, -n_total)
         del self.counted[chunk.id]
         slot.count_processed(n_total, failed, latency)
+        self.send(ack)
