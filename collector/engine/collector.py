@@ -288,6 +288,7 @@ class Collector(Reads):
         return_events: bool = False,
         block: bool = True,
         timeout: float | None = None,
+        keys: list[Any] | None = None,
     ) -> Operation:
         """Accept a batch and return its :class:`Operation` at once.
 
@@ -296,11 +297,15 @@ class Collector(Reads):
         array, an item that is not an object) is reported in the operation's
         ``errors``, never raised. Blocks while ``max_inflight`` events are in flight
         (``block=False``: raises :class:`~collector.Overloaded`; ``timeout``: raises it
-        after that many seconds).
+        after that many seconds). ``keys``: as for :meth:`ahandle`.
+
+        Called on the collector's own loop (an asyncio server that started it with
+        ``astart()``), with ``block=False``, it never waits: the chunks are on their way
+        to the workers when it returns, with no loop turn in between.
         """
         t0 = time.monotonic()
         self._check_open()
-        op = self.planner.prepare(batch, return_events)
+        op = self.planner.prepare(batch, return_events, keys)
         op.started = t0  # elapsed counts from handle(), parsing included
         on_loop = threading.get_ident() == self._loop_thread_id
         self.admission.admit_sync(op.total, block, timeout, on_loop)
@@ -356,6 +361,11 @@ class Collector(Reads):
                 self._enqueue(op, per_worker, shared)
             else:
                 self._loop.call_soon_threadsafe(self._enqueue, op, per_worker, shared)
+        if on_loop:
+            # written now, not at the end of this loop turn: an HTTP server parses many
+            # requests per turn, and the workers should start on the first operation
+            # while it parses the rest (one writelines per worker per operation)
+            self.pool.flush()
 
     def _enqueue(self, op: Operation, per_worker: list[list[Entry]] | None, shared: list[Entry] | None) -> None:
         if op.done():

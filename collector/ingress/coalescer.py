@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..errors import Overloaded
 from ..results import ErrorItem
 
 if TYPE_CHECKING:
-    from ..engine import Collector
+    from ..engine import Collector, Operation
+    from ..results import OperationResult
 
 __all__ = ["Coalescer", "SliceResult"]
 
@@ -58,7 +58,7 @@ class Coalescer:
         self._pending: list[tuple[list[Any], list[Any] | None, asyncio.Future[SliceResult]]] = []
         self._count = 0
         self._scheduled: asyncio.Handle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()  # operations running (tasks or followed)
         # the loop of the first submit: one coalescer serves one loop. Cached because
         # asyncio.get_running_loop() makes a getpid() system call on Python 3.11 (fork
         # detection): 0.25 us per request saved
@@ -96,52 +96,103 @@ class Coalescer:
         batch, self._pending, self._count = self._pending, [], 0
         self.operations += 1
         assert self._loop is not None
-        t = self._loop.create_task(self._run(batch))
+        payload, keys, bounds = _merge(batch)
+        if not self.block and bounds[-1][1] <= _SYNC_MAX:
+            self._start(batch, payload, keys, bounds)
+            return
+        t = self._loop.create_task(self._run(batch, payload, keys, bounds))
         self._tasks.add(t)
         t.add_done_callback(self._finished)
 
-    def _finished(self, t: asyncio.Task[None]) -> None:
+    def _finished(self, t: asyncio.Future[None]) -> None:
         self._tasks.discard(t)
         if self._pending and self._scheduled is None:
             assert self._loop is not None
             self._scheduled = self._loop.call_soon(self._flush)
 
-    async def _run(self, batch: list[tuple[list[Any], list[Any] | None, asyncio.Future[SliceResult]]]) -> None:
-        merged: list[Any] = []
-        keys: list[Any] | None = [] if batch and batch[0][1] is not None else None
-        bounds = []
-        for items, ks, _ in batch:
-            bounds.append((len(merged), len(merged) + len(items)))
-            merged.extend(items)
-            if keys is not None and ks is not None:
-                keys.extend(ks)
-        payload: Any = merged
-        if keys is None and merged and isinstance(merged[0], (bytes, msgspec.Raw)):
-            # raw JSON objects without keys: one JSON array, which the supervisor parses
-            payload = b"[" + b",".join(merged) + b"]"
+    def _start(self, batch: _Batch, payload: Any, keys: list[Any] | None, bounds: list[tuple[int, int]]) -> None:
+        """Start the operation now, in this loop turn, and follow it with callbacks.
+
+        No task: a task would start one loop turn later and resume one turn after the
+        operation ends, and under HTTP load a turn lasts milliseconds. Started here, the
+        chunks reach the workers while the server goes on parsing this turn's requests.
+        """
+        try:
+            op = self.collector.handle(payload, block=False, keys=keys)
+        except Exception as exc:  # Overloaded, closed: every caller of the batch gets it
+            _fail(batch, exc)
+            return
+        assert self._loop is not None
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._tasks.add(done)
+        done.add_done_callback(self._finished)
+        self._follow(op, batch, bounds, done)
+
+    def _follow(self, op: Operation, batch: _Batch, bounds: list[tuple[int, int]], done: asyncio.Future[None]) -> None:
+        if not op.done():
+            op.changed().add_done_callback(lambda _: self._follow(op, batch, bounds, done))
+            return
+        try:
+            res = op.result()
+        except Exception as exc:
+            _fail(batch, exc)
+        else:
+            _deliver(res, batch, bounds)
+        done.set_result(None)
+
+    async def _run(self, batch: _Batch, payload: Any, keys: list[Any] | None, bounds: list[tuple[int, int]]) -> None:
         try:
             op = await self.collector.ahandle(payload, block=self.block, keys=keys)
             res = await op
-        except (Overloaded, Exception) as exc:
-            for *_, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
+        except Exception as exc:
+            _fail(batch, exc)
             return
-        # errors are sorted by index: walk them once alongside the callers' ranges
-        errs = res.errors
-        k = 0
-        for (lo, hi), (*_, fut) in zip(bounds, batch, strict=True):
-            mine = []
-            while k < len(errs) and errs[k].index < hi:
-                err = errs[k]
-                mine.append(ErrorItem(err.index - lo, err.path, err.reason, err.kind))
-                k += 1
-            failed = sum(1 for m in mine if m.kind in ("invalid", "lost", "error", "retry"))
-            if not fut.done():
-                fut.set_result(SliceResult(hi - lo - failed, failed, mine))
+        _deliver(res, batch, bounds)
 
     async def aclose(self) -> None:
         """Flush what is pending and wait for the operations in flight."""
         self._flush()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+_Batch = list[tuple[list[Any], list[Any] | None, "asyncio.Future[SliceResult]"]]
+_SYNC_MAX = 50_000  # a merged batch larger than this is prepared off the loop (Collector.ahandle)
+
+
+def _merge(batch: _Batch) -> tuple[Any, list[Any] | None, list[tuple[int, int]]]:
+    """The submissions as one payload, their keys, and each caller's index range in it."""
+    merged: list[Any] = []
+    keys: list[Any] | None = [] if batch and batch[0][1] is not None else None
+    bounds = []
+    for items, ks, _ in batch:
+        bounds.append((len(merged), len(merged) + len(items)))
+        merged.extend(items)
+        if keys is not None and ks is not None:
+            keys.extend(ks)
+    payload: Any = merged
+    if keys is None and merged and isinstance(merged[0], (bytes, msgspec.Raw)):
+        # raw JSON objects without keys: one JSON array, which the supervisor parses
+        payload = b"[" + b",".join(merged) + b"]"
+    return payload, keys, bounds
+
+
+def _fail(batch: _Batch, exc: BaseException) -> None:
+    for *_, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc)
+
+
+def _deliver(res: OperationResult, batch: _Batch, bounds: list[tuple[int, int]]) -> None:
+    """Each caller's slice of the result; errors are sorted by index: walked once."""
+    errs = res.errors
+    k = 0
+    for (lo, hi), (*_, fut) in zip(bounds, batch, strict=True):
+        mine = []
+        while k < len(errs) and errs[k].index < hi:
+            err = errs[k]
+            mine.append(ErrorItem(err.index - lo, err.path, err.reason, err.kind))
+            k += 1
+        failed = sum(1 for m in mine if m.kind in ("invalid", "lost", "error", "retry"))
+        if not fut.done():
+            fut.set_result(SliceResult(hi - lo - failed, failed, mine))
