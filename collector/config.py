@@ -95,6 +95,12 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shutdown_timeout: Annotated[
         float, Meta(gt=0, description="seconds SIGTERM may spend finishing requests and draining before exit")
     ] = 30.0
+    cpus: Annotated[
+        list[int] | None,
+        Meta(description="CPUs the workers are pinned to, worker i on `cpus[i % len(cpus)]`; `[]`: not pinned "
+             "(the kernel places them: faster HTTP ingest when there are no more CPUs than workers, see "
+             "docs/performance.md); null: the CPUs the daemon may run on, one per worker"),
+    ] = None
 
 
 class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -345,6 +351,7 @@ def engine_options(cfg: DaemonConfig) -> dict[str, Any]:
         "window": e.window,
         "heartbeat_timeout": e.heartbeat_timeout,
         "shutdown_timeout": e.shutdown_timeout,
+        "cpus": e.cpus,
     }
 
 

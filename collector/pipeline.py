@@ -16,6 +16,8 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import mod
 from typing import Any
 
 import msgspec
@@ -263,6 +265,14 @@ class ShardMap(dict[Any, int]):
     def of(self, k: Any) -> int:
         """The worker of ``k`` without remembering it (keys that never repeat, like ids)."""
         return zlib.crc32(k.encode() if type(k) is str else repr(k).encode()) % self.n
+
+    def of_many(self, keys: Sequence[Any]) -> list[int]:
+        """:meth:`of` for each key: in C when every key is a ``str`` (a request's ids),
+        about a quarter of a Python call per key."""
+        try:
+            return list(map(mod, map(zlib.crc32, map(str.encode, keys)), repeat(self.n)))
+        except TypeError:  # a key that is not text: each by its repr, as of() does
+            return list(map(self.of, keys))
 
 
 def resolve_pipeline(spec: Pipeline | str | Callable[[], Pipeline]) -> Pipeline:

@@ -77,6 +77,12 @@ class Collector(Reads):
         pipeline_arg: Pipeline | str = pipeline if isinstance(pipeline, str) else self.pipeline
         affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         self.cpus = list(affinity) if cpus is None else list(cpus)
+        outside = sorted(set(self.cpus) - set(affinity)) if affinity else []
+        if outside:
+            raise ConfigError(
+                f"cpus {outside} are not among the CPUs this process may run on ({affinity}): "
+                "pin workers to those, or pass cpus=[] to leave placement to the kernel"
+            )
         n = workers if workers is not None else max(1, len(self.cpus) or (os.cpu_count() or 1))
         if n < 1:
             raise ConfigError(f"workers must be >= 1 (got {n})")

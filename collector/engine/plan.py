@@ -167,13 +167,18 @@ class Planner:
             base, routed = range(total), items
         # keys handed in by the caller are event ids here (they never repeat): hash them
         # without growing the map of known keys
-        shard = self.shards.of if keys_given else self.shards.__getitem__
         many = self.nworkers > 1
         try:
-            shard_of = list(map(shard, keys)) if many else None
+            if not many:
+                shard_of = None
+            elif keys_given:
+                shard_of = self.shards.of_many(keys)
+            else:
+                shard_of = list(map(self.shards.__getitem__, keys))
             distinct = len(set(keys))
         except TypeError:  # an unhashable key (a JSON list or object): use its repr
             keys = list(map(ShardMap.hashable, keys))
+            shard = self.shards.of if keys_given else self.shards.__getitem__
             shard_of = list(map(shard, keys)) if many else None
             distinct = len(set(keys))
         op = Operation(total, return_events, distinct)

@@ -248,6 +248,22 @@ def test_client_by_import_string_and_pickled() -> None:
         assert all(e.region == region_of(e.user_id) for e in res.events)
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
+def test_workers_are_pinned_one_cpu_each_unless_cpus_is_empty() -> None:
+    allowed = os.sched_getaffinity(0)
+    first = sorted(allowed)[0]
+    with Collector(playback_pipeline(Immediate()), workers=2, cpus=[first]) as c:
+        assert [os.sched_getaffinity(p) for p in c.worker_pids()] == [{first}, {first}]
+        assert c.handle(ten_events()).wait(timeout=30).handled_events == 10
+    with Collector(playback_pipeline(Immediate()), workers=2, cpus=[]) as c:
+        # left to the kernel: each worker may run wherever the caller may
+        assert [os.sched_getaffinity(p) for p in c.worker_pids()] == [allowed, allowed]
+        assert c.handle(ten_events()).wait(timeout=30).handled_events == 10
+    outside = max(allowed) + 1
+    with pytest.raises(ConfigError, match=rf"cpus \[{outside}\] are not among the CPUs"):
+        Collector(playback_pipeline(Immediate()), workers=1, cpus=[outside])
+
+
 # ---------------------------------------------------------------- worker deaths
 @pytest.mark.parametrize("mode", ["sigkill", "segfault", "exit", "hang"])
 def test_worker_death_is_survived(mode: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -346,3 +346,51 @@ def test_partials_keep_the_latest_per_worker_and_a_dead_workers_last_one() -> No
     p.put(0, Snapshot("agg", b"c0", now))  # its replacement starts from empty
     assert p.of("agg") == [b"a1", b"c0", b"b0"] and p.stages() == ["agg"]  # retired, then live by slot
     assert p.of("other") == [] and p.staleness("other") == 0.0
+
+
+def test_frame_protocol_hands_over_every_frame_however_the_bytes_arrive() -> None:
+    from collector.protocol import FrameProtocol, Ready, Routed, RoutedPart, encode_frame
+
+    msgs: list[Any] = [Ready(1), Ack(2, 3, 0, [], ChunkSummary(counts={}, lookups={})),
+                       Routed(5, 10, b"\x00" * 8, [RoutedPart(1, b"x" * 300_000, b"")]), Ready(4)]
+    stream = b"".join(encode_frame(m) for m in msgs)
+
+    async def feed(pieces: list[bytes], fail_on: type | None = None) -> list[Any]:
+        got: list[Any] = []
+
+        def on_message(m: Any) -> None:
+            if type(m) is fail_on:
+                raise RuntimeError("accounting bug")
+            got.append(m)
+
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        p = FrameProtocol(on_message)
+        for piece in pieces:
+            p.data_received(piece)
+        assert not p.buf, "a complete stream leaves nothing pending"
+        p.connection_lost(None)
+        assert p.closed.done()
+        assert len(errors) == (1 if fail_on else 0)
+        return got
+
+    whole = asyncio.run(feed([stream]))
+    assert whole == msgs
+    # one byte at a time, and in uneven pieces that split headers and bodies
+    assert asyncio.run(feed([stream[i:i + 1] for i in range(len(stream))][:2000] + [stream[2000:]])) == msgs
+    cuts = [0, 3, 7, 50, 70_001, 70_002, 299_999, len(stream) - 5, len(stream)]
+    assert asyncio.run(feed([stream[a:b] for a, b in zip(cuts, cuts[1:])])) == msgs
+    # a frame whose handling raises is reported to the loop; the frames after it still arrive
+    assert asyncio.run(feed([stream], fail_on=Ack)) == [msgs[0], msgs[2], msgs[3]]
+
+
+def test_shard_map_hashes_many_keys_as_one_at_a_time() -> None:
+    from collector.pipeline import ShardMap
+
+    for n in (1, 2, 3, 7):
+        sm = ShardMap(n)
+        texts = [f"id-{i}" for i in range(500)] + ["", "é", "\u2603"]
+        assert sm.of_many(texts) == [sm.of(k) for k in texts] == [sm[k] for k in texts]
+        mixed = [*texts[:10], 5, None, 2.5, ("t",)]
+        assert sm.of_many(mixed) == [sm.of(k) for k in mixed]
+        assert sm.of_many([]) == []
