@@ -46,18 +46,27 @@ class Coalescer:
     ``block=False`` (the default) makes a full collector raise
     :class:`~collector.Overloaded` in every caller of the batch, which an HTTP server
     turns into 429/503 with ``Retry-After``.
+
+    ``max_ops``: operations running at once (0: no bound, one per loop turn). What is
+    submitted while that many run goes together in the next, which starts when one
+    finishes, or after ``max_wait`` seconds at the latest: an operation that waits long
+    (a duplicate waiting for its original, a sink retrying, a held lookup) delays the
+    others by that much, not by its own wait.
     """
 
     def __init__(
-        self, collector: Collector, *, max_batch: int = 8192, block: bool = False, max_ops: int = 0
+        self, collector: Collector, *, max_batch: int = 8192, block: bool = False, max_ops: int = 0,
+        max_wait: float = 0.02,
     ) -> None:
         self.collector = collector
         self.max_batch = max_batch
         self.block = block
         self.max_ops = max_ops
+        self.max_wait = max_wait
         self._pending: list[tuple[list[Any], list[Any] | None, asyncio.Future[SliceResult]]] = []
         self._count = 0
-        self._scheduled: asyncio.Handle | None = None
+        self._scheduled: asyncio.Handle | None = None  # the next flush: soon, or a max_wait timer
+        self._timed = False  # _scheduled is the max_wait timer
         self._tasks: set[asyncio.Future[None]] = set()  # operations running (tasks or followed)
         # the loop of the first submit: one coalescer serves one loop. Cached because
         # asyncio.get_running_loop() makes a getpid() system call on Python 3.11 (fork
@@ -81,16 +90,22 @@ class Coalescer:
         self._count += len(items)
         if self._count >= self.max_batch:
             self._flush()
-        elif self._scheduled is None and not (self.max_ops and len(self._tasks) >= self.max_ops):
-            self._scheduled = loop.call_soon(self._flush)
-        # else: max_ops operations are running; the next starts when one finishes, with
-        # everything submitted meanwhile (the busier the engine, the larger the batches)
+        elif self._scheduled is None:
+            if self.max_ops and len(self._tasks) >= self.max_ops:
+                # max_ops operations are running; the next starts when one finishes, with
+                # everything submitted meanwhile (the busier the engine, the larger the
+                # batches), or when this timer fires first
+                self._scheduled = loop.call_later(self.max_wait, self._flush)
+                self._timed = True
+            else:
+                self._scheduled = loop.call_soon(self._flush)
         return await fut
 
     def _flush(self) -> None:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
+            self._timed = False
         if not self._pending:
             return
         batch, self._pending, self._count = self._pending, [], 0
@@ -106,9 +121,12 @@ class Coalescer:
 
     def _finished(self, t: asyncio.Future[None]) -> None:
         self._tasks.discard(t)
-        if self._pending and self._scheduled is None:
+        if self._pending and (self._scheduled is None or self._timed):
             assert self._loop is not None
+            if self._scheduled is not None:
+                self._scheduled.cancel()  # an operation ended before the timer: go now
             self._scheduled = self._loop.call_soon(self._flush)
+            self._timed = False
 
     def _start(self, batch: _Batch, payload: Any, keys: list[Any] | None, bounds: list[tuple[int, int]]) -> None:
         """Start the operation now, in this loop turn, and follow it with callbacks.

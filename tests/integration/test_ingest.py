@@ -104,3 +104,21 @@ def test_max_ops_holds_submissions_until_an_operation_finishes() -> None:
             await co.aclose()
 
     asyncio.run(main())
+
+
+def test_max_ops_starts_the_next_operation_after_max_wait_when_one_stalls() -> None:
+    # an operation that waits long (here a 2 s lookup) holds the others back by
+    # max_wait at most, not by its own wait
+    async def main() -> None:
+        async with Collector(playback_pipeline(SlowAsync(2.0)), workers=1) as c:
+            co = Coalescer(c, max_ops=1, max_wait=0.3)
+            first = asyncio.ensure_future(co.submit([event(0)]))
+            await asyncio.sleep(0.05)
+            second = asyncio.ensure_future(co.submit([event(1)]))
+            await asyncio.sleep(0.8)
+            assert co.operations == 2 and not first.done(), "the second operation waited for the first"
+            done = await asyncio.wait_for(asyncio.gather(first, second), 30)
+            assert [r.handled_events for r in done] == [1, 1]
+            await co.aclose()
+
+    asyncio.run(main())
