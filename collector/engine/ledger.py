@@ -281,7 +281,38 @@ class Ledger:
             if counters is not None:
                 counters.add(S.REDELIVERED, 1)
             e.op.acc.redelivered += 1
+            if e.attempt >= 2 and e.attempt == self.max_attempts - 1 and e.n > 1:
+                # it went alone and killed again: it holds a poison event. Its last chance
+                # is taken one event at a time, so that the poison fails alone and not the
+                # events that shared its chunk (batches coalesced from many requests)
+                singles = self.split(e)
+                if singles:
+                    self.queues[i].extendleft(reversed(singles))
+                    continue
             self.queues[i].appendleft(e)
+
+    def split(self, e: Entry) -> list[Entry]:
+        """A chunk of a JSON array as one chunk per event, each at ``e``'s attempt; [] when
+        it cannot be split (an NDJSON range or a routed part: their lines are counted by
+        the worker that reads them)."""
+        op = e.op
+        if op.parts is not None or e.part_pos is not None or e.payload is None or op.plan is None or op.plan.ndjson:
+            return []
+        try:
+            raws = _raw_items.decode(e.payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return []
+        pos = e.positions
+        if len(raws) != len(pos):
+            return []
+        singles = []
+        for p, raw in zip(pos, raws, strict=True):
+            s = Entry(next(self.ids), op, e.worker, None, e.lo, e.hi, 0, 1, b"[" + bytes(raw) + b"]")
+            s.positions = [p]
+            s.attempt = e.attempt
+            singles.append(s)
+        op.chunks_left += len(singles) - 1
+        return singles
 
     def fail(self, e: Entry, reason: str) -> None:
         """A chunk that cannot be delivered: its events fail as ``lost``."""
@@ -334,6 +365,9 @@ def answers_for(e: Entry, part: RangePart) -> Sequence[int] | None:
     own (and those that did not decode); None for a shard="chunk" range (all of it,
     counted by its worker)."""
     return e.part_pos if e.part_pos is not None else part.own
+
+
+_raw_items = msgspec.json.Decoder(list[msgspec.Raw])  # a chunk's payload, item by item (Ledger.split)
 
 
 def events_decoder(event_type: type[msgspec.Struct]) -> Callable[[bytes], list[Any]]:

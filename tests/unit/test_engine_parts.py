@@ -232,6 +232,41 @@ def test_ledger_redelivers_a_dead_workers_chunks_first_one_at_a_time_then_fails_
     assert [(m.id, m.attempt) for m in chans[0].sent] == [(held[1], 1)]  # the other one, alone again
 
 
+def test_ledger_takes_a_killer_chunks_last_chance_one_event_at_a_time() -> None:
+    ledger, chans, adm, planner = ledger_with(window=2, max_attempts=3)
+    op = feed(ledger, planner, adm, 12)
+    killer = min(ledger.inflight[0])
+    clean_pos, poison_pos = ledger.inflight[0][killer].positions
+    ledger.requeue(0, ledger.take_back(0), "killed by SIGKILL")  # its window: redelivered
+    chans[0].sent.clear()
+    ledger.pump(0)
+    assert [(m.id, m.attempt) for m in chans[0].sent] == [(killer, 1)]  # alone
+    ledger.requeue(0, ledger.take_back(0), "killed by SIGKILL")  # alone, and killed again
+    chans[0].sent.clear()
+    ledger.pump(0)
+    (one,) = chans[0].sent  # its last chance: one event per chunk, each alone
+    assert one.attempt == 2 and msgspec.json.decode(one.payload) == [events(12)[clean_pos]]
+    ledger.on_ack(0, ack(one, 1))
+    (two,) = chans[0].sent[1:]
+    assert two.attempt == 2 and msgspec.json.decode(two.payload) == [events(12)[poison_pos]]
+    ledger.requeue(0, ledger.take_back(0), "killed by SIGKILL")  # the poison, third death
+    ledger.pump(0)  # the replacement is ready
+    for _ in range(100):
+        if op.done():
+            break
+        for i, c in enumerate(chans):
+            for msg in list(c.sent):
+                e = ledger.inflight[i].get(msg.id)
+                if e is not None:
+                    ledger.on_ack(i, ack(msg, e.n))
+    res = op.result()
+    # only the poison failed; the event that shared its chunk was stored
+    assert res.handled_events == 11 and res.failed_events == 1
+    assert [(e.index, e.kind) for e in res.errors] == [(poison_pos, "lost")]
+    assert "killed its worker 3 times" in res.errors[0].reason
+    assert adm.inflight == 0
+
+
 def test_ledger_fails_every_open_operation_on_a_fatal_error() -> None:
     ledger, _, adm, planner = ledger_with(window=2)
     op = feed(ledger, planner, adm, 10)
