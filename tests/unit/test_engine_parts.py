@@ -6,6 +6,7 @@ channels, the WorkerPool's verdicts with fake processes and a recording owner.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 import zlib
@@ -183,6 +184,19 @@ def ledger_with(window: int, max_attempts: int = 3) -> tuple[Ledger, list[FakeCh
     return Ledger(chans, window, max_attempts, adm, events_decoder(Ev), planner.ids), chans, adm, planner
 
 
+def ack_all(ledger: Ledger, chans: list[FakeChannel], op: Any) -> Any:
+    """Acknowledge every chunk sent, and those the acks free, until ``op`` is done (bounded)."""
+    for _ in range(100):
+        if op.done():
+            break
+        for i, c in enumerate(chans):
+            for msg in list(c.sent):
+                e = ledger.inflight[i].get(msg.id)
+                if e is not None:
+                    ledger.on_ack(i, ack(msg, e.n))
+    return op.result()
+
+
 def feed(ledger: Ledger, planner: Planner, adm: Admission, n: int) -> Any:
     op = planner.prepare(events(n), False)
     assert adm.try_admit(op.total)
@@ -200,13 +214,7 @@ def test_ledger_keeps_the_window_maps_errors_to_input_positions_and_releases_roo
     bad_input_index = entry.positions[1]
     ledger.on_ack(0, ack(first, entry.n, [ErrorRecord(1, "$.user", "nope", "invalid")]))
     assert len(chans[0].sent) == 3  # room freed, the next chunk went out
-    while not op.done():
-        for i, c in enumerate(chans):
-            for msg in list(c.sent):
-                e = ledger.inflight[i].get(msg.id)
-                if e is not None:
-                    ledger.on_ack(i, ack(msg, e.n))
-    res = op.result()
+    res = ack_all(ledger, chans, op)
     assert res.handled_events == 19 and res.failed_events == 1
     assert [(e.index, e.path) for e in res.errors] == [(bad_input_index, "$.user")]
     assert adm.inflight == 0
@@ -251,15 +259,7 @@ def test_ledger_takes_a_killer_chunks_last_chance_one_event_at_a_time() -> None:
     assert two.attempt == 2 and msgspec.json.decode(two.payload) == [events(12)[poison_pos]]
     ledger.requeue(0, ledger.take_back(0), "killed by SIGKILL")  # the poison, third death
     ledger.pump(0)  # the replacement is ready
-    for _ in range(100):
-        if op.done():
-            break
-        for i, c in enumerate(chans):
-            for msg in list(c.sent):
-                e = ledger.inflight[i].get(msg.id)
-                if e is not None:
-                    ledger.on_ack(i, ack(msg, e.n))
-    res = op.result()
+    res = ack_all(ledger, chans, op)
     # only the poison failed; the event that shared its chunk was stored
     assert res.handled_events == 11 and res.failed_events == 1
     assert [(e.index, e.kind) for e in res.errors] == [(poison_pos, "lost")]
@@ -412,9 +412,9 @@ def test_frame_protocol_hands_over_every_frame_however_the_bytes_arrive() -> Non
     whole = asyncio.run(feed([stream]))
     assert whole == msgs
     # one byte at a time, and in uneven pieces that split headers and bodies
-    assert asyncio.run(feed([stream[i:i + 1] for i in range(len(stream))][:2000] + [stream[2000:]])) == msgs
+    assert asyncio.run(feed([*(stream[i:i + 1] for i in range(2000)), stream[2000:]])) == msgs
     cuts = [0, 3, 7, 50, 70_001, 70_002, 299_999, len(stream) - 5, len(stream)]
-    assert asyncio.run(feed([stream[a:b] for a, b in zip(cuts, cuts[1:])])) == msgs
+    assert asyncio.run(feed([stream[a:b] for a, b in itertools.pairwise(cuts)])) == msgs
     # a frame whose handling raises is reported to the loop; the frames after it still arrive
     assert asyncio.run(feed([stream], fail_on=Ack)) == [msgs[0], msgs[2], msgs[3]]
 
