@@ -114,7 +114,7 @@ class Collector(Reads):
         )
         self.ledger = Ledger(
             self.pool.slots, window, max_attempts, self.admission, events_decoder(self.pipeline.event_type),
-            self.planner.ids,
+            self.planner,
         )
         self.materialized = Materialized(self.pipeline, n)
         self._block: S.StatsBlock | None = None
@@ -330,9 +330,7 @@ class Collector(Reads):
         t0 = time.monotonic()
         self._check_open()
         loop = asyncio.get_running_loop()
-        big = (isinstance(batch, (bytes, bytearray, memoryview)) and len(batch) > 1 << 20) or (
-            isinstance(batch, list) and len(batch) > 50_000
-        )
+        big = self.is_big(batch)
         # big inputs are sliced on a thread so the loop keeps serving meanwhile
         if big:
             op = await loop.run_in_executor(None, self.planner.prepare, batch, return_events, keys)
@@ -345,6 +343,14 @@ class Collector(Reads):
         else:
             self._feed(op)
         return op
+
+    @staticmethod
+    def is_big(batch: Any) -> bool:
+        """Whether :meth:`ahandle` prepares ``batch`` on a thread (over 1 MiB of bytes, or
+        50,000 items) instead of on the loop."""
+        if isinstance(batch, (bytes, bytearray, memoryview)):
+            return len(batch) > 1 << 20
+        return isinstance(batch, list) and len(batch) > 50_000
 
     def _check_open(self) -> None:
         if self.fatal_error is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import time
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from operator import attrgetter
 from typing import Any, Protocol
 
@@ -30,7 +30,7 @@ from ..protocol import Ack, Chunk, ErrorRecord, Routed, ndjson_lines
 from ..results import ErrorItem
 from .admission import Admission
 from .operation import Operation, RangePart
-from .plan import Entry
+from .plan import Entry, Planner
 
 __all__ = ["Channel", "Ledger"]
 
@@ -55,7 +55,7 @@ class Ledger:
         max_attempts: int,
         admission: Admission,
         decode_events: Callable[[bytes], list[Any]],
-        ids: Iterator[int],
+        planner: Planner,
     ) -> None:
         self.channels = channels
         self.window = window
@@ -71,7 +71,9 @@ class Ledger:
         self.suspect: list[int] = [0] * n
         self.ops: set[Operation] = set()
         self.counters: S.Slot | None = None  # the supervisor's stats slot, once started
-        self.ids = ids  # chunk ids, shared with the planner: routed parts are chunks too
+        # chunk ids come from the planner (routed parts are chunks too), and it splits
+        # a poison chunk's last delivery into one chunk per event
+        self.planner = planner
 
     # -- in ---------------------------------------------------------------------------
     def enqueue(self, op: Operation, per_worker: list[list[Entry]] | None, shared: list[Entry] | None) -> None:
@@ -227,7 +229,7 @@ class Ledger:
         part.own = array("I", msg.own)
         op = e.op
         for p in msg.parts:
-            child = Entry(next(self.ids), op, p.worker, None, e.lo, e.lo, 0, 0, p.payload)
+            child = Entry(next(self.planner.ids), op, p.worker, None, e.lo, e.lo, 0, 0, p.payload)
             child.part_pos = array("I", p.positions)
             op.chunks_left += 1
             self.queues[p.worker].append(child)
@@ -285,34 +287,14 @@ class Ledger:
                 # it went alone and killed again: it holds a poison event. Its last chance
                 # is taken one event at a time, so that the poison fails alone and not the
                 # events that shared its chunk (batches coalesced from many requests)
-                singles = self.split(e)
+                singles = self.planner.split(e)
                 if singles:
+                    for s in singles:
+                        s.attempt = e.attempt
+                    e.op.chunks_left += len(singles) - 1
                     self.queues[i].extendleft(reversed(singles))
                     continue
             self.queues[i].appendleft(e)
-
-    def split(self, e: Entry) -> list[Entry]:
-        """A chunk of a JSON array as one chunk per event, each at ``e``'s attempt; [] when
-        it cannot be split (an NDJSON range or a routed part: their lines are counted by
-        the worker that reads them)."""
-        op = e.op
-        if op.parts is not None or e.part_pos is not None or e.payload is None or op.plan is None or op.plan.ndjson:
-            return []
-        try:
-            raws = _raw_items.decode(e.payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return []
-        pos = e.positions
-        if len(raws) != len(pos):
-            return []
-        singles = []
-        for p, raw in zip(pos, raws, strict=True):
-            s = Entry(next(self.ids), op, e.worker, None, e.lo, e.hi, 0, 1, b"[" + bytes(raw) + b"]")
-            s.positions = [p]
-            s.attempt = e.attempt
-            singles.append(s)
-        op.chunks_left += len(singles) - 1
-        return singles
 
     def fail(self, e: Entry, reason: str) -> None:
         """A chunk that cannot be delivered: its events fail as ``lost``."""
@@ -365,9 +347,6 @@ def answers_for(e: Entry, part: RangePart) -> Sequence[int] | None:
     own (and those that did not decode); None for a shard="chunk" range (all of it,
     counted by its worker)."""
     return e.part_pos if e.part_pos is not None else part.own
-
-
-_raw_items = msgspec.json.Decoder(list[msgspec.Raw])  # a chunk's payload, item by item (Ledger.split)
 
 
 def events_decoder(event_type: type[msgspec.Struct]) -> Callable[[bytes], list[Any]]:

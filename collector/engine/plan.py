@@ -347,6 +347,22 @@ class Planner:
                 keys.append(NO_KEY)
         return keys
 
+    def split(self, e: Entry) -> list[Entry]:
+        """A sent chunk of a JSON array as one chunk per event (redelivery isolating a
+        poison event, :meth:`Ledger.requeue`); [] for an NDJSON range or a routed part,
+        whose lines only the worker that reads them counts."""
+        op = e.op
+        assert op.plan is not None and e.payload is not None  # a chunk that was sent
+        if op.plan.ndjson or op.parts is not None or e.part_pos is not None:
+            return []
+        raws = self.dec_raw.decode(e.payload)  # the planner made it: a JSON array, one item per position
+        singles = []
+        for p, raw in zip(e.positions, raws, strict=True):
+            s = Entry(next(self.ids), op, e.worker, None, e.lo, e.hi, 0, 1, b"[" + bytes(raw) + b"]")
+            s.positions = [p]
+            singles.append(s)
+        return singles
+
     # -- cut --------------------------------------------------------------------------
     def cut(self, op: Operation) -> Iterator[Submission]:
         """The chunks of a planned operation, a segment at a time, then ``(None, None)``.

@@ -66,7 +66,6 @@ class Coalescer:
         self._pending: list[tuple[list[Any], list[Any] | None, asyncio.Future[SliceResult]]] = []
         self._count = 0
         self._scheduled: asyncio.Handle | None = None  # the next flush: soon, or a max_wait timer
-        self._timed = False  # _scheduled is the max_wait timer
         self._tasks: set[asyncio.Future[None]] = set()  # operations running (tasks or followed)
         # the loop of the first submit: one coalescer serves one loop. Cached because
         # asyncio.get_running_loop() makes a getpid() system call on Python 3.11 (fork
@@ -96,7 +95,6 @@ class Coalescer:
                 # everything submitted meanwhile (the busier the engine, the larger the
                 # batches), or when this timer fires first
                 self._scheduled = loop.call_later(self.max_wait, self._flush)
-                self._timed = True
             else:
                 self._scheduled = loop.call_soon(self._flush)
         return await fut
@@ -105,14 +103,13 @@ class Coalescer:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
-            self._timed = False
         if not self._pending:
             return
         batch, self._pending, self._count = self._pending, [], 0
         self.operations += 1
         assert self._loop is not None
         payload, keys, bounds = _merge(batch)
-        if not self.block and bounds[-1][1] <= _SYNC_MAX:
+        if not self.block and not self.collector.is_big(payload):
             self._start(batch, payload, keys, bounds)
             return
         t = self._loop.create_task(self._run(batch, payload, keys, bounds))
@@ -121,12 +118,8 @@ class Coalescer:
 
     def _finished(self, t: asyncio.Future[None]) -> None:
         self._tasks.discard(t)
-        if self._pending and (self._scheduled is None or self._timed):
-            assert self._loop is not None
-            if self._scheduled is not None:
-                self._scheduled.cancel()  # an operation ended before the timer: go now
-            self._scheduled = self._loop.call_soon(self._flush)
-            self._timed = False
+        if self._pending:  # what waited for a free operation goes now (timer or not)
+            self._flush()
 
     def _start(self, batch: _Batch, payload: Any, keys: list[Any] | None, bounds: list[tuple[int, int]]) -> None:
         """Start the operation now, in this loop turn, and follow it with callbacks.
@@ -141,9 +134,8 @@ class Coalescer:
             _fail(batch, exc)
             return
         assert self._loop is not None
-        done: asyncio.Future[None] = self._loop.create_future()
+        done: asyncio.Future[None] = self._loop.create_future()  # for max_ops and aclose()
         self._tasks.add(done)
-        done.add_done_callback(self._finished)
         self._follow(op, batch, bounds, done)
 
     def _follow(self, op: Operation, batch: _Batch, bounds: list[tuple[int, int]], done: asyncio.Future[None]) -> None:
@@ -157,6 +149,7 @@ class Coalescer:
         else:
             _deliver(res, batch, bounds)
         done.set_result(None)
+        self._finished(done)
 
     async def _run(self, batch: _Batch, payload: Any, keys: list[Any] | None, bounds: list[tuple[int, int]]) -> None:
         try:
@@ -175,7 +168,6 @@ class Coalescer:
 
 
 _Batch = list[tuple[list[Any], list[Any] | None, "asyncio.Future[SliceResult]"]]
-_SYNC_MAX = 50_000  # a merged batch larger than this is prepared off the loop (Collector.ahandle)
 
 
 def _merge(batch: _Batch) -> tuple[Any, list[Any] | None, list[tuple[int, int]]]:

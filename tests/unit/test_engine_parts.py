@@ -181,7 +181,7 @@ def ledger_with(window: int, max_attempts: int = 3) -> tuple[Ledger, list[FakeCh
     chans = [FakeChannel(), FakeChannel()]
     adm = Admission(1_000_000, lambda: None)
     planner = Planner(PIPE, 2, 2)
-    return Ledger(chans, window, max_attempts, adm, events_decoder(Ev), planner.ids), chans, adm, planner
+    return Ledger(chans, window, max_attempts, adm, events_decoder(Ev), planner), chans, adm, planner
 
 
 def ack_all(ledger: Ledger, chans: list[FakeChannel], op: Any) -> Any:
