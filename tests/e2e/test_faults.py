@@ -245,16 +245,23 @@ class Load:
         await asyncio.gather(*(one(i) for i in range(self.conns)))
 
 
-def jsonl_ids(data: Path) -> list[str]:
-    """Every id in the JSONL event files; a line that is not JSON fails the test (a torn write)."""
+def jsonl_ids(data: Path, *, crashed: bool = False) -> list[str]:
+    """Every id in the JSONL event files; a line that is not JSON fails the test (a torn write).
+
+    ``crashed``: read right after a SIGKILL, before any restart. A write the kill cut
+    short may leave a partial last line, never acknowledged; the sink drops it when it
+    opens the file again (LineFile._repair), so it is left out here as it will be there.
+    Everywhere else a partial last line fails the test.
+    """
     ids = []
     for f in sorted(data.glob("events-*.jsonl")):
-        for n, ln in enumerate(f.read_bytes().split(b"\n")[:-1]):
+        body = f.read_bytes()
+        for n, ln in enumerate(body.split(b"\n")[:-1]):
             try:
                 ids.append(json.loads(ln)["id"])
             except ValueError:
                 raise AssertionError(f"{f.name}:{n + 1} is not a JSON line (a torn write): {ln[:200]!r}") from None
-        assert f.read_bytes()[-1:] in (b"", b"\n"), f"{f.name} ends in a partial line"
+        assert crashed or body[-1:] in (b"", b"\n"), f"{f.name} ends in a partial line"
     return ids
 
 
@@ -294,7 +301,7 @@ def test_daemon_sigkill_under_load_then_restart_on_the_same_data_dir(tmp_path: P
         d.proc.wait(10)
     finally:
         with_kill(d.proc)
-    first = ledger.check(jsonl_ids(d.data))
+    first = ledger.check(jsonl_ids(d.data, crashed=True))
     first.assert_clean()
     assert first.acked > 500, first
     d = start_daemon(tmp_path, cfg)
