@@ -60,21 +60,24 @@ class RangeRouter:
             self.shards = ShardMap(n)
         pos: Sequence[int] = kept if kept is not None else range(len(events))
         owner = self.owners(events)
-        own_events, own_pos = events, list(pos)
         parts: list[RoutedPart] = []
-        if n > 1:
-            mine = list(map(eq, owner, repeat(self.worker)))
+        if n == 1:
+            own_events, own_pos = events, list(pos)
+        else:
+            if n == 2:
+                # two workers (the common case): the owners are 0 and 1, so the owner list
+                # is worker 1's mask and its negation worker 0's (one pass, no comparisons)
+                flip = list(map(not_, owner))
+                mine, masks = (flip, [(1, owner)]) if self.worker == 0 else (owner, [(0, flip)])
+            else:
+                mine = list(map(eq, owner, repeat(self.worker)))
+                masks = [(w, list(map(eq, owner, repeat(w)))) for w in range(n) if w != self.worker]
             own_events, own_pos = list(compress(events, mine)), list(compress(pos, mine))
             if len(own_events) < len(events):
-                # two workers (the common case): the other's events are the rest, one
-                # inverted mask instead of one comparison per worker
-                others = [1 - self.worker] if n == 2 else [w for w in range(n) if w != self.worker]
-                for w in others:
-                    mask = list(map(not_, mine)) if n == 2 else list(map(eq, owner, repeat(w)))
+                for w, mask in masks:
                     evs = list(compress(events, mask))
                     if evs:
-                        ps = array("I", compress(pos, mask)).tobytes()
-                        parts.append(RoutedPart(w, self.encode(evs), ps))
+                        parts.append(RoutedPart(w, self.encode(evs), array("I", compress(pos, mask)).tobytes()))
         # the lines this worker answers for: its events and the lines that did not decode
         own = self.own_lines[chunk.id] = sorted(own_pos + [r.pos for r in errors]) if errors else own_pos
         self.send(Routed(chunk.id, len(events) + len(errors), array("I", own).tobytes(), parts))
