@@ -65,6 +65,10 @@ class Chunk(msgspec.Struct, tag=1, array_like=True):
     # here. Both report each key once per op, as shard="chunk" does.
     route: int = 0
     part: bool = False
+    # the payload sits in the worker's shared-memory arena (collector/arena.py): slot
+    # ``slot``, ``size`` bytes, and ``payload`` is empty; -1: the payload is inline
+    slot: int = -1
+    size: int = 0
 
 
 class Stop(msgspec.Struct, tag=2, array_like=True):

@@ -111,6 +111,7 @@ class Collector(Reads):
             pipeline_arg,
             heartbeat_interval,
             heartbeat_timeout,
+            arena_slots=window,  # the ledger keeps at most ``window`` chunks in flight per worker
         )
         self.ledger = Ledger(
             self.pool.slots, window, max_attempts, self.admission, events_decoder(self.pipeline.event_type),

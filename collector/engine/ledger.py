@@ -44,6 +44,14 @@ class Channel(Protocol):
         """Queue ``msg`` on the worker's channel; False when there is no channel."""
         ...
 
+    def place(self, payload: bytes | memoryview) -> int:
+        """Copy a payload into the worker's shared-memory arena: its slot, or -1 (inline)."""
+        ...
+
+    def release(self, k: int) -> None:
+        """Arena slot ``k`` is free again (its chunk acknowledged, or its worker gone)."""
+        ...
+
 
 class Ledger:
     """Per-worker queues and windows of chunks, and the operations they belong to."""
@@ -142,9 +150,12 @@ class Ledger:
             if e.attempt:
                 self.suspect[i] = e.id
             whole = e.part_pos is None  # not a part another worker routed: as planned
+            # the payload goes through shared memory when it fits a slot; the slot is
+            # freed at the ack or when the worker is gone (take_back), never before
+            k = e.slot = ch.place(e.payload)
             msg = Chunk(
-                e.id, e.payload, op.events is not None, e.attempt, plan.ndjson and whole, op.id,
-                plan.route if whole else 0, not whole,
+                e.id, e.payload if k < 0 else b"", op.events is not None, e.attempt, plan.ndjson and whole, op.id,
+                plan.route if whole else 0, not whole, k, len(e.payload) if k >= 0 else 0,
             )
             if not ch.send(msg):
                 break  # no channel (the worker is going): take_back() finds the chunk
@@ -157,6 +168,9 @@ class Ledger:
         e = self.inflight[i].pop(ack.id, None)
         if e is None:
             return False
+        if e.slot >= 0:
+            self.channels[i].release(e.slot)
+            e.slot = -1
         if self.suspect[i] == ack.id:
             self.suspect[i] = 0
         op = e.op
@@ -263,6 +277,10 @@ class Ledger:
         """Worker ``i`` died: the chunks it held and did not acknowledge, oldest first."""
         lost = sorted(self.inflight[i].values(), key=attrgetter("id"))
         self.inflight[i].clear()
+        for e in lost:  # the process is gone: nothing reads its arena any more
+            if e.slot >= 0:
+                self.channels[i].release(e.slot)
+                e.slot = -1
         self.suspect[i] = 0
         return lost
 

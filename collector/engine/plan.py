@@ -55,7 +55,8 @@ class Entry:
     """
 
     __slots__ = (
-        "_positions", "attempt", "hi", "id", "items", "lo", "n", "offset", "op", "part_pos", "payload", "sent_at", "worker",
+        "_positions", "attempt", "hi", "id", "items", "lo", "n", "offset", "op", "part_pos", "payload", "sent_at", "slot",
+        "worker",
     )
 
     def __init__(
@@ -83,6 +84,7 @@ class Entry:
         self.attempt = 0
         self.sent_at = 0.0
         self.part_pos: Sequence[int] | None = None  # a routed part: its events' lines in range ``lo``
+        self.slot = -1  # while sent: the worker's arena slot holding the payload (-1: inline)
 
     @property
     def positions(self) -> list[int]:

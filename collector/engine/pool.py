@@ -30,6 +30,7 @@ import time
 from typing import Any, Protocol
 
 from .. import stats as S
+from ..arena import PayloadArena
 from ..errors import WorkerBootError, WorkerError
 from ..pipeline import Pipeline
 from ..protocol import (
@@ -134,6 +135,16 @@ class WorkerSlot:
         self.spawned_at = 0.0
         self.exited = False
         self.judging: asyncio.Task[None] | None = None
+        self.arena: PayloadArena | None = None  # chunk payloads for this slot's workers
+
+    def place(self, payload: bytes | memoryview) -> int:
+        """Copy a chunk's payload into the slot's arena: the arena slot, or -1 (send inline)."""
+        return self.arena.put(payload) if self.arena is not None else -1
+
+    def release(self, k: int) -> None:
+        """Arena slot ``k`` is free again."""
+        if self.arena is not None:
+            self.arena.free(k)
 
     def send(self, msg: Any) -> bool:
         """Queue a frame on the channel (flushed once per loop iteration)."""
@@ -163,8 +174,10 @@ class WorkerPool:
         pipeline: Pipeline | str,
         heartbeat_interval: float,
         heartbeat_timeout: float,
+        arena_slots: int = 0,
     ) -> None:
         self.owner = owner
+        self.arena_slots = arena_slots  # per worker: its window (0: payloads go inline)
         self.slots = [WorkerSlot(i, cpu) for i, cpu in enumerate(cpus)]
         self.ctx = ctx
         self.pipeline = pipeline
@@ -178,8 +191,19 @@ class WorkerPool:
         self.block = block
         self.loop = loop
         for w in self.slots:
+            w.arena = self.make_arena()
             self.spawn(w)
 
+    def make_arena(self) -> PayloadArena | None:
+        """A payload arena for one slot, or None (no shared memory here: inline payloads)."""
+        if not self.arena_slots:
+            return None
+        try:
+            return PayloadArena(self.arena_slots)
+        except (OSError, ValueError) as e:  # no /dev/shm, or it is full (a container's 64 MB)
+            log.warning("chunk payloads go through the channel sockets: no shared-memory arena (%s)", e)
+            self.arena_slots = 0  # one warning, not one per slot
+            return None
     def flush(self) -> None:
         """Write every channel's queued frames now."""
         for w in self.slots:
@@ -208,6 +232,7 @@ class WorkerPool:
             cpu=w.cpu,
             sock=theirs,
             shm_name=self.block.name,
+            arena=(w.arena.name, w.arena.slots, w.arena.slot_bytes) if w.arena is not None else None,
             nworkers=len(self.slots),
             pipeline=self.pipeline,
             parent_pid=os.getpid(),
@@ -384,6 +409,9 @@ class WorkerPool:
             await asyncio.sleep(0.01)
         for w in self.slots:
             self.reap(w, kill=True)
+            if w.arena is not None:  # no process maps it any more
+                w.arena.close()
+                w.arena = None
 
     async def watch(self, running: Any) -> None:
         """Heartbeats: a worker silent past the timeout gets SIGABRT, then SIGKILL.

@@ -30,6 +30,7 @@ import time
 import traceback
 
 from .. import stats as S
+from ..arena import PayloadArena
 from ..pipeline import Pipeline
 from ..protocol import (
     BootFailed,
@@ -62,8 +63,10 @@ class WorkerLoop:
         index: int,
         parent_pid: int,
         heartbeat_interval: float,
+        arena: PayloadArena | None = None,
     ) -> None:
         self.sock = sock
+        self.arena = arena
         self.pipeline = pipeline
         self.slot = slot
         self.index = index
@@ -80,7 +83,7 @@ class WorkerLoop:
         self.writer = writer
         self.out = FrameWriter(writer.transport)
         try:
-            self.runner = PipelineRunner(self.pipeline, self.slot, self.index, self.out.send_now)
+            self.runner = PipelineRunner(self.pipeline, self.slot, self.index, self.out.send_now, self.arena)
             await self.runner.open()
         except Exception as e:  # every boot failure is reported, then we exit
             writer.write(

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from .. import stats as S
+from ..arena import PayloadArena
 from ..pipeline import Pipeline
 from .loop import BOOT_FAILURE, WorkerLoop
 
@@ -42,6 +43,7 @@ class WorkerSpec:
     parent_pid: int
     heartbeat_interval: float
     log_level: int
+    arena: tuple[str, int, int] | None = None  # the payload arena: name, slots, slot bytes
 
 
 def _die_with_parent() -> None:
@@ -74,6 +76,10 @@ def worker_main(spec: WorkerSpec) -> None:
         except (OSError, AttributeError) as e:
             log.warning("cannot pin to CPU %s: %s", spec.cpu, e)
     block = S.StatsBlock(spec.nworkers, spec.shm_name, create=False)
+    arena = None
+    if spec.arena is not None:
+        name, slots, slot_bytes = spec.arena
+        arena = PayloadArena(slots, slot_bytes, name, create=False)
     slot = block.slots[spec.index]
     slot.set(S.PID, os.getpid())
     slot.setf(S.STARTED, time.monotonic())
@@ -84,12 +90,15 @@ def worker_main(spec: WorkerSpec) -> None:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             code = runner.run(
-                WorkerLoop(spec.sock, spec.pipeline, slot, spec.index, spec.parent_pid, spec.heartbeat_interval).main()
+                WorkerLoop(spec.sock, spec.pipeline, slot, spec.index, spec.parent_pid, spec.heartbeat_interval,
+                           arena).main()
             )
     finally:
         slot.set(S.READY, 0)
         del slot
         block.close()
+        if arena is not None:
+            arena.close()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -50,6 +50,7 @@ from typing import Any
 import msgspec
 
 from .. import stats as S
+from ..arena import PayloadArena
 from ..enrich import Enricher, build_enricher
 from ..pipeline import Pipeline, resolve_pipeline
 from ..protocol import (
@@ -81,8 +82,10 @@ class PipelineRunner:
     ``Ack`` to ``send``.
     """
 
-    def __init__(self, pipeline: Pipeline | str, slot: S.Slot, worker: int, send: Callable[[Message], None]) -> None:
+    def __init__(self, pipeline: Pipeline | str, slot: S.Slot, worker: int, send: Callable[[Message], None],
+                 arena: PayloadArena | None = None) -> None:
         self.slot = slot
+        self.arena = arena
         self.worker = worker
         self.send = send
         self.sinkset: Any = None
@@ -278,13 +281,24 @@ class PipelineRunner:
             seen = self.seen_keys[op] = set()
         return seen
 
+    def payload(self, chunk: Chunk) -> bytes | memoryview:
+        """The chunk's payload: inline, or its slot of the arena (read before the ack only:
+        the supervisor writes the slot again once the ack is in)."""
+        if chunk.slot < 0 or self.arena is None:
+            return chunk.payload
+        view = self.arena.view(chunk.slot, chunk.size)
+        # an NDJSON range is copied into its array form before the parse; a JSON array is
+        # parsed from a copy too: a msgspec.Raw field would point into the slot otherwise,
+        # and an event a stage keeps (Order, Pair) would see the next chunk's bytes
+        return view if chunk.ndjson else bytes(view)
+
     def fail(self, chunk: Chunk, e: Exception) -> None:
         """A bug in pipeline code fails the chunk's events (not the worker): ack them as errors."""
         self.slot.add(S.INFLIGHT, -self.counted.pop(chunk.id, 0))
         own = self.router.own_lines.pop(chunk.id, None)
         try:
             # a routed range answers only for the lines it kept: the others' owners ack theirs
-            lines: Sequence[int] = own if own is not None else range(len(self.items(chunk.payload, chunk.ndjson)))
+            lines: Sequence[int] = own if own is not None else range(len(self.items(self.payload(chunk), chunk.ndjson)))
         except (msgspec.ValidationError, msgspec.DecodeError):
             lines = ()
         n = len(lines)
@@ -310,7 +324,8 @@ class PipelineRunner:
         """Decode, stages, enrichment, counts and sinks for a chunk, then its ack."""
         t0 = time.perf_counter()
         slot = self.slot
-        events, kept, errors = self.decode(chunk.payload, chunk.ndjson)
+        payload = self.payload(chunk)
+        events, kept, errors = self.decode(payload, chunk.ndjson)
         if chunk.route:
             events, kept = self.router.route(chunk, events, kept, errors)
         n_total = len(events) + len(errors)
@@ -390,7 +405,7 @@ class PipelineRunner:
             if invalid:
                 from ..sinks import DeadLetter
 
-                raws = self.items(chunk.payload, chunk.ndjson)
+                raws = self.items(payload, chunk.ndjson)
                 now = time.time()
                 rejected += [DeadLetter(bytes(raws[r.pos]).decode("utf-8", "replace"), r.reason, r.path, "validate",
                                         now, self.worker) for r in invalid]

@@ -626,3 +626,19 @@ def test_key_sharded_ndjson_answers_a_routed_part_s_drops_at_their_input_index()
     assert res.handled_events == 8000 and res.failed_events == 0  # a duplicate is handled, not failed
     assert res.events is not None and {i for i, e in enumerate(res.events) if e is None} == dropped
     assert all(e is None or e.id == msgspec.json.decode(lines[i])["id"] for i, e in enumerate(res.events))
+
+
+@pytest.mark.parametrize("shard", ["key", "chunk"])
+def test_payloads_too_big_for_an_arena_slot_go_inline_and_arrive_intact(shard: str) -> None:
+    # chunks of 300 events of ~4 KB are over a 1 MiB arena slot: they go in their frames;
+    # the small batch goes through the shared-memory arena. Every event comes back whole.
+    big = generate_events(900, users=50, seed=8)
+    for e in big:
+        e.video_id = f"{e.id:06d}" + "v" * 4000
+    small = generate_events(900, users=50, seed=9)
+    with Collector(playback_pipeline(Immediate(), shard=shard), workers=2, chunk_size=300) as c:
+        for batch in (big, small, big):
+            for body in (batch, b"\n".join(msgspec.json.encode(e) for e in batch)):
+                res = c.handle(body, return_events=True).wait(timeout=60)
+                assert res.handled_events == len(batch) and res.failed_events == 0
+                assert [(e.id, e.video_id) for e in res.events] == [(e.id, e.video_id) for e in batch]

@@ -16,6 +16,7 @@ import msgspec
 import pytest
 
 from collector import Overloaded, Pipeline
+from collector.arena import PayloadArena
 from collector.engine.admission import Admission
 from collector.engine.ledger import Ledger, events_decoder
 from collector.engine.plan import Planner
@@ -163,13 +164,38 @@ def test_admission_asks_the_engine_whether_it_is_open() -> None:
 
 # ---------------------------------------------------------------- Ledger
 class FakeChannel:
-    def __init__(self) -> None:
+    """A worker slot without a process: what is sent is kept; payloads go through a real
+    shared-memory arena (closed with the test)."""
+
+    def __init__(self, window: int) -> None:
         self.ready = True
         self.sent: list[Any] = []
+        self.arena = PayloadArena(window, 64 << 10)
+        ARENAS.append(self.arena)
 
     def send(self, msg: Any) -> bool:
         self.sent.append(msg)
         return True
+
+    def place(self, payload: bytes | memoryview) -> int:
+        return self.arena.put(payload)
+
+    def release(self, k: int) -> None:
+        self.arena.free(k)
+
+    def payload(self, msg: Any) -> bytes:
+        """What the worker reads for ``msg``: inline, or its arena slot."""
+        return msg.payload if msg.slot < 0 else bytes(self.arena.view(msg.slot, msg.size))
+
+
+ARENAS: list[PayloadArena] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_arenas() -> Any:
+    yield
+    while ARENAS:
+        ARENAS.pop().close()
 
 
 def ack(chunk: Any, n: int, errors: list[ErrorRecord] | None = None) -> Ack:
@@ -178,7 +204,7 @@ def ack(chunk: Any, n: int, errors: list[ErrorRecord] | None = None) -> Ack:
 
 
 def ledger_with(window: int, max_attempts: int = 3) -> tuple[Ledger, list[FakeChannel], Admission, Planner]:
-    chans = [FakeChannel(), FakeChannel()]
+    chans = [FakeChannel(window), FakeChannel(window)]
     adm = Admission(1_000_000, lambda: None)
     planner = Planner(PIPE, 2, 2)
     return Ledger(chans, window, max_attempts, adm, events_decoder(Ev), planner), chans, adm, planner
@@ -218,6 +244,9 @@ def test_ledger_keeps_the_window_maps_errors_to_input_positions_and_releases_roo
     assert res.handled_events == 19 and res.failed_events == 1
     assert [(e.index, e.path) for e in res.errors] == [(bad_input_index, "$.user")]
     assert adm.inflight == 0
+    # every payload went through its worker's arena, and every slot came back with its ack
+    assert all(m.slot >= 0 and m.payload == b"" for c in chans for m in c.sent)
+    assert [c.arena.free_count() for c in chans] == [2, 2]
 
 
 def test_ledger_redelivers_a_dead_workers_chunks_first_one_at_a_time_then_fails_the_killer_as_lost() -> None:
@@ -225,7 +254,9 @@ def test_ledger_redelivers_a_dead_workers_chunks_first_one_at_a_time_then_fails_
     op = feed(ledger, planner, adm, 12)
     held = sorted(ledger.inflight[0])
     queued_before = len(ledger.queues[0])
+    assert chans[0].arena.free_count() == 0  # the window's two chunks are in the arena
     ledger.requeue(0, ledger.take_back(0), "killed by SIGKILL")
+    assert chans[0].arena.free_count() == 2  # the dead worker's slots are free again
     assert [e.id for e in list(ledger.queues[0])[:2]] == held  # first, in order
     assert len(ledger.queues[0]) == queued_before + 2 and op.acc.redelivered == 2
     chans[0].sent.clear()
@@ -253,10 +284,10 @@ def test_ledger_takes_a_killer_chunks_last_chance_one_event_at_a_time() -> None:
     chans[0].sent.clear()
     ledger.pump(0)
     (one,) = chans[0].sent  # its last chance: one event per chunk, each alone
-    assert one.attempt == 2 and msgspec.json.decode(one.payload) == [events(12)[clean_pos]]
+    assert one.attempt == 2 and msgspec.json.decode(chans[0].payload(one)) == [events(12)[clean_pos]]
     ledger.on_ack(0, ack(one, 1))
     (two,) = chans[0].sent[1:]
-    assert two.attempt == 2 and msgspec.json.decode(two.payload) == [events(12)[poison_pos]]
+    assert two.attempt == 2 and msgspec.json.decode(chans[0].payload(two)) == [events(12)[poison_pos]]
     ledger.requeue(0, ledger.take_back(0), "killed by SIGKILL")  # the poison, third death
     ledger.pump(0)  # the replacement is ready
     res = ack_all(ledger, chans, op)

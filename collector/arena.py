@@ -1,0 +1,117 @@
+"""Chunk payloads in shared memory: one arena of fixed slots per worker channel.
+
+::
+
+    supervisor: Ledger.pump ─► arena.put(payload) ─► slot k (one memcpy)
+                            ─► Chunk(payload=b"", slot=k, size=n) on the channel (a few bytes)
+    worker:     Chunk ─► arena.view(k, n) ─► decode straight from the shared pages
+    supervisor: the chunk's Ack, or its worker's death ─► arena.free(k)
+
+Over the channel socket a 400 KB NDJSON range was copied five times before the
+worker could parse it (into the kernel, out of it, into the stream buffer, out of it,
+out of the msgpack frame); through the arena it is copied once, by the supervisor.
+A slot is written only while it is free, and freed only when its worker has
+acknowledged the chunk or has exited: a worker never sees a slot change under it.
+
+The arena has as many slots as a worker's window (the ledger never has more chunks in
+flight to one worker), each :data:`SLOT_BYTES` long; a payload larger than a slot goes
+inline in its frame, as before. Space is reserved when the arena is made
+(``posix_fallocate``): a full ``/dev/shm`` is an error then, never a SIGBUS on a later
+write. Lifetime and leak handling are :class:`~collector.stats.StatsBlock`'s (the same
+``collector_<pid>_`` names, swept when their creator is gone; workers map the file
+directly instead of attaching through ``SharedMemory``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+from multiprocessing import shared_memory
+
+__all__ = ["SLOT_BYTES", "PayloadArena"]
+
+SLOT_BYTES = 1 << 20  # a 2048-line range of 200-byte events is ~400 KB
+
+
+class PayloadArena:
+    """``slots`` payload slots of ``slot_bytes`` each, in one shared-memory segment.
+
+    The creator (the supervisor) puts and frees; a worker attaches by ``name`` and
+    only reads views.
+    """
+
+    def __init__(self, slots: int, slot_bytes: int = SLOT_BYTES, name: str | None = None, *,
+                 create: bool = True) -> None:
+        self.slots = slots
+        self.slot_bytes = slot_bytes
+        size = slots * slot_bytes
+        self._shm: shared_memory.SharedMemory | None = None
+        self._mmap: mmap.mmap | None = None
+        if create:
+            name = name or f"collector_{os.getpid()}_{secrets.token_hex(4)}"
+            self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+            try:
+                # reserve the pages now: tmpfs allocates on first write, and a write that
+                # finds /dev/shm full is a SIGBUS in the supervisor, not an exception
+                os.posix_fallocate(self._shm._fd, 0, size)  # type: ignore[attr-defined]
+            except BaseException:
+                self._shm.close()
+                with contextlib.suppress(FileNotFoundError):
+                    self._shm.unlink()
+                raise
+            buf = self._shm.buf
+            assert buf is not None
+            self.name = self._shm.name
+        else:
+            assert name is not None
+            fd = os.open(f"/dev/shm/{name.lstrip('/')}", os.O_RDWR)
+            try:
+                self._mmap = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+            buf = memoryview(self._mmap)
+            self.name = name
+        self._buf: memoryview = buf
+        self._free = list(range(slots - 1, -1, -1))  # a stack: the slot freed last is warm in cache
+
+    def put(self, payload: bytes | memoryview) -> int:
+        """Copy ``payload`` into a free slot and return its index; -1 when it does not fit
+        a slot or no slot is free (the caller sends it inline)."""
+        n = len(payload)
+        if n > self.slot_bytes or not self._free:
+            return -1
+        k = self._free.pop()
+        start = k * self.slot_bytes
+        self._buf[start:start + n] = payload
+        return k
+
+    def free(self, k: int) -> None:
+        """Slot ``k`` may be written again (its worker acknowledged its chunk, or exited)."""
+        self._free.append(k)
+
+    def free_count(self) -> int:
+        """Slots not holding a payload."""
+        return len(self._free)
+
+    def view(self, k: int, size: int) -> memoryview:
+        """The ``size`` bytes in slot ``k`` (no copy; valid until the chunk is acknowledged)."""
+        start = k * self.slot_bytes
+        return self._buf[start:start + size]
+
+    def close(self) -> None:
+        """Unmap the arena; the creator also unlinks it. Views still held make this a
+        no-op for the mapping (it goes with the process)."""
+        with contextlib.suppress(BufferError):
+            self._buf.release()
+        if self._shm is not None:
+            with contextlib.suppress(BufferError):
+                self._shm.close()
+            with contextlib.suppress(FileNotFoundError):
+                self._shm.unlink()
+            self._shm = None
+        if self._mmap is not None:
+            with contextlib.suppress(BufferError):
+                self._mmap.close()
+            self._mmap = None
