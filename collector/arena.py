@@ -14,8 +14,9 @@ A slot is written only while it is free, and freed only when its worker has
 acknowledged the chunk or has exited: a worker never sees a slot change under it.
 
 The arena has as many slots as a worker's window (the ledger never has more chunks in
-flight to one worker), each :data:`SLOT_BYTES` long; a payload larger than a slot goes
-inline in its frame, as before. Space is reserved when the arena is made
+flight to one worker), at most :data:`MAX_SLOTS`, each :data:`SLOT_BYTES` long; a
+payload larger than a slot, or sent while every slot is taken, goes inline in its
+frame, as before. Space is reserved when the arena is made
 (``posix_fallocate``): a full ``/dev/shm`` is an error then, never a SIGBUS on a later
 write. Lifetime and leak handling are :class:`~collector.stats.StatsBlock`'s (the same
 ``collector_<pid>_`` names, swept when their creator is gone; workers map the file
@@ -30,9 +31,10 @@ import os
 import secrets
 from multiprocessing import shared_memory
 
-__all__ = ["SLOT_BYTES", "PayloadArena"]
+__all__ = ["MAX_SLOTS", "SLOT_BYTES", "PayloadArena"]
 
 SLOT_BYTES = 1 << 20  # a 2048-line range of 200-byte events is ~400 KB
+MAX_SLOTS = 32  # per worker, whatever its window: 32 MiB of /dev/shm at most
 
 
 class PayloadArena:

@@ -25,6 +25,7 @@ import weakref
 from typing import Any
 
 from .. import stats as S
+from ..arena import MAX_SLOTS
 from ..errors import CollectorClosed, CollectorError, ConfigError, WorkerBootError
 from ..pipeline import Pipeline, resolve_pipeline
 from ..protocol import Ack, Routed, Snapshot
@@ -111,7 +112,9 @@ class Collector(Reads):
             pipeline_arg,
             heartbeat_interval,
             heartbeat_timeout,
-            arena_slots=window,  # the ledger keeps at most ``window`` chunks in flight per worker
+            # the ledger keeps at most ``window`` chunks in flight per worker; a larger
+            # window than the arena's cap sends the rest inline
+            arena_slots=min(window, MAX_SLOTS),
         )
         self.ledger = Ledger(
             self.pool.slots, window, max_attempts, self.admission, events_decoder(self.pipeline.event_type),

@@ -642,3 +642,14 @@ def test_payloads_too_big_for_an_arena_slot_go_inline_and_arrive_intact(shard: s
                 res = c.handle(body, return_events=True).wait(timeout=60)
                 assert res.handled_events == len(batch) and res.failed_events == 0
                 assert [(e.id, e.video_id) for e in res.events] == [(e.id, e.video_id) for e in batch]
+
+
+def test_a_window_wider_than_the_arena_sends_the_rest_inline() -> None:
+    # 40 chunks in flight per worker (each waits 0.2 s on its lookups) against 32 arena
+    # slots: the 8 others travel in their frames; every event comes back as it was sent
+    events = generate_events(4000, users=4000, seed=10)
+    with Collector(playback_pipeline(SlowAsync(0.2)), workers=2, chunk_size=25, window=40) as c:
+        res = c.handle(events, return_events=True).wait(timeout=60)
+    assert res.handled_events == 4000 and res.failed_events == 0
+    assert [(e.id, e.user_id, e.region) for e in res.events] == [(e.id, e.user_id, region_of(e.user_id))
+                                                                 for e in events]
