@@ -16,20 +16,14 @@ acknowledged the chunk or has exited: a worker never sees a slot change under it
 The arena has as many slots as a worker's window (the ledger never has more chunks in
 flight to one worker), at most :data:`MAX_SLOTS`, each :data:`SLOT_BYTES` long; a
 payload larger than a slot, or sent while every slot is taken, goes inline in its
-frame, as before. Space is reserved when the arena is made
-(``posix_fallocate``): a full ``/dev/shm`` is an error then, never a SIGBUS on a later
-write. Lifetime and leak handling are :class:`~collector.stats.StatsBlock`'s (the same
-``collector_<pid>_`` names, swept when their creator is gone; workers map the file
-directly instead of attaching through ``SharedMemory``).
+frame, as before. Space is reserved when the arena is made: a full ``/dev/shm`` is an
+error then, never a SIGBUS on a later write. Making, mapping and removing the segment
+is :class:`collector.shm.Segment`'s job, as for the stats block.
 """
 
 from __future__ import annotations
 
-import contextlib
-import mmap
-import os
-import secrets
-from multiprocessing import shared_memory
+from .shm import Segment
 
 __all__ = ["MAX_SLOTS", "SLOT_BYTES", "PayloadArena"]
 
@@ -48,34 +42,9 @@ class PayloadArena:
                  create: bool = True) -> None:
         self.slots = slots
         self.slot_bytes = slot_bytes
-        size = slots * slot_bytes
-        self._shm: shared_memory.SharedMemory | None = None
-        self._mmap: mmap.mmap | None = None
-        if create:
-            name = name or f"collector_{os.getpid()}_{secrets.token_hex(4)}"
-            self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
-            try:
-                # reserve the pages now: tmpfs allocates on first write, and a write that
-                # finds /dev/shm full is a SIGBUS in the supervisor, not an exception
-                os.posix_fallocate(self._shm._fd, 0, size)  # type: ignore[attr-defined]
-            except BaseException:
-                self._shm.close()
-                with contextlib.suppress(FileNotFoundError):
-                    self._shm.unlink()
-                raise
-            buf = self._shm.buf
-            assert buf is not None
-            self.name = self._shm.name
-        else:
-            assert name is not None
-            fd = os.open(f"/dev/shm/{name.lstrip('/')}", os.O_RDWR)
-            try:
-                self._mmap = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
-            buf = memoryview(self._mmap)
-            self.name = name
-        self._buf: memoryview = buf
+        self.segment = Segment(slots * slot_bytes, name, create=create, reserve=create)
+        self.name = self.segment.name
+        self._buf: memoryview = self.segment.buf
         self._free = list(range(slots - 1, -1, -1))  # a stack: the slot freed last is warm in cache
 
     def put(self, payload: bytes | memoryview) -> int:
@@ -103,17 +72,5 @@ class PayloadArena:
         return self._buf[start:start + size]
 
     def close(self) -> None:
-        """Unmap the arena; the creator also unlinks it. Views still held make this a
-        no-op for the mapping (it goes with the process)."""
-        with contextlib.suppress(BufferError):
-            self._buf.release()
-        if self._shm is not None:
-            with contextlib.suppress(BufferError):
-                self._shm.close()
-            with contextlib.suppress(FileNotFoundError):
-                self._shm.unlink()
-            self._shm = None
-        if self._mmap is not None:
-            with contextlib.suppress(BufferError):
-                self._mmap.close()
-            self._mmap = None
+        """Unmap the arena; the creator also unlinks it."""
+        self.segment.close()

@@ -12,31 +12,22 @@ no two processes ever write the same cache line. Every field is one aligned 8-by
 (``q`` or ``d``), which x86-64 and arm64 read and write whole: a reader can see a
 slightly old value, never a torn one. Readers take deltas for rates.
 
-The parent creates the block with :class:`multiprocessing.shared_memory.SharedMemory`
-(which registers it with the resource tracker, so the segment is unlinked even when the
-parent is SIGKILLed) and is its only owner. Workers attach by mapping
-``/dev/shm/<name>`` directly: attaching through ``SharedMemory`` would register the
-segment with the tracker a second time and unlink it when the worker exits
-(CPython gh-82300). A collector killed together with its process group (``kill -9
--PGID``, a container stop) takes the tracker with it; the next block created on the
-machine unlinks the segments whose creator pid is gone (:func:`sweep_stale_segments`).
+The parent creates the block and is its only owner; workers map it by name
+(:class:`collector.shm.Segment`, which also says how a segment never outlives its
+collector).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import mmap
-import os
-import secrets
 import struct
 import time
 from itertools import compress
-from multiprocessing import shared_memory
 from operator import itemgetter
 from typing import Any
 
 from .results import SinkStats, Stats, WorkerStats
+from .shm import Segment
 
 __all__ = [
     "LATENCY_BOUNDS_MS",
@@ -47,7 +38,6 @@ __all__ = [
     "Stats",
     "StatsBlock",
     "WorkerStats",
-    "sweep_stale_segments",
 ]
 
 SLOT_BYTES = 4096  # 512 words; a multiple of 64 keeps every slot on its own cache lines
@@ -359,32 +349,6 @@ assert Stats.__struct_fields__ == (
     "workers", "sinks", "filtered_events", "enriched_events")
 
 
-def sweep_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
-    """Unlink ``collector_<pid>_*`` segments whose creator is no longer running.
-
-    Returns the names removed. A live pid keeps its segment even when it was reused by
-    another program: a leak costs a few KiB, unlinking a live block would break a
-    running collector.
-    """
-    import psutil
-
-    removed: list[str] = []
-    try:
-        names = os.listdir(shm_dir)
-    except OSError:  # no /dev/shm (not Linux): nothing to sweep
-        return removed
-    for n in names:
-        parts = n.split("_")
-        if len(parts) < 3 or parts[0] != "collector" or not parts[1].isdigit():
-            continue
-        if psutil.pid_exists(int(parts[1])):
-            continue
-        with contextlib.suppress(OSError):  # another collector swept it first
-            os.unlink(os.path.join(shm_dir, n))
-            removed.append(n)
-    return removed
-
-
 class StatsBlock:
     """The shared-memory block: ``workers`` worker slots plus one supervisor slot."""
 
@@ -393,27 +357,9 @@ class StatsBlock:
     ) -> None:
         self.workers = workers
         size = SLOT_BYTES * (workers + 1)
-        self._shm: shared_memory.SharedMemory | None = None
-        self._mmap: mmap.mmap | None = None
-        if create:
-            sweep_stale_segments()
-            # the creator's pid in the name: a leak (or a test's leak check) can tell
-            # whose segment it is
-            name = name or f"collector_{os.getpid()}_{secrets.token_hex(4)}"
-            self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
-            buf = self._shm.buf
-            assert buf is not None
-            self.name = self._shm.name
-        else:
-            assert name is not None
-            fd = os.open(f"/dev/shm/{name.lstrip('/')}", os.O_RDWR)
-            try:
-                self._mmap = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
-            buf = memoryview(self._mmap)
-            self.name = name
-        self._buf: memoryview = buf
+        self.segment = Segment(size, name, create=create)
+        self.name = self.segment.name
+        buf = self._buf = self.segment.buf
         self.slots = [Slot(buf, i) for i in range(workers + 1)]
         self._layout = struct.Struct("<" + _SLOT_READ * (workers + 1))  # read()'s one unpack
         self._sums = _sum_slots(-1, ())  # what read() derived from its last copy of the block
@@ -477,15 +423,7 @@ class StatsBlock:
         for s in self.slots:
             s.release()
         self.slots = []
-        self._buf.release()
-        if self._shm is not None:
-            self._shm.close()
-            with contextlib.suppress(FileNotFoundError):
-                self._shm.unlink()
-            self._shm = None
-        if self._mmap is not None:
-            self._mmap.close()
-            self._mmap = None
+        self.segment.close()
 
     def __enter__(self) -> StatsBlock:
         return self

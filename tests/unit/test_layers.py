@@ -21,7 +21,7 @@ LAYERS = {
          "version"),
         ("core", 1.0),
     ),
-    **dict.fromkeys(("stats", "arena"), ("stats", 2.0)),  # shared memory: counters, chunk payloads
+    **dict.fromkeys(("shm", "stats", "arena"), ("stats", 2.0)),  # shared memory: segments, counters, payloads
     **{name: (name, 2.1) for name in ("sources", "enrich", "stages", "sinks")},
     **dict.fromkeys(("packs", "playback", "generic", "casino", "clickstream"), ("packs", 2.2)),  # playback, generic, casino, clickstream: facades
     "worker": ("worker", 3.0),
