@@ -204,6 +204,7 @@ class WorkerPool:
             log.warning("chunk payloads go through the channel sockets: no shared-memory arena (%s)", e)
             self.arena_slots = 0  # one warning, not one per slot
             return None
+
     def flush(self) -> None:
         """Write every channel's queued frames now."""
         for w in self.slots:

@@ -284,8 +284,10 @@ class PipelineRunner:
     def payload(self, chunk: Chunk) -> bytes | memoryview:
         """The chunk's payload: inline, or its slot of the arena (read before the ack only:
         the supervisor writes the slot again once the ack is in)."""
-        if chunk.slot < 0 or self.arena is None:
+        if chunk.slot < 0:
             return chunk.payload
+        if self.arena is None:  # the spec names an arena whenever slots are used: a bug
+            raise RuntimeError(f"chunk {chunk.id} is in arena slot {chunk.slot} but this worker has no arena")
         view = self.arena.view(chunk.slot, chunk.size)
         # an NDJSON range is copied into its array form before the parse; a JSON array is
         # parsed from a copy too: a msgspec.Raw field would point into the slot otherwise,
@@ -299,7 +301,7 @@ class PipelineRunner:
         try:
             # a routed range answers only for the lines it kept: the others' owners ack theirs
             lines: Sequence[int] = own if own is not None else range(len(self.items(self.payload(chunk), chunk.ndjson)))
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, RuntimeError):
             lines = ()
         n = len(lines)
         reason = f"pipeline error: {type(e).__name__}: {e}"
