@@ -168,9 +168,7 @@ class Ledger:
         e = self.inflight[i].pop(ack.id, None)
         if e is None:
             return False
-        if e.slot >= 0:
-            self.channels[i].release(e.slot)
-            e.slot = -1
+        self.unslot(i, e)
         if self.suspect[i] == ack.id:
             self.suspect[i] = 0
         op = e.op
@@ -193,6 +191,12 @@ class Ledger:
         self.complete(e)
         self.pump(i)
         return True
+
+    def unslot(self, i: int, e: Entry) -> None:
+        """Give back the arena slot of ``e``'s payload: worker ``i`` acknowledged it or is gone."""
+        if e.slot >= 0:
+            self.channels[i].release(e.slot)
+            e.slot = -1
 
     def place_events(self, out: list[Any], pos: Sequence[int], events: bytes) -> None:
         """Put a chunk's returned events (those it stored, in order) at ``pos``."""
@@ -278,9 +282,7 @@ class Ledger:
         lost = sorted(self.inflight[i].values(), key=attrgetter("id"))
         self.inflight[i].clear()
         for e in lost:  # the process is gone: nothing reads its arena any more
-            if e.slot >= 0:
-                self.channels[i].release(e.slot)
-                e.slot = -1
+            self.unslot(i, e)
         self.suspect[i] = 0
         return lost
 
