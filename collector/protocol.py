@@ -149,7 +149,7 @@ class RoutedPart(msgspec.Struct, array_like=True):
     """The events of a routed range that belong to ``worker``, and where they were."""
 
     worker: int
-    payload: bytes  # JSON array of the events
+    payload: bytes  # NDJSON: the range's lines as they were (native router) or encoded again
     positions: bytes  # array('I'): each event's line index in the range
 
 

@@ -154,7 +154,7 @@ class Ledger:
             # freed at the ack or when the worker is gone (take_back), never before
             k = e.slot = ch.place(e.payload)
             msg = Chunk(
-                e.id, e.payload if k < 0 else b"", op.events is not None, e.attempt, plan.ndjson and whole, op.id,
+                e.id, e.payload if k < 0 else b"", op.events is not None, e.attempt, plan.ndjson, op.id,
                 plan.route if whole else 0, not whole, k, len(e.payload) if k >= 0 else 0,
             )
             if not ch.send(msg):

@@ -8,8 +8,9 @@
                          heartbeat task ──► slot i; exits if the parent is gone   │
                          tick task ──► runner.tick(): expire, commit records      │
       runner.PipelineRunner                                                      ▼
-          decoding.ChunkDecoder (msgspec) ─► [ranges.RangeRouter: a shard="key" NDJSON range keeps
-          this worker's events, the others go back to the supervisor as Routed parts]
+          [ranges.RangeRouter: a shard="key" NDJSON range keeps this worker's lines, the
+          others go back to the supervisor as Routed parts (keyroute.c reads only the keys)]
+          ─► decoding.ChunkDecoder (msgspec)
           ─► pipeline.stages in order (dedup, filters, pair)
           ─► enrich ─► count ─► sinks commit (events + emitted records) ─► stages settle ─► Ack ──► channel i
 

@@ -99,7 +99,7 @@ class PipelineRunner:
         self.decode, self.items = decoder.decode, decoder.items
         self.report_keys = p.shard == "chunk"
         self.keyget = attrgetter(p.key)
-        self.router = RangeRouter(p.key, worker, send)  # shard="key" NDJSON ranges
+        self.router = RangeRouter(p.key, worker, send, T, decoder.dec.decode)  # shard="key" NDJSON ranges
         self.enc = msgspec.json.Encoder()
         self.executor = ThreadPoolExecutor(p.blocking_threads, thread_name_prefix="collector-blocking")
         client = p.client
@@ -327,9 +327,15 @@ class PipelineRunner:
         t0 = time.perf_counter()
         slot = self.slot
         payload = self.payload(chunk)
-        events, kept, errors = self.decode(payload, chunk.ndjson)
-        if chunk.route:
-            events, kept = self.router.route(chunk, events, kept, errors)
+        mine = self.router.split(chunk, payload) if chunk.route else None
+        kept: list[int] | None
+        errors: list[ErrorRecord]
+        if mine is not None:  # routed without decoding the others' events
+            (events, kept), errors = mine, []
+        else:
+            events, kept, errors = self.decode(payload, chunk.ndjson)
+            if chunk.route:
+                events, kept = self.router.route(chunk, events, kept, errors)
         n_total = len(events) + len(errors)
         slot.add(S.INFLIGHT, n_total)
         self.counted[chunk.id] = n_total

@@ -585,6 +585,27 @@ def test_key_sharded_ndjson_is_routed_by_the_workers_keeping_key_affinity(tmp_pa
     assert all(w.events > 0 for w in st.workers)
 
 
+def test_key_sharded_ndjson_keeps_affinity_when_some_ranges_need_the_python_router() -> None:
+    """Ranges the native router declines (an escaped key, an invalid line of its own) are
+    routed by decoding: a key written two ways still meets in one worker, and bad lines
+    are reported at their input index whichever worker held them."""
+    events = generate_events(12_000, users=300, seed=21)
+    lines = [msgspec.json.encode(e) for e in events]
+    for i in range(0, 12_000, 1500):  # user-N spelled with an escape: decodes to the same key
+        e = events[i]
+        lines[i] = lines[i].replace(e.user_id.encode(), e.user_id.replace("-", "\\u002d").encode())
+    bad = set(range(700, 12_000, 2300))
+    for i in bad:
+        lines[i] = lines[i][:-5]  # cut short: malformed
+    with Collector(playback_pipeline(Immediate()), workers=2, chunk_size=400) as c:
+        res = c.handle(b"\n".join(lines), return_events=True).wait(timeout=60)
+    assert {e.index for e in res.errors} == bad and res.failed_events == len(bad)
+    assert res.handled_events == 12_000 - len(bad)
+    assert [e.id for e in res.events if e is not None] == [e.id for i, e in enumerate(events) if i not in bad]
+    users = {e.user_id for i, e in enumerate(events) if i not in bad}
+    assert res.batch.lookups["region"].calls == len(users)  # one call per user: one owner each
+
+
 def test_key_sharded_ndjson_survives_a_router_death_after_it_routed(tmp_path: Path) -> None:
     """The worker dies on its own part after handing the others theirs: nothing twice, nothing lost."""
     events = generate_events(6000, users=300, seed=9)
