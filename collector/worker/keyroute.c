@@ -21,26 +21,40 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #define KIND_STR 1     /* the key field takes a str */
 #define KIND_INT 2     /* ... an int */
 #define KIND_NONE 4    /* ... None (JSON null hashes as repr(None)) */
 #define KIND_MISSING 8 /* a missing key decodes to None (the field's default) */
 
-static uint32_t crc_table[256];
+/* zlib's crc32, slicing by 8: a key of 8 bytes or more costs one step per 8 bytes */
+static uint32_t crc_table[8][256];
 
 static void crc_init(void) {
     for (uint32_t i = 0; i < 256; i++) {
         uint32_t c = i;
         for (int k = 0; k < 8; k++) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-        crc_table[i] = c;
+        crc_table[0][i] = c;
     }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_table[t][i] = crc_table[0][crc_table[t - 1][i] & 0xFF] ^ (crc_table[t - 1][i] >> 8);
 }
 
 /* zlib.crc32 of the bytes */
 static uint32_t crc32_of(const unsigned char *p, size_t n) {
     uint32_t c = 0xFFFFFFFFu;
-    while (n--) c = crc_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
+    for (; n >= 8; n -= 8, p += 8) {
+        uint32_t lo = c ^ ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
+        uint32_t hi = (uint32_t)p[4] | (uint32_t)p[5] << 8 | (uint32_t)p[6] << 16 | (uint32_t)p[7] << 24;
+        c = crc_table[7][lo & 0xFF] ^ crc_table[6][(lo >> 8) & 0xFF] ^ crc_table[5][(lo >> 16) & 0xFF] ^
+            crc_table[4][lo >> 24] ^ crc_table[3][hi & 0xFF] ^ crc_table[2][(hi >> 8) & 0xFF] ^
+            crc_table[1][(hi >> 16) & 0xFF] ^ crc_table[0][hi >> 24];
+    }
+    while (n--) c = crc_table[0][(c ^ *p++) & 0xFF] ^ (c >> 8);
     return c ^ 0xFFFFFFFFu;
 }
 
@@ -54,28 +68,59 @@ static inline const unsigned char *skip_ws(const unsigned char *p, const unsigne
     return p;
 }
 
-/* p at an opening quote: the byte after the closing quote, or NULL */
-static const unsigned char *skip_string(const unsigned char *p, const unsigned char *end) {
-    const unsigned char *s = p + 1;
-    for (;;) {
-        const unsigned char *q = memchr(s, '"', (size_t)(end - s));
-        if (q == NULL) return NULL;
-        size_t nb = 0; /* backslashes right before it: an odd count escapes it */
-        while (q - nb > p + 1 && q[-1 - (ptrdiff_t)nb] == '\\') nb++;
-        if ((nb & 1) == 0) return q + 1;
-        s = q + 1;
+/* p at an opening quote: the byte after the closing quote, or NULL; *esc set when the
+   string holds an escape. A byte loop: member names and keys are short, and a memchr call
+   per string costs more than it saves there. */
+static inline const unsigned char *skip_string(const unsigned char *p, const unsigned char *end, int *esc) {
+    for (p++; p < end; p++) {
+        if (*p == '"') return p + 1;
+        if (*p == '\\') {
+            *esc = 1;
+            p++;
+        }
     }
+    return NULL;
+}
+
+/* The first occurrence of needle (m >= 3 bytes) in [s, s + n), or NULL. With SSE2, 16
+   candidate positions at a time are tested on needle's second and last bytes, and only
+   those matching both are compared whole (glibc's memmem took ~50 ns per line here). */
+static const unsigned char *find(const unsigned char *s, size_t n, const unsigned char *needle, size_t m) {
+    if (n < m) return NULL;
+#ifdef __SSE2__
+    if (n >= m + 15) {
+        const __m128i second = _mm_set1_epi8((char)needle[1]);
+        const __m128i last = _mm_set1_epi8((char)needle[m - 1]);
+        size_t stop = n - m - 15; /* the last block starts here (it may overlap the one before) */
+        for (size_t i = 0;; i += 16) {
+            if (i > stop) i = stop;
+            __m128i a = _mm_loadu_si128((const __m128i *)(s + i + 1));
+            __m128i b = _mm_loadu_si128((const __m128i *)(s + i + m - 1));
+            unsigned mask = (unsigned)_mm_movemask_epi8(_mm_and_si128(_mm_cmpeq_epi8(a, second), _mm_cmpeq_epi8(b, last)));
+            while (mask) {
+                unsigned k = (unsigned)__builtin_ctz(mask);
+                if (memcmp(s + i + k, needle, m) == 0) return s + i + k;
+                mask &= mask - 1;
+            }
+            if (i == stop) return NULL;
+        }
+    }
+#endif
+    for (size_t i = 0; i + m <= n; i++)
+        if (s[i] == needle[0] && memcmp(s + i, needle, m) == 0) return s + i;
+    return NULL;
 }
 
 /* p at a value's first byte: the byte after the value, or NULL */
 static const unsigned char *skip_value(const unsigned char *p, const unsigned char *end) {
-    if (*p == '"') return skip_string(p, end);
+    int esc = 0;
+    if (*p == '"') return skip_string(p, end, &esc);
     if (*p == '{' || *p == '[') {
         size_t depth = 0;
         while (p < end) {
             unsigned char c = *p;
             if (c == '"') {
-                p = skip_string(p, end);
+                p = skip_string(p, end, &esc);
                 if (p == NULL) return NULL;
                 continue;
             }
@@ -105,12 +150,11 @@ static int line_owner(const unsigned char *p, const unsigned char *end, const un
             return -1;
         }
         if (*p != '"') return -1;
-        const unsigned char *q = skip_string(p, end);
-        if (q == NULL) return -1;
+        int esc = 0;
+        const unsigned char *q = skip_string(p, end, &esc);
+        if (q == NULL || esc) return -1; /* an escaped name may spell the key once decoded */
         const unsigned char *ns = p + 1;
         size_t len = (size_t)(q - 1 - ns);
-        /* an escaped name may spell the key once decoded */
-        if (memchr(ns, '\\', len) != NULL) return -1;
         p = skip_ws(q, end);
         if (p >= end || *p != ':') return -1;
         p = skip_ws(p + 1, end);
@@ -120,11 +164,10 @@ static int line_owner(const unsigned char *p, const unsigned char *end, const un
             size_t klen;
             if (*p == '"') {
                 if (!(kinds & KIND_STR)) return -1;
-                after = skip_string(p, end);
-                if (after == NULL) return -1;
+                after = skip_string(p, end, &esc);
+                if (after == NULL || esc) return -1; /* escaped: the decoded text differs */
                 ks = p + 1;
                 klen = (size_t)(after - 1 - ks);
-                if (memchr(ks, '\\', klen) != NULL) return -1; /* decoded text differs */
             } else if (*p == '-' || (*p >= '0' && *p <= '9')) {
                 if (!(kinds & KIND_INT)) return -1;
                 ks = p;
@@ -146,9 +189,7 @@ static int line_owner(const unsigned char *p, const unsigned char *end, const un
                 return -1;
             }
             /* a second member of that name would win in the decoder: leave it to Python */
-            if (end - after >= (ptrdiff_t)(nlen + 2) &&
-                memmem(after, (size_t)(end - after), name - 1, nlen + 2) != NULL)
-                return -1;
+            if (find(after, (size_t)(end - after), name - 1, nlen + 2) != NULL) return -1;
             return (int)(crc32_of(ks, klen) % n);
         }
         p = skip_value(p, end);
