@@ -7,6 +7,10 @@
     worker:     Chunk ─► arena.view(k, n) ─► decode straight from the shared pages
     supervisor: the chunk's Ack, or its worker's death ─► arena.free(k)
 
+A shard="key" NDJSON range goes with a slot reserved in each other worker's arena
+(``take``): the worker routing it writes each owner's part straight into that owner's
+slot (``write``), and the part reaches its owner without passing through the supervisor.
+
 Over the channel socket a 400 KB NDJSON range was copied five times before the
 worker could parse it (into the kernel, out of it, into the stream buffer, out of it,
 out of the msgpack frame); through the arena it is copied once, by the supervisor.
@@ -57,6 +61,16 @@ class PayloadArena:
         start = k * self.slot_bytes
         self._buf[start:start + n] = payload
         return k
+
+    def take(self) -> int:
+        """Reserve a free slot for a payload another process will write (a routed part,
+        written by the worker that routes it); -1 when none is free."""
+        return self._free.pop() if self._free else -1
+
+    def write(self, k: int, payload: bytes | memoryview) -> None:
+        """Copy ``payload`` into slot ``k``, reserved for it (:meth:`take`) by the creator."""
+        start = k * self.slot_bytes
+        self._buf[start:start + len(payload)] = payload
 
     def free(self, k: int) -> None:
         """Slot ``k`` may be written again (its worker acknowledged its chunk, or exited)."""

@@ -69,6 +69,9 @@ class Chunk(msgspec.Struct, tag=1, array_like=True):
     # ``slot``, ``size`` bytes, and ``payload`` is empty; -1: the payload is inline
     slot: int = -1
     size: int = 0
+    # a shard="key" range: per worker, a slot of its arena reserved for this range's part
+    # for it (-1: none; empty: no reservations, parts go inline in the Routed)
+    reserved: list[int] = []
 
 
 class Stop(msgspec.Struct, tag=2, array_like=True):
@@ -151,6 +154,9 @@ class RoutedPart(msgspec.Struct, array_like=True):
     worker: int
     payload: bytes  # NDJSON: the range's lines as they were (native router) or encoded again
     positions: bytes  # array('I'): each event's line index in the range
+    # written into the slot the range reserved in ``worker``'s arena (``payload`` empty)
+    slot: int = -1
+    size: int = 0
 
 
 class Routed(msgspec.Struct, tag=7, array_like=True):

@@ -52,6 +52,14 @@ class Channel(Protocol):
         """Arena slot ``k`` is free again (its chunk acknowledged, or its worker gone)."""
         ...
 
+    def reserve(self) -> int:
+        """A free arena slot for a routed part another worker will write, or -1."""
+        ...
+
+    def read(self, k: int, size: int) -> bytes:
+        """A copy of the ``size`` bytes in arena slot ``k``."""
+        ...
+
 
 class Ledger:
     """Per-worker queues and windows of chunks, and the operations they belong to."""
@@ -136,10 +144,11 @@ class Ledger:
                 break
             op = e.op
             if op.done():  # its operation was failed meanwhile
+                self.unslot(i, e)  # a routed part already in this worker's arena
                 continue
             plan = op.plan
             assert plan is not None
-            if e.payload is None:
+            if e.payload is None and e.slot < 0:
                 e.payload = plan.encode(e)
                 e.items = None
                 if e.payload is None:  # nothing left to send: every item failed to encode
@@ -151,11 +160,17 @@ class Ledger:
                 self.suspect[i] = e.id
             whole = e.part_pos is None  # not a part another worker routed: as planned
             # the payload goes through shared memory when it fits a slot; the slot is
-            # freed at the ack or when the worker is gone (take_back), never before
-            k = e.slot = ch.place(e.payload)
+            # freed at the ack or when the worker is gone (take_back), never before. A
+            # routed part is there already: its router wrote it into the slot its range
+            # reserved (see reserve)
+            if e.slot < 0:
+                k = e.slot = ch.place(e.payload)
+                e.size = len(e.payload) if k >= 0 else 0
+            k = e.slot
+            route = plan.route if whole else 0
             msg = Chunk(
                 e.id, e.payload if k < 0 else b"", op.events is not None, e.attempt, plan.ndjson, op.id,
-                plan.route if whole else 0, not whole, k, len(e.payload) if k >= 0 else 0,
+                route, not whole, k, e.size, self.reserve(i, e) if route > 1 and k >= 0 else [],
             )
             if not ch.send(msg):
                 break  # no channel (the worker is going): take_back() finds the chunk
@@ -169,6 +184,7 @@ class Ledger:
         if e is None:
             return False
         self.unslot(i, e)
+        self.unreserve(e)  # a range that failed before it routed: no Routed came
         if self.suspect[i] == ack.id:
             self.suspect[i] = 0
         op = e.op
@@ -191,6 +207,31 @@ class Ledger:
         self.complete(e)
         self.pump(i)
         return True
+
+    def reserve(self, i: int, e: Entry) -> list[int]:
+        """Slots for the parts of range ``e``, sent to worker ``i``: one in each other
+        worker's arena, which that range's router writes its part for that worker into.
+
+        They stay reserved until its Routed arrives (a slot with a part goes to the part's
+        chunk, the others are freed), or until its ack or its worker's death without one.
+        Only for a range in the arena itself: a part is never larger than its range.
+        """
+        got = [-1] * len(self.channels)
+        for j, ch in enumerate(self.channels):
+            if j != i:
+                got[j] = ch.reserve()
+        if max(got) < 0:
+            return []
+        e.reserved = got
+        return got.copy()  # the entry's list changes as the parts arrive; the message's must not
+
+    def unreserve(self, e: Entry) -> None:
+        """Free what range ``e`` still has reserved in the other workers' arenas."""
+        if e.reserved is not None:
+            for j, k in enumerate(e.reserved):
+                if k >= 0:
+                    self.channels[j].release(k)
+            e.reserved = None
 
     def unslot(self, i: int, e: Entry) -> None:
         """Give back the arena slot of ``e``'s payload: worker ``i`` acknowledged it or is gone."""
@@ -236,21 +277,32 @@ class Ledger:
         ignored, the parts of the first are already queued.
         """
         e = self.inflight[i].get(msg.id)
-        if e is None or e.op.done() or e.op.parts is None:
+        if e is None:  # taken back (its worker died): its reservations were freed then
+            return
+        reserved, e.reserved = e.reserved, None
+        if e.op.done() or e.op.parts is None or e.op.parts[e.lo].own is not None:
+            e.reserved = reserved
+            self.unreserve(e)
             return
         part = e.op.parts[e.lo]
-        if part.own is not None:
-            return
         part.lines = msg.lines
         # arrays, not lists: no Python int per line in the supervisor (read only on
         # errors, returned events or a failure)
         part.own = array("I", msg.own)
         op = e.op
         for p in msg.parts:
-            child = Entry(next(self.planner.ids), op, p.worker, None, e.lo, e.lo, 0, 0, p.payload)
+            child = Entry(next(self.planner.ids), op, p.worker, None, e.lo, e.lo, 0, 0, p.payload or None)
             child.part_pos = array("I", p.positions)
+            if p.slot >= 0:  # written by the router into the slot reserved in its owner's arena
+                if reserved is None or reserved[p.worker] != p.slot:
+                    raise RuntimeError(f"worker {i} wrote a part into slot {p.slot} of worker {p.worker}'s "
+                                       f"arena, which range {e.id} had not reserved")
+                reserved[p.worker] = -1
+                child.slot, child.size = p.slot, p.size
             op.chunks_left += 1
             self.queues[p.worker].append(child)
+        e.reserved = reserved
+        self.unreserve(e)  # the slots of workers that got no part
         for p in msg.parts:
             self.pump(p.worker)
 
@@ -282,7 +334,12 @@ class Ledger:
         lost = sorted(self.inflight[i].values(), key=attrgetter("id"))
         self.inflight[i].clear()
         for e in lost:  # the process is gone: nothing reads its arena any more
+            if e.payload is None and e.slot >= 0:
+                # a routed part: its only copy is in the slot (the arena outlives the
+                # worker); kept here for its redelivery, which places it again
+                e.payload = self.channels[i].read(e.slot, e.size)
             self.unslot(i, e)
+            self.unreserve(e)  # its router is gone: what it wrote there is not a part
         self.suspect[i] = 0
         return lost
 

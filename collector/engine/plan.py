@@ -55,8 +55,8 @@ class Entry:
     """
 
     __slots__ = (
-        "_positions", "attempt", "hi", "id", "items", "lo", "n", "offset", "op", "part_pos", "payload", "sent_at", "slot",
-        "worker",
+        "_positions", "attempt", "hi", "id", "items", "lo", "n", "offset", "op", "part_pos", "payload", "reserved",
+        "sent_at", "size", "slot", "worker",
     )
 
     def __init__(
@@ -85,6 +85,10 @@ class Entry:
         self.sent_at = 0.0
         self.part_pos: Sequence[int] | None = None  # a routed part: its events' lines in range ``lo``
         self.slot = -1  # while sent: the worker's arena slot holding the payload (-1: inline)
+        self.size = 0  # the payload's bytes in that slot
+        # a shard="key" range while its router holds it: per worker, the slot reserved in
+        # that worker's arena for its part (-1: none)
+        self.reserved: list[int] | None = None
 
     @property
     def positions(self) -> list[int]:
@@ -254,8 +258,8 @@ class Planner:
         also what admission (``max_inflight``) counts.
 
         ``shard="key"``: whichever worker takes a range routes it: it keeps
-        the events whose key it owns and hands the others to their owners through the
-        supervisor, as parts (:meth:`Ledger.on_routed`). Keys never touch this thread.
+        the events whose key it owns and hands the others to their owners, as parts
+        (:meth:`Ledger.on_routed`). Keys never touch this thread.
         """
         end = len(body)
         while end > start and body[end - 1] in b" \t\r\n":  # trailing blanks: a few bytes

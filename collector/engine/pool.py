@@ -146,6 +146,15 @@ class WorkerSlot:
         if self.arena is not None:
             self.arena.free(k)
 
+    def reserve(self) -> int:
+        """A free arena slot for a part another worker will write, or -1."""
+        return self.arena.take() if self.arena is not None else -1
+
+    def read(self, k: int, size: int) -> bytes:
+        """A copy of the ``size`` bytes in arena slot ``k``."""
+        assert self.arena is not None
+        return bytes(self.arena.view(k, size))
+
     def send(self, msg: Any) -> bool:
         """Queue a frame on the channel (flushed once per loop iteration)."""
         if self.out is None:
@@ -190,8 +199,9 @@ class WorkerPool:
         """Spawn every worker (ready later: see ``all_ready``)."""
         self.block = block
         self.loop = loop
-        for w in self.slots:
+        for w in self.slots:  # all first: each worker maps the others' (routed parts)
             w.arena = self.make_arena()
+        for w in self.slots:
             self.spawn(w)
 
     def make_arena(self) -> PayloadArena | None:
@@ -234,6 +244,8 @@ class WorkerPool:
             sock=theirs,
             shm_name=self.block.name,
             arena=(w.arena.name, w.arena.slots, w.arena.slot_bytes) if w.arena is not None else None,
+            peers=[(o.arena.name, o.arena.slots, o.arena.slot_bytes) if o.arena is not None and o is not w else None
+                   for o in self.slots],
             nworkers=len(self.slots),
             pipeline=self.pipeline,
             parent_pid=os.getpid(),

@@ -64,9 +64,11 @@ class WorkerLoop:
         parent_pid: int,
         heartbeat_interval: float,
         arena: PayloadArena | None = None,
+        peers: list[PayloadArena | None] | None = None,
     ) -> None:
         self.sock = sock
         self.arena = arena
+        self.peers = peers or []
         self.pipeline = pipeline
         self.slot = slot
         self.index = index
@@ -83,7 +85,8 @@ class WorkerLoop:
         self.writer = writer
         self.out = FrameWriter(writer.transport)
         try:
-            self.runner = PipelineRunner(self.pipeline, self.slot, self.index, self.out.send_now, self.arena)
+            self.runner = PipelineRunner(self.pipeline, self.slot, self.index, self.out.send_now, self.arena,
+                                         self.peers)
             await self.runner.open()
         except Exception as e:  # every boot failure is reported, then we exit
             writer.write(

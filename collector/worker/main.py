@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import stats as S
 from ..arena import PayloadArena
@@ -44,6 +44,9 @@ class WorkerSpec:
     heartbeat_interval: float
     log_level: int
     arena: tuple[str, int, int] | None = None  # the payload arena: name, slots, slot bytes
+    # the other workers' arenas, by worker index (None: its own, or none): a routed part
+    # is written straight into the slot its range reserved in its owner's arena
+    peers: list[tuple[str, int, int] | None] = field(default_factory=list)
 
 
 def _die_with_parent() -> None:
@@ -80,6 +83,7 @@ def worker_main(spec: WorkerSpec) -> None:
     if spec.arena is not None:
         name, slots, slot_bytes = spec.arena
         arena = PayloadArena(slots, slot_bytes, name, create=False)
+    peers = [PayloadArena(p[1], p[2], p[0], create=False) if p is not None else None for p in spec.peers]
     slot = block.slots[spec.index]
     slot.set(S.PID, os.getpid())
     slot.setf(S.STARTED, time.monotonic())
@@ -91,14 +95,15 @@ def worker_main(spec: WorkerSpec) -> None:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             code = runner.run(
                 WorkerLoop(spec.sock, spec.pipeline, slot, spec.index, spec.parent_pid, spec.heartbeat_interval,
-                           arena).main()
+                           arena, peers).main()
             )
     finally:
         slot.set(S.READY, 0)
         del slot
         block.close()
-        if arena is not None:
-            arena.close()
+        for a in [arena, *peers]:
+            if a is not None:
+                a.close()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -34,6 +34,7 @@ from typing import Any
 
 import msgspec
 
+from ..arena import PayloadArena
 from ..pipeline import ShardMap
 from ..protocol import Chunk, ErrorRecord, Message, Routed, RoutedPart
 
@@ -79,7 +80,8 @@ class RangeRouter:
     """Splits the events of a range by owner; remembers the lines it answers for."""
 
     def __init__(self, key: str, worker: int, send: Callable[[Message], None],
-                 event_type: Any = None, decode_array: Callable[[bytes], list[Any]] | None = None) -> None:
+                 event_type: Any = None, decode_array: Callable[[bytes], list[Any]] | None = None,
+                 peers: Sequence[PayloadArena | None] = ()) -> None:
         self.key = key
         self.keyget = attrgetter(key)
         self.worker = worker
@@ -88,6 +90,7 @@ class RangeRouter:
         # the native router, when the key's type allows it and the array decoder is given
         self.native = native_key(event_type, key) if decode_array is not None else None
         self.decode_array = decode_array
+        self.peers = peers
         self.shards = ShardMap(1)  # key → owner, sized per range's worker count
         # routed range id → the lines this worker answers for, until its ack (see
         # PipelineRunner.fail: a failed range fails only these, the parts are elsewhere)
@@ -111,8 +114,19 @@ class RangeRouter:
             return None  # an invalid line of mine: the Python way reports it where it was
         pos = array("I", own_pos).tolist()
         self.own_lines[chunk.id] = pos
-        self.send(Routed(chunk.id, lines, own_pos, [RoutedPart(w, p, ps) for w, p, ps in parts]))
+        self.send(Routed(chunk.id, lines, own_pos, [self.part(chunk, w, p, ps) for w, p, ps in parts]))
         return events, pos
+
+    def part(self, chunk: Chunk, w: int, payload: bytes, positions: bytes) -> RoutedPart:
+        """Worker ``w``'s part: written into the slot the range reserved in ``w``'s arena,
+        else inline (the supervisor places it). The Routed that names the slot is sent
+        after the write: the owner reads it only once the supervisor has that message."""
+        k = chunk.reserved[w] if chunk.reserved else -1
+        arena = self.peers[w] if w < len(self.peers) else None
+        if k < 0 or arena is None or len(payload) > arena.slot_bytes:
+            return RoutedPart(w, payload, positions)
+        arena.write(k, payload)
+        return RoutedPart(w, b"", positions, k, len(payload))
 
     def route(
         self, chunk: Chunk, events: list[Any], kept: list[int] | None, errors: list[ErrorRecord]
@@ -147,7 +161,7 @@ class RangeRouter:
                 for w, mask in masks:
                     evs = list(compress(events, mask))
                     if evs:
-                        parts.append(RoutedPart(w, self.encode_lines(evs), array("I", compress(pos, mask)).tobytes()))
+                        parts.append(self.part(chunk, w, self.encode_lines(evs), array("I", compress(pos, mask)).tobytes()))
         # the lines this worker answers for: its events and the lines that did not decode
         own = self.own_lines[chunk.id] = sorted(own_pos + [r.pos for r in errors]) if errors else own_pos
         self.send(Routed(chunk.id, len(events) + len(errors), array("I", own).tobytes(), parts))

@@ -83,7 +83,7 @@ class PipelineRunner:
     """
 
     def __init__(self, pipeline: Pipeline | str, slot: S.Slot, worker: int, send: Callable[[Message], None],
-                 arena: PayloadArena | None = None) -> None:
+                 arena: PayloadArena | None = None, peers: list[PayloadArena | None] | None = None) -> None:
         self.slot = slot
         self.arena = arena
         self.worker = worker
@@ -99,7 +99,8 @@ class PipelineRunner:
         self.decode, self.items = decoder.decode, decoder.items
         self.report_keys = p.shard == "chunk"
         self.keyget = attrgetter(p.key)
-        self.router = RangeRouter(p.key, worker, send, T, decoder.dec.decode)  # shard="key" NDJSON ranges
+        # shard="key" NDJSON ranges; parts go into their owners' arenas (peers) when reserved
+        self.router = RangeRouter(p.key, worker, send, T, decoder.dec.decode, peers or [])
         self.enc = msgspec.json.Encoder()
         self.executor = ThreadPoolExecutor(p.blocking_threads, thread_name_prefix="collector-blocking")
         client = p.client

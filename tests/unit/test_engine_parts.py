@@ -183,6 +183,12 @@ class FakeChannel:
     def release(self, k: int) -> None:
         self.arena.free(k)
 
+    def reserve(self) -> int:
+        return self.arena.take()
+
+    def read(self, k: int, size: int) -> bytes:
+        return bytes(self.arena.view(k, size))
+
     def payload(self, msg: Any) -> bytes:
         """What the worker reads for ``msg``: inline, or its arena slot."""
         return msg.payload if msg.slot < 0 else bytes(self.arena.view(msg.slot, msg.size))
@@ -460,3 +466,146 @@ def test_shard_map_hashes_many_keys_as_one_at_a_time() -> None:
         mixed = [*texts[:10], 5, None, 2.5, ("t",)]
         assert sm.of_many(mixed) == [sm.of(k) for k in mixed]
         assert sm.of_many([]) == []
+
+
+# ------------------------------------------- routed parts through the owners' arenas
+def ndjson_feed(ledger: Ledger, planner: Planner, adm: Admission, n: int) -> Any:
+    body = b"\n".join(msgspec.json.encode(e) for e in events(n))
+    op = planner.prepare(body, False)
+    assert adm.try_admit(op.total)
+    for per_worker, shared in planner.cut(op):
+        ledger.enqueue(op, per_worker, shared)
+    return op
+
+
+def route(ledger: Ledger, chans: list[FakeChannel], i: int, msg: Any, into_slot: bool = True) -> dict[int, bytes]:
+    """What a worker does with a shard="key" range: the other owner's lines go into the
+    slot the range reserved in that owner's arena (or inline), then the Routed."""
+    from array import array
+
+    from collector.pipeline import ShardMap
+    from collector.protocol import Routed, RoutedPart
+
+    lines = chans[i].payload(msg).split(b"\n")
+    owner = [ShardMap(2).of(msgspec.json.decode(ln)["user"]) for ln in lines]
+    own = array("I", [p for p, w in enumerate(owner) if w == i]).tobytes()
+    parts, written = [], {}
+    for j in (0, 1):
+        if j == i or j not in owner:
+            continue
+        pos = [p for p, w in enumerate(owner) if w == j]
+        payload = b"\n".join(lines[p] for p in pos)
+        k = msg.reserved[j] if msg.reserved else -1
+        if into_slot and k >= 0:
+            chans[j].arena.write(k, payload)
+            parts.append(RoutedPart(j, b"", array("I", pos).tobytes(), k, len(payload)))
+        else:
+            parts.append(RoutedPart(j, payload, array("I", pos).tobytes()))
+        written[j] = payload
+    ledger.on_routed(i, Routed(msg.id, len(lines), own, parts))
+    return written
+
+
+def ack_routed(ledger: Ledger, chans: list[FakeChannel], op: Any) -> Any:
+    """Acknowledge every routed range (its own lines) and part (its lines) until ``op`` is done."""
+    for _ in range(100):
+        if op.done():
+            break
+        for i, c in enumerate(chans):
+            for msg in list(c.sent):
+                e = ledger.inflight[i].get(msg.id)
+                if e is not None:
+                    own = e.part_pos if e.part_pos is not None else op.parts[e.lo].own
+                    ledger.on_ack(i, ack(msg, len(own)))
+    return op.result()
+
+
+def part_ledger() -> tuple[Ledger, list[FakeChannel], Admission, Planner]:
+    chans = [FakeChannel(4), FakeChannel(4)]
+    adm = Admission(1_000_000, lambda: None)
+    planner = Planner(PIPE, 2, 8)  # key mode: ranges of about 8 lines
+    return Ledger(chans, 4, 3, adm, events_decoder(Ev), planner), chans, adm, planner
+
+
+def range_msgs(chans: list[FakeChannel]) -> list[tuple[int, Any]]:
+    return [(i, m) for i, c in enumerate(chans) for m in c.sent if m.route]
+
+
+def test_a_router_writes_each_part_into_the_slot_its_range_reserved_in_the_owner_s_arena() -> None:
+    ledger, chans, adm, planner = part_ledger()
+    op = ndjson_feed(ledger, planner, adm, 16)
+    ranges = range_msgs(chans)
+    assert len(ranges) == 2 and {i for i, _ in ranges} == {0, 1}
+    for i, m in ranges:  # each range holds a slot in the other worker's arena
+        assert m.slot >= 0 and m.reserved[1 - i] >= 0 and m.reserved[i] == -1
+    assert [c.arena.free_count() for c in chans] == [2, 2]  # 1 range + 1 reservation each
+    written = {i: route(ledger, chans, i, m) for i, m in ranges}
+    for i, m in ranges:
+        j = 1 - i
+        (child,) = [c for c in chans[j].sent if c.part and c.slot == m.reserved[j]]
+        # sent without a copy in the supervisor: the bytes the router wrote, where it wrote them
+        assert child.payload == b"" and chans[j].payload(child) == written[i][j]
+        assert child.ndjson and not child.route
+    res = ack_routed(ledger, chans, op)
+    assert res.handled_events == 16 and res.failed_events == 0 and adm.inflight == 0
+    assert [c.arena.free_count() for c in chans] == [4, 4]
+
+
+def test_reservations_without_a_part_are_freed_at_the_routed_and_inline_parts_still_go() -> None:
+    ledger, chans, adm, planner = part_ledger()
+    op = ndjson_feed(ledger, planner, adm, 16)
+    (i, m), (i2, m2) = range_msgs(chans)
+    route(ledger, chans, i, m, into_slot=False)  # the Python router may send its parts inline
+    assert chans[1 - i].arena.free_count() == 2  # the unused reservation went back, the part took a slot
+    route(ledger, chans, i2, m2)
+    res = ack_routed(ledger, chans, op)
+    assert res.handled_events == 16 and [c.arena.free_count() for c in chans] == [4, 4]
+
+
+def test_a_router_s_death_frees_its_reservations_and_its_redelivery_does_not_route_twice() -> None:
+    ledger, chans, adm, planner = part_ledger()
+    op = ndjson_feed(ledger, planner, adm, 16)
+    (i, m), (i2, m2) = range_msgs(chans)
+    j = 1 - i
+    route(ledger, chans, i2, m2)
+    # router i dies before its Routed: what it may have written is not a part
+    ledger.requeue(i, ledger.take_back(i), "killed by SIGKILL")
+    assert chans[j].arena.free_count() == 3  # only j's own range holds a slot there now
+    chans[i].sent.clear()
+    ledger.pump(i)
+    (again,) = [x for x in chans[i].sent if x.route]
+    assert again.id == m.id and again.attempt == 1 and again.reserved[j] >= 0
+    written = route(ledger, chans, i, again)
+    # and it dies after routing: the parts are queued already, the redelivery's Routed is ignored
+    ledger.requeue(i, ledger.take_back(i), "killed by SIGKILL")
+    chans[i].sent.clear()
+    ledger.pump(i)
+    (third,) = [x for x in chans[i].sent if x.route]
+    before = chans[j].arena.free_count()
+    route(ledger, chans, i, third)
+    assert chans[j].arena.free_count() == before + 1  # its reservation freed, no second part
+    parts = [x for x in chans[j].sent if x.part]
+    assert sum(chans[j].payload(x) == written.get(j) for x in parts) == 1
+    res = ack_routed(ledger, chans, op)
+    assert res.handled_events == 16 and res.failed_events == 0  # each event once
+    assert [c.arena.free_count() for c in chans] == [4, 4]
+
+
+def test_an_owner_s_death_keeps_a_part_that_was_only_in_its_arena() -> None:
+    ledger, chans, adm, planner = part_ledger()
+    op = ndjson_feed(ledger, planner, adm, 16)
+    written = {i: route(ledger, chans, i, m) for i, m in range_msgs(chans)}
+    i = next(iter(written))
+    j = 1 - i
+    assert j in written[i]
+    ledger.requeue(j, ledger.take_back(j), "killed by SIGKILL")  # the owner dies holding the part
+    assert chans[j].arena.free_count() == 4  # the part's slot too: it was copied out first
+    chans[j].arena.write(0, b"x" * 64)  # its slots are reused: the part must not depend on them
+    seen: list[bytes] = []  # what the replacement reads for each part, when it is sent
+    send = chans[j].send
+    chans[j].send = lambda msg: (seen.append(chans[j].payload(msg)) if msg.part else None, send(msg))[1]  # type: ignore[method-assign]
+    ledger.pump(j)
+    res = ack_routed(ledger, chans, op)
+    assert seen == [written[i][j]]
+    assert res.handled_events == 16 and res.failed_events == 0
+    assert [c.arena.free_count() for c in chans] == [4, 4]
