@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 
+from ..arena import SLOT_BYTES
 from ..errors import InvalidInput
 from ..pipeline import Pipeline, ShardMap, event_type_name
 from ..results import ErrorItem
@@ -259,7 +260,11 @@ class Planner:
 
         ``shard="key"``: whichever worker takes a range routes it: it keeps
         the events whose key it owns and hands the others to their owners, as parts
-        (:meth:`Ledger.on_routed`). Keys never touch this thread.
+        (:meth:`Ledger.on_routed`). Keys never touch this thread. A range then holds
+        about ``chunk_size`` lines per worker, so that what each worker runs as one chunk
+        (its share of a range) is about ``chunk_size`` events, as in ``shard="chunk"``
+        (2048-line ranges made 1024-event chunks: 7 % slower, from the per-chunk costs);
+        but no more than fits a payload arena slot.
         """
         end = len(body)
         while end > start and body[end - 1] in b" \t\r\n":  # trailing blanks: a few bytes
@@ -267,6 +272,8 @@ class Planner:
         probe = body[start : start + (1 << 16)]
         avg = max(1, len(probe) // (probe.count(b"\n") + 1))
         step = max(1, avg * self.chunk_size)
+        if not self.chunked and self.nworkers > 1:
+            step = max(step, min(step * self.nworkers, SLOT_BYTES * 3 // 4))
         slices: list[tuple[int, int]] = []
         find = body.find
         first = start

@@ -523,7 +523,7 @@ def ack_routed(ledger: Ledger, chans: list[FakeChannel], op: Any) -> Any:
 def part_ledger() -> tuple[Ledger, list[FakeChannel], Admission, Planner]:
     chans = [FakeChannel(4), FakeChannel(4)]
     adm = Admission(1_000_000, lambda: None)
-    planner = Planner(PIPE, 2, 8)  # key mode: ranges of about 8 lines
+    planner = Planner(PIPE, 2, 4)  # key mode: ranges of about 4 lines per worker
     return Ledger(chans, 4, 3, adm, events_decoder(Ev), planner), chans, adm, planner
 
 
