@@ -609,7 +609,9 @@ def test_store_outage_backpressure_then_drain(store: Store) -> None:
                 assert r.handled_events == batch
             acked = {e.id for i, op in enumerate(ops) if op.done() for e in sent[i * batch : (i + 1) * batch]}
             assert acked <= held, f"{len(acked - held)} events acknowledged but not stored"
-            assert c.inflight_events > limit - batch
+            # the bound stays nearly full: only a batch whose last chunk the store took
+            # just before the cut may finish after the refusal (seen once in CI load)
+            assert c.inflight_events > limit - 2 * batch
             proxy.restore()
             results = [op.wait(timeout=60) for op in ops]
             assert all(r.handled_events == batch and r.failed_events == 0 for r in results)
