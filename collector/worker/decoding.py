@@ -54,7 +54,10 @@ class ChunkDecoder:
         """
         buf = self.scratch
         buf[1:] = payload  # after the "[": resized in place, its capacity kept
-        buf.append(0x5D)  # ]
+        if buf[-1] == 0x0A:  # a last line's newline (msgspec's encode_lines ends so) is no
+            buf[-1] = 0x5D  # item: "[a,b,]" would fail the fast parse and go line by line
+        else:
+            buf.append(0x5D)  # ]
         return buf.replace(b"\n", b",")
 
     def decode(self, payload: bytes | memoryview,

@@ -163,3 +163,16 @@ def test_bad_arguments_are_a_value_error_not_a_crash() -> None:
         keyroute.split(b"{}", b'"k"', 2, 2, 1)
     assert keyroute.split(b"", b'"k"', 2, 1, 1) == (0, b"[]", b"", [])
     assert keyroute.split(memoryview(b'{"k":"a"}'), b'"k"', 1, 0, 1) == (1, b'[{"k":"a"}]', array("I", [0]).tobytes(), [])
+
+
+def test_a_part_encoded_by_the_python_router_parses_in_one_pass() -> None:
+    """msgspec's encode_lines ends with a newline: the array form must not get "[a,b,]"
+    (valid events would then be parsed one by one, 2.5x slower)."""
+    from collector.worker.decoding import ChunkDecoder
+
+    evs = [Ev(f"u{i}", i) for i in range(3)]
+    d = ChunkDecoder(Ev)
+    lines = msgspec.json.Encoder().encode_lines(evs)
+    assert bytes(d.as_array(lines)) == b"[" + b",".join(msgspec.json.encode(e) for e in evs) + b"]"
+    assert bytes(d.as_array(lines[:-1])) == bytes(d.as_array(lines))
+    assert d.decode(lines, True) == (evs, None, [])
