@@ -28,6 +28,7 @@ from engine_clients import (
     Flaky,
     Immediate,
     KillsOn,
+    KillsOnceOn,
     SlowAsync,
     SlowBlocking,
     TooSlow,
@@ -618,6 +619,32 @@ def test_key_sharded_ndjson_survives_a_router_death_after_it_routed(tmp_path: Pa
     assert res.handled_events == 6000 and res.failed_events == 0
     assert [e.id for e in res.events] == [e.id for e in events]
     assert st.worker_restarts == 1 and st.received_events == 6000
+
+
+def test_key_sharded_ndjson_survives_an_owner_death_with_parts_in_its_arena(tmp_path: Path) -> None:
+    """A worker dies in the middle of a batch while the other keeps routing parts into its
+    arena: the parts it held are sent again (from copies the supervisor took before it
+    freed their slots), the parts routed to it meanwhile wait in their slots for its
+    replacement. Every event is stored once, in order, nothing lost."""
+    events = generate_events(60_000, users=400, seed=23)
+    late = "user-late"
+    for i in range(36_000, 60_000, 977):  # a key first seen well into the batch
+        events[i].user_id = late
+    body = b"\n".join(msgspec.json.encode(e) for e in events)
+    client = KillsOnceOn(late, marker_path(tmp_path, "owner"))
+    # a small window: a worker's window holds its parts beside the ranges it routes (with
+    # the copy before the free removed, this fails in about 2 runs of 3; the ledger's unit
+    # test of the same case fails every time)
+    with Collector(playback_pipeline(client), workers=2, chunk_size=500, window=3, heartbeat_timeout=1.5) as c:
+        res = c.handle(body, return_events=True).wait(timeout=60)
+        again = c.handle(body).wait(timeout=60)
+        st = c.stats()
+    assert os.path.exists(marker_path(tmp_path, "owner")), "the crash did not happen"
+    assert res.handled_events == 60_000 and res.failed_events == 0 and not res.errors
+    assert [e.id for e in res.events] == [e.id for e in events]
+    assert all(e.region == region_of(e.user_id) for e in res.events)
+    assert again.handled_events == 60_000 and again.failed_events == 0
+    assert st.worker_restarts == 1 and st.redelivered_chunks >= 1 and st.received_events == 120_000
 
 
 def test_key_sharded_ndjson_answers_a_routed_part_s_drops_at_their_input_index() -> None:

@@ -106,6 +106,19 @@ class KillsOn:
         return model_of(device_type), 0.0
 
 
+class KillsOnceOn(Crasher):
+    """SIGKILLs its worker the first time (over all workers) it is asked for ``user_id``."""
+
+    def __init__(self, user_id: str, marker: str) -> None:
+        super().__init__("sigkill", marker)
+        self.user_id = user_id
+
+    async def get_region(self, user_id: str) -> tuple[str, float]:
+        if user_id == self.user_id and self._first():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return region_of(user_id), 0.0
+
+
 class Flaky:
     """Fails the first ``fail_times`` calls for each key (per process), then answers."""
 
