@@ -10,6 +10,7 @@ import itertools
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -209,15 +210,17 @@ def ack(chunk: Any, n: int, errors: list[ErrorRecord] | None = None) -> Ack:
     return Ack(chunk.id, n - len(errs), len(errs), errs, ChunkSummary(counts={}, lookups={}))
 
 
-def ledger_with(window: int, max_attempts: int = 3) -> tuple[Ledger, list[FakeChannel], Admission, Planner]:
+def ledger_with(window: int, max_attempts: int = 3,
+                chunk_size: int = 2) -> tuple[Ledger, list[FakeChannel], Admission, Planner]:
     chans = [FakeChannel(window), FakeChannel(window)]
     adm = Admission(1_000_000, lambda: None)
-    planner = Planner(PIPE, 2, 2)
+    planner = Planner(PIPE, 2, chunk_size)
     return Ledger(chans, window, max_attempts, adm, events_decoder(Ev), planner), chans, adm, planner
 
 
-def ack_all(ledger: Ledger, chans: list[FakeChannel], op: Any) -> Any:
-    """Acknowledge every chunk sent, and those the acks free, until ``op`` is done (bounded)."""
+def ack_all(ledger: Ledger, chans: list[FakeChannel], op: Any, handled: Callable[[Any], int] | None = None) -> Any:
+    """Acknowledge every chunk sent, and those the acks free, until ``op`` is done (bounded);
+    ``handled(entry)``: the events each ack counts (default: the entry's)."""
     for _ in range(100):
         if op.done():
             break
@@ -225,7 +228,7 @@ def ack_all(ledger: Ledger, chans: list[FakeChannel], op: Any) -> Any:
             for msg in list(c.sent):
                 e = ledger.inflight[i].get(msg.id)
                 if e is not None:
-                    ledger.on_ack(i, ack(msg, e.n))
+                    ledger.on_ack(i, ack(msg, handled(e) if handled else e.n))
     return op.result()
 
 
@@ -507,24 +510,12 @@ def route(ledger: Ledger, chans: list[FakeChannel], i: int, msg: Any, into_slot:
 
 
 def ack_routed(ledger: Ledger, chans: list[FakeChannel], op: Any) -> Any:
-    """Acknowledge every routed range (its own lines) and part (its lines) until ``op`` is done."""
-    for _ in range(100):
-        if op.done():
-            break
-        for i, c in enumerate(chans):
-            for msg in list(c.sent):
-                e = ledger.inflight[i].get(msg.id)
-                if e is not None:
-                    own = e.part_pos if e.part_pos is not None else op.parts[e.lo].own
-                    ledger.on_ack(i, ack(msg, len(own)))
-    return op.result()
+    """:func:`ack_all` for routed ranges (their own lines) and parts (their lines)."""
+    return ack_all(ledger, chans, op, lambda e: len(e.part_pos if e.part_pos is not None else op.parts[e.lo].own))
 
 
 def part_ledger() -> tuple[Ledger, list[FakeChannel], Admission, Planner]:
-    chans = [FakeChannel(4), FakeChannel(4)]
-    adm = Admission(1_000_000, lambda: None)
-    planner = Planner(PIPE, 2, 4)  # key mode: ranges of about 4 lines per worker
-    return Ledger(chans, 4, 3, adm, events_decoder(Ev), planner), chans, adm, planner
+    return ledger_with(window=4, chunk_size=4)  # key mode: ranges of about 4 lines per worker
 
 
 def range_msgs(chans: list[FakeChannel]) -> list[tuple[int, Any]]:
