@@ -279,11 +279,14 @@ class Ledger:
         e = self.inflight[i].get(msg.id)
         if e is None:  # taken back (its worker died): its reservations were freed then
             return
-        reserved, e.reserved = e.reserved, None
         if e.op.done() or e.op.parts is None or e.op.parts[e.lo].own is not None:
-            e.reserved = reserved
             self.unreserve(e)
             return
+        reserved = e.reserved
+        for p in msg.parts:  # checked before anything changes: a wrong slot is a bug
+            if p.slot >= 0 and (reserved is None or reserved[p.worker] != p.slot):
+                raise RuntimeError(f"worker {i} wrote a part into slot {p.slot} of worker {p.worker}'s "
+                                   f"arena, which range {e.id} had not reserved")
         part = e.op.parts[e.lo]
         part.lines = msg.lines
         # arrays, not lists: no Python int per line in the supervisor (read only on
@@ -293,15 +296,11 @@ class Ledger:
         for p in msg.parts:
             child = Entry(next(self.planner.ids), op, p.worker, None, e.lo, e.lo, 0, 0, p.payload or None)
             child.part_pos = array("I", p.positions)
-            if p.slot >= 0:  # written by the router into the slot reserved in its owner's arena
-                if reserved is None or reserved[p.worker] != p.slot:
-                    raise RuntimeError(f"worker {i} wrote a part into slot {p.slot} of worker {p.worker}'s "
-                                       f"arena, which range {e.id} had not reserved")
-                reserved[p.worker] = -1
+            if reserved is not None and p.slot >= 0:  # the router wrote it into its owner's arena
+                reserved[p.worker] = -1  # the part's chunk holds that slot now
                 child.slot, child.size = p.slot, p.size
             op.chunks_left += 1
             self.queues[p.worker].append(child)
-        e.reserved = reserved
         self.unreserve(e)  # the slots of workers that got no part
         for p in msg.parts:
             self.pump(p.worker)
