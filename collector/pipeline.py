@@ -309,6 +309,21 @@ def event_structs(event_type: Any) -> tuple[type[msgspec.Struct], ...]:
     raise ConfigError(f"an event type is a msgspec Struct or a tagged union of Structs (got {event_type!r})")
 
 
+def struct_field(struct: Any, name: str) -> tuple[Any, tuple[Any, ...]] | None:
+    """Struct field ``name`` as ``msgspec.inspect`` describes it, with the types it accepts
+    (a union's members, each unwrapped from ``Annotated`` metadata); None when the
+    Struct has no such field."""
+    info = msgspec.inspect.type_info(struct)
+    for f in getattr(info, "fields", ()):
+        if f.name == name:
+            # Annotated[..., Meta(description=...)] comes wrapped in Metadata: around the
+            # whole union, or around one member
+            t = f.type.type if isinstance(f.type, msgspec.inspect.Metadata) else f.type
+            options = t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)
+            return f, tuple(o.type if isinstance(o, msgspec.inspect.Metadata) else o for o in options)
+    return None
+
+
 def event_fields(event_type: Any) -> tuple[str, ...]:
     """The top-level fields every event of ``event_type`` has, in declaration order.
 

@@ -116,7 +116,7 @@ class Collector(Reads):
             # each other worker's ranges also reserve a slot here for their part to this
             # one (which then waits in it until this worker has room). A larger window
             # than the arena's cap, or a full arena, sends the rest inline
-            arena_slots=min(window * (1 if self.pipeline.shard == "chunk" else n), MAX_SLOTS),
+            arena_slots=min(window * (1 if self.planner.chunked else n), MAX_SLOTS),
         )
         self.ledger = Ledger(
             self.pool.slots, window, max_attempts, self.admission, events_decoder(self.pipeline.event_type),

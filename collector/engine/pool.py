@@ -243,9 +243,8 @@ class WorkerPool:
             cpu=w.cpu,
             sock=theirs,
             shm_name=self.block.name,
-            arena=(w.arena.name, w.arena.slots, w.arena.slot_bytes) if w.arena is not None else None,
-            peers=[(o.arena.name, o.arena.slots, o.arena.slot_bytes) if o.arena is not None and o is not w else None
-                   for o in self.slots],
+            arenas=[(o.arena.name, o.arena.slots, o.arena.slot_bytes) if o.arena is not None else None
+                    for o in self.slots],
             nworkers=len(self.slots),
             pipeline=self.pipeline,
             parent_pid=os.getpid(),

@@ -33,6 +33,7 @@ class ChunkDecoder:
     """Decoders of one event type: a chunk at once, one item, raw items."""
 
     def __init__(self, event_type: Any) -> None:
+        self.event_type = event_type
         self.dec = msgspec.json.Decoder(list[event_type])
         self.dec_one = msgspec.json.Decoder(event_type)
         self.dec_raw = msgspec.json.Decoder(list[msgspec.Raw])

@@ -136,6 +136,12 @@ static const unsigned char *skip_value(const unsigned char *p, const unsigned ch
     return p;
 }
 
+/* The owner of a line without the key member: repr(None)'s, when None is the field's
+   default; else -1 (only a decode says what the line is) */
+static int missing(int kinds, uint32_t n) {
+    return (kinds & KIND_MISSING) ? (int)(crc32_of((const unsigned char *)"None", 4) % n) : -1;
+}
+
 /* The owner of the line [p, end) (not blank), or -1 when it cannot be told here. */
 static int line_owner(const unsigned char *p, const unsigned char *end, const unsigned char *name,
                       size_t nlen, int kinds, uint32_t n) {
@@ -145,10 +151,7 @@ static int line_owner(const unsigned char *p, const unsigned char *end, const un
     for (;;) {
         p = skip_ws(p, end);
         if (p >= end) return -1;
-        if (*p == '}') { /* no key member */
-            if (kinds & KIND_MISSING) return (int)(crc32_of((const unsigned char *)"None", 4) % n);
-            return -1;
-        }
+        if (*p == '}') return missing(kinds, n); /* no key member */
         if (*p != '"') return -1;
         int esc = 0;
         const unsigned char *q = skip_string(p, end, &esc);
@@ -200,8 +203,7 @@ static int line_owner(const unsigned char *p, const unsigned char *end, const un
             p++;
             continue;
         }
-        if (*p == '}' && (kinds & KIND_MISSING)) return (int)(crc32_of((const unsigned char *)"None", 4) % n);
-        return -1;
+        return *p == '}' ? missing(kinds, n) : -1;
     }
 }
 

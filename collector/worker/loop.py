@@ -28,6 +28,7 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Sequence
 
 from .. import stats as S
 from ..arena import PayloadArena
@@ -63,12 +64,10 @@ class WorkerLoop:
         index: int,
         parent_pid: int,
         heartbeat_interval: float,
-        arena: PayloadArena | None = None,
-        peers: list[PayloadArena | None] | None = None,
+        arenas: Sequence[PayloadArena | None] = (),
     ) -> None:
         self.sock = sock
-        self.arena = arena
-        self.peers = peers or []
+        self.arenas = arenas
         self.pipeline = pipeline
         self.slot = slot
         self.index = index
@@ -85,8 +84,7 @@ class WorkerLoop:
         self.writer = writer
         self.out = FrameWriter(writer.transport)
         try:
-            self.runner = PipelineRunner(self.pipeline, self.slot, self.index, self.out.send_now, self.arena,
-                                         self.peers)
+            self.runner = PipelineRunner(self.pipeline, self.slot, self.index, self.out.send_now, self.arenas)
             await self.runner.open()
         except Exception as e:  # every boot failure is reported, then we exit
             writer.write(

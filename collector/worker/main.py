@@ -43,10 +43,9 @@ class WorkerSpec:
     parent_pid: int
     heartbeat_interval: float
     log_level: int
-    arena: tuple[str, int, int] | None = None  # the payload arena: name, slots, slot bytes
-    # the other workers' arenas, by worker index (None: its own, or none): a routed part
-    # is written straight into the slot its range reserved in its owner's arena
-    peers: list[tuple[str, int, int] | None] = field(default_factory=list)
+    # every worker's payload arena by index (name, slots, slot bytes; None: none): a worker
+    # reads its chunks from its own and writes the parts it routes into their owners'
+    arenas: list[tuple[str, int, int] | None] = field(default_factory=list)
 
 
 def _die_with_parent() -> None:
@@ -79,11 +78,9 @@ def worker_main(spec: WorkerSpec) -> None:
         except (OSError, AttributeError) as e:
             log.warning("cannot pin to CPU %s: %s", spec.cpu, e)
     block = S.StatsBlock(spec.nworkers, spec.shm_name, create=False)
-    arena = None
-    if spec.arena is not None:
-        name, slots, slot_bytes = spec.arena
-        arena = PayloadArena(slots, slot_bytes, name, create=False)
-    peers = [PayloadArena(p[1], p[2], p[0], create=False) if p is not None else None for p in spec.peers]
+    arenas: list[PayloadArena | None] = []
+    for where in spec.arenas:
+        arenas.append(PayloadArena(where[1], where[2], where[0], create=False) if where is not None else None)
     slot = block.slots[spec.index]
     slot.set(S.PID, os.getpid())
     slot.setf(S.STARTED, time.monotonic())
@@ -95,15 +92,15 @@ def worker_main(spec: WorkerSpec) -> None:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             code = runner.run(
                 WorkerLoop(spec.sock, spec.pipeline, slot, spec.index, spec.parent_pid, spec.heartbeat_interval,
-                           arena, peers).main()
+                           arenas).main()
             )
     finally:
         slot.set(S.READY, 0)
         del slot
         block.close()
-        for a in [arena, *peers]:
-            if a is not None:
-                a.close()
+        for arena in arenas:
+            if arena is not None:
+                arena.close()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -35,8 +35,9 @@ from typing import Any
 import msgspec
 
 from ..arena import PayloadArena
-from ..pipeline import ShardMap
+from ..pipeline import ShardMap, struct_field
 from ..protocol import Chunk, ErrorRecord, Message, Routed, RoutedPart
+from .decoding import ChunkDecoder
 
 try:  # built from keyroute.c at install; optional: without it, ranges route in Python
     from . import keyroute
@@ -52,14 +53,11 @@ def native_key(event_type: Any, key: str) -> tuple[bytes, int] | None:
     not a Struct, an array-like Struct, a key of another type than str, int or None)."""
     if keyroute is None or not (isinstance(event_type, type) and issubclass(event_type, msgspec.Struct)):
         return None
-    info = msgspec.inspect.type_info(event_type)
-    if not isinstance(info, msgspec.inspect.StructType) or info.array_like:
+    got = struct_field(event_type, key)
+    if got is None or event_type.__struct_config__.array_like:
         return None
-    field = next((f for f in info.fields if f.name == key), None)
-    if field is None:
-        return None
+    field, types = got
     kinds = 0
-    types = field.type.types if isinstance(field.type, msgspec.inspect.UnionType) else (field.type,)
     for t in types:
         # the value's text is what ShardMap hashes only for these (a str's own text,
         # repr() of an int or None); a UUID, a datetime or an enum decode to another repr
@@ -79,18 +77,16 @@ def native_key(event_type: Any, key: str) -> tuple[bytes, int] | None:
 class RangeRouter:
     """Splits the events of a range by owner; remembers the lines it answers for."""
 
-    def __init__(self, key: str, worker: int, send: Callable[[Message], None],
-                 event_type: Any = None, decode_array: Callable[[bytes], list[Any]] | None = None,
-                 peers: Sequence[PayloadArena | None] = ()) -> None:
+    def __init__(self, key: str, worker: int, send: Callable[[Message], None], decoder: ChunkDecoder,
+                 arenas: Sequence[PayloadArena | None]) -> None:
         self.key = key
         self.keyget = attrgetter(key)
         self.worker = worker
         self.send = send
         self.encode_lines = msgspec.json.Encoder().encode_lines
-        # the native router, when the key's type allows it and the array decoder is given
-        self.native = native_key(event_type, key) if decode_array is not None else None
-        self.decode_array = decode_array
-        self.peers = peers
+        self.native = native_key(decoder.event_type, key)  # None: the key's type needs a decode
+        self.decode_array = decoder.dec.decode
+        self.arenas = arenas  # every worker's payload arena, by index (None: it has none)
         self.shards = ShardMap(1)  # key → owner, sized per range's worker count
         # routed range id → the lines this worker answers for, until its ack (see
         # PipelineRunner.fail: a failed range fails only these, the parts are elsewhere)
@@ -107,7 +103,6 @@ class RangeRouter:
         if got is None:
             return None
         lines, own, own_pos, parts = got
-        assert self.decode_array is not None
         try:
             events = self.decode_array(own)
         except (msgspec.ValidationError, msgspec.DecodeError):
@@ -122,7 +117,7 @@ class RangeRouter:
         else inline (the supervisor places it). The Routed that names the slot is sent
         after the write: the owner reads it only once the supervisor has that message."""
         k = chunk.reserved[w] if chunk.reserved else -1
-        arena = self.peers[w] if w < len(self.peers) else None
+        arena = self.arenas[w] if w < len(self.arenas) else None
         if k < 0 or arena is None or len(payload) > arena.slot_bytes:
             return RoutedPart(w, payload, positions)
         arena.write(k, payload)

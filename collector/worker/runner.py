@@ -83,9 +83,11 @@ class PipelineRunner:
     """
 
     def __init__(self, pipeline: Pipeline | str, slot: S.Slot, worker: int, send: Callable[[Message], None],
-                 arena: PayloadArena | None = None, peers: list[PayloadArena | None] | None = None) -> None:
+                 arenas: Sequence[PayloadArena | None] = ()) -> None:
         self.slot = slot
-        self.arena = arena
+        # every worker's payload arena, by index: this worker reads its chunks from its
+        # own and writes the parts it routes into their owners'
+        self.arena = arenas[worker] if arenas else None
         self.worker = worker
         self.send = send
         self.sinkset: Any = None
@@ -99,8 +101,7 @@ class PipelineRunner:
         self.decode, self.items = decoder.decode, decoder.items
         self.report_keys = p.shard == "chunk"
         self.keyget = attrgetter(p.key)
-        # shard="key" NDJSON ranges; parts go into their owners' arenas (peers) when reserved
-        self.router = RangeRouter(p.key, worker, send, T, decoder.dec.decode, peers or [])
+        self.router = RangeRouter(p.key, worker, send, decoder, arenas)  # shard="key" NDJSON ranges
         self.enc = msgspec.json.Encoder()
         self.executor = ThreadPoolExecutor(p.blocking_threads, thread_name_prefix="collector-blocking")
         client = p.client

@@ -136,6 +136,10 @@ def test_int_keys_it_declines() -> None:
         assert keyroute.split(b'{"uid":' + v + b"}", name, 2, 0, kinds) is None, v
 
 
+class Described(msgspec.Struct):
+    k: Annotated[str | int, msgspec.Meta(description="documented keys are still plain text")]
+
+
 def test_native_key_only_for_struct_keys_whose_text_is_what_shardmap_hashes() -> None:
     class U(msgspec.Struct):
         k: uuid.UUID
@@ -151,6 +155,7 @@ def test_native_key_only_for_struct_keys_whose_text_is_what_shardmap_hashes() ->
     assert native_key(dict, "k") is None
     assert native_key(Ev, "missing") is None
     assert native_key(C, "k") == (b'"k"', keyroute.KIND_STR)
+    assert native_key(Described, "k") == (b'"k"', keyroute.KIND_STR | keyroute.KIND_INT)
     assert native_key(MaybeEv, "user_name") == (
         b'"userName"', keyroute.KIND_STR | keyroute.KIND_NONE | keyroute.KIND_MISSING
     )

@@ -27,7 +27,7 @@ import msgspec
 
 from ...errors import CollectorClosed, Overloaded
 from ...ids import new_ids
-from ...pipeline import event_structs
+from ...pipeline import event_structs, struct_field
 from ...sinks.sinkset import REFUSED
 from ..bodies import ENCODINGS, TooLarge, inflate, json_depth
 from ..protocol import Request, Response, error
@@ -114,15 +114,8 @@ def _takes_text(event_type: Any, field: str) -> bool:
 
 
 def _struct_takes_text(struct: Any, field: str) -> bool:
-    info = msgspec.inspect.type_info(struct)
-    for f in getattr(info, "fields", ()):
-        if f.name == field:
-            t = f.type
-            options = t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)
-            # Annotated[str, Meta(description=...)] comes wrapped in Metadata
-            options = tuple(o.type if isinstance(o, msgspec.inspect.Metadata) else o for o in options)
-            return any(isinstance(o, msgspec.inspect.StrType) for o in options)
-    return False
+    got = struct_field(struct, field)
+    return got is not None and any(isinstance(o, msgspec.inspect.StrType) for o in got[1])
 
 
 def _after_brace(raw: msgspec.Raw | bytes) -> memoryview:
