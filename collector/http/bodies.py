@@ -40,7 +40,9 @@ def json_depth(body: bytes, limit: int) -> int:
         if not s:
             return depth
         s = s.replace(b"()", b"")
-    return limit + 1 if s else limit
+    # limit + 1 passes and brackets were left after the first limit of them: deeper
+    # (this said `limit` when the last pass emptied it, so a body one level too deep passed)
+    return limit + 1
 
 
 # Content-Encoding → zlib wbits (None: nothing to undo). "deflate" is the zlib format
