@@ -1,18 +1,32 @@
-"""The one native part: collector.worker.keyroute, the shard="key" NDJSON router.
+"""The native parts, each an optional C extension; everything else is in pyproject.toml.
 
-Everything else is in pyproject.toml. The extension is optional: without a C compiler
-the package installs all the same and workers route NDJSON ranges in Python (slower;
-see docs/performance.md).
+- collector.worker.keyroute: the shard="key" NDJSON router (workers);
+- collector.http.batchread: the POST /events/batch reader (the daemon's supervisor).
+
+Both share collector/native/jsonscan.h. Without a C compiler the package installs all
+the same and each falls back to its Python path (slower; see docs/performance.md).
 """
 
 from setuptools import Extension, setup
+
+NATIVE = ["collector/native"]
+SHARED = ["collector/native/jsonscan.h"]
 
 setup(
     ext_modules=[
         Extension(
             "collector.worker.keyroute",
             ["collector/worker/keyroute.c"],
+            include_dirs=NATIVE,
+            depends=SHARED,
             optional=True,
-        )
+        ),
+        Extension(
+            "collector.http.batchread",
+            ["collector/http/batchread.c"],
+            include_dirs=NATIVE,
+            depends=SHARED,
+            optional=True,
+        ),
     ]
 )

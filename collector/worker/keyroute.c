@@ -25,6 +25,8 @@
 #include <emmintrin.h>
 #endif
 
+#include "jsonscan.h"
+
 #define KIND_STR 1     /* the key field takes a str */
 #define KIND_INT 2     /* ... an int */
 #define KIND_NONE 4    /* ... None (JSON null hashes as repr(None)) */
@@ -58,29 +60,8 @@ static uint32_t crc32_of(const unsigned char *p, size_t n) {
     return c ^ 0xFFFFFFFFu;
 }
 
-static inline int json_ws(unsigned char c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; }
-
 /* bytes.strip()'s whitespace: a line of only these is blank (protocol.ndjson_lines) */
 static inline int py_ws(unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
-
-static inline const unsigned char *skip_ws(const unsigned char *p, const unsigned char *end) {
-    while (p < end && json_ws(*p)) p++;
-    return p;
-}
-
-/* p at an opening quote: the byte after the closing quote, or NULL; *esc set when the
-   string holds an escape. A byte loop: member names and keys are short, and a memchr call
-   per string costs more than it saves there. */
-static inline const unsigned char *skip_string(const unsigned char *p, const unsigned char *end, int *esc) {
-    for (p++; p < end; p++) {
-        if (*p == '"') return p + 1;
-        if (*p == '\\') {
-            *esc = 1;
-            p++;
-        }
-    }
-    return NULL;
-}
 
 /* The first occurrence of needle (m >= 3 bytes) in [s, s + n), or NULL. With SSE2, 16
    candidate positions at a time are tested on needle's second and last bytes, and only
@@ -109,31 +90,6 @@ static const unsigned char *find(const unsigned char *s, size_t n, const unsigne
     for (size_t i = 0; i + m <= n; i++)
         if (s[i] == needle[0] && memcmp(s + i, needle, m) == 0) return s + i;
     return NULL;
-}
-
-/* p at a value's first byte: the byte after the value, or NULL */
-static const unsigned char *skip_value(const unsigned char *p, const unsigned char *end) {
-    int esc = 0;
-    if (*p == '"') return skip_string(p, end, &esc);
-    if (*p == '{' || *p == '[') {
-        size_t depth = 0;
-        while (p < end) {
-            unsigned char c = *p;
-            if (c == '"') {
-                p = skip_string(p, end, &esc);
-                if (p == NULL) return NULL;
-                continue;
-            }
-            if (c == '{' || c == '[') depth++;
-            else if (c == '}' || c == ']') {
-                if (--depth == 0) return p + 1;
-            }
-            p++;
-        }
-        return NULL;
-    }
-    while (p < end && *p != ',' && *p != '}' && *p != ']' && !json_ws(*p)) p++;
-    return p;
 }
 
 /* The owner of a line without the key member: repr(None)'s, when None is the field's
@@ -195,7 +151,8 @@ static int line_owner(const unsigned char *p, const unsigned char *end, const un
             if (find(after, (size_t)(end - after), name - 1, nlen + 2) != NULL) return -1;
             return (int)(crc32_of(ks, klen) % n);
         }
-        p = skip_value(p, end);
+        size_t deepest = 0;
+        p = skip_value(p, end, &deepest);
         if (p == NULL) return -1;
         p = skip_ws(p, end);
         if (p >= end) return -1;

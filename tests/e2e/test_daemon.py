@@ -223,6 +223,13 @@ BAD: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
     ("wrong content type", "/events", b"{}", {"Content-Type": "text/plain"}, 415, "application/json"),
     ("too deep", "/events", b'{"type": "user_action", "source": "web", "data": ' + b'{"a":' * 40 + b"1" + b"}" * 41,
      {}, 400, "max_json_depth"),
+    # a batch of events without ids is read natively (batchread.c), one with an id the Python way
+    ("too deep in a batch", "/events/batch",
+     b'{"events": [{"type": "user_action", "source": "web", "data": ' + b'{"a":' * 40 + b"1" + b"}" * 41 + b"]}",
+     {}, 400, "max_json_depth"),
+    ("too deep in a batch with ids", "/events/batch",
+     b'{"events": [{"id": "d1", "type": "user_action", "source": "web", "data": ' + b'{"a":' * 40 + b"1"
+     + b"}" * 41 + b"]}", {}, 400, "max_json_depth"),
     ("too many items", "/events/batch", json.dumps({"events": [EVENT] * 101}).encode(), {}, 413, "max_batch_items"),
     ("body too large", "/events", b'{"x": "' + b"a" * (1 << 20) + b'"}', {}, 413, "max_body_bytes"),
     # 4 KiB on the wire, 4 MiB once inflated: refused without holding the 4 MiB

@@ -20,6 +20,7 @@ means every configured sink holds the event; one a sink dead-lettered is answere
 from __future__ import annotations
 
 import zlib
+from itertools import repeat
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,14 @@ from ..bodies import ENCODINGS, TooLarge, inflate, json_depth
 from ..protocol import Request, Response, error
 from ..schemas import BatchRequest, BatchResponse, EventResponse, ItemResult, json_encoder
 
+try:  # built from batchread.c at install; optional: without it, batches are read in Python
+    from .. import batchread
+except ImportError:  # pragma: no cover - a build without a C compiler
+    batchread = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ...config import ServerConfig
     from ...pipeline import Pipeline
     from ..backend import Backend
@@ -70,6 +78,24 @@ class IdReader:
         name = msgspec.json.encode(self.id or "").replace(b"%", b"%%")
         self.id_first = b"{" + name + b':"%s",%b'
         self.id_only = b"{" + name + b':"%s"%b'
+        # the native reader's arguments: the names as JSON text (None: the key is the id)
+        self.quoted_id = msgspec.json.encode(self.id or "")
+        self.quoted_key = None if self.key == self.id else msgspec.json.encode(self.key)
+
+    def read_native(self, raws: list[Any]) -> tuple[list[Any], list[Any], list[Any], int] | None:
+        """(items, ids, keys, depth) of a batch none of whose events sent an id, read in
+        one C pass (``batchread.with_ids``): each item with a generated id put first, each
+        key, and the deepest item's nesting (an object is 1). None when the extension is
+        absent, the pipeline does not generate ids, or some event is not that common case
+        (the caller then reads the heads with :meth:`ids_and_keys`)."""
+        if batchread is None or not self.generate or not raws:
+            return None
+        ids = new_ids(len(raws))
+        got = batchread.with_ids(raws, self.quoted_id, ids, self.quoted_key)
+        if got is None:
+            return None
+        items, keys, depth = got
+        return items, ids, ids if keys is None else keys, depth
 
     def inject_id(self, raw: msgspec.Raw | bytes, eid: str) -> bytes:
         """The JSON object ``raw`` with the generated id ``eid`` as its first member."""
@@ -118,6 +144,10 @@ def _struct_takes_text(struct: Any, field: str) -> bool:
     return got is not None and any(isinstance(o, msgspec.inspect.StrType) for o in got[1])
 
 
+def _empty_body() -> Response:
+    return error(400, "malformed_json", "the body is empty; send a JSON object")
+
+
 def _after_brace(raw: msgspec.Raw | bytes) -> memoryview:
     return memoryview(raw)[1:]
 
@@ -158,11 +188,17 @@ class IngestRoutes:
 
     def _check_body(self, body: bytes) -> Response | None:
         if not body.strip():
-            return error(400, "malformed_json", "the body is empty; send a JSON object")
-        d = json_depth(body, self.cfg.max_json_depth)
-        if d > self.cfg.max_json_depth:
-            return error(400, "too_deep", f"JSON nesting deeper than max_json_depth={self.cfg.max_json_depth}")
+            return _empty_body()
+        return self._too_deep(body)
+
+    def _too_deep(self, body: bytes) -> Response | None:
+        """The too_deep answer when ``body`` nests deeper than ``max_json_depth``."""
+        if json_depth(body, self.cfg.max_json_depth) > self.cfg.max_json_depth:
+            return self._deep_error()
         return None
+
+    def _deep_error(self) -> Response:
+        return error(400, "too_deep", f"JSON nesting deeper than max_json_depth={self.cfg.max_json_depth}")
 
     def reader(self) -> IdReader:
         """The reader for the pipeline now running."""
@@ -240,48 +276,69 @@ class IngestRoutes:
 
     async def post_batch(self, req: Request) -> Response:
         """``POST /events/batch``: ``{"events": [...]}`` → per-item results."""
-        bad = self._decoded(req) or self._check_body(req.body)
+        bad = self._decoded(req)
         if bad is not None:
             return bad
+        body = req.body
+        if not body.strip():
+            return _empty_body()
+        # the envelope is decoded first, and the depth measured only where the answer
+        # needs it: the native reader below measures it as it reads the items (the
+        # envelope forbids other members, so the items' depth + 2 is the body's), and a
+        # body too deep for msgspec fails here and is answered too_deep
         try:
-            env = self._dec_batch.decode(req.body)
+            env = self._dec_batch.decode(body)
         except msgspec.ValidationError as e:
             msg = str(e)
             reason, _, path = msg.partition(" - at ")
-            return error(422, "invalid", f"{reason}; send {{\"events\": [...]}}", path=path.strip("`") or "$")
+            return self._too_deep(body) or error(
+                422, "invalid", f"{reason}; send {{\"events\": [...]}}", path=path.strip("`") or "$")
         except msgspec.DecodeError as e:
-            return error(400, "malformed_json", f"the body is not valid JSON: {e}")
+            return self._too_deep(body) or error(400, "malformed_json", f"the body is not valid JSON: {e}")
         raws = env.events
         if len(raws) > self.cfg.max_batch_items:
-            return error(413, "too_many_events",
-                         f"{len(raws)} events in one batch, more than max_batch_items={self.cfg.max_batch_items}; split it",
-                         path="$.events")
+            return self._too_deep(body) or error(
+                413, "too_many_events",
+                f"{len(raws)} events in one batch, more than max_batch_items={self.cfg.max_batch_items}; split it",
+                path="$.events")
         rd = self.reader()
-        try:
-            # every item's id and key in one C pass, when all items are objects
-            heads: list[Any] | None = rd.many.decode(req.body).events
-        except msgspec.ValidationError:
-            heads = None  # some item is not an object: the loop below says which
         results: list[ItemResult]
         items: list[Any]
         keys: list[Any]
         where: list[int] | range
-        if heads is not None:
-            items, ids, keys = rd.ids_and_keys(heads, raws)
-            results = [ItemResult(i, "accepted", k if type(k) in _ID_TYPES else None) for i, k in enumerate(ids)]
+        native = rd.read_native(raws)
+        if native is not None:  # the common case: objects without ids, read in one C pass
+            items, ids, keys, depth = native
+            if depth + 2 > self.cfg.max_json_depth:  # the envelope's object and array
+                return self._deep_error()
+            results = list(map(ItemResult, range(len(items)), repeat("accepted"), ids))
             where = range(len(items))
         else:
-            results, items, keys, where = [], [], [], []
-            for i, raw in enumerate(raws):
-                item, key, eid, why = self._with_id(raw, rd)
-                if why is not None:  # not an object: no worker could read it
-                    self.backend.count_rejected()
-                    results.append(ItemResult(i, "invalid", None, f"$.events[{i}]", why))
-                else:
-                    results.append(ItemResult(i, "accepted", eid))
-                    items.append(item)
-                    keys.append(key)
-                    where.append(i)
+            deep = self._too_deep(body)
+            if deep is not None:
+                return deep
+            try:
+                # every item's id and key in one C pass, when all items are objects
+                heads: list[Any] | None = rd.many.decode(body).events
+            except msgspec.ValidationError:
+                heads = None  # some item is not an object: the loop below says which
+            if heads is not None:
+                items, ids, keys = rd.ids_and_keys(heads, raws)
+                results = [ItemResult(i, "accepted", k if type(k) in _ID_TYPES else None) for i, k in enumerate(ids)]
+                where = range(len(items))
+            else:
+                results, items, keys, where = [], [], [], []
+                for i, raw in enumerate(raws):
+                    item, key, eid, why = self._with_id(raw, rd)
+                    if why is not None:  # not an object: no worker could read it
+                        self.backend.count_rejected()
+                        results.append(ItemResult(i, "invalid", None, f"$.events[{i}]", why))
+                    else:
+                        results.append(ItemResult(i, "accepted", eid))
+                        items.append(item)
+                        keys.append(key)
+                        where.append(i)
+        errors: Sequence[Any] = ()
         if items:
             if self.backend.stopping:
                 return error(503, "shutting_down", "the server is stopping", retry_after=self.cfg.retry_after)
@@ -289,7 +346,8 @@ class IngestRoutes:
                 res = await self.backend.submit(items, keys)
             except (Overloaded, CollectorClosed) as e:
                 return self._overloaded(e)
-            for err in res.errors:
+            errors = res.errors
+            for err in errors:
                 i = where[err.index]
                 r = results[i]
                 r.status = err.kind if err.kind in _ITEM_STATUSES else "failed"
@@ -298,8 +356,11 @@ class IngestRoutes:
                     r.reason = err.reason
         counts = {"accepted": 0, "duplicate": 0, "invalid": 0, "failed": 0, "deadlettered": 0, "filtered": 0,
                   "unauthorized": 0}
-        for r in results:
-            counts[r.status] += 1
+        if errors or len(items) != len(results):
+            for r in results:
+                counts[r.status] += 1
+        else:  # every item accepted: no need to look at each
+            counts["accepted"] = len(results)
         body = json_encoder.encode(BatchResponse(
             counts["accepted"], counts["duplicate"], counts["invalid"], counts["failed"], results,
             counts["deadlettered"], counts["filtered"], counts["unauthorized"],

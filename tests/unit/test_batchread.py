@@ -1,0 +1,134 @@
+"""The native batch reader (collector/http/batchread.c) against the Python path it replaces.
+
+For a ``POST /events/batch`` whose events sent no id, ``IdReader.read_native`` must give
+what ``IdReader.ids_and_keys`` gives after the heads parse: each event with a generated id
+as its first member and otherwise untouched, each event's shard key as the decoder reads
+it, and the depth ``json_depth`` measures. Every event it cannot be sure of must make it
+decline, so the Python path answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any
+
+import msgspec
+import pytest
+
+from collector.http.bodies import json_depth
+from collector.http.routes.ingest import IdReader
+from collector.http.schemas import BatchRequest
+from collector.pipeline import Pipeline
+
+try:
+    from collector.http import batchread
+except ImportError:
+    # a machine without a C compiler installs without it (batches are read in Python);
+    # CI (which sets this variable) must have built it
+    if os.environ.get("COLLECTOR_REQUIRE_SERVICES") == "1":
+        raise
+    pytest.skip("the C extension was not built (no compiler at install)", allow_module_level=True)
+
+
+class Ev(msgspec.Struct):
+    id: str = ""
+    user: str | int | None = None
+    data: dict[str, Any] = {}
+
+
+def reader(key: str) -> IdReader:
+    return IdReader(Pipeline(name="t", event_type=Ev, key=key, id_field="id"))
+
+
+def raws_of(body: bytes) -> list[msgspec.Raw]:
+    return msgspec.json.decode(body, type=BatchRequest).events
+
+
+def python_path(rd: IdReader, body: bytes) -> tuple[list[Any], list[Any], list[Any]]:
+    return rd.ids_and_keys(rd.many.decode(body).events, raws_of(body))
+
+
+def random_event(rnd: random.Random) -> bytes:
+    """An event as a client may spell it: members in any order, spaces around the
+    punctuation, escapes and non-ASCII in values, nested values, the key as text, an
+    int, null, absent, or twice."""
+    members: list[tuple[str, Any]] = []
+    for name in rnd.sample(["type", "data", "n", "s", "t"], rnd.randint(1, 5)):
+        members.append((name, rnd.choice([
+            1, -7, 2.5e3, True, None, "plain", 'q"uote\\n', "ünï ☃",
+            {"a": [1, {"b": [[]]}], "c": "}]"}, [[[{"x": "["}]]], {}, [],
+        ])))
+    kind = rnd.randrange(5)
+    if kind < 4:
+        members.insert(rnd.randrange(len(members) + 1), ("user", ["u1", 42, -3, None][kind]))
+    if rnd.random() < 0.1:
+        members.append(("user", f"later{rnd.randrange(9)}"))  # a second member: the decoder keeps it
+    sp = rnd.choice(["", " ", "\n  "])
+    inner = ("," + sp).join(f"{json.dumps(k)}{sp}:{sp}{json.dumps(v, ensure_ascii=rnd.random() < 0.5)}"
+                            for k, v in members)
+    return ("{" + inner + sp + "}").encode()
+
+
+def batch(events: list[bytes], sp: str = "") -> bytes:
+    return b'{"events":' + sp.encode() + b"[" + ("," + sp).encode().join(events) + b"]}"
+
+
+@pytest.mark.parametrize("key", ["id", "user"])
+def test_native_reading_gives_what_the_python_path_gives(key: str) -> None:
+    rnd = random.Random(7)
+    rd = reader(key)
+    for _ in range(300):
+        body = batch([random_event(rnd) for _ in range(rnd.randint(1, 40))], rnd.choice(["", " ", "\n"]))
+        got = rd.read_native(raws_of(body))
+        assert got is not None, body
+        items, ids, keys, depth = got
+        want_items, _, want_keys = python_path(rd, body)
+        assert len(items) == len(ids) == len(want_items)
+        assert len(set(ids)) == len(ids) and all(len(i) == 36 for i in ids)
+        for item, eid, want in zip(items, ids, want_items, strict=True):
+            assert item.startswith(b'{"id":"' + eid.encode() + b'",')  # first, as the Python path puts it
+            decoded, expected = json.loads(item), json.loads(want)
+            assert decoded["id"] == eid
+            expected["id"] = eid
+            assert decoded == expected
+        if key == "id":
+            assert keys == ids
+        else:
+            assert keys == want_keys and [type(k) for k in keys] == [type(k) for k in want_keys]
+        for limit in range(1, 10):  # too deep exactly when the depth check says so
+            assert (depth + 2 > limit) == (json_depth(body, limit) > limit), (limit, body)
+
+
+@pytest.mark.parametrize("event", [
+    b'{"id":"mine","user":"u"}',  # sent its id: kept, by the Python path
+    b'{"user":"u","id":null}',
+    b"{}",  # no member to put the id before
+    b'{"\\u0069d":"x"}',  # an escaped name may spell the id
+    b"[1]", b"1", b'"s"', b"null",  # not objects: answered invalid by the Python path
+])
+@pytest.mark.parametrize("key", ["id", "user"])
+def test_native_reading_declines_what_only_the_python_path_may_answer(event: bytes, key: str) -> None:
+    rd = reader(key)
+    body = batch([b'{"user":"a"}', event, b'{"user":"b"}'])
+    assert rd.read_native(raws_of(body)) is None
+
+
+@pytest.mark.parametrize("value", [b"1.5", b"1e3", b"true", b'{"a":1}', b"[1]", b'"\\u0061"',
+                                   b"123456789012345678901234567890"])
+def test_native_reading_declines_a_key_it_cannot_read_as_the_decoder_does(value: bytes) -> None:
+    body = batch([b'{"user":' + value + b',"n":1}'])
+    assert reader("user").read_native(raws_of(body)) is None
+    # ... unless the key is the id, which it generates (the member is then any data)
+    assert reader("id").read_native(raws_of(body)) is not None
+
+
+def test_native_reading_is_refused_bad_arguments() -> None:
+    raws = raws_of(batch([b'{"a":1}']))
+    with pytest.raises(ValueError):
+        batchread.with_ids(raws, b'"id"', [], None)  # one id per event
+    with pytest.raises(TypeError):
+        batchread.with_ids(raws, b'"id"', [5], None)
+    with pytest.raises(ValueError):
+        batchread.with_ids(raws, b"", ["x"], None)
