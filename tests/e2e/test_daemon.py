@@ -223,6 +223,10 @@ BAD: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
     ("wrong content type", "/events", b"{}", {"Content-Type": "text/plain"}, 415, "application/json"),
     ("too deep", "/events", b'{"type": "user_action", "source": "web", "data": ' + b'{"a":' * 40 + b"1" + b"}" * 41,
      {}, 400, "max_json_depth"),
+    ("too deep with an id", "/events",
+     b'{"id": "d0", "type": "user_action", "source": "web", "data": ' + b'{"a":' * 40 + b"1" + b"}" * 41,
+     {}, 400, "max_json_depth"),
+    ("too deep and not an object", "/events", b"[" * 40 + b"]" * 40, {}, 400, "max_json_depth"),
     # a batch of events without ids is read natively (batchread.c), one with an id the Python way
     ("too deep in a batch", "/events/batch",
      b'{"events": [{"type": "user_action", "source": "web", "data": ' + b'{"a":' * 40 + b"1" + b"}" * 41 + b"]}",

@@ -2,10 +2,13 @@
 
 ::
 
-    body ─► Content-Encoding undone (bodies.inflate, the limit on the output)
-         ─► empty? too deep? (bodies.json_depth)
-         ─► envelope: list[Raw] (C)  ─► IdReader: id and shard key of each event, one C pass
-         ─► id injected where absent ─► backend.submit(items, keys) (one coalesced operation)
+    body ─► Content-Encoding undone (bodies.inflate, the limit on the output) ─► empty?
+         ─► envelope: list[Raw] (C; validates the whole body)
+         ─► batchread.with_ids (C, one pass over the items): a generated id put first in
+            each event, its shard key read, the depth measured
+            (else, for events that sent ids or are not objects: bodies.json_depth, the
+            heads parse, IdReader.ids_and_keys)
+         ─► backend.submit(items, keys) (one coalesced operation)
          ─► per-item results (accepted / duplicate / invalid / filtered / unauthorized /
             deadlettered / failed)
 
@@ -186,11 +189,6 @@ class IngestRoutes:
                          f"the body decompresses to more than max_body_bytes={limit} bytes; split it")
         return None
 
-    def _check_body(self, body: bytes) -> Response | None:
-        if not body.strip():
-            return _empty_body()
-        return self._too_deep(body)
-
     def _too_deep(self, body: bytes) -> Response | None:
         """The too_deep answer when ``body`` nests deeper than ``max_json_depth``."""
         if json_depth(body, self.cfg.max_json_depth) > self.cfg.max_json_depth:
@@ -207,18 +205,26 @@ class IngestRoutes:
             self._reader = (p, IdReader(p))
         return self._reader[1]
 
-    def _with_id(self, raw: msgspec.Raw | bytes, rd: IdReader) -> tuple[msgspec.Raw | bytes, Any, Any, str | None]:
-        """(item, shard key, id, error) of one event; the id is generated when absent.
+    def _with_id(
+        self, raw: msgspec.Raw | bytes, rd: IdReader
+    ) -> tuple[msgspec.Raw | bytes, Any, Any, str | None, int | None]:
+        """(item, shard key, id, error, depth) of one event; the id is generated when
+        absent. ``depth``: the event's nesting when the native reader read it, else None
+        (the caller measures it).
 
         Raises ``msgspec.DecodeError`` when ``raw`` is not JSON at all.
         """
         try:
-            head = rd.one.decode(raw)
+            head = rd.one.decode(raw)  # checks the whole event is JSON
         except msgspec.ValidationError as e:
-            return raw, None, None, str(e).split(" - at ")[0]
+            return raw, None, None, str(e).split(" - at ")[0], None
+        native = rd.read_native([raw])
+        if native is not None:
+            n_items, n_ids, n_keys, depth = native
+            return n_items[0], n_keys[0], n_ids[0], None, depth
         items, ids, keys = rd.ids_and_keys([head], [raw])
         eid = ids[0]
-        return items[0], keys[0], eid if type(eid) in _ID_TYPES else None, None
+        return items[0], keys[0], eid if type(eid) in _ID_TYPES else None, None, None
 
     def _overloaded(self, e: BaseException) -> Response:
         ra = max(1, int(getattr(e, "retry_after", self.cfg.retry_after) or self.cfg.retry_after))
@@ -238,14 +244,23 @@ class IngestRoutes:
         same way: 422 when the source does not have the key (``refused this event``),
         503 when the source failed (``gave up``).
         """
-        bad = self._decoded(req) or self._check_body(req.body)
+        bad = self._decoded(req)
         if bad is not None:
             return bad
+        body = req.body
+        if not body.strip():
+            return _empty_body()
         try:
-            # the head decoder reads the id and key and checks the whole body is JSON
-            item, key, eid, why = self._with_id(req.body, self.reader())
+            # as for a batch: parsed first, the depth measured only where the answer needs it
+            item, key, eid, why, depth = self._with_id(body, self.reader())
         except msgspec.DecodeError as e:
-            return error(400, "malformed_json", f"the body is not valid JSON: {e}")
+            return self._too_deep(body) or error(400, "malformed_json", f"the body is not valid JSON: {e}")
+        if depth is None or why is not None:
+            bad = self._too_deep(body)
+        elif depth > self.cfg.max_json_depth:
+            bad = self._deep_error()
+        if bad is not None:
+            return bad
         if why is not None:
             self.backend.count_rejected()
             return error(422, "invalid", f"{why}: the body must be one event object", path="$")
@@ -329,7 +344,7 @@ class IngestRoutes:
             else:
                 results, items, keys, where = [], [], [], []
                 for i, raw in enumerate(raws):
-                    item, key, eid, why = self._with_id(raw, rd)
+                    item, key, eid, why, _ = self._with_id(raw, rd)
                     if why is not None:  # not an object: no worker could read it
                         self.backend.count_rejected()
                         results.append(ItemResult(i, "invalid", None, f"$.events[{i}]", why))
