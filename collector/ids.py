@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["new_id", "new_ids"]
+__all__ = ["id_block", "new_id", "new_ids"]
 
 _NODE = int.from_bytes(os.urandom(4), "big") & 0x3FF_FFFF  # 26 random bits per process
 _VARIANT = 0x8000 | (_NODE & 0x3FFF)  # the 4th group: variant bits and 14 of _NODE
@@ -60,6 +60,14 @@ def new_ids(n: int) -> list[str]:
     lo = base | (c & _MASK)
     hx = struct.pack(f">{n}Q", *range(lo, lo + n)).hex("\n", 8)
     return ("\n" + hx).replace("\n" + _V4, f"\n{_prefix()}{_V4}-")[1:].split("\n")
+
+
+def id_block(n: int) -> tuple[str, int]:
+    """``(prefix, first)``: ``n`` ids as :func:`new_ids` makes them, for a native
+    formatter (``collector.http.batchread``): id ``i`` is ``prefix`` followed by the 12
+    lowercase hex digits of ``(first + i) & 0xFFFFFFFFFFFF`` (the counter wraps as it
+    does here)."""
+    return f"{_prefix()}{_V4}-", _reserve(n)
 
 
 def _prefix() -> str:

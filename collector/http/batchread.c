@@ -94,25 +94,33 @@ static int read_item(const unsigned char *p, const unsigned char *end, const uns
 }
 
 PyDoc_STRVAR(with_ids_doc,
-"with_ids(raws, quoted_id, ids, quoted_key) -> (items, keys, depth) | None\n\n"
+"with_ids(raws, quoted_id, prefix, first, quoted_key) -> (items, ids, keys, depth) | None\n\n"
 "``raws``: a batch's events as msgspec decoded them (``msgspec.Raw`` or bytes);\n"
-"``quoted_id``: the id member's JSON name in quotes (b'\"id\"'); ``ids``: one generated\n"
-"id (str) per event; ``quoted_key``: the shard key's quoted name, or None when the key\n"
-"is the id. ``items``: each event as bytes with its id as first member; ``keys``: each\n"
-"event's key value (str, int or None; None when ``quoted_key`` is None); ``depth``:\n"
-"the deepest item's nesting (an object is 1). None when some event is not the common\n"
-"case (see the module's header), and the caller reads the batch the Python way.");
+"``quoted_id``: the id member's JSON name in quotes (b'\"id\"'); ``prefix`` and ``first``:\n"
+"a block of ids from ``collector.ids.id_block`` (event i's id is ``prefix`` + the 12 hex\n"
+"digits of ``(first + i) & 0xFFFFFFFFFFFF``); ``quoted_key``: the shard key's quoted name,\n"
+"or None when the key is the id. ``items``: each event as bytes with its id as first\n"
+"member; ``ids``: the ids (str); ``keys``: each event's key value (str, int or None;\n"
+"None when ``quoted_key`` is None); ``depth``: the deepest item's nesting (an object is\n"
+"1). None when some event is not the common case (see the module's header), and the\n"
+"caller reads the batch the Python way.");
+
+#define ID_MASK 0xFFFFFFFFFFFFULL
 
 static PyObject *with_ids(PyObject *self, PyObject *args) {
-    PyObject *raws, *ids, *qkey;
+    PyObject *raws, *qkey;
     Py_buffer qid;
-    if (!PyArg_ParseTuple(args, "O!y*O!O", &PyList_Type, &raws, &qid, &PyList_Type, &ids, &qkey)) return NULL;
-    PyObject *result = NULL, *items = NULL, *keys = NULL;
+    const char *prefix;
+    Py_ssize_t plen;
+    unsigned long long first;
+    if (!PyArg_ParseTuple(args, "O!y*s#KO", &PyList_Type, &raws, &qid, &prefix, &plen, &first, &qkey)) return NULL;
+    PyObject *result = NULL, *items = NULL, *ids = NULL, *keys = NULL;
     Py_buffer qk = {0};
     int have_key = qkey != Py_None;
     Py_ssize_t n = PyList_GET_SIZE(raws);
-    if (qid.len < 3 || PyList_GET_SIZE(ids) != n) {
-        PyErr_SetString(PyExc_ValueError, "with_ids: a quoted id name and one id per event are needed");
+    Py_ssize_t elen = plen + 12;
+    if (qid.len < 3 || plen > 64) {
+        PyErr_SetString(PyExc_ValueError, "with_ids: a quoted id name and an id prefix of at most 64 bytes are needed");
         goto done;
     }
     if (have_key) {
@@ -126,36 +134,32 @@ static PyObject *with_ids(PyObject *self, PyObject *args) {
     size_t idlen = (size_t)qid.len - 2;
     const unsigned char *key = have_key ? (const unsigned char *)qk.buf + 1 : NULL;
     size_t keylen = have_key ? (size_t)qk.len - 2 : 0;
-    items = PyList_New(n);
-    if (items == NULL) goto done;
+    if ((items = PyList_New(n)) == NULL || (ids = PyList_New(n)) == NULL) goto done;
     if (have_key && (keys = PyList_New(n)) == NULL) goto done;
     size_t deepest = 0;
+    static const char hex[] = "0123456789abcdef";
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_buffer b;
         if (PyObject_GetBuffer(PyList_GET_ITEM(raws, i), &b, PyBUF_SIMPLE) < 0) goto done;
-        const unsigned char *p = b.buf, *end = p + b.len;
+        const unsigned char *p = b.buf;
         PyObject *kv = NULL;
-        int r = read_item(p, end, id, idlen, key, keylen, &kv, &deepest);
-        Py_ssize_t elen = 0;
-        const char *e = NULL;
-        if (r == 0) {
-            PyObject *eid = PyList_GET_ITEM(ids, i);
-            e = PyUnicode_Check(eid) ? PyUnicode_AsUTF8AndSize(eid, &elen) : NULL;
-            if (e == NULL) {
-                if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "with_ids: ids must be str");
-                r = -1;
-            }
-        }
+        int r = read_item(p, p + b.len, id, idlen, key, keylen, &kv, &deepest);
         if (r != 0) {
-            Py_XDECREF(kv);
+            Py_XDECREF(kv); /* a key read before the member that made it decline */
             PyBuffer_Release(&b);
             if (r > 0) result = Py_NewRef(Py_None);
             goto done;
         }
+        /* the id: prefix + 12 hex digits of the counter, as collector.ids.new_ids */
+        char e[64 + 12];
+        memcpy(e, prefix, (size_t)plen);
+        unsigned long long c = (first + (unsigned long long)i) & ID_MASK;
+        for (int d = 11; d >= 0; d--, c >>= 4) e[plen + d] = hex[c & 15];
+        PyObject *eid = PyUnicode_FromStringAndSize(e, elen);
         /* {"<id>":"<eid>",  then the item after its `{` */
-        Py_ssize_t size = 1 + qid.len + 2 + elen + 2 + (b.len - 1);
-        PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+        PyObject *out = eid == NULL ? NULL : PyBytes_FromStringAndSize(NULL, 1 + qid.len + 2 + elen + 2 + (b.len - 1));
         if (out == NULL) {
+            Py_XDECREF(eid);
             Py_XDECREF(kv);
             PyBuffer_Release(&b);
             goto done;
@@ -173,12 +177,14 @@ static PyObject *with_ids(PyObject *self, PyObject *args) {
         memcpy(o, p + 1, (size_t)(b.len - 1));
         PyBuffer_Release(&b);
         PyList_SET_ITEM(items, i, out);
+        PyList_SET_ITEM(ids, i, eid);
         if (have_key) PyList_SET_ITEM(keys, i, kv);
     }
-    result = Py_BuildValue("(NNn)", items, have_key ? keys : Py_NewRef(Py_None), (Py_ssize_t)deepest);
-    items = keys = NULL; /* Py_BuildValue's N took them */
+    result = Py_BuildValue("(NNNn)", items, ids, have_key ? keys : Py_NewRef(Py_None), (Py_ssize_t)deepest);
+    items = ids = keys = NULL; /* Py_BuildValue's N took them */
 done:
     Py_XDECREF(items);
+    Py_XDECREF(ids);
     Py_XDECREF(keys);
     if (have_key && qk.obj != NULL) PyBuffer_Release(&qk);
     PyBuffer_Release(&qid);

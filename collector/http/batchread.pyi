@@ -3,5 +3,5 @@
 from typing import Any
 
 def with_ids(
-    raws: list[Any], quoted_id: bytes, ids: list[str], quoted_key: bytes | None, /
-) -> tuple[list[bytes], list[Any] | None, int] | None: ...
+    raws: list[Any], quoted_id: bytes, prefix: str, first: int, quoted_key: bytes | None, /
+) -> tuple[list[bytes], list[str], list[Any] | None, int] | None: ...

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import uuid
 from typing import Any
 
 import msgspec
@@ -20,6 +21,7 @@ import pytest
 from collector.http.bodies import json_depth
 from collector.http.routes.ingest import IdReader
 from collector.http.schemas import BatchRequest
+from collector.ids import new_ids
 from collector.pipeline import Pipeline
 
 try:
@@ -124,11 +126,29 @@ def test_native_reading_declines_a_key_it_cannot_read_as_the_decoder_does(value:
     assert reader("id").read_native(raws_of(body)) is not None
 
 
+def test_native_ids_are_uuid7_text_as_new_ids_makes_them_and_wrap_as_its_counter_does() -> None:
+    raws = raws_of(batch([b'{"a":1}'] * 3))
+    got = batchread.with_ids(raws, b'"id"', "0192f0e1-2b3c-7abc-8def-", 0xFFFF_FFFF_FFFE, None)
+    assert got is not None
+    items, ids, _, _ = got
+    assert ids == ["0192f0e1-2b3c-7abc-8def-fffffffffffe", "0192f0e1-2b3c-7abc-8def-ffffffffffff",
+                   "0192f0e1-2b3c-7abc-8def-000000000000"]
+    assert [json.loads(i) for i in items] == [{"id": i, "a": 1} for i in ids]
+    made = reader("id").read_native(raws)
+    assert made is not None
+    for eid in made[1] + new_ids(2):  # the same layout as the Python generator's
+        u = uuid.UUID(eid)
+        assert str(u) == eid and u.version == 7 and u.variant == uuid.RFC_4122
+        assert eid[:19] == made[1][0][:19] and eid[19:23] == made[1][0][19:23]  # time + node, 4th group
+
+
 def test_native_reading_is_refused_bad_arguments() -> None:
     raws = raws_of(batch([b'{"a":1}']))
     with pytest.raises(ValueError):
-        batchread.with_ids(raws, b'"id"', [], None)  # one id per event
-    with pytest.raises(TypeError):
-        batchread.with_ids(raws, b'"id"', [5], None)
+        batchread.with_ids(raws, b"", "p-", 0, None)  # a quoted name is needed
     with pytest.raises(ValueError):
-        batchread.with_ids(raws, b"", ["x"], None)
+        batchread.with_ids(raws, b'"id"', "p" * 65, 0, None)
+    with pytest.raises(ValueError):
+        batchread.with_ids(raws, b'"id"', "p-", 0, b"")
+    with pytest.raises(TypeError):
+        batchread.with_ids(tuple(raws), b'"id"', "p-", 0, None)
