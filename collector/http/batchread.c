@@ -31,8 +31,9 @@ static PyObject *key_value(const unsigned char *p, const unsigned char *end, con
         return PyUnicode_DecodeUTF8((const char *)p + 1, q - 1 - (p + 1), "strict");
     }
     if (*p == '-' || (*p >= '0' && *p <= '9')) {
-        const unsigned char *d = *p == '-' ? p + 1 : p;
+        const unsigned char *ds = *p == '-' ? p + 1 : p, *d = ds;
         while (d < end && *d >= '0' && *d <= '9') d++;
+        if (d == ds) return NULL; /* a lone '-': not JSON (msgspec let nothing such through) */
         if (d < end && (*d == '.' || *d == 'e' || *d == 'E')) return NULL; /* a float */
         char digits[24];
         size_t n = (size_t)(d - p);
