@@ -7,7 +7,6 @@ line it cannot be sure of must make it decline, so the Python router decides.
 
 from __future__ import annotations
 
-import os
 import random
 import uuid
 from array import array
@@ -15,19 +14,13 @@ from typing import Annotated
 
 import msgspec
 import pytest
+from native import native
 
 from collector.pipeline import ShardMap
 from collector.protocol import ndjson_lines
 from collector.worker.ranges import native_key
 
-try:
-    from collector.worker import keyroute
-except ImportError:
-    # a machine without a C compiler installs without it (ranges route in Python); CI
-    # (which sets this variable) must have built it
-    if os.environ.get("COLLECTOR_REQUIRE_SERVICES") == "1":
-        raise
-    pytest.skip("the C extension was not built (no compiler at install)", allow_module_level=True)
+keyroute = native("collector.worker.keyroute")
 
 
 class Ev(msgspec.Struct):
