@@ -54,12 +54,11 @@ class PayloadArena:
     def put(self, payload: bytes | memoryview) -> int:
         """Copy ``payload`` into a free slot and return its index; -1 when it does not fit
         a slot or no slot is free (the caller sends it inline)."""
-        n = len(payload)
-        if n > self.slot_bytes or not self._free:
+        if len(payload) > self.slot_bytes:
             return -1
-        k = self._free.pop()
-        start = k * self.slot_bytes
-        self._buf[start:start + n] = payload
+        k = self.take()
+        if k >= 0:
+            self.write(k, payload)
         return k
 
     def take(self) -> int:

@@ -78,12 +78,12 @@ class IdReader:
         self.generate = self.id is not None and _takes_text(pipeline.event_type, self.id)
         # `{"<id field>":"%s",` then the rest of the object: the one template that puts a
         # generated id first in an event (the field's name escaped for JSON and for %)
-        name = msgspec.json.encode(self.id or "").replace(b"%", b"%%")
-        self.id_first = b"{" + name + b':"%s",%b'
-        self.id_only = b"{" + name + b':"%s"%b'
-        # the native reader's arguments: the names as JSON text (None: the key is the id)
+        # the names as JSON text, for the native reader (quoted_key None: the key is the id)
         self.quoted_id = msgspec.json.encode(self.id or "")
         self.quoted_key = None if self.key == self.id else msgspec.json.encode(self.key)
+        name = self.quoted_id.replace(b"%", b"%%")
+        self.id_first = b"{" + name + b':"%s",%b'
+        self.id_only = b"{" + name + b':"%s"%b'
 
     def read_native(self, raws: list[Any]) -> tuple[list[Any], list[Any], list[Any], int] | None:
         """(items, ids, keys, depth) of a batch none of whose events sent an id, read in
