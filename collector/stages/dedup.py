@@ -230,7 +230,11 @@ class DedupWindow:
         # whole chunk in the common case): forgetting the oldest pops from the left in
         # O(1), where iterating a dict from its start would first walk over every slot
         # that earlier deletions left empty (a worker holding 1M ids slowed 20x)
-        self.order: collections.deque[tuple[float, list[Any]]] = collections.deque()
+        # Groups are tuples, not lists: the cyclic GC untracks a tuple of strings the first
+        # time it sees it, where a list stays tracked, and 1M remembered ids in lists made
+        # every full collection of the worker walk them all (20 ms pauses under HTTP
+        # load, the daemon's p99; bench/dedup_gc.py)
+        self.order: collections.deque[tuple[float, tuple[Any, ...]]] = collections.deque()
         # claims of the chunks in flight, by the identity of the event list the worker
         # passed (it passes the same list to settle())
         self.claims: dict[int, Claim] = {}
@@ -269,7 +273,7 @@ class DedupWindow:
         """The TTL of an event's key: its type's, else ``ttl``."""
         return self.by_type.get(self.tget(e), self.ttl) if self.tget is not None else self.ttl
 
-    def _forget(self, group: tuple[float, list[Any]]) -> None:
+    def _forget(self, group: tuple[float, tuple[Any, ...]]) -> None:
         exp, ks = group
         seen = self.seen
         for k in ks:
@@ -378,7 +382,7 @@ class DedupWindow:
             seen, order = self.seen, self.order
             if not self.by_type:
                 exp = now + self.ttl
-                group = list(keys)
+                group = tuple(keys)
                 seen.update(dict.fromkeys(group, exp))
                 order.append((exp, group))
             else:
@@ -387,7 +391,7 @@ class DedupWindow:
                     if k in keys and seen.get(k, 0.0) <= now:  # the chunk's first copy
                         exp = now + by_type.get(tget(e), ttl)  # type: ignore[misc]
                         seen[k] = exp
-                        order.append((exp, [k]))
+                        order.append((exp, (k,)))
             while len(seen) > self.cap and order:
                 self._forget(order.popleft())
         if claim.fut is not None:
