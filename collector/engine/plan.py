@@ -148,7 +148,7 @@ class Planner:
     def prepare(self, batch: Any, return_events: bool, keys: list[Any] | None = None) -> Operation:
         """Normalise the input, find each event's key and worker (no encoding yet)."""
         if self.chunked:
-            return self._prepare_chunked(batch, return_events)
+            return self._prepare_chunked(batch, return_events, keys)
         errors: list[ErrorItem] = []
         keys_given = keys is not None
         if keys is not None:
@@ -214,13 +214,21 @@ class Planner:
         op.plan = Plan(range(0), None, False, _no_encoder, [])
         return op
 
-    def _prepare_chunked(self, batch: Any, return_events: bool) -> Operation:
-        """``shard="chunk"``: no keys, no routing; NDJSON is cut at newlines unparsed."""
-        if isinstance(batch, (bytes, bytearray, memoryview)):
+    def _prepare_chunked(self, batch: Any, return_events: bool, keys: list[Any] | None) -> Operation:
+        """``shard="chunk"``: no keys, no routing; NDJSON is cut at newlines unparsed.
+
+        ``keys`` given says ``batch`` holds raw JSON objects (the HTTP server's): they
+        go to the workers as they are, and the keys themselves are not needed."""
+        if keys is not None:
+            if not isinstance(batch, list) or len(keys) != len(batch):
+                raise InvalidInput("keys= needs a list of raw JSON objects and one key per item")
+            items: list[Any] = batch
+            kind = "raw"
+        elif isinstance(batch, (bytes, bytearray, memoryview)):
             got = self._from_bytes(bytes(batch), return_events)
             if isinstance(got, Operation):
                 return got
-            items: list[Any] = got
+            items = got
             kind = "raw"
         elif isinstance(batch, (list, tuple)):
             items = batch if isinstance(batch, list) else list(batch)

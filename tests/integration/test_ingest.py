@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import msgspec
 import pytest
 from engine_clients import Immediate, SlowAsync
 
-from collector import Collector, Overloaded
+from collector import Collector, InvalidInput, Overloaded
 from collector.ingest import Coalescer
 from collector.playback import PlaybackEvent, playback_pipeline
 
@@ -87,6 +88,29 @@ def test_raw_items_with_keys_are_sharded_by_the_given_keys_and_reported_per_call
         assert res.events is not None and res.events[0].user_id == "u1" and res.events[0].region
         # keys decide the worker: both workers got some of the 13 users
         assert all(w.events > 0 for w in st.workers)
+
+    asyncio.run(main())
+
+
+def test_raw_items_with_keys_in_chunk_mode_go_to_the_workers_as_json_objects() -> None:
+    """The HTTP server hands raw JSON objects and their keys; a ``shard="chunk"``
+    pipeline has no use for the keys but must still take the items as JSON, not encode
+    them again as JSON strings (every event was refused "Expected `object`, got `str`")."""
+
+    async def main() -> None:
+        async with Collector(dataclasses.replace(playback_pipeline(Immediate()), shard="chunk"), workers=2) as c:
+            co = Coalescer(c)
+            raws = [msgspec.json.encode(event(i)) for i in range(6)]
+            raws[3] = b'{"id": "not a number"}'
+            got = await asyncio.wait_for(co.submit(raws, [None] * 6), 30)
+            await co.aclose()
+            op = await c.ahandle([msgspec.json.encode(event(1))], keys=["u1"], return_events=True)
+            res = await asyncio.wait_for(op, 30)
+            with pytest.raises(InvalidInput, match="one key per item"):
+                await c.ahandle([msgspec.json.encode(event(1))], keys=[])
+        assert (got.handled_events, got.failed_events) == (5, 1)
+        assert [(e.index, e.path) for e in got.errors] == [(3, "$.id")]
+        assert res.events is not None and res.events[0].user_id == "u1" and res.events[0].region
 
     asyncio.run(main())
 
