@@ -220,8 +220,9 @@ class SinkThread(concurrent.futures.Executor):
     ``SimpleQueue`` put, and the result set on the caller's loop by one
     ``call_soon_threadsafe``. ``loop.run_in_executor`` on a ``ThreadPoolExecutor(1)``
     also takes the pool's shutdown locks and idle semaphore and chains a
-    ``concurrent.futures.Future`` into the loop's: 88-102 against 64 µs of CPU per
-    ``fdatasync`` handed over, on this 2-vCPU VM (docs/performance.md). It is an
+    ``concurrent.futures.Future`` into the loop's, Python code that holds the GIL
+    while the loop wants it (``bench/sink_handoff.py``: 78-85 against 71-74 µs of CPU
+    per write + ``fdatasync``, 43-46 against 34 µs per bare round trip). It is an
     ``Executor`` too, so ``run_in_executor`` still works for the rare calls (open,
     close). The thread starts on first use; it is a daemon, so a process that exits
     without closing its sinks is not held up by it.
