@@ -147,13 +147,13 @@ class Planner:
     # -- prepare ----------------------------------------------------------------------
     def prepare(self, batch: Any, return_events: bool, keys: list[Any] | None = None) -> Operation:
         """Normalise the input, find each event's key and worker (no encoding yet)."""
+        if keys is not None and (not isinstance(batch, list) or len(keys) != len(batch)):
+            raise InvalidInput("keys= needs a list of raw JSON objects and one key per item")
         if self.chunked:
-            return self._prepare_chunked(batch, return_events, keys)
+            return self._prepare_chunked(batch, return_events, keys is not None)
         errors: list[ErrorItem] = []
         keys_given = keys is not None
         if keys is not None:
-            if not isinstance(batch, list) or len(keys) != len(batch):
-                raise InvalidInput("keys= needs a list of raw JSON objects and one key per item")
             items, kind = batch, "raw"
         elif isinstance(batch, (bytes, bytearray, memoryview)):
             body = bytes(batch)
@@ -214,14 +214,12 @@ class Planner:
         op.plan = Plan(range(0), None, False, _no_encoder, [])
         return op
 
-    def _prepare_chunked(self, batch: Any, return_events: bool, keys: list[Any] | None) -> Operation:
+    def _prepare_chunked(self, batch: Any, return_events: bool, raw: bool) -> Operation:
         """``shard="chunk"``: no keys, no routing; NDJSON is cut at newlines unparsed.
 
-        ``keys`` given says ``batch`` holds raw JSON objects (the HTTP server's): they
-        go to the workers as they are, and the keys themselves are not needed."""
-        if keys is not None:
-            if not isinstance(batch, list) or len(keys) != len(batch):
-                raise InvalidInput("keys= needs a list of raw JSON objects and one key per item")
+        ``raw``: ``batch`` is a list of raw JSON objects given with their keys (the HTTP
+        server's): they go to the workers as they are; the keys are not needed."""
+        if raw:
             items: list[Any] = batch
             kind = "raw"
         elif isinstance(batch, (bytes, bytearray, memoryview)):

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
-import functools
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Sized
@@ -213,8 +211,9 @@ class GroupWriter(RoundBatcher[bytes]):
             self.executor.shutdown(wait=True)
 
 
-class SinkThread(concurrent.futures.Executor):
-    """One thread running a sink's blocking calls in the order given.
+class SinkThread:
+    """One thread running a sink's blocking calls in the order given (the line files'
+    writes and syncs; SQLite's, whose connection belongs to one thread).
 
     :meth:`run` is the hot path (every ``fdatasync`` of the JSONL sink): a
     ``SimpleQueue`` put, and the result set on the caller's loop by one
@@ -222,10 +221,9 @@ class SinkThread(concurrent.futures.Executor):
     also takes the pool's shutdown locks and idle semaphore and chains a
     ``concurrent.futures.Future`` into the loop's, Python code that holds the GIL
     while the loop wants it (``bench/sink_handoff.py``: 78-85 against 71-74 µs of CPU
-    per write + ``fdatasync``, 43-46 against 34 µs per bare round trip). It is an
-    ``Executor`` too, so ``run_in_executor`` still works for the rare calls (open,
-    close). The thread starts on first use; it is a daemon, so a process that exits
-    without closing its sinks is not held up by it.
+    per write + ``fdatasync``, 43-46 against 34 µs per bare round trip). The thread
+    starts on first use; it is a daemon, so a process that exits without closing its
+    sinks is not held up by it.
     """
 
     def __init__(self, name: str) -> None:
@@ -253,15 +251,7 @@ class SinkThread(concurrent.futures.Executor):
         self._queue.put((fn, args, loop, fut))
         return fut
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        """``Executor.submit``: ``fn(*args, **kwargs)`` on the thread, in order."""
-        if self._thread is None or self._closed:
-            self._ensure_started()
-        f: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._queue.put((functools.partial(fn, **kwargs) if kwargs else fn, args, None, f))
-        return f
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    def shutdown(self, wait: bool = True) -> None:
         """Run what is queued, then stop the thread (joined when ``wait``)."""
         with self._lock:
             if self._closed:
@@ -281,13 +271,6 @@ class SinkThread(concurrent.futures.Executor):
                 return
             fn, args, loop, fut = item
             del item
-            if loop is None:  # submit(): a concurrent future
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn(*args))
-                    except BaseException as e:
-                        fut.set_exception(e)
-                continue
             result: Any = None
             error: BaseException | None = None
             try:

@@ -15,7 +15,6 @@ line of the file is always complete.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import logging
@@ -186,9 +185,8 @@ class LineFile:
 
 
 async def _open_deferred(sink: Sink, file: LineFile, writer: GroupWriter) -> None:
-    loop = asyncio.get_running_loop()
     try:
-        await loop.run_in_executor(writer.executor, file.open)
+        await writer.executor.run(file.open)
     except OSError as e:
         # LineFile.write opens the file when it is not open: the write path retries
         with contextlib.suppress(OSError):
@@ -257,8 +255,7 @@ class JsonlSink(Sink):
     async def close(self) -> None:
         """Close the file and stop the sink's thread."""
         await self.flush()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.writer.executor, self.file.close)
+        await self.writer.executor.run(self.file.close)
         self.writer.shutdown()
 
 
@@ -347,8 +344,7 @@ class DeadLetterSink(Sink):
     async def close(self) -> None:
         """Close the file and stop the sink's thread."""
         await self.writer.drain()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.writer.executor, self.file.close)
+        await self.writer.executor.run(self.file.close)
         self.writer.shutdown()
 
 

@@ -31,15 +31,13 @@ table name is not a plain identifier is dead-lettered; the rest of its chunk is 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .base import Batch, DeadLetter, EventCodec, Sink
-from .batching import GroupCommit
+from .batching import GroupCommit, SinkThread
 from .config import SqliteSinkConfig
 from .tables import TableTemplate, refused_records
 
@@ -64,7 +62,7 @@ class SqliteSink(Sink):
         self.cfg = config
         self.path = config.path.replace("{worker}", str(worker))
         # sqlite3 connections belong to one thread: every call runs on this one
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"collector-sink-{name}")
+        self.executor = SinkThread(f"collector-sink-{name}")
         self.db: sqlite3.Connection | None = None
         self.group = GroupCommit(self._commit, self.is_data_error, MAX_GROUP_ROWS)
         self.tables = TableTemplate(config.table)
@@ -178,9 +176,8 @@ class SqliteSink(Sink):
     # -- async API
     async def open(self) -> None:
         """Open the database and run the migration (a locked database is retried on write)."""
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self.executor, self._connect)
+            await self.executor.run(self._connect)
         except (sqlite3.Error, OSError) as e:
             # a locked or unreachable file is an outage, not a boot failure: every
             # write connects again, so retries and the dead-letter sink apply
@@ -194,13 +191,12 @@ class SqliteSink(Sink):
         (``collector.sinks.tables.table_names``); without them a template's tables are
         created on first use only.
         """
-        loop = asyncio.get_running_loop()
-
         def run() -> list[str]:
             # connect without the automatic migration, so the steps applied are reported
             return self._migrate(self._connect(migrate=False), tables)
 
-        return await loop.run_in_executor(self.executor, run)
+        got: list[str] = await self.executor.run(run)
+        return got
 
     async def write(self, batch: Batch) -> list[DeadLetter] | None:
         """Insert the chunk; rows whose id exists are skipped. Returns once it is committed.
@@ -221,8 +217,7 @@ class SqliteSink(Sink):
         return refused_records(refused, texts, self.name, self.worker)
 
     async def _commit(self, rows: list[Any]) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self._write, rows)
+        await self.executor.run(self._write, rows)
 
     async def flush(self) -> None:
         """Wait for the commits in progress."""
@@ -234,8 +229,7 @@ class SqliteSink(Sink):
 
     async def close(self) -> None:
         """Close the connection and stop the thread."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self._close)
+        await self.executor.run(self._close)
         self.executor.shutdown(wait=True)
 
 

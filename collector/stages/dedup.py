@@ -239,16 +239,16 @@ class DedupWindow:
         # claims of the chunks in flight, by the identity of the event list the worker
         # passed (it passes the same list to settle())
         self.claims: dict[int, Claim] = {}
-        # True while every remembered id is in exactly one group of ``order``, so that
-        # forgetting a group may drop its ids without looking at their expiry. An id
-        # remembered again (after it expired, or with per-type TTLs) clears it for good
-        self.unique = not spec.ttl_by_type
         self.field = spec.field
         self.dget = field_path(spec.field)
         self.ttl = spec.ttl
         self.cap = spec.max_entries
         self.tget = field_path(spec.type_field) if spec.type_field else None
         self.by_type = dict(spec.ttl_by_type or {})
+        # True while every remembered id is in exactly one group of ``order``, so that
+        # forgetting a group may drop its ids without looking at their expiry. An id
+        # remembered again (after it expired, or with per-type TTLs) clears it for good
+        self.unique = not self.by_type
         self.wait = spec.wait
         self.values = values_of(spec.field)
         self.counters = dict.fromkeys(COUNTERS, 0)

@@ -206,11 +206,12 @@ class IngestRoutes:
         return self._reader[1]
 
     def _with_id(
-        self, raw: msgspec.Raw | bytes, rd: IdReader
+        self, raw: msgspec.Raw | bytes, rd: IdReader, native: bool = False
     ) -> tuple[msgspec.Raw | bytes, Any, Any, str | None, int | None]:
         """(item, shard key, id, error, depth) of one event; the id is generated when
-        absent. ``depth``: the event's nesting when the native reader read it, else None
-        (the caller measures it).
+        absent. ``native``: try the C reader first (``POST /events``; a batch's events
+        come here only once it declined the batch). ``depth``: the event's nesting when
+        the C reader read it, else None (the caller measures it).
 
         Raises ``msgspec.DecodeError`` when ``raw`` is not JSON at all.
         """
@@ -218,9 +219,9 @@ class IngestRoutes:
             head = rd.one.decode(raw)  # checks the whole event is JSON
         except msgspec.ValidationError as e:
             return raw, None, None, str(e).split(" - at ")[0], None
-        native = rd.read_native([raw])
-        if native is not None:
-            n_items, n_ids, n_keys, depth = native
+        got = rd.read_native([raw]) if native else None
+        if got is not None:
+            n_items, n_ids, n_keys, depth = got
             return n_items[0], n_keys[0], n_ids[0], None, depth
         items, ids, keys = rd.ids_and_keys([head], [raw])
         eid = ids[0]
@@ -252,7 +253,7 @@ class IngestRoutes:
             return _empty_body()
         try:
             # as for a batch: parsed first, the depth measured only where the answer needs it
-            item, key, eid, why, depth = self._with_id(body, self.reader())
+            item, key, eid, why, depth = self._with_id(body, self.reader(), native=True)
         except msgspec.DecodeError as e:
             return self._too_deep(body) or error(400, "malformed_json", f"the body is not valid JSON: {e}")
         if depth is None or why is not None:
