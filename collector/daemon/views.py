@@ -22,6 +22,7 @@ figures never dip during a reload, and a request reads the engine serving when i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import TYPE_CHECKING, Any
@@ -136,9 +137,9 @@ class Views:
         """The pipeline of the engine now serving."""
         return self.collector.pipeline
 
-    async def submit(self, items: list[Any], keys: list[Any]) -> SliceResult:
+    def submit(self, items: list[Any], keys: list[Any]) -> asyncio.Future[SliceResult]:
         """Events in, through the serving engine's coalescer."""
-        return await self.coalescer.submit(items, keys)
+        return self.coalescer.submit(items, keys)
 
     def count_rejected(self) -> None:
         """One item refused before the engine: counted as received and failed."""

@@ -20,6 +20,7 @@ it, and each call reads the one serving at that moment.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -56,9 +57,10 @@ class Backend(Protocol):
         """The pipeline of the engine now serving (its id field, shard key and event type)."""
         ...
 
-    async def submit(self, items: list[Any], keys: list[Any]) -> Submitted:
-        """Hand events (JSON objects as bytes) and their shard keys to the engine; the
-        result once they are stored or rejected. Raises ``Overloaded`` or ``CollectorClosed``."""
+    def submit(self, items: list[Any], keys: list[Any]) -> asyncio.Future[Any]:
+        """Hand events (JSON objects as bytes) and their shard keys to the engine: a
+        future of the result (a :class:`Submitted`) once they are stored or rejected, or of ``Overloaded`` or
+        ``CollectorClosed``. A future, not a coroutine, so that a request needs no task."""
         ...
 
     def count_rejected(self) -> None:

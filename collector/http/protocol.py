@@ -38,7 +38,7 @@ from .schemas import ErrorResponse, json_encoder
 if TYPE_CHECKING:
     from ..config import ServerConfig
 
-__all__ = ["Application", "Handler", "HttpProtocol", "HttpServer", "Request", "Response", "error"]
+__all__ = ["Application", "Deferred", "Handler", "HttpProtocol", "HttpServer", "Request", "Response", "error"]
 
 log = logging.getLogger("collector.server")
 
@@ -93,8 +93,25 @@ def error(status: int, code: str, detail: str, *, path: str | None = None, retry
     return Response(status, body, headers=headers, close=close)
 
 
-Handler = Callable[[Request], Response | Coroutine[Any, Any, Response]]
-"""A route: answers at once, or gives a coroutine whose result is the answer."""
+class Deferred:
+    """An answer that waits for a future: ``then(fut)`` makes it once ``fut`` is done.
+
+    What the ingest routes return: the connection answers from ``fut``'s done
+    callback, where a coroutine would need a task per request and two more loop turns
+    (the task's step when the future is done, then its own done callback). ``then``
+    calls ``fut.result()`` and turns what it raises into its answer; anything else it
+    raises is answered 500, as a failed coroutine is.
+    """
+
+    __slots__ = ("fut", "then")
+
+    def __init__(self, fut: asyncio.Future[Any], then: Callable[[asyncio.Future[Any]], Response]) -> None:
+        self.fut = fut
+        self.then = then
+
+
+Handler = Callable[[Request], Response | Deferred | Coroutine[Any, Any, Response]]
+"""A route: answers at once, gives a :class:`Deferred`, or a coroutine whose result is the answer."""
 
 
 class Application(Protocol):
@@ -293,24 +310,29 @@ class HttpProtocol(asyncio.Protocol):
             res = handler(item)
             if isinstance(res, Response):
                 self.finish(item, res)
+                continue
+            self.busy = True
+            self.deadline(None)
+            if isinstance(res, Deferred):
+                fut, then = res.fut, res.then
             else:
-                self.busy = True
-                self.deadline(None)
-                task = self.loop.create_task(res)
-                self.server.tasks.add(task)
-                task.add_done_callback(functools.partial(self.done, req=item))
+                fut, then = self.loop.create_task(res), _result
+            self.server.tasks.add(fut)
+            fut.add_done_callback(functools.partial(self.done, req=item, then=then))
 
-    def done(self, task: asyncio.Task[Response], *, req: Request) -> None:
-        self.server.tasks.discard(task)
+    def done(
+        self, fut: asyncio.Future[Any], *, req: Request, then: Callable[[asyncio.Future[Any]], Response]
+    ) -> None:
+        self.server.tasks.discard(fut)
         self.busy = False
-        if task.cancelled():
+        if fut.cancelled():
             res = error(503, "shutting_down", "the server is stopping", close=True)
-        elif task.exception() is not None:
-            exc = task.exception()
-            log.error("request handler failed: %r", exc, exc_info=exc)
-            res = error(500, "internal", f"{type(exc).__name__}: {exc}")
         else:
-            res = task.result()
+            try:
+                res = then(fut)
+            except Exception as exc:
+                log.error("request handler failed: %r", exc, exc_info=exc)
+                res = error(500, "internal", f"{type(exc).__name__}: {exc}")
         self.finish(req, res)
         if self.transport is not None and not self.closing and len(self.queue) <= 8:
             self.transport.resume_reading()
@@ -363,6 +385,11 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
 
 
+def _result(fut: asyncio.Future[Response]) -> Response:
+    """A coroutine handler's answer: its task's result."""
+    return fut.result()
+
+
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers
 MAX_DISCARD = 1 << 30  # body bytes read and dropped after a refusal before cutting the connection
 
@@ -384,7 +411,7 @@ class HttpServer:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
         self.connections: set[HttpProtocol] = set()
-        self.tasks: set[asyncio.Task[Response]] = set()
+        self.tasks: set[asyncio.Future[Any]] = set()  # requests being handled: tasks and deferred answers
         self.server: asyncio.base_events.Server | None = None
         self.stopping = False
         self.by_status: dict[int, int] = {}

@@ -22,6 +22,8 @@ means every configured sink holds the event; one a sink dead-lettered is answere
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import zlib
 from itertools import repeat
 from operator import attrgetter
@@ -34,7 +36,7 @@ from ...ids import id_block, new_ids
 from ...pipeline import event_structs, struct_field
 from ...sinks.sinkset import REFUSED
 from ..bodies import ENCODINGS, TooLarge, inflate, json_depth
-from ..protocol import Request, Response, error
+from ..protocol import Deferred, Request, Response, error
 from ..schemas import BatchRequest, BatchResponse, EventResponse, ItemResult, json_encoder
 
 try:  # built from batchread.c at install; optional: without it, batches are read in Python
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
 
     from ...config import ServerConfig
     from ...pipeline import Pipeline
-    from ..backend import Backend
+    from ..backend import Backend, Submitted
 
 __all__ = ["IdReader", "IngestRoutes", "refused"]
 
@@ -231,7 +233,7 @@ class IngestRoutes:
         ra = max(1, int(getattr(e, "retry_after", self.cfg.retry_after) or self.cfg.retry_after))
         return error(503, "overloaded", f"{e}; retry after {ra} s", retry_after=ra)
 
-    async def post_event(self, req: Request) -> Response:
+    def post_event(self, req: Request) -> Response | Deferred:
         """``POST /events``: one event → 202 stored, 200 duplicate or filtered, 422 invalid,
         401 unauthorized (the auth stage refused its token; ``reason`` says why).
 
@@ -267,8 +269,12 @@ class IngestRoutes:
             return error(422, "invalid", f"{why}: the body must be one event object", path="$")
         if self.backend.stopping:
             return error(503, "shutting_down", "the server is stopping", retry_after=self.cfg.retry_after)
+        return Deferred(self.backend.submit([item], [key]), functools.partial(self._event_answer, eid))
+
+    def _event_answer(self, eid: Any, fut: asyncio.Future[Any]) -> Response:
+        """``POST /events``'s answer once its event is stored or rejected."""
         try:
-            res = await self.backend.submit([item], [key])
+            res: Submitted = fut.result()
         except (Overloaded, CollectorClosed) as e:
             return self._overloaded(e)
         if res.errors:
@@ -290,7 +296,7 @@ class IngestRoutes:
                             headers=[("Retry-After", str(self.cfg.retry_after))])
         return Response(202, json_encoder.encode(EventResponse("accepted", eid)))
 
-    async def post_batch(self, req: Request) -> Response:
+    def post_batch(self, req: Request) -> Response | Deferred:
         """``POST /events/batch``: ``{"events": [...]}`` → per-item results."""
         bad = self._decoded(req)
         if bad is not None:
@@ -354,25 +360,36 @@ class IngestRoutes:
                         items.append(item)
                         keys.append(key)
                         where.append(i)
-        errors: Sequence[Any] = ()
-        if items:
-            if self.backend.stopping:
-                return error(503, "shutting_down", "the server is stopping", retry_after=self.cfg.retry_after)
-            try:
-                res = await self.backend.submit(items, keys)
-            except (Overloaded, CollectorClosed) as e:
-                return self._overloaded(e)
-            errors = res.errors
-            for err in errors:
-                i = where[err.index]
-                r = results[i]
-                r.status = err.kind if err.kind in _ITEM_STATUSES else "failed"
-                if err.kind != "duplicate":
-                    r.path = f"$.events[{i}]" + err.path[1:]
-                    r.reason = err.reason
+        if not items:
+            return self._batch_answer(results, len(items), ())
+        if self.backend.stopping:
+            return error(503, "shutting_down", "the server is stopping", retry_after=self.cfg.retry_after)
+        return Deferred(self.backend.submit(items, keys), functools.partial(self._batch_done, results, where))
+
+    def _batch_done(
+        self, results: list[ItemResult], where: Sequence[int], fut: asyncio.Future[Any]
+    ) -> Response:
+        """A batch's answer once its events are stored or rejected: the engine's errors
+        put on the items they belong to (``where``: each submitted event's index in the batch)."""
+        try:
+            res: Submitted = fut.result()
+        except (Overloaded, CollectorClosed) as e:
+            return self._overloaded(e)
+        errors = res.errors
+        for err in errors:
+            i = where[err.index]
+            r = results[i]
+            r.status = err.kind if err.kind in _ITEM_STATUSES else "failed"
+            if err.kind != "duplicate":
+                r.path = f"$.events[{i}]" + err.path[1:]
+                r.reason = err.reason
+        return self._batch_answer(results, len(where), errors)
+
+    def _batch_answer(self, results: list[ItemResult], submitted: int, errors: Sequence[Any]) -> Response:
+        """The batch's 202 (or 503 when nothing could be stored) with its per-item results."""
         counts = {"accepted": 0, "duplicate": 0, "invalid": 0, "failed": 0, "deadlettered": 0, "filtered": 0,
                   "unauthorized": 0}
-        if errors or len(items) != len(results):
+        if errors or submitted != len(results):
             for r in results:
                 counts[r.status] += 1
         else:  # every item accepted: no need to look at each
