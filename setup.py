@@ -10,7 +10,7 @@ the same and each falls back to its Python path (slower; see docs/performance.md
 from setuptools import Extension, setup
 
 NATIVE = ["collector/native"]
-SHARED = ["collector/native/jsonscan.h"]
+SHARED = ["collector/native/crc32.h", "collector/native/jsonscan.h"]
 
 setup(
     ext_modules=[

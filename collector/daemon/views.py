@@ -141,6 +141,10 @@ class Views:
         """Events in, through the serving engine's coalescer."""
         return self.coalescer.submit(items, keys)
 
+    def owner(self) -> tuple[int, int]:
+        """The worker the next operation's generated ids belong to, and the worker count."""
+        return self.coalescer.owner()
+
     def count_rejected(self) -> None:
         """One item refused before the engine: counted as received and failed."""
         self.rejected += 1

@@ -267,6 +267,13 @@ class Collector(Reads):
         """Replace a dead worker while running, and while closing with work to drain."""
         return self._state == "running" or (self._state == "closing" and bool(self.ledger.ops))
 
+    def least_loaded(self, after: int = -1) -> int:
+        """The worker with the fewest chunks queued and in flight; of equals, the first
+        after ``after`` (so that equal workers take turns)."""
+        n = self.nworkers
+        ledger = self.ledger
+        return min(((after + 1 + k) % n for k in range(n)), key=ledger.load)
+
     def worker_ready(self, i: int) -> None:
         """Worker ``i`` said Ready: send it what waits for it."""
         self.ledger.pump(i)

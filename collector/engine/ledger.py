@@ -91,6 +91,10 @@ class Ledger:
         # a poison chunk's last delivery into one chunk per event
         self.planner = planner
 
+    def load(self, i: int) -> int:
+        """Chunks queued for and in flight at worker ``i`` (what it has yet to acknowledge)."""
+        return len(self.queues[i]) + len(self.inflight[i])
+
     # -- in ---------------------------------------------------------------------------
     def enqueue(self, op: Operation, per_worker: list[list[Entry]] | None, shared: list[Entry] | None) -> None:
         """Queue an operation's chunks; ``(None, None)`` seals it (no more will come)."""

@@ -63,6 +63,12 @@ class Backend(Protocol):
         ``CollectorClosed``. A future, not a coroutine, so that a request needs no task."""
         ...
 
+    def owner(self) -> tuple[int, int]:
+        """``(worker, workers)``: the worker whose ids the events submitted next should
+        get when the server generates them (their id is their shard key), and the worker
+        count; ``(0, 1)`` for no preference. See ``Coalescer.owner``."""
+        ...
+
     def count_rejected(self) -> None:
         """Count one item the server refused before the engine (not a JSON object)."""
         ...

@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <string.h>
 
+#include "crc32.h"
 #include "jsonscan.h"
 
 /* The key member's value at p as the decoder gives it (a str, an int, None), NULL and no
@@ -95,16 +96,19 @@ static int read_item(const unsigned char *p, const unsigned char *end, const uns
 }
 
 PyDoc_STRVAR(with_ids_doc,
-"with_ids(raws, quoted_id, prefix, first, quoted_key) -> (items, ids, keys, depth) | None\n\n"
+"with_ids(raws, quoted_id, prefix, first, quoted_key, owner=0, workers=1, span=len(raws))\n"
+"    -> (items, ids, keys, depth) | None\n\n"
 "``raws``: a batch's events as msgspec decoded them (``msgspec.Raw`` or bytes);\n"
 "``quoted_id``: the id member's JSON name in quotes (b'\"id\"'); ``prefix`` and ``first``:\n"
-"a block of ids from ``collector.ids.id_block`` (event i's id is ``prefix`` + the 12 hex\n"
-"digits of ``(first + i) & 0xFFFFFFFFFFFF``); ``quoted_key``: the shard key's quoted name,\n"
-"or None when the key is the id. ``items``: each event as bytes with its id as first\n"
-"member; ``ids``: the ids (str); ``keys``: each event's key value (str, int or None;\n"
-"None when ``quoted_key`` is None); ``depth``: the deepest item's nesting (an object is\n"
-"1). None when some event is not the common case (see the module's header), and the\n"
-"caller reads the batch the Python way.");
+"a block of ``span`` ids from ``collector.ids.id_block`` (id j of the block is ``prefix`` +\n"
+"the 12 hex digits of ``(first + j) & 0xFFFFFFFFFFFF``); ``quoted_key``: the shard key's\n"
+"quoted name, or None when the key is the id. ``workers`` > 1: only the block's ids whose\n"
+"``zlib.crc32(id) % workers == owner`` are used (the id is the shard key, so the events go\n"
+"to worker ``owner``), else ids are used in order. ``items``: each event as bytes with its\n"
+"id as first member; ``ids``: the ids (str); ``keys``: each event's key value (str, int or\n"
+"None; None when ``quoted_key`` is None); ``depth``: the deepest item's nesting (an object\n"
+"is 1). None when some event is not the common case (see the module's header) or the\n"
+"block ran out, and the caller reads the batch the Python way.");
 
 #define ID_MASK 0xFFFFFFFFFFFFULL
 
@@ -113,8 +117,11 @@ static PyObject *with_ids(PyObject *self, PyObject *args) {
     Py_buffer qid;
     const char *prefix;
     Py_ssize_t plen;
-    unsigned long long first;
-    if (!PyArg_ParseTuple(args, "O!y*s#KO", &PyList_Type, &raws, &qid, &prefix, &plen, &first, &qkey)) return NULL;
+    unsigned long long first, span = 0;
+    Py_ssize_t owner = 0, workers = 1;
+    if (!PyArg_ParseTuple(args, "O!y*s#KO|nnK", &PyList_Type, &raws, &qid, &prefix, &plen, &first, &qkey, &owner,
+                          &workers, &span))
+        return NULL;
     PyObject *result = NULL, *items = NULL, *ids = NULL, *keys = NULL;
     Py_buffer qk = {0};
     int have_key = qkey != Py_None;
@@ -124,6 +131,14 @@ static PyObject *with_ids(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "with_ids: a quoted id name and an id prefix of at most 64 bytes are needed");
         goto done;
     }
+    if (workers < 1 || owner < 0 || owner >= workers) {
+        PyErr_SetString(PyExc_ValueError, "with_ids: owner must be in range(workers)");
+        goto done;
+    }
+    if (span == 0) span = (unsigned long long)n;
+    /* the prefix is common to every id: hashed once, each id's 12 digits continue from it */
+    uint32_t crc_prefix = crc_update(CRC_START, (const unsigned char *)prefix, (size_t)plen);
+    unsigned long long used = 0; /* counter values of the block taken or skipped */
     if (have_key) {
         if (PyObject_GetBuffer(qkey, &qk, PyBUF_SIMPLE) < 0) goto done;
         if (qk.len < 3) {
@@ -151,11 +166,24 @@ static PyObject *with_ids(PyObject *self, PyObject *args) {
             if (r > 0) result = Py_NewRef(Py_None);
             goto done;
         }
-        /* the id: prefix + 12 hex digits of the counter, as collector.ids.new_ids */
+        /* the id: prefix + 12 hex digits of the counter, as collector.ids.new_ids; with
+           workers > 1, the block's next value whose id hashes to owner */
         char e[64 + 12];
         memcpy(e, prefix, (size_t)plen);
-        unsigned long long c = (first + (unsigned long long)i) & ID_MASK;
-        for (int d = 11; d >= 0; d--, c >>= 4) e[plen + d] = hex[c & 15];
+        for (;;) {
+            if (used == span) { /* the block ran out: the Python path makes the ids */
+                Py_XDECREF(kv);
+                PyBuffer_Release(&b);
+                result = Py_NewRef(Py_None);
+                goto done;
+            }
+            unsigned long long c = (first + used++) & ID_MASK;
+            for (int d = 11; d >= 0; d--, c >>= 4) e[plen + d] = hex[c & 15];
+            if (workers == 1 ||
+                (Py_ssize_t)(crc_end(crc_update(crc_prefix, (const unsigned char *)e + plen, 12)) % (uint32_t)workers) ==
+                    owner)
+                break;
+        }
         PyObject *eid = PyUnicode_FromStringAndSize(e, elen);
         /* {"<id>":"<eid>",  then the item after its `{` */
         PyObject *out = eid == NULL ? NULL : PyBytes_FromStringAndSize(NULL, 1 + qid.len + 2 + elen + 2 + (b.len - 1));
@@ -203,4 +231,7 @@ static struct PyModuleDef module = {
     -1, methods,
 };
 
-PyMODINIT_FUNC PyInit_batchread(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit_batchread(void) {
+    crc_init();
+    return PyModule_Create(&module);
+}

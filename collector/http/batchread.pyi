@@ -3,5 +3,13 @@
 from typing import Any
 
 def with_ids(
-    raws: list[Any], quoted_id: bytes, prefix: str, first: int, quoted_key: bytes | None, /
+    raws: list[Any],
+    quoted_id: bytes,
+    prefix: str,
+    first: int,
+    quoted_key: bytes | None,
+    owner: int = 0,
+    workers: int = 1,
+    span: int = 0,
+    /,
 ) -> tuple[list[bytes], list[str], list[Any] | None, int] | None: ...

@@ -72,6 +72,25 @@ class Coalescer:
         # detection): 0.25 us per request saved
         self._loop: asyncio.AbstractEventLoop | None = None
         self.operations = 0  # operations started (for the events-per-operation figure)
+        # the worker whose ids the next operation's events without an id get (see owner())
+        self._owner = 0
+        self._steer = collector.pipeline.shard == "key" and collector.nworkers > 1
+
+    def owner(self) -> tuple[int, int]:
+        """``(worker, workers)``: the worker the next operation's generated ids should
+        belong to, and the worker count; ``(0, 1)`` when it does not matter.
+
+        An event sent without an id is a new event: its generated id may be any fresh
+        id, so the server picks ids that the shard function puts on one worker, and
+        every such event of one operation goes there (to the least loaded worker,
+        taking turns). Small operations then make one chunk, not one per worker: the
+        chunk's fixed costs (a frame each way, a sink write and its ``fdatasync``, the
+        ack) are paid once. A later copy of such an id still reaches its owner, by the
+        same shard function. Events that sent their ids go to their owners as before.
+        """
+        if not self._steer:
+            return 0, 1
+        return self._owner, self.collector.nworkers
 
     def submit(self, items: list[Any], keys: list[Any] | None = None) -> asyncio.Future[SliceResult]:
         """Submit events; a future that is done when they are (``await co.submit(...)``).
@@ -116,10 +135,12 @@ class Coalescer:
         payload, keys, bounds = _merge(batch)
         if not self.block and not self.collector.is_big(payload):
             self._start(batch, payload, keys, bounds)
-            return
-        t = self._loop.create_task(self._run(batch, payload, keys, bounds))
-        self._tasks.add(t)
-        t.add_done_callback(self._finished)
+        else:
+            t = self._loop.create_task(self._run(batch, payload, keys, bounds))
+            self._tasks.add(t)
+            t.add_done_callback(self._finished)
+        if self._steer:  # the next operation's go where there is least to do, this one counted
+            self._owner = self.collector.least_loaded(after=self._owner)
 
     def _finished(self, t: asyncio.Future[None]) -> None:
         self._tasks.discard(t)

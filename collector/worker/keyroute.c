@@ -25,40 +25,13 @@
 #include <emmintrin.h>
 #endif
 
+#include "crc32.h"
 #include "jsonscan.h"
 
 #define KIND_STR 1     /* the key field takes a str */
 #define KIND_INT 2     /* ... an int */
 #define KIND_NONE 4    /* ... None (JSON null hashes as repr(None)) */
 #define KIND_MISSING 8 /* a missing key decodes to None (the field's default) */
-
-/* zlib's crc32, slicing by 8: a key of 8 bytes or more costs one step per 8 bytes */
-static uint32_t crc_table[8][256];
-
-static void crc_init(void) {
-    for (uint32_t i = 0; i < 256; i++) {
-        uint32_t c = i;
-        for (int k = 0; k < 8; k++) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-        crc_table[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; i++)
-        for (int t = 1; t < 8; t++)
-            crc_table[t][i] = crc_table[0][crc_table[t - 1][i] & 0xFF] ^ (crc_table[t - 1][i] >> 8);
-}
-
-/* zlib.crc32 of the bytes */
-static uint32_t crc32_of(const unsigned char *p, size_t n) {
-    uint32_t c = 0xFFFFFFFFu;
-    for (; n >= 8; n -= 8, p += 8) {
-        uint32_t lo = c ^ ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
-        uint32_t hi = (uint32_t)p[4] | (uint32_t)p[5] << 8 | (uint32_t)p[6] << 16 | (uint32_t)p[7] << 24;
-        c = crc_table[7][lo & 0xFF] ^ crc_table[6][(lo >> 8) & 0xFF] ^ crc_table[5][(lo >> 16) & 0xFF] ^
-            crc_table[4][lo >> 24] ^ crc_table[3][hi & 0xFF] ^ crc_table[2][(hi >> 8) & 0xFF] ^
-            crc_table[1][(hi >> 16) & 0xFF] ^ crc_table[0][hi >> 24];
-    }
-    while (n--) c = crc_table[0][(c ^ *p++) & 0xFF] ^ (c >> 8);
-    return c ^ 0xFFFFFFFFu;
-}
 
 /* bytes.strip()'s whitespace: a line of only these is blank (protocol.ndjson_lines) */
 static inline int py_ws(unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }

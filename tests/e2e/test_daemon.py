@@ -208,6 +208,52 @@ def test_client_ids_are_kept_and_repeats_are_reported_as_duplicates(daemon: Daem
     assert sorted(r["id"] for r in daemon.stored()) == sorted([ev["id"], "other-1"])
 
 
+def _worker_events(daemon: Daemon, total: int) -> list[int]:
+    """Events per worker once ``total`` are counted (the counters trail the answers a little)."""
+    deadline = time.monotonic() + 10
+    while True:
+        per = [w["events"] for w in daemon.get("/metrics")[1]["workers"]]
+        if sum(per) >= total or time.monotonic() > deadline:
+            return per
+        time.sleep(0.02)
+
+
+def test_generated_ids_put_a_requests_events_on_one_worker_and_their_repeats_are_duplicates(daemon: Daemon) -> None:
+    """Events sent without ids get ids that the shard function gives to one worker (the
+    least loaded; idle workers take turns), so a request's events make one chunk there,
+    not one per worker. A repeat sent later with the id it was given still reaches that
+    worker's dedup window, through the native reader and the Python one (a batch where
+    some event sent its own id)."""
+    ev = {"type": "sensor_data", "source": "iot_device", "data": {"t": 1}}
+    per, total, ids = [0, 0], 0, []
+    for rnd in range(4):
+        batch = [dict(ev) for _ in range(50)]
+        if rnd == 3:  # one event with its own id: the batch is read the Python way
+            batch[7]["id"] = "client-own-1"
+        status, body = daemon.post("/events/batch", {"events": batch})
+        assert status == 202 and body["accepted"] == 50, body
+        ids += [r["id"] for r in body["results"]]
+        total += 50
+        now = _worker_events(daemon, total)
+        grew = sorted(b - a for a, b in zip(per, now, strict=True))
+        per = now
+        if rnd < 3:
+            assert grew == [0, 50], f"request {rnd}: its events were split over the workers: {grew}"
+        else:  # the 49 generated ids on one worker, the client's id wherever it hashes to
+            assert grew in ([0, 50], [1, 49]), grew
+    assert min(per) >= 50, f"one worker took every request: {per}"
+    status, body = daemon.post("/events", dict(ev))
+    assert status == 202
+    ids.append(body["id"])
+    # every repeat, by the id it was given: a duplicate, found by the worker that stored it
+    for lo in range(0, len(ids), 100):
+        part = ids[lo:lo + 100]
+        status, body = daemon.post("/events/batch", {"events": [{**ev, "id": i} for i in part]})
+        assert status == 202 and body["duplicates"] == len(part), body
+    assert daemon.post("/events", {**ev, "id": ids[-1]})[1]["status"] == "duplicate"
+    assert sorted(r["id"] for r in daemon.stored()) == sorted(ids)
+
+
 # ------------------------------------------------------------------ bad input
 BAD: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
     # (name, path, body, headers, status, text the answer must contain)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import zlib
-from itertools import repeat
+from itertools import compress, repeat
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,7 @@ import msgspec
 
 from ...errors import CollectorClosed, Overloaded
 from ...ids import id_block, new_ids
-from ...pipeline import event_structs, struct_field
+from ...pipeline import ShardMap, event_structs, struct_field
 from ...sinks.sinkset import REFUSED
 from ..bodies import ENCODINGS, TooLarge, inflate, json_depth
 from ..protocol import Deferred, Request, Response, error
@@ -51,7 +51,9 @@ if TYPE_CHECKING:
     from ...pipeline import Pipeline
     from ..backend import Backend, Submitted
 
-__all__ = ["IdReader", "IngestRoutes", "refused"]
+__all__ = ["NO_OWNER", "IdReader", "IngestRoutes", "refused"]
+
+NO_OWNER = (0, 1)  # (worker, workers): generated ids go wherever the shard function puts them
 
 
 def refused(reason: str) -> bool:
@@ -87,16 +89,23 @@ class IdReader:
         self.id_first = b"{" + name + b':"%s",%b'
         self.id_only = b"{" + name + b':"%s"%b'
 
-    def read_native(self, raws: list[Any]) -> tuple[list[Any], list[Any], list[Any], int] | None:
+    def read_native(
+        self, raws: list[Any], owner: tuple[int, int] = NO_OWNER
+    ) -> tuple[list[Any], list[Any], list[Any], int] | None:
         """(items, ids, keys, depth) of a batch none of whose events sent an id, read in
         one C pass (``batchread.with_ids``): each item with a generated id put first, each
         key, and the deepest item's nesting (an object is 1). None when the extension is
         absent, the pipeline does not generate ids, or some event is not that common case
-        (the caller then reads the heads with :meth:`ids_and_keys`)."""
+        (the caller then reads the heads with :meth:`ids_and_keys`). ``owner``: see
+        :meth:`new_ids`."""
         if batchread is None or not self.generate or not raws:
             return None
         # the ids are formatted in C too: new_ids in Python cost more than reading the items
-        got = batchread.with_ids(raws, self.quoted_id, *id_block(len(raws)), self.quoted_key)
+        worker, workers = owner if self.key == self.id else NO_OWNER
+        # about `workers` values of the counter per id: a block this large runs out with
+        # a probability below 2**-60 (then the Python path makes them)
+        span = len(raws) if workers == 1 else 4 * workers * len(raws) + 64
+        got = batchread.with_ids(raws, self.quoted_id, *id_block(span), self.quoted_key, worker, workers, span)
         if got is None:
             return None
         items, ids, keys, depth = got
@@ -111,19 +120,37 @@ class IdReader:
         rest = b[1:].lstrip()
         return self.id_only % (eid.encode(), b[1:] if rest[:1] == b"}" else b"," + b[1:])
 
-    def ids_and_keys(self, heads: list[Any], raws: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
-        """(items, ids, keys) for a batch whose heads were read; ids generated as needed."""
+    def new_ids(self, n: int, owner: tuple[int, int] = NO_OWNER) -> list[str]:
+        """``n`` new ids; with ``owner = (worker, workers)`` and the id as the shard key,
+        ids that the pipeline's shard function gives to ``worker`` (drawn from the id
+        counter, the others left unused)."""
+        worker, workers = owner
+        if workers <= 1 or self.key != self.id:
+            return new_ids(n)
+        shards = ShardMap(workers)
+        out: list[str] = []
+        while len(out) < n:
+            got = new_ids(2 * workers * (n - len(out)) + 8)
+            out.extend(compress(got, map(worker.__eq__, shards.of_many(got))))
+        del out[n:]
+        return out
+
+    def ids_and_keys(
+        self, heads: list[Any], raws: list[Any], owner: tuple[int, int] = NO_OWNER
+    ) -> tuple[list[Any], list[Any], list[Any]]:
+        """(items, ids, keys) for a batch whose heads were read; ids generated as needed
+        (``owner``: see :meth:`new_ids`)."""
         ids = list(map(self.get_id, heads))
         items = raws
         if self.generate and ids.count(msgspec.UNSET) == len(ids) and _all_members(raws):
             # the common case, no event sent an id: one id each, put first in each
             # object by one formatting step (no scan of the item)
-            ids = new_ids(len(ids))
+            ids = self.new_ids(len(ids), owner)
             items = list(map(self.id_first.__mod__, zip(map(str.encode, ids), map(_after_brace, raws), strict=True)))
         elif self.generate and msgspec.UNSET in ids:
             items = list(raws)
             missing = [i for i, k in enumerate(ids) if k is msgspec.UNSET]
-            for i, new in zip(missing, new_ids(len(missing)), strict=True):
+            for i, new in zip(missing, self.new_ids(len(missing), owner), strict=True):
                 ids[i] = new
                 items[i] = self.inject_id(raws[i], new)
         if self.key == self.id:
@@ -208,12 +235,13 @@ class IngestRoutes:
         return self._reader[1]
 
     def _with_id(
-        self, raw: msgspec.Raw | bytes, rd: IdReader, native: bool = False
+        self, raw: msgspec.Raw | bytes, rd: IdReader, owner: tuple[int, int], native: bool = False
     ) -> tuple[msgspec.Raw | bytes, Any, Any, str | None, int | None]:
         """(item, shard key, id, error, depth) of one event; the id is generated when
         absent. ``native``: try the C reader first (``POST /events``; a batch's events
         come here only once it declined the batch). ``depth``: the event's nesting when
-        the C reader read it, else None (the caller measures it).
+        the C reader read it, else None (the caller measures it). ``owner``: see
+        :meth:`IdReader.new_ids`.
 
         Raises ``msgspec.DecodeError`` when ``raw`` is not JSON at all.
         """
@@ -221,11 +249,11 @@ class IngestRoutes:
             head = rd.one.decode(raw)  # checks the whole event is JSON
         except msgspec.ValidationError as e:
             return raw, None, None, str(e).split(" - at ")[0], None
-        got = rd.read_native([raw]) if native else None
+        got = rd.read_native([raw], owner) if native else None
         if got is not None:
             n_items, n_ids, n_keys, depth = got
             return n_items[0], n_keys[0], n_ids[0], None, depth
-        items, ids, keys = rd.ids_and_keys([head], [raw])
+        items, ids, keys = rd.ids_and_keys([head], [raw], owner)
         eid = ids[0]
         return items[0], keys[0], eid if type(eid) in _ID_TYPES else None, None, None
 
@@ -255,7 +283,7 @@ class IngestRoutes:
             return _empty_body()
         try:
             # as for a batch: parsed first, the depth measured only where the answer needs it
-            item, key, eid, why, depth = self._with_id(body, self.reader(), native=True)
+            item, key, eid, why, depth = self._with_id(body, self.reader(), self.backend.owner(), native=True)
         except msgspec.DecodeError as e:
             return self._too_deep(body) or error(400, "malformed_json", f"the body is not valid JSON: {e}")
         if depth is None or why is not None:
@@ -328,7 +356,8 @@ class IngestRoutes:
         items: list[Any]
         keys: list[Any]
         where: list[int] | range
-        native = rd.read_native(raws)
+        owner = self.backend.owner()
+        native = rd.read_native(raws, owner)
         if native is not None:  # the common case: objects without ids, read in one C pass
             items, ids, keys, depth = native
             if depth + 2 > self.cfg.max_json_depth:  # the envelope's object and array
@@ -345,13 +374,13 @@ class IngestRoutes:
             except msgspec.ValidationError:
                 heads = None  # some item is not an object: the loop below says which
             if heads is not None:
-                items, ids, keys = rd.ids_and_keys(heads, raws)
+                items, ids, keys = rd.ids_and_keys(heads, raws, owner)
                 results = [ItemResult(i, "accepted", k if type(k) in _ID_TYPES else None) for i, k in enumerate(ids)]
                 where = range(len(items))
             else:
                 results, items, keys, where = [], [], [], []
                 for i, raw in enumerate(raws):
-                    item, key, eid, why, _ = self._with_id(raw, rd)
+                    item, key, eid, why, _ = self._with_id(raw, rd, owner)
                     if why is not None:  # not an object: no worker could read it
                         self.backend.count_rejected()
                         results.append(ItemResult(i, "invalid", None, f"$.events[{i}]", why))
