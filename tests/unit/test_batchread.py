@@ -22,7 +22,7 @@ from collector.http.bodies import json_depth
 from collector.http.routes.ingest import IdReader
 from collector.http.schemas import BatchRequest
 from collector.ids import new_ids
-from collector.pipeline import Pipeline
+from collector.pipeline import Pipeline, ShardMap
 
 batchread = native("collector.http.batchread")
 
@@ -145,3 +145,43 @@ def test_native_reading_is_refused_bad_arguments() -> None:
         batchread.with_ids(raws, b'"id"', "p-", 0, b"")
     with pytest.raises(TypeError):
         batchread.with_ids(tuple(raws), b'"id"', "p-", 0, None)
+    with pytest.raises(ValueError):
+        batchread.with_ids(raws, b'"id"', "p-", 0, None, 2, 2)  # the owner is a worker index
+    with pytest.raises(ValueError):
+        batchread.with_ids(raws, b'"id"', "p-", 0, None, 0, 0)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 5])
+def test_ids_made_for_an_owner_are_the_shard_functions_for_that_worker_on_both_paths(workers: int) -> None:
+    """With ``owner = (worker, workers)`` every generated id is one that ``ShardMap`` (the
+    pipeline's shard function, zlib's crc32) gives to ``worker``; the C reader takes them
+    in counter order from its block, skipping the others, and says None when its block
+    runs out; the Python path gives ids of the same worker; ids the client sent are kept."""
+    shards = ShardMap(workers)
+    raws = raws_of(batch([b'{"a":1}'] * 60))
+    for owner in range(workers):
+        got = batchread.with_ids(raws, b'"id"', "0192f0e1-2b3c-7abc-8def-", 0xFFFF_FFFF_FF00, None, owner, workers,
+                                 4000)
+        assert got is not None
+        ids = got[1]
+        counters = [int(i[-12:], 16) for i in ids]
+        assert len(set(ids)) == 60 and shards.of_many(ids) == [owner] * 60
+        # in order from the block (wrapping as the counter does), none of this worker's skipped
+        block = [(0xFFFF_FFFF_FF00 + j) & 0xFFFF_FFFF_FFFF for j in range(4000)]
+        mine = [c for c in block if shards.of(f"0192f0e1-2b3c-7abc-8def-{c:012x}") == owner]
+        assert counters == mine[:60]
+        # 60 values cannot all be this worker's: the block runs out, the Python path takes over
+        assert batchread.with_ids(raws, b'"id"', "0192f0e1-2b3c-7abc-8def-", 0, None, owner, workers, 60) is None
+        rd = reader("id")
+        native_ids = rd.read_native(raws, (owner, workers))
+        assert native_ids is not None and shards.of_many(native_ids[1]) == [owner] * 60
+        body = batch([b'{"a":1}', b'{"id":"client-1","a":2}', b'{"a":3}'])
+        _, ids2, keys = rd.ids_and_keys(rd.many.decode(body).events, raws_of(body), (owner, workers))
+        assert ids2[1] == "client-1" and keys == ids2
+        assert shards.of(ids2[0]) == owner and shards.of(ids2[2]) == owner
+        assert shards.of_many(rd.new_ids(500, (owner, workers))) == [owner] * 500
+    # the key is not the id: the key decides the worker, ids are not steered (counter order)
+    got = reader("user").read_native(raws_of(batch([b'{"user":"u"}'] * 4)), (1, workers))
+    assert got is not None
+    first = int(got[1][0][-12:], 16)
+    assert [int(i[-12:], 16) for i in got[1]] == list(range(first, first + 4))

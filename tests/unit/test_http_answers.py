@@ -103,6 +103,7 @@ def test_a_deferred_answer_still_waiting_when_the_drain_ends_is_answered_503() -
         assert not clean and app.waiting is not None and app.waiting.cancelled()
         await asyncio.sleep(0)  # the cancelled future's callback answers
         assert server.by_status == {503: 1}
+        assert await asyncio.wait_for(r.read(), 5) == b"", "the drain closes the connection"
         w.close()
         await asyncio.sleep(0)
 
