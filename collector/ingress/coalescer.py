@@ -74,6 +74,7 @@ class Coalescer:
         self.operations = 0  # operations started (for the events-per-operation figure)
         # the worker whose ids the next operation's events without an id get (see owner())
         self._owner = 0
+        self._owned = 0  # events submitted since the owner was chosen
         self._steer = collector.pipeline.shard == "key" and collector.nworkers > 1
 
     def owner(self) -> tuple[int, int]:
@@ -87,9 +88,16 @@ class Coalescer:
         chunk's fixed costs (a frame each way, a sink write and its ``fdatasync``, the
         ack) are paid once. A later copy of such an id still reaches its owner, by the
         same shard function. Events that sent their ids go to their owners as before.
+
+        A large operation is not left to one worker: once a chunk's worth
+        (``chunk_size``) has been given to one, the next events go to another, so both
+        work on it at once.
         """
         if not self._steer:
             return 0, 1
+        if self._owned >= self.collector.chunk_size:
+            self._owner = self.collector.least_loaded(after=self._owner)
+            self._owned = 0
         return self._owner, self.collector.nworkers
 
     def submit(self, items: list[Any], keys: list[Any] | None = None) -> asyncio.Future[SliceResult]:
@@ -111,6 +119,7 @@ class Coalescer:
         fut: asyncio.Future[SliceResult] = loop.create_future()
         self._pending.append((items, keys, fut))
         self._count += len(items)
+        self._owned += len(items)
         if self._count >= self.max_batch:
             self._flush()
         elif self._scheduled is None:
@@ -141,6 +150,7 @@ class Coalescer:
             t.add_done_callback(self._finished)
         if self._steer:  # the next operation's go where there is least to do, this one counted
             self._owner = self.collector.least_loaded(after=self._owner)
+            self._owned = 0
 
     def _finished(self, t: asyncio.Future[None]) -> None:
         self._tasks.discard(t)

@@ -146,3 +146,44 @@ def test_max_ops_starts_the_next_operation_after_max_wait_when_one_stalls() -> N
             await co.aclose()
 
     asyncio.run(main())
+
+
+def test_ids_made_for_the_coalescers_owner_keep_small_operations_on_one_worker_and_spread_large_ones() -> None:
+    """What the HTTP server does for events sent without ids: ids made for
+    ``co.owner()``. Submissions of one loop turn share an owner, the next operation
+    goes to the other (idle) worker, and a large operation turns to another worker
+    after a chunk's worth, so both work on it. Each worker stores exactly what was
+    given to it."""
+    from collector.http.routes.ingest import IdReader
+    from collector.packs.generic import generic_pipeline
+
+    async def main() -> None:
+        async with Collector(generic_pipeline(enrich_latency=0), workers=2, chunk_size=2048) as c:
+            co = Coalescer(c, max_batch=1 << 20)
+            rd = IdReader(c.pipeline)
+            given = [0, 0]
+
+            def submit(n: int) -> tuple[int, asyncio.Future[object]]:
+                worker, workers = co.owner()
+                assert workers == 2
+                ids = rd.new_ids(n, (worker, workers))
+                raws = [msgspec.json.encode({"id": i, "type": "user_action", "source": "web"}) for i in ids]
+                given[worker] += n
+                return worker, co.submit(raws, ids)
+
+            small = [submit(10) for _ in range(3)]  # one loop turn: one operation
+            assert len({w for w, _ in small}) == 1
+            await asyncio.wait_for(asyncio.gather(*(f for _, f in small)), 30)
+            nxt, fut = submit(10)
+            assert nxt != small[0][0], "idle workers take turns"
+            await asyncio.wait_for(fut, 30)
+            big = [submit(1000) for _ in range(5)]  # one operation of 5,000 events
+            owners = [w for w, _ in big]
+            assert owners[:3] == [owners[0]] * 3 and owners[3:] == [1 - owners[0]] * 2, owners
+            done = await asyncio.wait_for(asyncio.gather(*(f for _, f in big)), 60)
+            assert all(r.handled_events == 1000 and not r.errors for r in done)
+            await co.aclose()
+            st = c.stats()
+        assert [w.events for w in st.workers] == given
+
+    asyncio.run(main())
