@@ -132,7 +132,10 @@ def test_native_ids_are_uuid7_text_as_new_ids_makes_them_and_wrap_as_its_counter
     for eid in made[1] + new_ids(2):  # the same layout as the Python generator's
         u = uuid.UUID(eid)
         assert str(u) == eid and u.version == 7 and u.variant == uuid.RFC_4122
-        assert eid[:19] == made[1][0][:19] and eid[19:23] == made[1][0][19:23]  # time + node, 4th group
+        # the node bits (version group and 4th group) are the process's; the time (48-bit
+        # ms) may have ticked between the two calls on a slow host
+        assert eid[14:23] == made[1][0][14:23]
+        assert abs(int(eid[:8] + eid[9:13], 16) - int(made[1][0][:8] + made[1][0][9:13], 16)) < 5_000
 
 
 def test_native_reading_is_refused_bad_arguments() -> None:
