@@ -95,10 +95,12 @@ class Coalescer:
         """
         if not self._steer:
             return 0, 1
-        if self._owned >= self.collector.chunk_size:
-            self._owner = self.collector.least_loaded(after=self._owner)
-            self._owned = 0
         return self._owner, self.collector.nworkers
+
+    def _turn(self) -> None:
+        """Give the next events to the least loaded worker (equal ones take turns)."""
+        self._owner = self.collector.least_loaded(after=self._owner)
+        self._owned = 0
 
     def submit(self, items: list[Any], keys: list[Any] | None = None) -> asyncio.Future[SliceResult]:
         """Submit events; a future that is done when they are (``await co.submit(...)``).
@@ -120,6 +122,8 @@ class Coalescer:
         self._pending.append((items, keys, fut))
         self._count += len(items)
         self._owned += len(items)
+        if self._steer and self._owned >= self.collector.chunk_size:  # a chunk's worth for this one
+            self._turn()
         if self._count >= self.max_batch:
             self._flush()
         elif self._scheduled is None:
@@ -149,8 +153,7 @@ class Coalescer:
             self._tasks.add(t)
             t.add_done_callback(self._finished)
         if self._steer:  # the next operation's go where there is least to do, this one counted
-            self._owner = self.collector.least_loaded(after=self._owner)
-            self._owned = 0
+            self._turn()
 
     def _finished(self, t: asyncio.Future[None]) -> None:
         self._tasks.discard(t)

@@ -101,7 +101,7 @@ class IdReader:
         if batchread is None or not self.generate or not raws:
             return None
         # the ids are formatted in C too: new_ids in Python cost more than reading the items
-        worker, workers = owner if self.key == self.id else NO_OWNER
+        worker, workers = self._owner(owner)
         # about `workers` values of the counter per id: a block this large runs out with
         # a probability below 2**-60 (then the Python path makes them)
         span = len(raws) if workers == 1 else 4 * workers * len(raws) + 64
@@ -124,8 +124,8 @@ class IdReader:
         """``n`` new ids; with ``owner = (worker, workers)`` and the id as the shard key,
         ids that the pipeline's shard function gives to ``worker`` (drawn from the id
         counter, the others left unused)."""
-        worker, workers = owner
-        if workers <= 1 or self.key != self.id:
+        worker, workers = self._owner(owner)
+        if workers == 1:
             return new_ids(n)
         shards = ShardMap(workers)
         out: list[str] = []
@@ -134,6 +134,10 @@ class IdReader:
             out.extend(compress(got, map(worker.__eq__, shards.of_many(got))))
         del out[n:]
         return out
+
+    def _owner(self, owner: tuple[int, int]) -> tuple[int, int]:
+        """``owner`` when the id is the shard key; else ids do not decide the worker."""
+        return owner if self.key == self.id else NO_OWNER
 
     def ids_and_keys(
         self, heads: list[Any], raws: list[Any], owner: tuple[int, int] = NO_OWNER
@@ -390,7 +394,7 @@ class IngestRoutes:
                         keys.append(key)
                         where.append(i)
         if not items:
-            return self._batch_answer(results, len(items), ())
+            return self._batch_answer(results, 0, ())
         if self.backend.stopping:
             return error(503, "shutting_down", "the server is stopping", retry_after=self.cfg.retry_after)
         return Deferred(self.backend.submit(items, keys), functools.partial(self._batch_done, results, where))
