@@ -308,6 +308,7 @@ class Collector(Reads):
         block: bool = True,
         timeout: float | None = None,
         keys: list[Any] | None = None,
+        owners: list[int] | None = None,
     ) -> Operation:
         """Accept a batch and return its :class:`Operation` at once.
 
@@ -316,7 +317,7 @@ class Collector(Reads):
         array, an item that is not an object) is reported in the operation's
         ``errors``, never raised. Blocks while ``max_inflight`` events are in flight
         (``block=False``: raises :class:`~collector.Overloaded`; ``timeout``: raises it
-        after that many seconds). ``keys``: as for :meth:`ahandle`.
+        after that many seconds). ``keys``, ``owners``: as for :meth:`ahandle`.
 
         Called on the collector's own loop (an asyncio server that started it with
         ``astart()``), with ``block=False``, it never waits: the chunks are on their way
@@ -324,7 +325,7 @@ class Collector(Reads):
         """
         t0 = time.monotonic()
         self._check_open()
-        op = self.planner.prepare(batch, return_events, keys)
+        op = self.planner.prepare(batch, return_events, keys, owners)
         op.started = t0  # elapsed counts from handle(), parsing included
         on_loop = threading.get_ident() == self._loop_thread_id
         self.admission.admit_sync(op.total, block, timeout, on_loop)
@@ -332,13 +333,23 @@ class Collector(Reads):
         return op
 
     async def ahandle(
-        self, batch: Any, *, return_events: bool = False, block: bool = True, keys: list[Any] | None = None
+        self,
+        batch: Any,
+        *,
+        return_events: bool = False,
+        block: bool = True,
+        keys: list[Any] | None = None,
+        owners: list[int] | None = None,
     ) -> Operation:
         """``handle()`` for asyncio code: awaits for capacity, never blocks the loop.
 
         ``keys``: when ``batch`` is a list of raw JSON objects (``bytes`` or
         ``msgspec.Raw``) whose shard keys the caller already read (the HTTP server reads
         each event's id), their keys in order; the supervisor then parses nothing.
+        ``owners``: with ``keys``, each key's worker (``0 .. nworkers - 1``), when the
+        caller made the keys for it: new, distinct ids drawn so that the shard function
+        gives them to that worker (the HTTP server's, see ``Coalescer.owner``). They are
+        not hashed again; a wrong owner puts a key's state on the wrong worker.
         """
         t0 = time.monotonic()
         self._check_open()
@@ -346,9 +357,9 @@ class Collector(Reads):
         big = self.is_big(batch)
         # big inputs are sliced on a thread so the loop keeps serving meanwhile
         if big:
-            op = await loop.run_in_executor(None, self.planner.prepare, batch, return_events, keys)
+            op = await loop.run_in_executor(None, self.planner.prepare, batch, return_events, keys, owners)
         else:
-            op = self.planner.prepare(batch, return_events, keys)
+            op = self.planner.prepare(batch, return_events, keys, owners)
         op.started = t0
         await self.admission.admit(op.total, block)
         if big:

@@ -145,10 +145,21 @@ class Planner:
         self.ids = itertools.count(1)
 
     # -- prepare ----------------------------------------------------------------------
-    def prepare(self, batch: Any, return_events: bool, keys: list[Any] | None = None) -> Operation:
-        """Normalise the input, find each event's key and worker (no encoding yet)."""
+    def prepare(
+        self, batch: Any, return_events: bool, keys: list[Any] | None = None, owners: list[int] | None = None
+    ) -> Operation:
+        """Normalise the input, find each event's key and worker (no encoding yet).
+
+        ``owners`` (with ``keys``): each key's worker, when the caller chose the keys for
+        it (ids generated for one worker, see ``Collector.handle``); they are taken as
+        given, and as distinct."""
         if keys is not None and (not isinstance(batch, list) or len(keys) != len(batch)):
             raise InvalidInput("keys= needs a list of raw JSON objects and one key per item")
+        if owners is not None and (
+            keys is None or len(owners) != len(keys) or (owners and not 0 <= min(owners) <= max(owners) < self.nworkers)
+        ):
+            # a worker out of range would match no worker's part: its events would be lost
+            raise InvalidInput(f"owners= needs keys= and one worker in 0..{self.nworkers - 1} per key")
         if self.chunked:
             return self._prepare_chunked(batch, return_events, keys is not None)
         errors: list[ErrorItem] = []
@@ -176,13 +187,18 @@ class Planner:
         # without growing the map of known keys
         many = self.nworkers > 1
         try:
-            if not many:
-                shard_of = None
-            elif keys_given:
-                shard_of = self.shards.of_many(keys)
+            if owners is not None:
+                # fresh ids made for their worker: hashing them again was ~10 % of the
+                # daemon's supervisor under batched load, their set a few more
+                shard_of, distinct = (owners if many else None), len(keys)
             else:
-                shard_of = list(map(self.shards.__getitem__, keys))
-            distinct = len(set(keys))
+                if not many:
+                    shard_of = None
+                elif keys_given:
+                    shard_of = self.shards.of_many(keys)
+                else:
+                    shard_of = list(map(self.shards.__getitem__, keys))
+                distinct = len(set(keys))
         except TypeError:  # an unhashable key (a JSON list or object): use its repr
             keys = list(map(ShardMap.hashable, keys))
             shard = self.shards.of if keys_given else self.shards.__getitem__

@@ -57,10 +57,11 @@ class Backend(Protocol):
         """The pipeline of the engine now serving (its id field, shard key and event type)."""
         ...
 
-    def submit(self, items: list[Any], keys: list[Any]) -> asyncio.Future[Any]:
+    def submit(self, items: list[Any], keys: list[Any], owner: int | None = None) -> asyncio.Future[Any]:
         """Hand events (JSON objects as bytes) and their shard keys to the engine: a
         future of the result (a :class:`Submitted`) once they are stored or rejected, or of ``Overloaded`` or
-        ``CollectorClosed``. A future, not a coroutine, so that a request needs no task."""
+        ``CollectorClosed``. A future, not a coroutine, so that a request needs no task.
+        ``owner``: every key is an id generated for that worker of :meth:`owner`."""
         ...
 
     def owner(self) -> tuple[int, int]:

@@ -63,7 +63,7 @@ class Coalescer:
         self.block = block
         self.max_ops = max_ops
         self.max_wait = max_wait
-        self._pending: list[tuple[list[Any], list[Any] | None, asyncio.Future[SliceResult]]] = []
+        self._pending: _Batch = []
         self._count = 0
         self._scheduled: asyncio.Handle | None = None  # the next flush: soon, or a max_wait timer
         self._tasks: set[asyncio.Future[None]] = set()  # operations running (tasks or followed)
@@ -102,13 +102,17 @@ class Coalescer:
         self._owner = self.collector.least_loaded(after=self._owner)
         self._owned = 0
 
-    def submit(self, items: list[Any], keys: list[Any] | None = None) -> asyncio.Future[SliceResult]:
+    def submit(
+        self, items: list[Any], keys: list[Any] | None = None, owner: int | None = None
+    ) -> asyncio.Future[SliceResult]:
         """Submit events; a future that is done when they are (``await co.submit(...)``).
 
         Items are Structs, dicts, or the raw JSON text of event objects (``bytes`` or
         ``msgspec.Raw``, sent on unparsed). With raw items, ``keys`` may give each
         item's shard key (see ``Collector.ahandle``). One coalescer carries one kind:
         raw items are not mixed with objects, nor keyed with unkeyed submissions.
+        ``owner``: every key is a new id made for that worker (the worker of
+        :meth:`owner` when the ids were generated); the engine then does not hash them.
 
         A plain future, not a coroutine: the HTTP server answers from its done
         callback, with no task per request (a task and its two extra loop turns cost
@@ -119,7 +123,7 @@ class Coalescer:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[SliceResult] = loop.create_future()
-        self._pending.append((items, keys, fut))
+        self._pending.append((items, keys, owner, fut))
         self._count += len(items)
         self._owned += len(items)
         if self._steer and self._owned >= self.collector.chunk_size:  # a chunk's worth for this one
@@ -145,11 +149,11 @@ class Coalescer:
         batch, self._pending, self._count = self._pending, [], 0
         self.operations += 1
         assert self._loop is not None
-        payload, keys, bounds = _merge(batch)
+        payload, keys, owners, bounds = _merge(batch)
         if not self.block and not self.collector.is_big(payload):
-            self._start(batch, payload, keys, bounds)
+            self._start(batch, payload, keys, owners, bounds)
         else:
-            t = self._loop.create_task(self._run(batch, payload, keys, bounds))
+            t = self._loop.create_task(self._run(batch, payload, keys, owners, bounds))
             self._tasks.add(t)
             t.add_done_callback(self._finished)
         if self._steer:  # the next operation's go where there is least to do, this one counted
@@ -160,7 +164,10 @@ class Coalescer:
         if self._pending:  # what waited for a free operation goes now (timer or not)
             self._flush()
 
-    def _start(self, batch: _Batch, payload: Any, keys: list[Any] | None, bounds: list[tuple[int, int]]) -> None:
+    def _start(
+        self, batch: _Batch, payload: Any, keys: list[Any] | None, owners: list[int] | None,
+        bounds: list[tuple[int, int]],
+    ) -> None:
         """Start the operation now, in this loop turn, and follow it with callbacks.
 
         No task: a task would start one loop turn later and resume one turn after the
@@ -168,7 +175,7 @@ class Coalescer:
         chunks reach the workers while the server goes on parsing this turn's requests.
         """
         try:
-            op = self.collector.handle(payload, block=False, keys=keys)
+            op = self.collector.handle(payload, block=False, keys=keys, owners=owners)
         except Exception as exc:  # Overloaded, closed: every caller of the batch gets it
             _fail(batch, exc)
             return
@@ -190,9 +197,12 @@ class Coalescer:
         done.set_result(None)
         self._finished(done)
 
-    async def _run(self, batch: _Batch, payload: Any, keys: list[Any] | None, bounds: list[tuple[int, int]]) -> None:
+    async def _run(
+        self, batch: _Batch, payload: Any, keys: list[Any] | None, owners: list[int] | None,
+        bounds: list[tuple[int, int]],
+    ) -> None:
         try:
-            op = await self.collector.ahandle(payload, block=self.block, keys=keys)
+            op = await self.collector.ahandle(payload, block=self.block, keys=keys, owners=owners)
             res = await op
         except Exception as exc:
             _fail(batch, exc)
@@ -206,24 +216,32 @@ class Coalescer:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-_Batch = list[tuple[list[Any], list[Any] | None, "asyncio.Future[SliceResult]"]]
+# (items, keys, owner, the caller's future): see Coalescer.submit
+_Batch = list[tuple[list[Any], list[Any] | None, int | None, "asyncio.Future[SliceResult]"]]
 
 
-def _merge(batch: _Batch) -> tuple[Any, list[Any] | None, list[tuple[int, int]]]:
-    """The submissions as one payload, their keys, and each caller's index range in it."""
+def _merge(batch: _Batch) -> tuple[Any, list[Any] | None, list[int] | None, list[tuple[int, int]]]:
+    """The submissions as one payload, their keys, each key's worker (when every
+    submission gave its owner), and each caller's index range in it."""
     merged: list[Any] = []
     keys: list[Any] | None = [] if batch and batch[0][1] is not None else None
+    owners: list[int] | None = [] if keys is not None else None
     bounds = []
-    for items, ks, _ in batch:
+    for items, ks, owner, _ in batch:
         bounds.append((len(merged), len(merged) + len(items)))
         merged.extend(items)
         if keys is not None and ks is not None:
             keys.extend(ks)
+            if owners is not None:
+                if owner is None:  # a submission with keys of their own: the engine hashes them all
+                    owners = None
+                else:
+                    owners += [owner] * len(ks)
     payload: Any = merged
     if keys is None and merged and isinstance(merged[0], (bytes, msgspec.Raw)):
         # raw JSON objects without keys: one JSON array, which the supervisor parses
         payload = b"[" + b",".join(merged) + b"]"
-    return payload, keys, bounds
+    return payload, keys, owners, bounds
 
 
 def _fail(batch: _Batch, exc: BaseException) -> None:

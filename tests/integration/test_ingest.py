@@ -11,6 +11,7 @@ from engine_clients import Immediate, SlowAsync
 
 from collector import Collector, InvalidInput, Overloaded
 from collector.ingest import Coalescer
+from collector.pipeline import ShardMap
 from collector.playback import PlaybackEvent, playback_pipeline
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -148,12 +149,17 @@ def test_max_ops_starts_the_next_operation_after_max_wait_when_one_stalls() -> N
     asyncio.run(main())
 
 
-def test_ids_made_for_the_coalescers_owner_keep_small_operations_on_one_worker_and_spread_large_ones() -> None:
+@pytest.mark.parametrize("hinted", [False, True], ids=["hashed", "owner-given"])
+def test_ids_made_for_the_coalescers_owner_keep_small_operations_on_one_worker_and_spread_large_ones(
+    hinted: bool,
+) -> None:
     """What the HTTP server does for events sent without ids: ids made for
     ``co.owner()``. Submissions of one loop turn share an owner, the next operation
     goes to the other (idle) worker, and a large operation turns to another worker
     after a chunk's worth, so both work on it. Each worker stores exactly what was
-    given to it."""
+    given to it, whether the engine hashes the ids or takes the owner the server
+    gives (``hinted``); copies sent later with their ids, hashed, meet the same
+    workers' dedup windows."""
     from collector.http.routes.ingest import IdReader
     from collector.packs.generic import generic_pipeline
 
@@ -162,6 +168,7 @@ def test_ids_made_for_the_coalescers_owner_keep_small_operations_on_one_worker_a
             co = Coalescer(c, max_batch=1 << 20)
             rd = IdReader(c.pipeline)
             given = [0, 0]
+            made: list[str] = []
 
             def submit(n: int) -> tuple[int, asyncio.Future[object]]:
                 worker, workers = co.owner()
@@ -169,7 +176,8 @@ def test_ids_made_for_the_coalescers_owner_keep_small_operations_on_one_worker_a
                 ids = rd.new_ids(n, (worker, workers))
                 raws = [msgspec.json.encode({"id": i, "type": "user_action", "source": "web"}) for i in ids]
                 given[worker] += n
-                return worker, co.submit(raws, ids)
+                made.extend(ids)
+                return worker, co.submit(raws, ids, worker if hinted else None)
 
             small = [submit(10) for _ in range(3)]  # one loop turn: one operation
             assert len({w for w, _ in small}) == 1
@@ -182,8 +190,30 @@ def test_ids_made_for_the_coalescers_owner_keep_small_operations_on_one_worker_a
             assert owners[:3] == [owners[0]] * 3 and owners[3:] == [1 - owners[0]] * 2, owners
             done = await asyncio.wait_for(asyncio.gather(*(f for _, f in big)), 60)
             assert all(r.handled_events == 1000 and not r.errors for r in done)
+            copies = made[::50]
+            again = await asyncio.wait_for(co.submit(
+                [msgspec.json.encode({"id": i, "type": "user_action", "source": "web"}) for i in copies], copies), 30)
             await co.aclose()
             st = c.stats()
-        assert [w.events for w in st.workers] == given
+        assert [e.kind for e in again.errors] == ["duplicate"] * len(copies)
+        of = ShardMap(2).of_many(copies)
+        assert [w.events for w in st.workers] == [given[k] + of.count(k) for k in (0, 1)]
+
+    asyncio.run(main())
+
+
+def test_owners_out_of_range_or_without_keys_are_refused() -> None:
+    """A wrong owner would match no worker's part and lose its events: refused."""
+
+    async def main() -> None:
+        async with Collector(playback_pipeline(Immediate()), workers=2) as c:
+            raws = [msgspec.json.encode(event(i)) for i in range(3)]
+            for owners, keys in (([0, 2, 1], ["a", "b", "c"]), ([0, -1, 1], ["a", "b", "c"]),
+                                 ([0, 1], ["a", "b", "c"]), ([0, 1, 1], None)):
+                with pytest.raises(InvalidInput, match="owners="):
+                    c.handle(raws, keys=keys, owners=owners)
+            res = await c.handle(raws, keys=["a", "b", "c"], owners=[1, 1, 0])
+            assert (res.handled_events, res.failed_events) == (3, 0)
+            assert sorted(w.events for w in c.stats().workers) == [1, 2]
 
     asyncio.run(main())

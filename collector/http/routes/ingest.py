@@ -139,6 +139,12 @@ class IdReader:
         """``owner`` when the id is the shard key; else ids do not decide the worker."""
         return owner if self.key == self.id else NO_OWNER
 
+    def owned(self, owner: tuple[int, int]) -> int | None:
+        """The worker that ids generated for ``owner`` belong to, for the engine to
+        take as their keys' worker; None when the ids do not decide it."""
+        worker, workers = self._owner(owner)
+        return worker if workers > 1 else None
+
     def ids_and_keys(
         self, heads: list[Any], raws: list[Any], owner: tuple[int, int] = NO_OWNER
     ) -> tuple[list[Any], list[Any], list[Any]]:
@@ -287,7 +293,8 @@ class IngestRoutes:
             return _empty_body()
         try:
             # as for a batch: parsed first, the depth measured only where the answer needs it
-            item, key, eid, why, depth = self._with_id(body, self.reader(), self.backend.owner(), native=True)
+            owner = self.backend.owner()
+            item, key, eid, why, depth = self._with_id(body, self.reader(), owner, native=True)
         except msgspec.DecodeError as e:
             return self._too_deep(body) or error(400, "malformed_json", f"the body is not valid JSON: {e}")
         if depth is None or why is not None:
@@ -301,7 +308,10 @@ class IngestRoutes:
             return error(422, "invalid", f"{why}: the body must be one event object", path="$")
         if self.backend.stopping:
             return error(503, "shutting_down", "the server is stopping", retry_after=self.cfg.retry_after)
-        return Deferred(self.backend.submit([item], [key]), functools.partial(self._event_answer, eid))
+        # depth is known when the C reader read the event, which it does only for an event
+        # without an id: its id was then made for the owner's worker
+        owned = None if depth is None else self.reader().owned(owner)
+        return Deferred(self.backend.submit([item], [key], owned), functools.partial(self._event_answer, eid))
 
     def _event_answer(self, eid: Any, fut: asyncio.Future[Any]) -> Response:
         """``POST /events``'s answer once its event is stored or rejected."""
@@ -362,8 +372,10 @@ class IngestRoutes:
         where: list[int] | range
         owner = self.backend.owner()
         native = rd.read_native(raws, owner)
+        owned = None
         if native is not None:  # the common case: objects without ids, read in one C pass
             items, ids, keys, depth = native
+            owned = rd.owned(owner)  # every id was made for that worker
             if depth + 2 > self.cfg.max_json_depth:  # the envelope's object and array
                 return self._deep_error()
             results = list(map(ItemResult, range(len(items)), repeat("accepted"), ids))
@@ -397,7 +409,7 @@ class IngestRoutes:
             return self._batch_answer(results, 0, ())
         if self.backend.stopping:
             return error(503, "shutting_down", "the server is stopping", retry_after=self.cfg.retry_after)
-        return Deferred(self.backend.submit(items, keys), functools.partial(self._batch_done, results, where))
+        return Deferred(self.backend.submit(items, keys, owned), functools.partial(self._batch_done, results, where))
 
     def _batch_done(
         self, results: list[ItemResult], where: Sequence[int], fut: asyncio.Future[Any]
