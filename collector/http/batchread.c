@@ -220,8 +220,78 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(accepted_doc,
+"accepted(ids) -> bytes | None\n\n"
+"The body of a POST /events/batch answer whose every item was accepted, byte for byte\n"
+"what msgspec encodes for ``BatchResponse(n, 0, 0, 0, [ItemResult(i, \"accepted\", id)\n"
+"...])``: the supervisor built and encoded 100 result Structs per request (~16 us) to\n"
+"write this. ``ids``: str each, printable ASCII without a quote or backslash (the ids\n"
+"the server makes); None for any other, and the caller encodes the Structs.");
+
+/* the decimal digits of n >= 0 */
+static size_t digits(Py_ssize_t n) {
+    size_t k = 1;
+    while (n >= 10) n /= 10, k++;
+    return k;
+}
+
+/* n in decimal at o; the end */
+static char *put_int(char *o, Py_ssize_t n) {
+    char d[24];
+    int k = 0;
+    do d[k++] = (char)('0' + n % 10); while ((n /= 10) > 0);
+    while (k) *o++ = d[--k];
+    return o;
+}
+
+static PyObject *accepted(PyObject *self, PyObject *ids) {
+    if (!PyList_Check(ids)) {
+        PyErr_SetString(PyExc_TypeError, "accepted: ids must be a list");
+        return NULL;
+    }
+    static const char head[] = "{\"accepted\":", mid[] = ",\"duplicates\":0,\"invalid\":0,\"failed\":0,\"results\":[",
+                      item[] = "{\"index\":", status[] = ",\"status\":\"accepted\",\"id\":\"",
+                      tail[] = "],\"deadlettered\":0,\"filtered\":0,\"unauthorized\":0}";
+    Py_ssize_t n = PyList_GET_SIZE(ids);
+    /* the exact size: no resize (a realloc of ~8 KB) at the end */
+    size_t size = sizeof head - 1 + digits(n) + sizeof mid - 1 + sizeof tail - 1 + (n > 0 ? (size_t)n - 1 : 0);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *s = PyList_GET_ITEM(ids, i);
+        if (!PyUnicode_Check(s) || !PyUnicode_IS_ASCII(s)) Py_RETURN_NONE;
+        const unsigned char *c = PyUnicode_1BYTE_DATA(s);
+        Py_ssize_t len = PyUnicode_GET_LENGTH(s);
+        for (Py_ssize_t k = 0; k < len; k++)
+            if (c[k] < 0x20 || c[k] == '"' || c[k] == '\\' || c[k] == 0x7f) Py_RETURN_NONE;
+        size += sizeof item - 1 + digits(i) + sizeof status - 1 + (size_t)len + 2;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (out == NULL) return NULL;
+    char *o = PyBytes_AS_STRING(out);
+#define PUT(lit) (memcpy(o, lit, sizeof lit - 1), o += sizeof lit - 1)
+    PUT(head);
+    o = put_int(o, n);
+    PUT(mid);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *s = PyList_GET_ITEM(ids, i);
+        if (i) *o++ = ',';
+        PUT(item);
+        o = put_int(o, i);
+        PUT(status);
+        Py_ssize_t len = PyUnicode_GET_LENGTH(s);
+        memcpy(o, PyUnicode_1BYTE_DATA(s), (size_t)len);
+        o += len;
+        *o++ = '"';
+        *o++ = '}';
+    }
+    PUT(tail);
+#undef PUT
+    assert(o == PyBytes_AS_STRING(out) + size);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"with_ids", with_ids, METH_VARARGS, with_ids_doc},
+    {"accepted", accepted, METH_O, accepted_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -267,6 +267,9 @@ class IngestRoutes:
         eid = ids[0]
         return items[0], keys[0], eid if type(eid) in _ID_TYPES else None, None, None
 
+    def _stopping(self) -> Response:
+        return error(503, "shutting_down", "the server is stopping", retry_after=self.cfg.retry_after)
+
     def _overloaded(self, e: BaseException) -> Response:
         ra = max(1, int(getattr(e, "retry_after", self.cfg.retry_after) or self.cfg.retry_after))
         return error(503, "overloaded", f"{e}; retry after {ra} s", retry_after=ra)
@@ -307,7 +310,7 @@ class IngestRoutes:
             self.backend.count_rejected()
             return error(422, "invalid", f"{why}: the body must be one event object", path="$")
         if self.backend.stopping:
-            return error(503, "shutting_down", "the server is stopping", retry_after=self.cfg.retry_after)
+            return self._stopping()
         # depth is known when the C reader read the event, which it does only for an event
         # without an id: its id was then made for the owner's worker
         owned = None if depth is None else self.reader().owned(owner)
@@ -372,55 +375,65 @@ class IngestRoutes:
         where: list[int] | range
         owner = self.backend.owner()
         native = rd.read_native(raws, owner)
-        owned = None
         if native is not None:  # the common case: objects without ids, read in one C pass
             items, ids, keys, depth = native
             owned = rd.owned(owner)  # every id was made for that worker
             if depth + 2 > self.cfg.max_json_depth:  # the envelope's object and array
                 return self._deep_error()
-            results = list(map(ItemResult, range(len(items)), repeat("accepted"), ids))
+            if self.backend.stopping:
+                return self._stopping()
+            # the per-item results are made only if the answer is not "all accepted"
+            return Deferred(self.backend.submit(items, keys, owned),
+                            functools.partial(self._batch_done, None, range(len(items)), ids))
+        deep = self._too_deep(body)
+        if deep is not None:
+            return deep
+        try:
+            # every item's id and key in one C pass, when all items are objects
+            heads: list[Any] | None = rd.many.decode(body).events
+        except msgspec.ValidationError:
+            heads = None  # some item is not an object: the loop below says which
+        if heads is not None:
+            items, ids, keys = rd.ids_and_keys(heads, raws, owner)
+            results = [ItemResult(i, "accepted", k if type(k) in _ID_TYPES else None) for i, k in enumerate(ids)]
             where = range(len(items))
         else:
-            deep = self._too_deep(body)
-            if deep is not None:
-                return deep
-            try:
-                # every item's id and key in one C pass, when all items are objects
-                heads: list[Any] | None = rd.many.decode(body).events
-            except msgspec.ValidationError:
-                heads = None  # some item is not an object: the loop below says which
-            if heads is not None:
-                items, ids, keys = rd.ids_and_keys(heads, raws, owner)
-                results = [ItemResult(i, "accepted", k if type(k) in _ID_TYPES else None) for i, k in enumerate(ids)]
-                where = range(len(items))
-            else:
-                results, items, keys, where = [], [], [], []
-                for i, raw in enumerate(raws):
-                    item, key, eid, why, _ = self._with_id(raw, rd, owner)
-                    if why is not None:  # not an object: no worker could read it
-                        self.backend.count_rejected()
-                        results.append(ItemResult(i, "invalid", None, f"$.events[{i}]", why))
-                    else:
-                        results.append(ItemResult(i, "accepted", eid))
-                        items.append(item)
-                        keys.append(key)
-                        where.append(i)
+            results, items, keys, where = [], [], [], []
+            for i, raw in enumerate(raws):
+                item, key, eid, why, _ = self._with_id(raw, rd, owner)
+                if why is not None:  # not an object: no worker could read it
+                    self.backend.count_rejected()
+                    results.append(ItemResult(i, "invalid", None, f"$.events[{i}]", why))
+                else:
+                    results.append(ItemResult(i, "accepted", eid))
+                    items.append(item)
+                    keys.append(key)
+                    where.append(i)
         if not items:
             return self._batch_answer(results, 0, ())
         if self.backend.stopping:
-            return error(503, "shutting_down", "the server is stopping", retry_after=self.cfg.retry_after)
-        return Deferred(self.backend.submit(items, keys, owned), functools.partial(self._batch_done, results, where))
+            return self._stopping()
+        return Deferred(self.backend.submit(items, keys), functools.partial(self._batch_done, results, where, None))
 
     def _batch_done(
-        self, results: list[ItemResult], where: Sequence[int], fut: asyncio.Future[Any]
+        self, results: list[ItemResult] | None, where: Sequence[int], ids: list[str] | None, fut: asyncio.Future[Any]
     ) -> Response:
         """A batch's answer once its events are stored or rejected: the engine's errors
-        put on the items they belong to (``where``: each submitted event's index in the batch)."""
+        put on the items they belong to (``where``: each submitted event's index in the
+        batch). ``results`` None: every item was submitted, with the generated ``ids``;
+        when every one was accepted the answer's body is written in C."""
         try:
             res: Submitted = fut.result()
         except (Overloaded, CollectorClosed) as e:
             return self._overloaded(e)
         errors = res.errors
+        if results is None:
+            assert ids is not None
+            if not errors and batchread is not None:
+                body = batchread.accepted(ids)
+                if body is not None:
+                    return Response(202, body)
+            results = list(map(ItemResult, range(len(ids)), repeat("accepted"), ids))
         for err in errors:
             i = where[err.index]
             r = results[i]
