@@ -1,0 +1,110 @@
+"""The JSONL sink's ``fsync = "batch"``: where its ``fdatasync`` runs.
+
+A fast one runs on the worker's loop right after the chunk's write; one slower than
+``INLINE_SYNC_MAX`` sends the next ones to the sink's thread for ``INLINE_SYNC_RETRY``
+seconds (a slow disk must not hold the loop), then the loop tries again. Every chunk is
+in the file, once, whichever way it was synced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from collector.sinks import build_sink
+from collector.sinks import files as files_mod
+from collector.sinks.base import Batch, EventCodec
+from collector.sinks.config import JsonlSinkConfig
+
+
+class Ev(msgspec.Struct):
+    id: int
+    user: str
+
+
+def test_fast_syncs_run_on_the_loop_and_a_slow_one_moves_them_to_the_thread_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.fdatasync
+    where: list[str] = []
+    slow = {"next": False}
+
+    def fdatasync(fd: int) -> None:
+        where.append("loop" if threading.current_thread() is threading.main_thread() else "thread")
+        if slow["next"]:
+            slow["next"] = False
+            time.sleep(0.02)  # a disk 10x slower than the limit
+        real(fd)
+
+    monkeypatch.setattr(files_mod.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(files_mod, "INLINE_SYNC_RETRY", 0.3)
+    codec = EventCodec(Ev, "id")
+    sink = build_sink(JsonlSinkConfig(path=str(tmp_path / "events.jsonl"), fsync="batch"), index=0, codec=codec,
+                      worker=0)
+    assert isinstance(sink, files_mod.JsonlSink)
+
+    async def main() -> None:
+        await sink.open()
+        n = 0
+
+        async def chunk() -> None:
+            nonlocal n
+            await sink.write(Batch([Ev(n + i, "u") for i in range(10)], codec))
+            n += 10
+
+        await chunk()
+        await chunk()
+        assert where == ["loop", "loop"]
+        slow["next"] = True
+        await chunk()  # slow, still on the loop: it is only measured there
+        assert where[-1] == "loop"
+        await chunk()
+        await chunk()
+        assert where[-2:] == ["thread", "thread"], where
+        assert (sink.syncs_inline, sink.syncs_on_thread) == (3, 2)
+        await asyncio.sleep(0.35)  # INLINE_SYNC_RETRY and the slow sync's own time
+        await chunk()
+        assert where[-1] == "loop", where
+        await sink.close()
+
+    asyncio.run(main())
+    lines = (tmp_path / "events.jsonl").read_bytes().splitlines()
+    assert [msgspec.json.decode(x, type=Ev).id for x in lines] == list(range(60))
+
+
+def test_fsync_never_and_always_do_not_sync_on_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real_sync, real_data = os.fsync, os.fdatasync
+
+    def record(name: str, fn: object) -> object:
+        def call(fd: int) -> None:
+            on = "loop" if threading.current_thread() is threading.main_thread() else "thread"
+            calls.append(f"{name}@{on}")
+            fn(fd)  # type: ignore[operator]
+        return call
+
+    monkeypatch.setattr(files_mod.os, "fsync", record("fsync", real_sync))
+    monkeypatch.setattr(files_mod.os, "fdatasync", record("fdatasync", real_data))
+    codec = EventCodec(Ev, "id")
+    for policy in ("never", "always"):
+        calls.clear()
+        sink = build_sink(JsonlSinkConfig(path=str(tmp_path / f"{policy}.jsonl"), fsync=policy), index=0,
+                          codec=codec, worker=0)
+
+        async def main(s: files_mod.JsonlSink = sink) -> None:  # type: ignore[assignment]
+            await s.open()
+            await s.write(Batch([Ev(1, "u")], codec))
+            await s.close()
+
+        asyncio.run(main())
+        if policy == "never":
+            assert calls == []
+        else:
+            assert calls and all(c.endswith("@thread") for c in calls), calls
+        assert (tmp_path / f"{policy}.jsonl").read_bytes().count(b"\n") == 1
