@@ -1,9 +1,10 @@
 """The native parts, each an optional C extension; everything else is in pyproject.toml.
 
 - collector.worker.keyroute: the shard="key" NDJSON router (workers);
-- collector.http.batchread: the POST /events/batch reader (the daemon's supervisor).
+- collector.http.batchread: the POST /events/batch reader (the daemon's supervisor);
+- collector.stages.idwindow: the dedup window's remembered ids (workers).
 
-Both share collector/native/jsonscan.h. Without a C compiler the package installs all
+The first two share collector/native/jsonscan.h. Without a C compiler the package installs all
 the same and each falls back to its Python path (slower; see docs/performance.md).
 """
 
@@ -28,5 +29,6 @@ setup(
             depends=SHARED,
             optional=True,
         ),
+        Extension("collector.stages.idwindow", ["collector/stages/idwindow.c"], optional=True),
     ]
 )

@@ -1,6 +1,6 @@
 """The in-memory dedup window as a worker drives it: its cost per id and its pauses.
 
-    .venv/bin/python bench/dedup_window.py [--ids 1000000] [--chunk 1000] [--rounds 5]
+    .venv/bin/python bench/dedup_window.py [--ids 1000000] [--chunk 1000] [--rounds 5] [--store table|dict]
 
 A worker of the generic pack remembers up to ``dedup_max`` (1M) event ids, one chunk at
 a time: ``window(events)`` (the check and the claim), then ``settle(events, True)``
@@ -15,6 +15,9 @@ makes them). Prints:
    (each chunk remembered makes the oldest chunk's ids forgotten), and the chunks'
    p50 / p99 / max: the max is the dict's resize, which a table that keeps deleting
    and inserting cannot avoid.
+
+``--store``: the window's ids in the C table (``idwindow.c``, the default when it is
+built) or in the dict it replaced, to compare the two.
 """
 
 from __future__ import annotations
@@ -69,9 +72,16 @@ def main() -> None:
     ap.add_argument("--ids", type=int, default=1_000_000, help="the window's cap (max_entries)")
     ap.add_argument("--chunk", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=5, help="collections timed (median)")
+    ap.add_argument("--store", choices=["table", "dict"], default="table",
+                    help="the ids in the C table (default) or in a dict")
     a = ap.parse_args()
     empty = full_collection_ms(a.rounds)
+    if a.store == "dict":
+        from collector.stages import dedup
+
+        dedup.IdWindow = None  # type: ignore[misc,assignment]
     window = Dedup(ttl=600, max_entries=a.ids).build()
+    print(f"store: {'the C table' if getattr(window, 'table', None) is not None else 'a dict'}")
     filling = asyncio.run(feed(window, 0, a.ids, a.chunk))
     full = full_collection_ms(a.rounds)
     print(f"full gc.collect(): empty window {empty:.2f} ms; {a.ids:,} ids remembered {full:.2f} ms "

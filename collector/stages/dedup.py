@@ -36,6 +36,11 @@ from ..protocol import ErrorRecord
 from .base import Stage
 from .integrity import field_path, values_of
 
+try:  # built from idwindow.c at install; optional: without it the window is a dict
+    from .idwindow import IdWindow
+except ImportError:  # pragma: no cover - a build without a C compiler
+    IdWindow = None  # type: ignore[misc,assignment]
+
 __all__ = ["COUNTERS", "STORES", "Claim", "CountingDedupWindow", "Dedup", "DedupCounts", "DedupWindow"]
 
 # store → "module:attr" of its runtime, imported when named (as pairing's stores)
@@ -236,6 +241,13 @@ class DedupWindow:
         # every full collection of the worker walk them all (20 ms pauses under HTTP
         # load, the daemon's p99; bench/dedup_window.py)
         self.order: collections.deque[tuple[float, tuple[Any, ...]]] = collections.deque()
+        # with one TTL and plain ids, the ids live in a C table instead (idwindow.c): at
+        # its 1M cap the dict of str was a quarter of a worker's time under HTTP load
+        plain = IdWindow is not None and not spec.ttl_by_type and not spec.key_by_type
+        self.table = IdWindow(spec.max_entries) if plain else None
+        self._remembered: Callable[[Any], float | None] = self.seen.get if self.table is None else self.table.get
+        self._isdisjoint: Callable[[Any], bool] = (
+            self.seen.keys().isdisjoint if self.table is None else self.table.isdisjoint)
         # claims of the chunks in flight, by the identity of the event list the worker
         # passed (it passes the same list to settle())
         self.claims: dict[int, Claim] = {}
@@ -304,17 +316,20 @@ class DedupWindow:
         now = time.monotonic()
         # expired groups first (per-type TTLs make the order approximate: a group
         # waits behind an older one that lives longer, and is still checked on read)
-        order = self.order
-        while order and order[0][0] <= now:
-            self._forget(order.popleft())
+        if self.table is not None:
+            self.table.expire(now)
+        else:
+            order = self.order
+            while order and order[0][0] <= now:
+                self._forget(order.popleft())
         keys = self.keys_of(events)
-        seen = self.seen
+        remembered = self._remembered
         mine = Claim(set(keys), keys)
         claims = self.claims
         if (
             len(mine.keys) == len(keys)
             and None not in mine.keys
-            and seen.keys().isdisjoint(keys)
+            and self._isdisjoint(keys)
             and (not claims or all(c.keys.isdisjoint(keys) for c in claims.values()))
         ):
             # the common case, all new and distinct: claimed in C calls
@@ -328,7 +343,7 @@ class DedupWindow:
             if k is None:  # no key: passed through, never remembered
                 self.counters["missing_key"] += 1
                 continue
-            until = seen.get(k)
+            until = remembered(k)
             # stored already, or an earlier copy in this chunk (stored by the same commit)
             if (until is not None and until > now) or k in claimed:
                 dropped.append(self._dup(i, k))
@@ -355,7 +370,7 @@ class DedupWindow:
             now = time.monotonic()
             still = []
             for i, k in waits:
-                until = self.seen.get(k)
+                until = self._remembered(k)
                 holder = self._holder(k)
                 if (until is not None and until > now) or holder is mine:
                     dropped.append(self._dup(i, k))  # the original is stored now
@@ -387,7 +402,11 @@ class DedupWindow:
         keys = claim.keys
         if ok and failed:
             keys = keys - set(self.keys_of(list(failed)))
-        if ok and keys:
+        if ok and keys and self.table is not None:
+            if self.table.remember(keys, time.monotonic() + self.ttl):
+                self.unique = False  # some id was here already (as the dict notes it)
+            self.table.trim(self.cap)
+        elif ok and keys:
             now = time.monotonic()
             seen, order = self.seen, self.order
             if not self.by_type:

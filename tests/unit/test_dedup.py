@@ -280,3 +280,64 @@ def test_the_remembered_ids_are_not_walked_by_the_cyclic_gc() -> None:
         assert walked == 0
 
     run(main())
+
+
+def test_the_c_table_and_the_dict_decide_alike_over_a_long_random_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window keeps its ids in a C table (idwindow.c) when it has one TTL; the
+    dict it replaces stays for per-type TTLs. Over 3,000 chunks of ids drawn from a
+    pool (repeats within and across chunks, chunks that fail, ids of every JSON kind,
+    time that expires them), both drop exactly the same events and hold as many ids.
+    At the cap the table forgets the oldest ids one by one (the dict a chunk at a
+    time), and keeps exactly the cap."""
+    from collector.stages import dedup as mod
+
+    if mod.IdWindow is None:
+        pytest.skip("collector.stages.idwindow is not built (no C compiler at install)")
+    import random
+
+    now = [1000.0]
+    monkeypatch.setattr("collector.stages.dedup.time.monotonic", lambda: now[0])
+
+    class Anything(msgspec.Struct):
+        id: Any
+
+    spec = Dedup(field="id", ttl=5.0)
+    table = spec.build()
+    with monkeypatch.context() as m:
+        m.setattr(mod, "IdWindow", None)
+        plain = spec.build()
+    assert table.table is not None and plain.table is None
+    rng = random.Random(17)
+    pool: list[Any] = [f"01a2-{i:06x}" for i in range(4_000)] + list(range(-20, 1_500))
+    pool += [True, 3.0, 2**70, 2.0**70, "é", None]
+
+    async def run(windows: tuple[Any, ...], chunks: list[list[Any]]) -> list[list[tuple[int, str]]]:
+        out = []
+        for c, events in enumerate(chunks):
+            now[0] += 0.01
+            ok = c % 20 != 7  # every 20th chunk fails in its sinks: its ids are released
+            got = []
+            for w in windows:
+                d = w(events)
+                if type(d) is not list:
+                    d = await d
+                got.append([(r.pos, r.kind) for r in d])
+                w.settle(events, ok)
+            assert all(g == got[0] for g in got), (c, got)
+            out.append(got[0])
+            assert len(table.table) == len(plain.seen)
+        return out
+
+    chunks = [[Anything(rng.choice(pool)) for _ in range(rng.randint(1, 30))] for _ in range(3_000)]
+    decided = asyncio.run(run((table, plain), chunks))
+    assert sum(len(d) for d in decided) > 1_000  # duplicates were met, and expiries (30 s of chunks, a 5 s TTL)
+
+    capped = Dedup(field="id", ttl=60.0, max_entries=2_000).build()
+    assert capped.table is not None
+    fresh = [[Anything(f"c{c}-{i}") for i in range(10)] for c in range(300)]
+    asyncio.run(run((capped,), fresh))
+    assert len(capped.table) == 2_000
+    stored = [e.id for c, events in enumerate(fresh) if c % 20 != 7 for e in events]
+    forgotten, kept = stored[:-2_000], stored[-2_000:]
+    probe = [[Anything(forgotten[-1]), Anything(kept[0]), Anything(kept[-1])]]
+    assert asyncio.run(run((capped,), probe)) == [[(1, "duplicate"), (2, "duplicate")]]
