@@ -13,6 +13,7 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -85,29 +86,30 @@ def test_fast_syncs_run_on_the_loop_and_a_slow_one_moves_them_to_the_thread_for_
 
 def test_fsync_never_and_always_do_not_sync_on_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    real_sync, real_data = os.fsync, os.fdatasync
 
-    def record(name: str, fn: object) -> object:
+    def record(name: str, fn: Callable[[int], None]) -> Callable[[int], None]:
         def call(fd: int) -> None:
             on = "loop" if threading.current_thread() is threading.main_thread() else "thread"
             calls.append(f"{name}@{on}")
-            fn(fd)  # type: ignore[operator]
+            fn(fd)
+
         return call
 
-    monkeypatch.setattr(files_mod.os, "fsync", record("fsync", real_sync))
-    monkeypatch.setattr(files_mod.os, "fdatasync", record("fdatasync", real_data))
+    monkeypatch.setattr(files_mod.os, "fsync", record("fsync", os.fsync))
+    monkeypatch.setattr(files_mod.os, "fdatasync", record("fdatasync", os.fdatasync))
     codec = EventCodec(Ev, "id")
+
+    async def one_chunk(sink: files_mod.JsonlSink) -> None:
+        await sink.open()
+        await sink.write(Batch([Ev(1, "u")], codec))
+        await sink.close()
+
     for policy in ("never", "always"):
         calls.clear()
         sink = build_sink(JsonlSinkConfig(path=str(tmp_path / f"{policy}.jsonl"), fsync=policy), index=0,
                           codec=codec, worker=0)
-
-        async def main(s: files_mod.JsonlSink = sink) -> None:  # type: ignore[assignment]
-            await s.open()
-            await s.write(Batch([Ev(1, "u")], codec))
-            await s.close()
-
-        asyncio.run(main())
+        assert isinstance(sink, files_mod.JsonlSink)
+        asyncio.run(one_chunk(sink))
         if policy == "never":
             assert calls == []
         else:
