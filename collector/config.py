@@ -124,6 +124,11 @@ class PipelineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dedup_ttl: Annotated[
         float, Meta(ge=0, description="generic pack: seconds an event id is remembered for duplicate detection")
     ] = 600.0
+    dedup_max: Annotated[
+        int,
+        Meta(ge=1, description="generic pack: the most event ids each worker remembers (the oldest are forgotten "
+             "first; ~48 bytes each in the C table, see docs/stateful-stages.md)"),
+    ] = 1_000_000
     dedup_wait: Annotated[
         float,
         Meta(ge=0, description="generic pack: seconds a repeated id waits for its original to be stored "

@@ -136,7 +136,8 @@ def generic_pipeline(
     Sharded by ``id`` so that every copy of one id reaches the worker whose dedup
     window holds it. ``client`` has ``get_segment(user_id)`` (default: the simulated
     :class:`SegmentClient` with ``enrich_latency`` seconds per call). ``dedup_ttl`` is
-    how long a stored id is remembered (0 disables dedup); a repeat of an id that is
+    how long a stored id is remembered (0 disables dedup), ``dedup_max`` how many at
+    most per worker (the oldest forgotten first); a repeat of an id that is
     still being stored waits up to ``dedup_wait`` seconds for the original's outcome.
     ``dedup_count_by`` (e.g. ``"type"``) counts the duplicates per value of that field.
     """
@@ -167,6 +168,7 @@ def pack_pipeline(cfg: PipelineConfig, sinks: tuple[Any, ...], deadletter: Any) 
         enrich_latency=cfg.enrich_latency,
         cache_ttl=cfg.cache_ttl,
         dedup_ttl=cfg.dedup_ttl,
+        dedup_max=cfg.dedup_max,
         dedup_wait=cfg.dedup_wait,
         dedup_count_by=cfg.dedup_count_by,
         sinks=sinks,

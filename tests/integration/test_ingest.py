@@ -217,3 +217,26 @@ def test_owners_out_of_range_or_without_keys_are_refused() -> None:
             assert sorted(w.events for w in c.stats().workers) == [1, 2]
 
     asyncio.run(main())
+
+
+def test_the_daemons_dedup_max_bounds_each_workers_window(tmp_path: object) -> None:
+    """``[pipeline] dedup_max``: each worker remembers at most that many ids, the
+    oldest forgotten first (a copy of a forgotten id is stored again)."""
+    from collector.config import decode_config
+    from collector.packs import build_pipeline
+
+    cfg = decode_config({"pipeline": {"enrich_latency": 0, "dedup_max": 3}, "data_dir": str(tmp_path)})
+    ids = [f"e{i}" for i in range(5)]
+
+    def batch(which: list[str]) -> list[bytes]:
+        return [msgspec.json.encode({"id": i, "type": "user_action", "source": "web"}) for i in which]
+
+    async def main() -> None:
+        async with Collector(build_pipeline(cfg), workers=1) as c:
+            for i in ids:  # one operation each: remembered in order
+                assert (await c.handle(batch([i]), keys=[i])).failed_events == 0
+            res = await c.handle(batch(["e0", "e1", "e2", "e3", "e4"]), keys=ids)
+        # e0 and e1 were forgotten (3 kept: e2, e3, e4): stored again; the rest duplicates
+        assert [(e.index, e.kind) for e in res.errors] == [(2, "duplicate"), (3, "duplicate"), (4, "duplicate")]
+
+    asyncio.run(main())
