@@ -77,11 +77,11 @@ def main() -> None:
     a = ap.parse_args()
     empty = full_collection_ms(a.rounds)
     if a.store == "dict":
-        from collector.stages import dedup
+        from collector.stages import dedup_ids
 
-        dedup.IdWindow = None  # type: ignore[misc,assignment]
+        dedup_ids.IdWindow = None  # type: ignore[misc,assignment]
     window = Dedup(ttl=600, max_entries=a.ids).build()
-    print(f"store: {'the C table' if getattr(window, 'table', None) is not None else 'a dict'}")
+    print(f"store: {type(window.ids).__name__}")
     filling = asyncio.run(feed(window, 0, a.ids, a.chunk))
     full = full_collection_ms(a.rounds)
     print(f"full gc.collect(): empty window {empty:.2f} ms; {a.ids:,} ids remembered {full:.2f} ms "

@@ -19,12 +19,10 @@ answers the ids it committed itself, Redis the rest, one pipelined round trip a 
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from itertools import repeat
 from operator import attrgetter
 from typing import Any
 
@@ -34,12 +32,8 @@ from .. import registry
 from ..errors import ConfigError
 from ..protocol import ErrorRecord
 from .base import Stage
+from .dedup_ids import id_store
 from .integrity import field_path, values_of
-
-try:  # built from idwindow.c at install; optional: without it the window is a dict
-    from .idwindow import IdWindow
-except ImportError:  # pragma: no cover - a build without a C compiler
-    IdWindow = None  # type: ignore[misc,assignment]
 
 __all__ = ["COUNTERS", "STORES", "Claim", "CountingDedupWindow", "Dedup", "DedupCounts", "DedupWindow"]
 
@@ -223,31 +217,16 @@ class Claim:
 class DedupWindow:
     """The running form of :class:`Dedup` in one worker.
 
-    ``seen`` holds committed ids. Each chunk in flight holds a claim on its new ids (a
-    set, so claiming and releasing a chunk are C-level set and dict operations, not a
-    loop over its events); a worker has at most its window of chunks in flight, so an
+    ``ids`` holds committed ids (a C table or a dict, see dedup_ids). Each chunk in
+    flight holds a claim on its new ids (a set, so claiming and releasing a chunk are
+    C-level set and dict operations, not a loop over its events); a worker has at most its window of chunks in flight, so an
     id is checked against a handful of sets. ``__call__`` returns the drops, or a
     coroutine giving them when some id is claimed by another chunk in flight.
     """
 
     def __init__(self, spec: Dedup) -> None:
-        self.seen: dict[Any, float] = {}  # id → expiry
-        # the ids in the order they were remembered, in groups sharing one expiry (a
-        # whole chunk in the common case): forgetting the oldest pops from the left in
-        # O(1), where iterating a dict from its start would first walk over every slot
-        # that earlier deletions left empty (a worker holding 1M ids slowed 20x)
-        # Groups are tuples, not lists: the cyclic GC untracks a tuple of strings the first
-        # time it sees it, where a list stays tracked, and 1M remembered ids in lists made
-        # every full collection of the worker walk them all (20 ms pauses under HTTP
-        # load, the daemon's p99; bench/dedup_window.py)
-        self.order: collections.deque[tuple[float, tuple[Any, ...]]] = collections.deque()
-        # with one TTL and plain ids, the ids live in a C table instead (idwindow.c): at
-        # its 1M cap the dict of str was a quarter of a worker's time under HTTP load
-        plain = IdWindow is not None and not spec.ttl_by_type and not spec.key_by_type
-        self.table = IdWindow(spec.max_entries) if plain else None
-        self._remembered: Callable[[Any], float | None] = self.seen.get if self.table is None else self.table.get
-        self._isdisjoint: Callable[[Any], bool] = (
-            self.seen.keys().isdisjoint if self.table is None else self.table.isdisjoint)
+        # the committed ids and their expiries (see dedup_ids)
+        self.ids = id_store(spec.max_entries, ordered=not spec.ttl_by_type, plain=not spec.key_by_type)
         # claims of the chunks in flight, by the identity of the event list the worker
         # passed (it passes the same list to settle())
         self.claims: dict[int, Claim] = {}
@@ -257,10 +236,6 @@ class DedupWindow:
         self.cap = spec.max_entries
         self.tget = field_path(spec.type_field) if spec.type_field else None
         self.by_type = dict(spec.ttl_by_type or {})
-        # True while every remembered id is in exactly one group of ``order``, so that
-        # forgetting a group may drop its ids without looking at their expiry. An id
-        # remembered again (after it expired, or with per-type TTLs) clears it for good
-        self.unique = not self.by_type
         self.wait = spec.wait
         self.values = values_of(spec.field)
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -290,18 +265,6 @@ class DedupWindow:
         """The TTL of an event's key: its type's, else ``ttl``."""
         return self.by_type.get(self.tget(e), self.ttl) if self.tget is not None else self.ttl
 
-    def _forget(self, group: tuple[float, tuple[Any, ...]]) -> None:
-        exp, ks = group
-        seen = self.seen
-        if self.unique:
-            # no id is in two groups: drop the group's ids in one C-level pass (the
-            # per-id check below cost ~25 % of the window once it is full)
-            collections.deque(map(seen.pop, ks, repeat(None)), maxlen=0)
-            return
-        for k in ks:
-            if seen.get(k) == exp:  # not re-remembered since (with a later expiry)
-                del seen[k]
-
     def _dup(self, i: int, k: Any) -> ErrorRecord:
         return ErrorRecord(i, f"$.{self.field}", f"duplicate {self.field} {k!r}", "duplicate")
 
@@ -316,20 +279,15 @@ class DedupWindow:
         now = time.monotonic()
         # expired groups first (per-type TTLs make the order approximate: a group
         # waits behind an older one that lives longer, and is still checked on read)
-        if self.table is not None:
-            self.table.expire(now)
-        else:
-            order = self.order
-            while order and order[0][0] <= now:
-                self._forget(order.popleft())
+        self.ids.expire(now)
         keys = self.keys_of(events)
-        remembered = self._remembered
+        remembered = self.ids.get
         mine = Claim(set(keys), keys)
         claims = self.claims
         if (
             len(mine.keys) == len(keys)
             and None not in mine.keys
-            and self._isdisjoint(keys)
+            and self.ids.isdisjoint(keys)
             and (not claims or all(c.keys.isdisjoint(keys) for c in claims.values()))
         ):
             # the common case, all new and distinct: claimed in C calls
@@ -370,7 +328,7 @@ class DedupWindow:
             now = time.monotonic()
             still = []
             for i, k in waits:
-                until = self._remembered(k)
+                until = self.ids.get(k)
                 holder = self._holder(k)
                 if (until is not None and until > now) or holder is mine:
                     dropped.append(self._dup(i, k))  # the original is stored now
@@ -402,30 +360,17 @@ class DedupWindow:
         keys = claim.keys
         if ok and failed:
             keys = keys - set(self.keys_of(list(failed)))
-        if ok and keys and self.table is not None:
-            if self.table.remember(keys, time.monotonic() + self.ttl):
-                self.unique = False  # some id was here already (as the dict notes it)
-            self.table.trim(self.cap)
-        elif ok and keys:
+        if ok and keys:
             now = time.monotonic()
-            seen, order = self.seen, self.order
+            ids = self.ids
             if not self.by_type:
-                exp = now + self.ttl
-                group = tuple(keys)
-                before = len(seen)
-                seen.update(dict.fromkeys(group, exp))
-                if len(seen) - before != len(group):  # some id was here already
-                    self.unique = False
-                order.append((exp, group))
+                ids.remember(keys, now + self.ttl)
             else:
                 by_type, ttl, tget = self.by_type, self.ttl, self.tget
                 for e, k in zip(events, claim.all, strict=True):
-                    if k in keys and seen.get(k, 0.0) <= now:  # the chunk's first copy
-                        exp = now + by_type.get(tget(e), ttl)  # type: ignore[misc]
-                        seen[k] = exp
-                        order.append((exp, (k,)))
-            while len(seen) > self.cap and order:
-                self._forget(order.popleft())
+                    if k in keys and (ids.get(k) or 0.0) <= now:  # the chunk's first copy
+                        ids.remember((k,), now + by_type.get(tget(e), ttl))  # type: ignore[misc]
+            ids.trim(self.cap)
         if claim.fut is not None:
             claim.fut.set_result(ok)
 

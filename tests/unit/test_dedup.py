@@ -289,7 +289,7 @@ def test_the_c_table_and_the_dict_decide_alike_over_a_long_random_stream(monkeyp
     time that expires them), both drop exactly the same events and hold as many ids.
     At the cap the table forgets the oldest ids one by one (the dict a chunk at a
     time), and keeps exactly the cap."""
-    from collector.stages import dedup as mod
+    from collector.stages import dedup_ids as mod
 
     if mod.IdWindow is None:
         pytest.skip("collector.stages.idwindow is not built (no C compiler at install)")
@@ -306,7 +306,7 @@ def test_the_c_table_and_the_dict_decide_alike_over_a_long_random_stream(monkeyp
     with monkeypatch.context() as m:
         m.setattr(mod, "IdWindow", None)
         plain = spec.build()
-    assert table.table is not None and plain.table is None
+    assert isinstance(table.ids, mod.IdWindow) and isinstance(plain.ids, mod.DictIds)
     rng = random.Random(17)
     pool: list[Any] = [f"01a2-{i:06x}" for i in range(4_000)] + list(range(-20, 1_500))
     pool += [True, 3.0, 2**70, 2.0**70, "é", None]
@@ -325,7 +325,7 @@ def test_the_c_table_and_the_dict_decide_alike_over_a_long_random_stream(monkeyp
                 w.settle(events, ok)
             assert all(g == got[0] for g in got), (c, got)
             out.append(got[0])
-            assert len(table.table) == len(plain.seen)
+            assert len(table.ids) == len(plain.ids)
         return out
 
     chunks = [[Anything(rng.choice(pool)) for _ in range(rng.randint(1, 30))] for _ in range(3_000)]
@@ -333,10 +333,10 @@ def test_the_c_table_and_the_dict_decide_alike_over_a_long_random_stream(monkeyp
     assert sum(len(d) for d in decided) > 1_000  # duplicates were met, and expiries (30 s of chunks, a 5 s TTL)
 
     capped = Dedup(field="id", ttl=60.0, max_entries=2_000).build()
-    assert capped.table is not None
+    assert isinstance(capped.ids, mod.IdWindow)
     fresh = [[Anything(f"c{c}-{i}") for i in range(10)] for c in range(300)]
     asyncio.run(run((capped,), fresh))
-    assert len(capped.table) == 2_000
+    assert len(capped.ids) == 2_000
     stored = [e.id for c, events in enumerate(fresh) if c % 20 != 7 for e in events]
     forgotten, kept = stored[:-2_000], stored[-2_000:]
     probe = [[Anything(forgotten[-1]), Anything(kept[0]), Anything(kept[-1])]]
