@@ -192,20 +192,24 @@ def test_ids_made_for_an_owner_are_the_shard_functions_for_that_worker_on_both_p
 
 @pytest.mark.parametrize("n", [0, 1, 9, 10, 100, 1000])
 def test_the_all_accepted_answer_is_what_msgspec_encodes_for_the_results(n: int) -> None:
-    """``accepted(ids)`` writes the 202 body of a batch whose every event was stored,
-    byte for byte the encoded ``BatchResponse``; ids it cannot write plainly make it
-    decline (the server then encodes the Structs)."""
+    """``accepted(ids, layout)`` writes the 202 body of a batch whose every event was
+    stored, byte for byte the encoded ``BatchResponse`` (the layout is cut from what
+    msgspec encodes); ids it cannot write plainly make it decline (the server then
+    encodes the Structs)."""
     from itertools import repeat
 
+    from collector.http.routes.ingest import _ACCEPTED as layout
     from collector.http.schemas import BatchResponse, ItemResult, json_encoder
 
     ids = new_ids(n)
     if n > 2:
         ids[1] = "client-sent ~ plain"
     want = json_encoder.encode(BatchResponse(n, 0, 0, 0, list(map(ItemResult, range(n), repeat("accepted"), ids))))
-    assert batchread.accepted(ids) == want
+    assert batchread.accepted(ids, layout) == want
     assert json.loads(want)["accepted"] == n
     for bad in ('a"b', "a\\b", "é", "tab\there", "\x7f", 7, None):
-        assert batchread.accepted([*ids, bad]) is None, bad
+        assert batchread.accepted([*ids, bad], layout) is None, bad
     with pytest.raises(TypeError):
-        batchread.accepted(tuple(ids))
+        batchread.accepted(tuple(ids), layout)
+    with pytest.raises(TypeError, match="layout"):
+        batchread.accepted(ids, layout[:5])
