@@ -312,8 +312,8 @@ class IngestRoutes:
             return _empty_body()
         try:
             # as for a batch: parsed first, the depth measured only where the answer needs it
-            owner = self.backend.owner()
-            item, key, eid, why, depth = self._with_id(body, self.reader(), owner, native=True)
+            rd, owner = self.reader(), self.backend.owner()
+            item, key, eid, why, depth = self._with_id(body, rd, owner, native=True)
         except msgspec.DecodeError as e:
             return self._too_deep(body) or error(400, "malformed_json", f"the body is not valid JSON: {e}")
         if depth is None or why is not None:
@@ -329,7 +329,7 @@ class IngestRoutes:
             return self._stopping()
         # depth is known when the C reader read the event, which it does only for an event
         # without an id: its id was then made for the owner's worker
-        owned = None if depth is None else self.reader().owned(owner)
+        owned = None if depth is None else rd.owned(owner)
         return Deferred(self.backend.submit([item], [key], owned), functools.partial(self._event_answer, eid))
 
     def _event_answer(self, eid: Any, fut: asyncio.Future[Any]) -> Response:
