@@ -11,6 +11,10 @@
  * one: an item that is not an object starting `{"`, a member name holding an escape, an
  * item that sent its own id, or (when the key is not the id) a key whose value is not a
  * string without escapes, a canonical integer or null.
+ *
+ * `sent_ids` reads the other common batch, where every event sent its own id (a client
+ * that retries with the same ids): the same walk reads each id (a string without
+ * escapes, an integer or null) and key, and the items stay as they are.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -51,10 +55,13 @@ static PyObject *key_value(const unsigned char *p, const unsigned char *end, con
     return NULL;
 }
 
-/* Reads one item [p, end). 0: read (*key set when a key name was given: the key's
-   value, None when absent); 1: not the common case; -1: an error is set. */
+/* Reads one item [p, end). 0: read (*keyval set when a key name was given: the key's
+   value, None when absent; *idval, when idval is not NULL: the id's value, which must be
+   present); 1: not the common case (with idval NULL, an item that sent its id is not);
+   -1: an error is set. */
 static int read_item(const unsigned char *p, const unsigned char *end, const unsigned char *id, size_t idlen,
-                     const unsigned char *key, size_t keylen, PyObject **keyval, size_t *deepest) {
+                     const unsigned char *key, size_t keylen, PyObject **keyval, PyObject **idval,
+                     size_t *deepest) {
     if (end - p < 2 || p[0] != '{' || p[1] != '"') return 1;
     if (*deepest < 1) *deepest = 1;
     p++;
@@ -70,8 +77,14 @@ static int read_item(const unsigned char *p, const unsigned char *end, const uns
         if (p >= end || *p != ':') return 1;
         p = skip_ws(p + 1, end);
         if (p >= end) return 1;
-        if (len == idlen && memcmp(ns, id, idlen) == 0) return 1; /* the event sent its id */
-        if (key != NULL && len == keylen && memcmp(ns, key, keylen) == 0) {
+        if (len == idlen && memcmp(ns, id, idlen) == 0) {
+            if (idval == NULL) return 1; /* the event sent its id: with_ids makes them */
+            const unsigned char *after = NULL;
+            PyObject *v = key_value(p, end, &after);
+            if (v == NULL) return PyErr_Occurred() ? -1 : 1;
+            Py_XSETREF(*idval, v); /* a later member of the same name wins, as in the decoder */
+            p = after;
+        } else if (key != NULL && len == keylen && memcmp(ns, key, keylen) == 0) {
             const unsigned char *after = NULL;
             PyObject *v = key_value(p, end, &after);
             if (v == NULL) return PyErr_Occurred() ? -1 : 1;
@@ -90,6 +103,7 @@ static int read_item(const unsigned char *p, const unsigned char *end, const uns
             continue;
         }
         if (*p != '}' || skip_ws(p + 1, end) != end) return 1;
+        if (idval != NULL && *idval == NULL) return 1; /* no id: the caller makes one */
         if (key != NULL && *keyval == NULL) *keyval = Py_NewRef(Py_None); /* absent: None */
         return 0;
     }
@@ -159,7 +173,7 @@ static PyObject *with_ids(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(PyList_GET_ITEM(raws, i), &b, PyBUF_SIMPLE) < 0) goto done;
         const unsigned char *p = b.buf;
         PyObject *kv = NULL;
-        int r = read_item(p, p + b.len, id, idlen, key, keylen, &kv, &deepest);
+        int r = read_item(p, p + b.len, id, idlen, key, keylen, &kv, NULL, &deepest);
         if (r != 0) {
             Py_XDECREF(kv); /* a key read before the member that made it decline */
             PyBuffer_Release(&b);
@@ -213,6 +227,67 @@ static PyObject *with_ids(PyObject *self, PyObject *args) {
     items = ids = keys = NULL; /* Py_BuildValue's N took them */
 done:
     Py_XDECREF(items);
+    Py_XDECREF(ids);
+    Py_XDECREF(keys);
+    if (have_key && qk.obj != NULL) PyBuffer_Release(&qk);
+    PyBuffer_Release(&qid);
+    return result;
+}
+
+PyDoc_STRVAR(sent_ids_doc,
+"sent_ids(raws, quoted_id, quoted_key) -> (ids, keys, depth) | None\n\n"
+"The other common batch: every event sent its own id (a client that retries with the\n"
+"same ids). ``raws``, ``quoted_id``, ``quoted_key``: as for ``with_ids``. ``ids``: each\n"
+"event's id as the decoder gives it (a str without escapes, an int of 64 bits, None for\n"
+"null); ``keys``: each event's key value (None when ``quoted_key`` is None: the key is\n"
+"the id); ``depth``: the deepest item's nesting. The items are left as they are. None\n"
+"when some event is not that case (no id, an id of another kind, see ``with_ids``), and\n"
+"the caller reads the batch the Python way.");
+
+static PyObject *sent_ids(PyObject *self, PyObject *args) {
+    PyObject *raws, *qkey;
+    Py_buffer qid;
+    if (!PyArg_ParseTuple(args, "O!y*O", &PyList_Type, &raws, &qid, &qkey)) return NULL;
+    PyObject *result = NULL, *ids = NULL, *keys = NULL;
+    Py_buffer qk = {0};
+    int have_key = qkey != Py_None;
+    Py_ssize_t n = PyList_GET_SIZE(raws);
+    if (qid.len < 3) {
+        PyErr_SetString(PyExc_ValueError, "sent_ids: quoted_id is a quoted name");
+        goto done;
+    }
+    if (have_key) {
+        if (PyObject_GetBuffer(qkey, &qk, PyBUF_SIMPLE) < 0) goto done;
+        if (qk.len < 3) {
+            PyErr_SetString(PyExc_ValueError, "sent_ids: quoted_key is a quoted name or None");
+            goto done;
+        }
+    }
+    const unsigned char *id = (const unsigned char *)qid.buf + 1;
+    size_t idlen = (size_t)qid.len - 2;
+    const unsigned char *key = have_key ? (const unsigned char *)qk.buf + 1 : NULL;
+    size_t keylen = have_key ? (size_t)qk.len - 2 : 0;
+    if ((ids = PyList_New(n)) == NULL) goto done;
+    if (have_key && (keys = PyList_New(n)) == NULL) goto done;
+    size_t deepest = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(PyList_GET_ITEM(raws, i), &b, PyBUF_SIMPLE) < 0) goto done;
+        PyObject *kv = NULL, *iv = NULL;
+        int r = read_item(b.buf, (const unsigned char *)b.buf + b.len, id, idlen, key, keylen, &kv, &iv, &deepest);
+        PyBuffer_Release(&b);
+        if (r != 0) {
+            Py_XDECREF(kv);
+            Py_XDECREF(iv);
+            if (r > 0) result = Py_NewRef(Py_None);
+            goto done;
+        }
+        PyList_SET_ITEM(ids, i, iv);
+        if (have_key) PyList_SET_ITEM(keys, i, kv);
+    }
+    result = Py_BuildValue("(NNn)", ids, have_key ? keys : Py_NewRef(Py_None), (Py_ssize_t)deepest);
+    ids = keys = NULL; /* Py_BuildValue's N took them */
+done:
     Py_XDECREF(ids);
     Py_XDECREF(keys);
     if (have_key && qk.obj != NULL) PyBuffer_Release(&qk);
@@ -294,6 +369,7 @@ bad_layout:
 
 static PyMethodDef methods[] = {
     {"with_ids", with_ids, METH_VARARGS, with_ids_doc},
+    {"sent_ids", sent_ids, METH_VARARGS, sent_ids_doc},
     {"accepted", accepted, METH_VARARGS, accepted_doc},
     {NULL, NULL, 0, NULL},
 };

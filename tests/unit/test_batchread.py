@@ -213,3 +213,61 @@ def test_the_all_accepted_answer_is_what_msgspec_encodes_for_the_results(n: int)
         batchread.accepted(tuple(ids), layout)
     with pytest.raises(TypeError, match="layout"):
         batchread.accepted(ids, layout[:5])
+
+
+def event_with_id(rnd: random.Random, i: int) -> bytes:
+    """A random event (see random_event) that sent its id: text, an int or null, anywhere
+    among the members, sometimes twice (the decoder keeps the later)."""
+    members = json.loads(random_event(rnd))
+    eid = rnd.choice([f"client-{i}", i, -i, None, "ünï-☃"])
+    items = list(members.items())
+    items.insert(rnd.randrange(len(items) + 1), ("id", eid))
+    if rnd.random() < 0.1:
+        items.insert(0, ("id", "an earlier copy"))
+    sp = rnd.choice(["", " "])
+    return ("{" + ("," + sp).join(f"{json.dumps(k)}:{sp}{json.dumps(v, ensure_ascii=False)}" for k, v in items)
+            + "}").encode()
+
+
+@pytest.mark.parametrize("key", ["id", "user"])
+def test_sent_ids_are_read_as_the_python_path_reads_them(key: str) -> None:
+    """A batch whose every event sent its id: ``read_sent`` gives the ids and keys the
+    heads parse gives (values and types), leaves the items as they are, and its depth
+    says too deep exactly when ``json_depth`` does."""
+    rnd = random.Random(11)
+    rd = reader(key)
+    for _ in range(300):
+        body = batch([event_with_id(rnd, i) for i in range(rnd.randint(1, 40))], rnd.choice(["", " "]))
+        got = rd.read_sent(raws_of(body))
+        assert got is not None, body
+        ids, keys, depth = got
+        want_items, want_ids, want_keys = python_path(rd, body)
+        assert [bytes(r) for r in want_items] == [bytes(r) for r in raws_of(body)]  # nothing generated
+        assert ids == want_ids and [type(i) for i in ids] == [type(i) for i in want_ids]
+        assert keys == want_keys and [type(k) for k in keys] == [type(k) for k in want_keys]
+        for limit in range(1, 10):
+            assert (depth + 2 > limit) == (json_depth(body, limit) > limit), (limit, body)
+
+
+@pytest.mark.parametrize("event", [
+    b'{"user":"u"}',  # no id: the Python path makes one (a batch mixing the two)
+    b'{"id":"a\\u0041"}',  # an escaped id: the decoder's text, not the bytes
+    b'{"id":1.5}', b'{"id":true}', b'{"id":{"a":1}}', b'{"id":["x"]}',
+    b'{"id":123456789012345678901234567890}',  # beyond 64 bits
+    b'{"\\u0069d":"x"}',
+    b"[1]", b'"s"', b"null", b'{ "id":"x"}',
+])
+def test_sent_ids_declines_what_only_the_python_path_may_answer(event: bytes) -> None:
+    body = batch([b'{"id":"a","user":"u"}', event])
+    assert reader("id").read_sent(raws_of(body)) is None
+    assert reader("user").read_sent(raws_of(body)) is None
+
+
+def test_sent_ids_is_refused_bad_arguments() -> None:
+    raws = raws_of(batch([b'{"id":"a"}']))
+    with pytest.raises(ValueError):
+        batchread.sent_ids(raws, b"", None)
+    with pytest.raises(ValueError):
+        batchread.sent_ids(raws, b'"id"', b"")
+    with pytest.raises(TypeError):
+        batchread.sent_ids(tuple(raws), b'"id"', None)

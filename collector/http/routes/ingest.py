@@ -5,9 +5,11 @@
     body ─► Content-Encoding undone (bodies.inflate, the limit on the output) ─► empty?
          ─► envelope: list[Raw] (C; validates the whole body)
          ─► batchread.with_ids (C, one pass over the items): a generated id put first in
-            each event, its shard key read, the depth measured
-            (else, for events that sent ids or are not objects: bodies.json_depth, the
-            heads parse, IdReader.ids_and_keys)
+            each event, its shard key read, the depth measured; or, when every event
+            sent its id, batchread.sent_ids (C, one pass): each id and key read, the depth
+            measured, the items left as they are
+            (else, for a batch mixing the two or with items that are not objects:
+            bodies.json_depth, the heads parse, IdReader.ids_and_keys)
          ─► backend.submit(items, keys) (one coalesced operation)
          ─► per-item results (accepted / duplicate / invalid / filtered / unauthorized /
             deadlettered / failed)
@@ -110,6 +112,19 @@ class IdReader:
             return None
         items, ids, keys, depth = got
         return items, ids, ids if keys is None else keys, depth
+
+    def read_sent(self, raws: list[Any]) -> tuple[list[Any], list[Any], int] | None:
+        """(ids, keys, depth) of a batch every event of which sent its id, read in one C
+        pass (``batchread.sent_ids``; the items are left as they are). None when the
+        extension is absent, the pipeline has no id field, or some event is not that case
+        (the caller then reads the heads with :meth:`ids_and_keys`)."""
+        if batchread is None or self.id is None or not raws:
+            return None
+        got = batchread.sent_ids(raws, self.quoted_id, self.quoted_key)
+        if got is None:
+            return None
+        ids, keys, depth = got
+        return ids, ids if keys is None else keys, depth
 
     def inject_id(self, raw: msgspec.Raw | bytes, eid: str) -> bytes:
         """The JSON object ``raw`` with the generated id ``eid`` as its first member."""
@@ -391,9 +406,15 @@ class IngestRoutes:
         where: list[int] | range
         owner = self.backend.owner()
         native = rd.read_native(raws, owner)
+        sent = rd.read_sent(raws) if native is None else None
+        owned: int | None = None
         if native is not None:  # the common case: objects without ids, read in one C pass
             items, ids, keys, depth = native
             owned = rd.owned(owner)  # every id was made for that worker
+        elif sent is not None:  # the other common case, every event sent its id: one C pass too
+            ids, keys, depth = sent
+            items = raws
+        if native is not None or sent is not None:
             if depth + 2 > self.cfg.max_json_depth:  # the envelope's object and array
                 return self._deep_error()
             if self.backend.stopping:
@@ -436,8 +457,8 @@ class IngestRoutes:
     ) -> Response:
         """A batch's answer once its events are stored or rejected: the engine's errors
         put on the items they belong to (``where``: each submitted event's index in the
-        batch). ``results`` None: every item was submitted, with the generated ``ids``;
-        when every one was accepted the answer's body is written in C."""
+        batch). ``results`` None: every item was submitted, with ``ids`` (generated or
+        sent); when every one was accepted the answer's body is written in C."""
         try:
             res: Submitted = fut.result()
         except (Overloaded, CollectorClosed) as e:
