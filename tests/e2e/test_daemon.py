@@ -208,6 +208,20 @@ def test_client_ids_are_kept_and_repeats_are_reported_as_duplicates(daemon: Daem
     assert sorted(r["id"] for r in daemon.stored()) == sorted([ev["id"], "other-1"])
 
 
+def test_single_events_that_sent_ids_reach_their_ids_worker(daemon: Daemon) -> None:
+    """``POST /events`` reads an event that sent its id in C too; the event must still go
+    to the worker its id hashes to (not to the worker the server would make ids for), so
+    that every repeat meets the original's dedup window: 40 ids, each sent twice, the
+    repeats in reverse order (idle workers take turns at the ids the server makes, so a
+    repeat sent in the same turn as its original would reach the same worker anyway)."""
+    ids = [f"single-own-{i}" for i in range(40)]
+    for i in ids:
+        assert daemon.post("/events", {**EVENT, "id": i}) == (202, {"status": "accepted", "id": i})
+    for i in reversed(ids):
+        assert daemon.post("/events", {**EVENT, "id": i}) == (200, {"status": "duplicate", "id": i})
+    assert sorted(r["id"] for r in daemon.stored() if r["id"] in set(ids)) == sorted(ids)
+
+
 def _worker_events(daemon: Daemon, total: int) -> list[int]:
     """Events per worker once ``total`` are counted (the counters trail the answers a little)."""
     deadline = time.monotonic() + 10

@@ -277,26 +277,33 @@ class IngestRoutes:
 
     def _with_id(
         self, raw: msgspec.Raw | bytes, rd: IdReader, owner: tuple[int, int], native: bool = False
-    ) -> tuple[msgspec.Raw | bytes, Any, Any, str | None, int | None]:
-        """(item, shard key, id, error, depth) of one event; the id is generated when
-        absent. ``native``: try the C reader first (``POST /events``; a batch's events
-        come here only once it declined the batch). ``depth``: the event's nesting when
-        the C reader read it, else None (the caller measures it). ``owner``: see
-        :meth:`IdReader.new_ids`.
+    ) -> tuple[msgspec.Raw | bytes, Any, Any, str | None, int | None, int | None]:
+        """(item, shard key, id, error, depth, owned) of one event; the id is generated
+        when absent. ``native``: try the C readers first (``POST /events``; a batch's
+        events come here only once they declined the batch). ``depth``: the event's
+        nesting when a C reader read it, else None (the caller measures it). ``owned``:
+        the worker the id was made for when the C reader made it for ``owner``'s worker
+        (:meth:`IdReader.owned`), else None. ``owner``: see :meth:`IdReader.new_ids`.
 
         Raises ``msgspec.DecodeError`` when ``raw`` is not JSON at all.
         """
         try:
             head = rd.one.decode(raw)  # checks the whole event is JSON
         except msgspec.ValidationError as e:
-            return raw, None, None, str(e).split(" - at ")[0], None
-        got = rd.read_native([raw], owner) if native else None
-        if got is not None:
-            n_items, n_ids, n_keys, depth = got
-            return n_items[0], n_keys[0], n_ids[0], None, depth
+            return raw, None, None, str(e).split(" - at ")[0], None, None
+        if native:
+            got = rd.read_native([raw], owner)
+            if got is not None:
+                n_items, n_ids, n_keys, depth = got
+                return n_items[0], n_keys[0], n_ids[0], None, depth, rd.owned(owner)
+            sent = rd.read_sent([raw])
+            if sent is not None:  # it sent its id: that id's owner is the shard function's
+                s_ids, s_keys, depth = sent
+                eid = s_ids[0]
+                return raw, s_keys[0], eid if type(eid) in _ID_TYPES else None, None, depth, None
         items, ids, keys = rd.ids_and_keys([head], [raw], owner)
         eid = ids[0]
-        return items[0], keys[0], eid if type(eid) in _ID_TYPES else None, None, None
+        return items[0], keys[0], eid if type(eid) in _ID_TYPES else None, None, None, None
 
     def _stopping(self) -> Response:
         return error(503, "shutting_down", "the server is stopping", retry_after=self.cfg.retry_after)
@@ -328,7 +335,7 @@ class IngestRoutes:
         try:
             # as for a batch: parsed first, the depth measured only where the answer needs it
             rd, owner = self.reader(), self.backend.owner()
-            item, key, eid, why, depth = self._with_id(body, rd, owner, native=True)
+            item, key, eid, why, depth, owned = self._with_id(body, rd, owner, native=True)
         except msgspec.DecodeError as e:
             return self._too_deep(body) or error(400, "malformed_json", f"the body is not valid JSON: {e}")
         if depth is None or why is not None:
@@ -342,9 +349,6 @@ class IngestRoutes:
             return error(422, "invalid", f"{why}: the body must be one event object", path="$")
         if self.backend.stopping:
             return self._stopping()
-        # depth is known when the C reader read the event, which it does only for an event
-        # without an id: its id was then made for the owner's worker
-        owned = None if depth is None else rd.owned(owner)
         return Deferred(self.backend.submit([item], [key], owned), functools.partial(self._event_answer, eid))
 
     def _event_answer(self, eid: Any, fut: asyncio.Future[Any]) -> Response:
@@ -437,7 +441,7 @@ class IngestRoutes:
         else:
             results, items, keys, where = [], [], [], []
             for i, raw in enumerate(raws):
-                item, key, eid, why, _ = self._with_id(raw, rd, owner)
+                item, key, eid, why, _, _ = self._with_id(raw, rd, owner)
                 if why is not None:  # not an object: no worker could read it
                     self.backend.count_rejected()
                     results.append(ItemResult(i, "invalid", None, f"$.events[{i}]", why))
