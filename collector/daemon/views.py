@@ -137,7 +137,9 @@ class Views:
         """The pipeline of the engine now serving."""
         return self.collector.pipeline
 
-    def submit(self, items: list[Any], keys: list[Any], owner: int | None = None) -> asyncio.Future[SliceResult]:
+    def submit(
+        self, items: list[Any], keys: list[Any], owner: int | list[int] | None = None
+    ) -> asyncio.Future[SliceResult]:
         """Events in, through the serving engine's coalescer."""
         return self.coalescer.submit(items, keys, owner)
 

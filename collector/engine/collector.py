@@ -347,9 +347,11 @@ class Collector(Reads):
         ``msgspec.Raw``) whose shard keys the caller already read (the HTTP server reads
         each event's id), their keys in order; the supervisor then parses nothing.
         ``owners``: with ``keys``, each key's worker (``0 .. nworkers - 1``), when the
-        caller made the keys for it: new, distinct ids drawn so that the shard function
-        gives them to that worker (the HTTP server's, see ``Coalescer.owner``). They are
-        not hashed again; a wrong owner puts a key's state on the wrong worker.
+        caller knows it: new ids drawn so that the shard function gives them to that
+        worker (the HTTP server's, see ``Coalescer.owner``), or keys the caller hashed with
+        the shard function itself (the server does, in C, for the ids clients send). They
+        are not hashed again, and the result's ``distinct_keys`` takes them as distinct
+        (one per event); a wrong owner puts a key's state on the wrong worker.
         """
         t0 = time.monotonic()
         self._check_open()

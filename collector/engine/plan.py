@@ -150,9 +150,9 @@ class Planner:
     ) -> Operation:
         """Normalise the input, find each event's key and worker (no encoding yet).
 
-        ``owners`` (with ``keys``): each key's worker, when the caller chose the keys for
-        it (ids generated for one worker, see ``Collector.handle``); they are taken as
-        given, and as distinct."""
+        ``owners`` (with ``keys``): each key's worker, when the caller knows it (ids
+        generated for one worker, or keys it hashed with the shard function, see
+        ``Collector.ahandle``); they are taken as given, and the keys as distinct."""
         if keys is not None and (not isinstance(batch, list) or len(keys) != len(batch)):
             raise InvalidInput("keys= needs a list of raw JSON objects and one key per item")
         if owners is not None and (
@@ -188,8 +188,9 @@ class Planner:
         many = self.nworkers > 1
         try:
             if owners is not None:
-                # fresh ids made for their worker: hashing them again was ~10 % of the
-                # daemon's supervisor under batched load, their set a few more
+                # fresh ids made for their worker, or ids a client sent, hashed in C:
+                # hashing them here was ~10 % of the daemon's supervisor under batched
+                # load, their set a few more (distinct_keys then counts each event's key)
                 shard_of, distinct = (owners if many else None), len(keys)
             else:
                 if not many:

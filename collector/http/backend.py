@@ -57,11 +57,15 @@ class Backend(Protocol):
         """The pipeline of the engine now serving (its id field, shard key and event type)."""
         ...
 
-    def submit(self, items: list[Any], keys: list[Any], owner: int | None = None) -> asyncio.Future[Any]:
+    def submit(
+        self, items: list[Any], keys: list[Any], owner: int | list[int] | None = None
+    ) -> asyncio.Future[Any]:
         """Hand events (JSON objects as bytes) and their shard keys to the engine: a
         future of the result (a :class:`Submitted`) once they are stored or rejected, or of ``Overloaded`` or
         ``CollectorClosed``. A future, not a coroutine, so that a request needs no task.
-        ``owner``: every key is an id generated for that worker of :meth:`owner`."""
+        ``owner``: every key's worker (an id generated for that worker of :meth:`owner`),
+        or each key's worker by the pipeline's shard function; None: the engine hashes
+        the keys."""
         ...
 
     def owner(self) -> tuple[int, int]:

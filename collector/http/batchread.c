@@ -235,25 +235,28 @@ done:
 }
 
 PyDoc_STRVAR(sent_ids_doc,
-"sent_ids(raws, quoted_id, quoted_key) -> (ids, keys, depth) | None\n\n"
+"sent_ids(raws, quoted_id, quoted_key, workers=1) -> (ids, keys, depth, owners) | None\n\n"
 "The other common batch: every event sent its own id (a client that retries with the\n"
 "same ids). ``raws``, ``quoted_id``, ``quoted_key``: as for ``with_ids``. ``ids``: each\n"
 "event's id as the decoder gives it (a str without escapes, an int of 64 bits, None for\n"
 "null); ``keys``: each event's key value (None when ``quoted_key`` is None: the key is\n"
-"the id); ``depth``: the deepest item's nesting. The items are left as they are. None\n"
-"when some event is not that case (no id, an id of another kind, see ``with_ids``), and\n"
-"the caller reads the batch the Python way.");
+"the id); ``depth``: the deepest item's nesting; ``owners``: with ``workers`` > 1 and\n"
+"every key a str, each key's worker by the pipeline's shard function\n"
+"(``zlib.crc32(key.encode()) % workers``, as ``ShardMap``), else None. The items are left\n"
+"as they are. None when some event is not that case (no id, an id of another kind, see\n"
+"``with_ids``), and the caller reads the batch the Python way.");
 
 static PyObject *sent_ids(PyObject *self, PyObject *args) {
     PyObject *raws, *qkey;
     Py_buffer qid;
-    if (!PyArg_ParseTuple(args, "O!y*O", &PyList_Type, &raws, &qid, &qkey)) return NULL;
-    PyObject *result = NULL, *ids = NULL, *keys = NULL;
+    Py_ssize_t workers = 1;
+    if (!PyArg_ParseTuple(args, "O!y*O|n", &PyList_Type, &raws, &qid, &qkey, &workers)) return NULL;
+    PyObject *result = NULL, *ids = NULL, *keys = NULL, *owners = NULL;
     Py_buffer qk = {0};
     int have_key = qkey != Py_None;
     Py_ssize_t n = PyList_GET_SIZE(raws);
-    if (qid.len < 3) {
-        PyErr_SetString(PyExc_ValueError, "sent_ids: quoted_id is a quoted name");
+    if (qid.len < 3 || workers < 1) {
+        PyErr_SetString(PyExc_ValueError, "sent_ids: quoted_id is a quoted name and workers at least 1");
         goto done;
     }
     if (have_key) {
@@ -269,6 +272,9 @@ static PyObject *sent_ids(PyObject *self, PyObject *args) {
     size_t keylen = have_key ? (size_t)qk.len - 2 : 0;
     if ((ids = PyList_New(n)) == NULL) goto done;
     if (have_key && (keys = PyList_New(n)) == NULL) goto done;
+    /* each key's worker, as ShardMap hashes a str: the crc32 of its UTF-8 (dropped at the
+       first key of another kind, whose hash goes through its repr) */
+    if (workers > 1 && (owners = PyList_New(n)) == NULL) goto done;
     size_t deepest = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_buffer b;
@@ -284,12 +290,27 @@ static PyObject *sent_ids(PyObject *self, PyObject *args) {
         }
         PyList_SET_ITEM(ids, i, iv);
         if (have_key) PyList_SET_ITEM(keys, i, kv);
+        if (owners != NULL) {
+            PyObject *k = have_key ? kv : iv;
+            if (!PyUnicode_CheckExact(k)) {
+                Py_CLEAR(owners);
+                continue;
+            }
+            Py_ssize_t len;
+            const char *u = PyUnicode_AsUTF8AndSize(k, &len);
+            if (u == NULL) goto done;
+            PyObject *w = PyLong_FromUnsignedLong(crc32_of((const unsigned char *)u, (size_t)len) % (uint32_t)workers);
+            if (w == NULL) goto done;
+            PyList_SET_ITEM(owners, i, w);
+        }
     }
-    result = Py_BuildValue("(NNn)", ids, have_key ? keys : Py_NewRef(Py_None), (Py_ssize_t)deepest);
-    ids = keys = NULL; /* Py_BuildValue's N took them */
+    result = Py_BuildValue("(NNnN)", ids, have_key ? keys : Py_NewRef(Py_None), (Py_ssize_t)deepest,
+                           owners != NULL ? owners : Py_NewRef(Py_None));
+    ids = keys = owners = NULL; /* Py_BuildValue's N took them */
 done:
     Py_XDECREF(ids);
     Py_XDECREF(keys);
+    Py_XDECREF(owners);
     if (have_key && qk.obj != NULL) PyBuffer_Release(&qk);
     PyBuffer_Release(&qid);
     return result;

@@ -103,7 +103,7 @@ class Coalescer:
         self._owned = 0
 
     def submit(
-        self, items: list[Any], keys: list[Any] | None = None, owner: int | None = None
+        self, items: list[Any], keys: list[Any] | None = None, owner: int | list[int] | None = None
     ) -> asyncio.Future[SliceResult]:
         """Submit events; a future that is done when they are (``await co.submit(...)``).
 
@@ -112,7 +112,9 @@ class Coalescer:
         item's shard key (see ``Collector.ahandle``). One coalescer carries one kind:
         raw items are not mixed with objects, nor keyed with unkeyed submissions.
         ``owner``: every key is a new id made for that worker (the worker of
-        :meth:`owner` when the ids were generated); the engine then does not hash them.
+        :meth:`owner` when the ids were generated), or a list with each key's worker by
+        the pipeline's shard function (read in C with the ids a client sent); the engine
+        then does not hash them.
 
         A plain future, not a coroutine: the HTTP server answers from its done
         callback, with no task per request (a task and its two extra loop turns cost
@@ -217,7 +219,7 @@ class Coalescer:
 
 
 # (items, keys, owner, the caller's future): see Coalescer.submit
-_Batch = list[tuple[list[Any], list[Any] | None, int | None, "asyncio.Future[SliceResult]"]]
+_Batch = list[tuple[list[Any], list[Any] | None, int | list[int] | None, "asyncio.Future[SliceResult]"]]
 
 
 def _merge(batch: _Batch) -> tuple[Any, list[Any] | None, list[int] | None, list[tuple[int, int]]]:
@@ -235,8 +237,10 @@ def _merge(batch: _Batch) -> tuple[Any, list[Any] | None, list[int] | None, list
             if owners is not None:
                 if owner is None:  # a submission with keys of their own: the engine hashes them all
                     owners = None
-                else:
+                elif isinstance(owner, int):
                     owners += [owner] * len(ks)
+                else:
+                    owners += owner
     payload: Any = merged
     if keys is None and merged and isinstance(merged[0], (bytes, msgspec.Raw)):
         # raw JSON objects without keys: one JSON array, which the supervisor parses

@@ -219,6 +219,46 @@ def test_owners_out_of_range_or_without_keys_are_refused() -> None:
     asyncio.run(main())
 
 
+def test_submissions_of_one_turn_keep_their_owners_whether_one_worker_or_one_per_key() -> None:
+    """One operation merges what one loop turn submitted: a submission whose keys were
+    all made for one worker (``owner=0``) and one with each key's worker (a list, as the
+    server reads for ids clients send) keep their workers; a submission without owners
+    makes the engine hash every key of the operation."""
+
+    async def counts(c: Collector) -> list[int]:
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # the counters trail the results a little
+            per = [w.events for w in c.stats().workers]
+            if sum(per) >= want or asyncio.get_running_loop().time() > deadline:
+                return per
+            await asyncio.sleep(0.01)
+
+    want = 0
+
+    async def main() -> None:
+        nonlocal want
+        async with Collector(playback_pipeline(Immediate()), workers=2) as c:
+            co = Coalescer(c)
+            raws = [msgspec.json.encode(event(i)) for i in range(9)]
+            a = co.submit(raws[:4], ["a1", "a2", "a3", "a4"], 0)
+            b = co.submit(raws[4:], ["b1", "b2", "b3", "b4", "b5"], [1, 1, 1, 1, 0])
+            res = await asyncio.wait_for(asyncio.gather(a, b), 30)
+            assert [(r.handled_events, r.failed_events) for r in res] == [(4, 0), (5, 0)]
+            want = 9
+            assert await counts(c) == [5, 4]
+            keys = [f"k{i}" for i in range(9)]
+            d = co.submit(raws[:4], keys[:4], [0, 0, 0, 0])  # not where the shard function puts them
+            e = co.submit(raws[4:], keys[4:])  # keys of their own: the engine hashes them all
+            res = await asyncio.wait_for(asyncio.gather(d, e), 30)
+            assert [(r.handled_events, r.failed_events) for r in res] == [(4, 0), (5, 0)]
+            hashed = ShardMap(2).of_many(keys)
+            want = 18
+            assert await counts(c) == [5 + hashed.count(0), 4 + hashed.count(1)]
+            await co.aclose()
+
+    asyncio.run(main())
+
+
 def test_the_daemons_dedup_max_bounds_each_workers_window(tmp_path: object) -> None:
     """``[pipeline] dedup_max``: each worker remembers at most that many ids, the
     oldest forgotten first (a copy of a forgotten id is stored again)."""

@@ -229,24 +229,41 @@ def event_with_id(rnd: random.Random, i: int) -> bytes:
             + "}").encode()
 
 
+def text_event_with_id(rnd: random.Random, i: int) -> bytes:
+    """A random event whose id and user are text (non-ASCII too)."""
+    e = json.loads(random_event(rnd))
+    e["id"], e["user"] = rnd.choice([f"client-{i}", f"ünï-{i}-☃"]), f"u-{rnd.randrange(50)}"
+    return json.dumps(e, ensure_ascii=False).encode()
+
+
 @pytest.mark.parametrize("key", ["id", "user"])
 def test_sent_ids_are_read_as_the_python_path_reads_them(key: str) -> None:
     """A batch whose every event sent its id: ``read_sent`` gives the ids and keys the
-    heads parse gives (values and types), leaves the items as they are, and its depth
-    says too deep exactly when ``json_depth`` does."""
+    heads parse gives (values and types), leaves the items as they are, its depth says
+    too deep exactly when ``json_depth`` does, and each key's worker is the shard
+    function's (``ShardMap``) when every key is text, else the engine is left to hash."""
     rnd = random.Random(11)
     rd = reader(key)
+    text_keys = 0
     for _ in range(300):
-        body = batch([event_with_id(rnd, i) for i in range(rnd.randint(1, 40))], rnd.choice(["", " "]))
-        got = rd.read_sent(raws_of(body))
+        make = event_with_id if rnd.random() < 0.5 else text_event_with_id  # half: every key text
+        body = batch([make(rnd, i) for i in range(rnd.randint(1, 40))], rnd.choice(["", " "]))
+        workers = rnd.choice([1, 2, 3, 5])
+        got = rd.read_sent(raws_of(body), workers)
         assert got is not None, body
-        ids, keys, depth = got
+        ids, keys, depth, owners = got
         want_items, want_ids, want_keys = python_path(rd, body)
         assert [bytes(r) for r in want_items] == [bytes(r) for r in raws_of(body)]  # nothing generated
         assert ids == want_ids and [type(i) for i in ids] == [type(i) for i in want_ids]
         assert keys == want_keys and [type(k) for k in keys] == [type(k) for k in want_keys]
+        if workers > 1 and all(type(k) is str for k in keys):
+            text_keys += 1
+            assert owners == ShardMap(workers).of_many(keys)
+        else:
+            assert owners is None
         for limit in range(1, 10):
             assert (depth + 2 > limit) == (json_depth(body, limit) > limit), (limit, body)
+    assert text_keys > 10  # the owners were checked, not only their absence
 
 
 @pytest.mark.parametrize("event", [
@@ -271,3 +288,5 @@ def test_sent_ids_is_refused_bad_arguments() -> None:
         batchread.sent_ids(raws, b'"id"', b"")
     with pytest.raises(TypeError):
         batchread.sent_ids(tuple(raws), b'"id"', None)
+    with pytest.raises(ValueError):
+        batchread.sent_ids(raws, b'"id"', None, 0)  # a worker count

@@ -113,18 +113,22 @@ class IdReader:
         items, ids, keys, depth = got
         return items, ids, ids if keys is None else keys, depth
 
-    def read_sent(self, raws: list[Any]) -> tuple[list[Any], list[Any], int] | None:
-        """(ids, keys, depth) of a batch every event of which sent its id, read in one C
-        pass (``batchread.sent_ids``; the items are left as they are). None when the
+    def read_sent(
+        self, raws: list[Any], workers: int = 1
+    ) -> tuple[list[Any], list[Any], int, list[int] | None] | None:
+        """(ids, keys, depth, owners) of a batch every event of which sent its id, read in
+        one C pass (``batchread.sent_ids``; the items are left as they are). ``owners``:
+        with ``workers`` > 1, each key's worker by the pipeline's shard function when
+        every key is text (the engine then does not hash them), else None. None when the
         extension is absent, the pipeline has no id field, or some event is not that case
         (the caller then reads the heads with :meth:`ids_and_keys`)."""
         if batchread is None or self.id is None or not raws:
             return None
-        got = batchread.sent_ids(raws, self.quoted_id, self.quoted_key)
+        got = batchread.sent_ids(raws, self.quoted_id, self.quoted_key, workers)
         if got is None:
             return None
-        ids, keys, depth = got
-        return ids, ids if keys is None else keys, depth
+        ids, keys, depth, owners = got
+        return ids, ids if keys is None else keys, depth, owners
 
     def inject_id(self, raw: msgspec.Raw | bytes, eid: str) -> bytes:
         """The JSON object ``raw`` with the generated id ``eid`` as its first member."""
@@ -282,8 +286,9 @@ class IngestRoutes:
         when absent. ``native``: try the C readers first (``POST /events``; a batch's
         events come here only once they declined the batch). ``depth``: the event's
         nesting when a C reader read it, else None (the caller measures it). ``owned``:
-        the worker the id was made for when the C reader made it for ``owner``'s worker
-        (:meth:`IdReader.owned`), else None. ``owner``: see :meth:`IdReader.new_ids`.
+        the worker the C readers found for the event's key (an id made for ``owner``'s
+        worker, :meth:`IdReader.owned`, or a sent id's worker by the shard function), else
+        None. ``owner``: see :meth:`IdReader.new_ids`.
 
         Raises ``msgspec.DecodeError`` when ``raw`` is not JSON at all.
         """
@@ -296,11 +301,12 @@ class IngestRoutes:
             if got is not None:
                 n_items, n_ids, n_keys, depth = got
                 return n_items[0], n_keys[0], n_ids[0], None, depth, rd.owned(owner)
-            sent = rd.read_sent([raw])
-            if sent is not None:  # it sent its id: that id's owner is the shard function's
-                s_ids, s_keys, depth = sent
+            sent = rd.read_sent([raw], owner[1])
+            if sent is not None:  # it sent its id: its key's worker is the shard function's
+                s_ids, s_keys, depth, s_owners = sent
                 eid = s_ids[0]
-                return raw, s_keys[0], eid if type(eid) in _ID_TYPES else None, None, depth, None
+                return (raw, s_keys[0], eid if type(eid) in _ID_TYPES else None, None, depth,
+                        s_owners[0] if s_owners else None)
         items, ids, keys = rd.ids_and_keys([head], [raw], owner)
         eid = ids[0]
         return items[0], keys[0], eid if type(eid) in _ID_TYPES else None, None, None, None
@@ -410,13 +416,13 @@ class IngestRoutes:
         where: list[int] | range
         owner = self.backend.owner()
         native = rd.read_native(raws, owner)
-        sent = rd.read_sent(raws) if native is None else None
-        owned: int | None = None
+        sent = rd.read_sent(raws, owner[1]) if native is None else None
+        owned: int | list[int] | None = None
         if native is not None:  # the common case: objects without ids, read in one C pass
             items, ids, keys, depth = native
             owned = rd.owned(owner)  # every id was made for that worker
         elif sent is not None:  # the other common case, every event sent its id: one C pass too
-            ids, keys, depth = sent
+            ids, keys, depth, owned = sent  # each key's worker, found in C
             items = raws
         if native is not None or sent is not None:
             if depth + 2 > self.cfg.max_json_depth:  # the envelope's object and array
