@@ -55,13 +55,47 @@ static PyObject *key_value(const unsigned char *p, const unsigned char *end, con
     return NULL;
 }
 
-/* Reads one item [p, end). 0: read (*keyval set when a key name was given: the key's
+/* The member names the readers look for: the id's, and the shard key's (NULL when the
+   key is the id), from their quoted JSON text. */
+typedef struct {
+    const unsigned char *id, *key;
+    size_t idlen, keylen;
+    Py_buffer qk; /* quoted_key's buffer, held while the names are in use */
+} Names;
+
+/* 0: names set (release with names_release); -1: an error is set */
+static int names_open(Names *nm, const char *fn, Py_buffer *qid, PyObject *qkey) {
+    memset(nm, 0, sizeof *nm);
+    if (qid->len < 3) {
+        PyErr_Format(PyExc_ValueError, "%s: quoted_id is a quoted name", fn);
+        return -1;
+    }
+    nm->id = (const unsigned char *)qid->buf + 1;
+    nm->idlen = (size_t)qid->len - 2;
+    if (qkey == Py_None) return 0;
+    if (PyObject_GetBuffer(qkey, &nm->qk, PyBUF_SIMPLE) < 0) return -1;
+    if (nm->qk.len < 3) {
+        PyBuffer_Release(&nm->qk);
+        PyErr_Format(PyExc_ValueError, "%s: quoted_key is a quoted name or None", fn);
+        return -1;
+    }
+    nm->key = (const unsigned char *)nm->qk.buf + 1;
+    nm->keylen = (size_t)nm->qk.len - 2;
+    return 0;
+}
+
+static void names_release(Names *nm) {
+    if (nm->key != NULL) PyBuffer_Release(&nm->qk);
+}
+
+/* Reads one item [p, end) for the names nm. 0: read (*keyval set when nm has a key: the key's
    value, None when absent; *idval, when idval is not NULL: the id's value, which must be
    present); 1: not the common case (with idval NULL, an item that sent its id is not);
    -1: an error is set. */
-static int read_item(const unsigned char *p, const unsigned char *end, const unsigned char *id, size_t idlen,
-                     const unsigned char *key, size_t keylen, PyObject **keyval, PyObject **idval,
-                     size_t *deepest) {
+static int read_item(const unsigned char *p, const unsigned char *end, const Names *nm, PyObject **keyval,
+                     PyObject **idval, size_t *deepest) {
+    const unsigned char *id = nm->id, *key = nm->key;
+    size_t idlen = nm->idlen, keylen = nm->keylen;
     if (end - p < 2 || p[0] != '{' || p[1] != '"') return 1;
     if (*deepest < 1) *deepest = 1;
     p++;
@@ -137,12 +171,16 @@ static PyObject *with_ids(PyObject *self, PyObject *args) {
                           &workers, &span))
         return NULL;
     PyObject *result = NULL, *items = NULL, *ids = NULL, *keys = NULL;
-    Py_buffer qk = {0};
-    int have_key = qkey != Py_None;
+    Names nm;
+    if (names_open(&nm, "with_ids", &qid, qkey) < 0) {
+        PyBuffer_Release(&qid);
+        return NULL;
+    }
+    int have_key = nm.key != NULL;
     Py_ssize_t n = PyList_GET_SIZE(raws);
     Py_ssize_t elen = plen + 12;
-    if (qid.len < 3 || plen > 64) {
-        PyErr_SetString(PyExc_ValueError, "with_ids: a quoted id name and an id prefix of at most 64 bytes are needed");
+    if (plen > 64) {
+        PyErr_SetString(PyExc_ValueError, "with_ids: an id prefix of at most 64 bytes is needed");
         goto done;
     }
     if (workers < 1 || owner < 0 || owner >= workers) {
@@ -153,17 +191,6 @@ static PyObject *with_ids(PyObject *self, PyObject *args) {
     /* the prefix is common to every id: hashed once, each id's 12 digits continue from it */
     uint32_t crc_prefix = crc_update(CRC_START, (const unsigned char *)prefix, (size_t)plen);
     unsigned long long used = 0; /* counter values of the block taken or skipped */
-    if (have_key) {
-        if (PyObject_GetBuffer(qkey, &qk, PyBUF_SIMPLE) < 0) goto done;
-        if (qk.len < 3) {
-            PyErr_SetString(PyExc_ValueError, "with_ids: quoted_key is a quoted name or None");
-            goto done;
-        }
-    }
-    const unsigned char *id = (const unsigned char *)qid.buf + 1;
-    size_t idlen = (size_t)qid.len - 2;
-    const unsigned char *key = have_key ? (const unsigned char *)qk.buf + 1 : NULL;
-    size_t keylen = have_key ? (size_t)qk.len - 2 : 0;
     if ((items = PyList_New(n)) == NULL || (ids = PyList_New(n)) == NULL) goto done;
     if (have_key && (keys = PyList_New(n)) == NULL) goto done;
     size_t deepest = 0;
@@ -173,7 +200,7 @@ static PyObject *with_ids(PyObject *self, PyObject *args) {
         if (PyObject_GetBuffer(PyList_GET_ITEM(raws, i), &b, PyBUF_SIMPLE) < 0) goto done;
         const unsigned char *p = b.buf;
         PyObject *kv = NULL;
-        int r = read_item(p, p + b.len, id, idlen, key, keylen, &kv, NULL, &deepest);
+        int r = read_item(p, p + b.len, &nm, &kv, NULL, &deepest);
         if (r != 0) {
             Py_XDECREF(kv); /* a key read before the member that made it decline */
             PyBuffer_Release(&b);
@@ -229,7 +256,7 @@ done:
     Py_XDECREF(items);
     Py_XDECREF(ids);
     Py_XDECREF(keys);
-    if (have_key && qk.obj != NULL) PyBuffer_Release(&qk);
+    names_release(&nm);
     PyBuffer_Release(&qid);
     return result;
 }
@@ -252,24 +279,17 @@ static PyObject *sent_ids(PyObject *self, PyObject *args) {
     Py_ssize_t workers = 1;
     if (!PyArg_ParseTuple(args, "O!y*O|n", &PyList_Type, &raws, &qid, &qkey, &workers)) return NULL;
     PyObject *result = NULL, *ids = NULL, *keys = NULL, *owners = NULL;
-    Py_buffer qk = {0};
-    int have_key = qkey != Py_None;
+    Names nm;
+    if (names_open(&nm, "sent_ids", &qid, qkey) < 0) {
+        PyBuffer_Release(&qid);
+        return NULL;
+    }
+    int have_key = nm.key != NULL;
     Py_ssize_t n = PyList_GET_SIZE(raws);
-    if (qid.len < 3 || workers < 1) {
-        PyErr_SetString(PyExc_ValueError, "sent_ids: quoted_id is a quoted name and workers at least 1");
+    if (workers < 1) {
+        PyErr_SetString(PyExc_ValueError, "sent_ids: workers must be at least 1");
         goto done;
     }
-    if (have_key) {
-        if (PyObject_GetBuffer(qkey, &qk, PyBUF_SIMPLE) < 0) goto done;
-        if (qk.len < 3) {
-            PyErr_SetString(PyExc_ValueError, "sent_ids: quoted_key is a quoted name or None");
-            goto done;
-        }
-    }
-    const unsigned char *id = (const unsigned char *)qid.buf + 1;
-    size_t idlen = (size_t)qid.len - 2;
-    const unsigned char *key = have_key ? (const unsigned char *)qk.buf + 1 : NULL;
-    size_t keylen = have_key ? (size_t)qk.len - 2 : 0;
     if ((ids = PyList_New(n)) == NULL) goto done;
     if (have_key && (keys = PyList_New(n)) == NULL) goto done;
     /* each key's worker, as ShardMap hashes a str: the crc32 of its UTF-8 (dropped at the
@@ -280,7 +300,7 @@ static PyObject *sent_ids(PyObject *self, PyObject *args) {
         Py_buffer b;
         if (PyObject_GetBuffer(PyList_GET_ITEM(raws, i), &b, PyBUF_SIMPLE) < 0) goto done;
         PyObject *kv = NULL, *iv = NULL;
-        int r = read_item(b.buf, (const unsigned char *)b.buf + b.len, id, idlen, key, keylen, &kv, &iv, &deepest);
+        int r = read_item(b.buf, (const unsigned char *)b.buf + b.len, &nm, &kv, &iv, &deepest);
         PyBuffer_Release(&b);
         if (r != 0) {
             Py_XDECREF(kv);
@@ -311,7 +331,7 @@ done:
     Py_XDECREF(ids);
     Py_XDECREF(keys);
     Py_XDECREF(owners);
-    if (have_key && qk.obj != NULL) PyBuffer_Release(&qk);
+    names_release(&nm);
     PyBuffer_Release(&qid);
     return result;
 }
