@@ -296,11 +296,14 @@ class IngestRoutes:
             head = rd.one.decode(raw)  # checks the whole event is JSON
         except msgspec.ValidationError as e:
             return raw, None, None, str(e).split(" - at ")[0], None, None
-        if native:
+        # the head says which C reader applies: asking the other first would cost its
+        # walk, and read_native an id block, per request
+        if native and rd.get_id(head) is msgspec.UNSET:
             got = rd.read_native([raw], owner)
             if got is not None:
                 n_items, n_ids, n_keys, depth = got
                 return n_items[0], n_keys[0], n_ids[0], None, depth, rd.owned(owner)
+        elif native:
             sent = rd.read_sent([raw], owner[1])
             if sent is not None:  # it sent its id: its key's worker is the shard function's
                 s_ids, s_keys, depth, s_owners = sent
