@@ -3,8 +3,8 @@
 ``IdWindow`` (idwindow.c, built at install) keeps them as 128-bit fingerprints in a C
 table; :class:`DictIds` keeps them in a dict, for per-type TTLs and keys (whose
 expiries are not remembered in order) and when the C extension is not built. Both:
-``get(id)`` (its expiry or None), ``isdisjoint(ids)``, ``remember(ids, expiry)`` (how
-many were remembered already), ``expire(now)``, ``trim(cap)``, ``len()``.
+``get(id)`` (its expiry or None), ``isdisjoint(ids)``, ``remember(ids, expiry)``,
+``expire(now)``, ``trim(cap)``, ``len()``.
 """
 
 from __future__ import annotations
@@ -51,17 +51,15 @@ class DictIds:
     def __len__(self) -> int:
         return len(self.seen)
 
-    def remember(self, ids: Iterable[Any], expiry: float) -> int:
-        """Remember ``ids`` until ``expiry``; how many were remembered already."""
+    def remember(self, ids: Iterable[Any], expiry: float) -> None:
+        """Remember ``ids`` until ``expiry`` (an id remembered already takes the new one)."""
         seen = self.seen
         group = tuple(ids)
         before = len(seen)
         seen.update(dict.fromkeys(group, expiry))
-        again = len(group) - (len(seen) - before)
-        if again:
+        if len(seen) - before != len(group):  # some were here already: now in two groups
             self.unique = False
         self.order.append((expiry, group))
-        return again
 
     def expire(self, now: float) -> None:
         """Forget the groups whose expiry is not after ``now``, oldest first."""

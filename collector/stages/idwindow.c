@@ -235,7 +235,7 @@ static PyObject *IdWindow_remember(IdWindow *w, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Od:remember", &keys, &exp)) return NULL;
     PyObject *seq = PySequence_Fast(keys, "remember: a sequence of ids");
     if (seq == NULL) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), again = 0;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t x = 0; x < n; x++) {
         uint64_t a, b;
@@ -245,9 +245,7 @@ static PyObject *IdWindow_remember(IdWindow *w, PyObject *args) {
             return NULL;
         }
         size_t i = probe(w, a, b);
-        if (w->slots[i].a != 0) {
-            again++;
-        } else {
+        if (w->slots[i].a == 0) { /* new; an id remembered already only takes the new expiry */
             w->slots[i].a = a;
             w->slots[i].b = b;
             w->used++;
@@ -255,7 +253,7 @@ static PyObject *IdWindow_remember(IdWindow *w, PyObject *args) {
         w->slots[i].exp = exp;
     }
     Py_DECREF(seq);
-    return PyLong_FromSsize_t(again);
+    Py_RETURN_NONE;
 }
 
 static PyObject *IdWindow_expire(IdWindow *w, PyObject *arg) {
@@ -278,8 +276,8 @@ static PyMethodDef IdWindow_methods[] = {
     {"isdisjoint", (PyCFunction)IdWindow_isdisjoint, METH_O,
      "isdisjoint(ids) -> bool: True when no id of the sequence is remembered."},
     {"remember", (PyCFunction)IdWindow_remember, METH_VARARGS,
-     "remember(ids, expiry) -> int: remember each id until ``expiry`` (an id remembered already takes the new "
-     "expiry); how many were remembered already."},
+     "remember(ids, expiry): remember each id until ``expiry`` (an id remembered already takes the new "
+     "expiry)."},
     {"expire", (PyCFunction)IdWindow_expire, METH_O,
      "expire(now): forget, oldest first, the ids whose expiry is not after ``now`` (expiries must be remembered "
      "in non-decreasing order)."},
