@@ -60,32 +60,39 @@ static PyObject *key_value(const unsigned char *p, const unsigned char *end, con
 typedef struct {
     const unsigned char *id, *key;
     size_t idlen, keylen;
-    Py_buffer qk; /* quoted_key's buffer, held while the names are in use */
+    Py_buffer *qid; /* the caller's quoted_id buffer, released with the names */
+    Py_buffer qk;   /* quoted_key's buffer, held while the names are in use */
 } Names;
 
-/* 0: names set (release with names_release); -1: an error is set */
+static void names_release(Names *nm) {
+    if (nm->key != NULL) PyBuffer_Release(&nm->qk);
+    PyBuffer_Release(nm->qid);
+}
+
+/* Takes over qid (the caller's "y*" argument): 0, names set (release with
+   names_release); -1, an error is set and qid released. */
 static int names_open(Names *nm, const char *fn, Py_buffer *qid, PyObject *qkey) {
     memset(nm, 0, sizeof *nm);
+    nm->qid = qid;
     if (qid->len < 3) {
         PyErr_Format(PyExc_ValueError, "%s: quoted_id is a quoted name", fn);
-        return -1;
+        goto fail;
     }
     nm->id = (const unsigned char *)qid->buf + 1;
     nm->idlen = (size_t)qid->len - 2;
     if (qkey == Py_None) return 0;
-    if (PyObject_GetBuffer(qkey, &nm->qk, PyBUF_SIMPLE) < 0) return -1;
+    if (PyObject_GetBuffer(qkey, &nm->qk, PyBUF_SIMPLE) < 0) goto fail;
     if (nm->qk.len < 3) {
         PyBuffer_Release(&nm->qk);
         PyErr_Format(PyExc_ValueError, "%s: quoted_key is a quoted name or None", fn);
-        return -1;
+        goto fail;
     }
     nm->key = (const unsigned char *)nm->qk.buf + 1;
     nm->keylen = (size_t)nm->qk.len - 2;
     return 0;
-}
-
-static void names_release(Names *nm) {
-    if (nm->key != NULL) PyBuffer_Release(&nm->qk);
+fail:
+    names_release(nm);
+    return -1;
 }
 
 /* Reads one item [p, end) for the names nm. 0: read (*keyval set when nm has a key: the key's
@@ -154,8 +161,8 @@ PyDoc_STRVAR(with_ids_doc,
 "``zlib.crc32(id) % workers == owner`` are used (the id is the shard key, so the events go\n"
 "to worker ``owner``), else ids are used in order. ``items``: each event as bytes with its\n"
 "id as first member; ``ids``: the ids (str); ``keys``: each event's key value (str, int or\n"
-"None; None when ``quoted_key`` is None); ``depth``: the deepest item's nesting (an object\n"
-"is 1). None when some event is not the common case (see the module's header) or the\n"
+"None; the list ``ids`` itself when ``quoted_key`` is None); ``depth``: the deepest\n"
+"item's nesting (an object is 1). None when some event is not the common case (see the module's header) or the\n"
 "block ran out, and the caller reads the batch the Python way.");
 
 #define ID_MASK 0xFFFFFFFFFFFFULL
@@ -172,10 +179,7 @@ static PyObject *with_ids(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL, *items = NULL, *ids = NULL, *keys = NULL;
     Names nm;
-    if (names_open(&nm, "with_ids", &qid, qkey) < 0) {
-        PyBuffer_Release(&qid);
-        return NULL;
-    }
+    if (names_open(&nm, "with_ids", &qid, qkey) < 0) return NULL;
     int have_key = nm.key != NULL;
     Py_ssize_t n = PyList_GET_SIZE(raws);
     Py_ssize_t elen = plen + 12;
@@ -250,14 +254,13 @@ static PyObject *with_ids(PyObject *self, PyObject *args) {
         PyList_SET_ITEM(ids, i, eid);
         if (have_key) PyList_SET_ITEM(keys, i, kv);
     }
-    result = Py_BuildValue("(NNNn)", items, ids, have_key ? keys : Py_NewRef(Py_None), (Py_ssize_t)deepest);
+    result = Py_BuildValue("(NNNn)", items, ids, have_key ? keys : Py_NewRef(ids), (Py_ssize_t)deepest);
     items = ids = keys = NULL; /* Py_BuildValue's N took them */
 done:
     Py_XDECREF(items);
     Py_XDECREF(ids);
     Py_XDECREF(keys);
     names_release(&nm);
-    PyBuffer_Release(&qid);
     return result;
 }
 
@@ -266,8 +269,8 @@ PyDoc_STRVAR(sent_ids_doc,
 "The other common batch: every event sent its own id (a client that retries with the\n"
 "same ids). ``raws``, ``quoted_id``, ``quoted_key``: as for ``with_ids``. ``ids``: each\n"
 "event's id as the decoder gives it (a str without escapes, an int of 64 bits, None for\n"
-"null); ``keys``: each event's key value (None when ``quoted_key`` is None: the key is\n"
-"the id); ``depth``: the deepest item's nesting; ``owners``: with ``workers`` > 1 and\n"
+"null); ``keys``: each event's key value (the list ``ids`` itself when ``quoted_key``\n"
+"is None: the key is the id); ``depth``: the deepest item's nesting; ``owners``: with ``workers`` > 1 and\n"
 "every key a str, each key's worker by the pipeline's shard function\n"
 "(``zlib.crc32(key.encode()) % workers``, as ``ShardMap``), else None. The items are left\n"
 "as they are. None when some event is not that case (no id, an id of another kind, see\n"
@@ -280,10 +283,7 @@ static PyObject *sent_ids(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!y*O|n", &PyList_Type, &raws, &qid, &qkey, &workers)) return NULL;
     PyObject *result = NULL, *ids = NULL, *keys = NULL, *owners = NULL;
     Names nm;
-    if (names_open(&nm, "sent_ids", &qid, qkey) < 0) {
-        PyBuffer_Release(&qid);
-        return NULL;
-    }
+    if (names_open(&nm, "sent_ids", &qid, qkey) < 0) return NULL;
     int have_key = nm.key != NULL;
     Py_ssize_t n = PyList_GET_SIZE(raws);
     if (workers < 1) {
@@ -324,7 +324,7 @@ static PyObject *sent_ids(PyObject *self, PyObject *args) {
             PyList_SET_ITEM(owners, i, w);
         }
     }
-    result = Py_BuildValue("(NNnN)", ids, have_key ? keys : Py_NewRef(Py_None), (Py_ssize_t)deepest,
+    result = Py_BuildValue("(NNnN)", ids, have_key ? keys : Py_NewRef(ids), (Py_ssize_t)deepest,
                            owners != NULL ? owners : Py_NewRef(Py_None));
     ids = keys = owners = NULL; /* Py_BuildValue's N took them */
 done:
@@ -332,7 +332,6 @@ done:
     Py_XDECREF(keys);
     Py_XDECREF(owners);
     names_release(&nm);
-    PyBuffer_Release(&qid);
     return result;
 }
 

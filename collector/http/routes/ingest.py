@@ -107,11 +107,7 @@ class IdReader:
         # about `workers` values of the counter per id: a block this large runs out with
         # a probability below 2**-60 (then the Python path makes them)
         span = len(raws) if workers == 1 else 4 * workers * len(raws) + 64
-        got = batchread.with_ids(raws, self.quoted_id, *id_block(span), self.quoted_key, worker, workers, span)
-        if got is None:
-            return None
-        items, ids, keys, depth = got
-        return items, ids, ids if keys is None else keys, depth
+        return batchread.with_ids(raws, self.quoted_id, *id_block(span), self.quoted_key, worker, workers, span)
 
     def read_sent(
         self, raws: list[Any], workers: int = 1
@@ -124,11 +120,7 @@ class IdReader:
         (the caller then reads the heads with :meth:`ids_and_keys`)."""
         if batchread is None or self.id is None or not raws:
             return None
-        got = batchread.sent_ids(raws, self.quoted_id, self.quoted_key, workers)
-        if got is None:
-            return None
-        ids, keys, depth, owners = got
-        return ids, ids if keys is None else keys, depth, owners
+        return batchread.sent_ids(raws, self.quoted_id, self.quoted_key, workers)
 
     def inject_id(self, raw: msgspec.Raw | bytes, eid: str) -> bytes:
         """The JSON object ``raw`` with the generated id ``eid`` as its first member."""
@@ -306,10 +298,8 @@ class IngestRoutes:
         elif native:
             sent = rd.read_sent([raw], owner[1])
             if sent is not None:  # it sent its id: its key's worker is the shard function's
-                s_ids, s_keys, depth, s_owners = sent
-                eid = s_ids[0]
-                return (raw, s_keys[0], eid if type(eid) in _ID_TYPES else None, None, depth,
-                        s_owners[0] if s_owners else None)
+                s_ids, s_keys, depth, s_owners = sent  # ids: str, int or None, as _ID_TYPES
+                return raw, s_keys[0], s_ids[0], None, depth, s_owners[0] if s_owners else None
         items, ids, keys = rd.ids_and_keys([head], [raw], owner)
         eid = ids[0]
         return items[0], keys[0], eid if type(eid) in _ID_TYPES else None, None, None, None
